@@ -1,0 +1,221 @@
+"""Typed experiment configs loaded from YAML; every error names the offending key."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import DDSMError
+
+
+@dataclass
+class DataConfig:
+    """Which images to train on."""
+
+    kind: str = "digits"  # digits | cifar10 | folder
+    path: str | None = None
+    split: str = "train"
+    image_size: int | None = None
+    channels: int | None = None
+    hflip: bool = False  # random horizontal flips (not for digits: a flipped digit is another shape)
+    limit: int | None = None
+
+
+@dataclass
+class ModelConfig:
+    """The slimmable U-Net supernet: full-width shape and the widths it serves."""
+
+    base_channels: int = 32
+    channel_mults: tuple[int, ...] = (1, 2, 2)
+    num_res_blocks: int = 1
+    attention_resolutions: tuple[int, ...] = ()
+    dropout: float = 0.0
+    group_size: int = 8  # channels per GroupNorm group, kept fixed at every width
+    head_dim: int = 16  # channels per attention head, kept fixed at every width
+    widths: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25)
+
+
+@dataclass
+class DiffusionConfig:
+    """The forward noise process."""
+
+    timesteps: int = 1000
+    beta_schedule: str = "linear"  # linear | cosine
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+
+
+@dataclass
+class TrainConfig:
+    """Supernet training: sandwich rule, distillation, EMA, checkpoints."""
+
+    steps: int = 2000
+    batch_size: int = 128
+    lr: float = 2e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    sandwich_random: int = 1  # random widths per step besides the largest and smallest
+    distill_weight: float = 0.0  # 0 = no in-place distillation; 1 = smaller widths learn only from the largest
+    checkpoint_every: int = 500
+    log_every: int = 50
+    seed: int = 0
+
+
+@dataclass
+class SampleConfig:
+    """Default sampler for sample grids and `ddsm-search sample`."""
+
+    sampler: str = "ddim"  # ddim | ddpm
+    steps: int = 50
+    eta: float = 0.0
+    grid_size: int = 64  # images in each width's grid written after training
+    batch_size: int = 500
+
+
+@dataclass
+class ExperimentConfig:
+    """One experiment: data, supernet, diffusion process, training and sampling defaults."""
+
+    name: str = "experiment"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+    def to_dict(self) -> dict:
+        """Return the config as plain JSON-able data."""
+        return _to_plain(dataclasses.asdict(self))
+
+
+def _to_plain(obj):
+    if isinstance(obj, dict):
+        return {k: _to_plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_to_plain(v) for v in obj]
+    return obj
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value, tp, key: str):
+    """Check `value` against annotation `tp` and return it in that type, or raise naming `key`."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except DDSMError:
+                pass
+        raise DDSMError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is tuple:
+        (item_tp, _ellipsis) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise DDSMError(f"{key}: expected a list of {_type_name(item_tp)}, got {value!r}")
+        return tuple(_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, str, bool) and type(value) is tp:
+        return value
+    raise DDSMError(f"{key}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _build(cls, data, prefix: str):
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise DDSMError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            raise DDSMError(f"unknown key '{full}' (known: {', '.join(names)})")
+        kwargs[key] = _coerce(value, hints[key], full)
+    return cls(**kwargs)
+
+
+def config_from_dict(data: dict) -> ExperimentConfig:
+    """Return a validated ExperimentConfig built from plain data."""
+    cfg = _build(ExperimentConfig, data, "")
+    validate(cfg)
+    return cfg
+
+
+def load_config(path: str | Path) -> ExperimentConfig:
+    """Return the validated experiment config stored in a YAML file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DDSMError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise DDSMError(f"malformed YAML in {path}{where}: {getattr(exc, 'problem', exc)}") from None
+    try:
+        return config_from_dict(data if data is not None else {})
+    except DDSMError as exc:
+        raise DDSMError(f"{path}: {exc}") from None
+
+
+def channels_at(full: int, width: float) -> int:
+    """Return the active channel count of a layer with `full` channels at `width`."""
+    return max(1, int(round(full * width)))
+
+
+def _check(cond: bool, message: str) -> None:
+    if not cond:
+        raise DDSMError(message)
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Raise DDSMError naming the key if values are out of range or inconsistent."""
+    m, d, t, s = cfg.model, cfg.diffusion, cfg.train, cfg.sample
+    _check(cfg.data.kind in ("digits", "cifar10", "folder"), f"data.kind: expected digits, cifar10 or folder, got {cfg.data.kind!r}")
+    _check(m.base_channels > 0, "model.base_channels: must be positive")
+    _check(len(m.channel_mults) > 0 and all(c > 0 for c in m.channel_mults), "model.channel_mults: must be a non-empty list of positive ints")
+    _check(m.num_res_blocks >= 1, "model.num_res_blocks: must be at least 1")
+    _check(0.0 <= m.dropout < 1.0, "model.dropout: must be in [0, 1)")
+    _check(len(m.widths) > 0, "model.widths: must list at least one width")
+    _check(len(set(m.widths)) == len(m.widths), "model.widths: widths must be distinct")
+    _check(all(0.0 < w <= 1.0 for w in m.widths), "model.widths: every width must be in (0, 1]")
+    _check(max(m.widths) == 1.0, "model.widths: must include 1.0 (the full network)")
+    for w in m.widths:
+        for mult in m.channel_mults:
+            c = channels_at(m.base_channels * mult, w)
+            _check(
+                abs(c - m.base_channels * mult * w) < 1e-6 and c % m.group_size == 0,
+                f"model.widths: width {w} gives {m.base_channels * mult * w:g} channels at a level with "
+                f"{m.base_channels * mult}; it must be a whole multiple of model.group_size={m.group_size}",
+            )
+    _check(d.timesteps >= 2, "diffusion.timesteps: must be at least 2")
+    _check(d.beta_schedule in ("linear", "cosine"), f"diffusion.beta_schedule: expected linear or cosine, got {d.beta_schedule!r}")
+    _check(0.0 < d.beta_start < d.beta_end < 1.0, "diffusion.beta_start/beta_end: need 0 < beta_start < beta_end < 1")
+    _check(t.steps >= 1, "train.steps: must be at least 1")
+    _check(t.batch_size >= 1, "train.batch_size: must be at least 1")
+    _check(t.lr > 0, "train.lr: must be positive")
+    _check(0.0 <= t.ema_decay < 1.0, "train.ema_decay: must be in [0, 1)")
+    _check(t.sandwich_random >= 0, "train.sandwich_random: must be >= 0")
+    _check(0.0 <= t.distill_weight <= 1.0, "train.distill_weight: must be in [0, 1]")
+    _check(t.checkpoint_every >= 1 and t.log_every >= 1, "train.checkpoint_every/log_every: must be at least 1")
+    _check(s.sampler in ("ddim", "ddpm"), f"sample.sampler: expected ddim or ddpm, got {s.sampler!r}")
+    _check(1 <= s.steps <= d.timesteps, f"sample.steps: must be between 1 and diffusion.timesteps={d.timesteps}")
+    _check(s.eta >= 0.0, "sample.eta: must be >= 0")

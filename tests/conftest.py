@@ -1,0 +1,37 @@
+"""Shared fixtures: a tiny experiment that trains in seconds on CPU."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ddsm_search.config import config_from_dict
+
+TINY = {
+    "name": "tiny",
+    "data": {"kind": "digits"},
+    "model": {"base_channels": 8, "channel_mults": [1, 2], "num_res_blocks": 1, "attention_resolutions": [4],
+              "group_size": 2, "head_dim": 4, "widths": [1.0, 0.75, 0.5]},
+    "diffusion": {"timesteps": 100},
+    "train": {"steps": 6, "batch_size": 16, "lr": 0.002, "warmup_steps": 2, "checkpoint_every": 3, "log_every": 1},
+    "sample": {"steps": 5, "grid_size": 4},
+}
+
+
+def tiny_dict(**sections) -> dict:
+    """Return the tiny experiment as plain data, with sections updated from keyword arguments."""
+    data = {k: dict(v) if isinstance(v, dict) else v for k, v in TINY.items()}
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value} if isinstance(value, dict) else value
+    return data
+
+
+@pytest.fixture
+def tiny_cfg():
+    """The tiny experiment config."""
+    return config_from_dict(tiny_dict())
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
