@@ -1,0 +1,1 @@
+"""Building blocks: slimmable layers, the slimmable U-Net supernet and its cost."""

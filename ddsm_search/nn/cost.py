@@ -1,0 +1,35 @@
+"""FLOPs measured with torch's FlopCounterMode on meta tensors (no memory, no compute)."""
+
+from __future__ import annotations
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..config import ModelConfig
+
+
+def count_flops(module: torch.nn.Module, *inputs: torch.Tensor) -> int:
+    """Return the FLOPs (multiply-add = 2) of one forward pass of `module` on `inputs`."""
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        module(*inputs)
+    return int(counter.get_total_flops())
+
+
+def flops_table(cfg: ModelConfig, image_shape: tuple[int, int, int]) -> dict[float, int]:
+    """Return FLOPs per image of the supernet at each width, measured on the meta device.
+
+    Meta tensors carry shapes only, so this costs no memory even for large models, and on meta the
+    attention kernel is counted (the CPU fused kernel is not registered with the flop counter).
+    """
+    from .unet import SlimUNet  # local import: unet imports this module's siblings
+
+    with torch.device("meta"):
+        net = SlimUNet(cfg, image_shape)
+        x = torch.empty(1, *image_shape)
+        t = torch.zeros(1)
+    table = {}
+    for width in net.widths:
+        net.set_width(width)
+        table[width] = count_flops(net, x, t)
+    return table

@@ -1,0 +1,36 @@
+"""The FLOPs table is measured, counts attention, and grows with width."""
+
+from __future__ import annotations
+
+import torch
+
+from ddsm_search.config import config_from_dict
+from ddsm_search.nn.cost import count_flops, flops_table
+from ddsm_search.nn.slim import SlimConv2d
+from ddsm_search.nn.unet import AttnBlock
+from ddsm_search.nn.slim import SlimKit
+from tests.conftest import tiny_dict
+
+
+def test_conv_flops_match_the_formula_at_reduced_width():
+    conv = SlimConv2d(16, 32, 3, padding=1)
+    conv.width = 0.5
+    assert count_flops(conv, torch.randn(2, 8, 5, 5)) == 2 * 2 * 5 * 5 * 8 * 16 * 9
+
+
+def test_attention_is_counted():
+    with torch.device("meta"):
+        block = AttnBlock(SlimKit(4), 16, head_dim=4)
+        x = torch.empty(1, 16, 4, 4)
+    convs = 2 * 16 * (16 * 48 + 16 * 16)  # qkv and proj, 16 pixels
+    attention = 2 * 2 * 16 * 16 * 16  # q k^T and attn v: 16 tokens x 16 tokens x 16 channels
+    assert count_flops(block, x) == convs + attention
+
+
+def test_flops_table_grows_with_width():
+    cfg = config_from_dict(tiny_dict())
+    table = flops_table(cfg.model, (1, 8, 8))
+    assert sorted(table) == [0.5, 0.75, 1.0]
+    assert table[0.5] < table[0.75] < table[1.0]
+    # channels scale by w, so the conv-dominated cost scales by about w^2
+    assert 0.2 < table[0.5] / table[1.0] < 0.35
