@@ -1,0 +1,88 @@
+"""Noise schedule and samplers: exact with an oracle denoiser, seeded, batch-size invariant."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ddsm_search.config import DiffusionConfig
+from ddsm_search.diffusion import NoiseSchedule, sample_loop, sampling_timesteps
+from ddsm_search.errors import DDSMError
+
+
+def _oracle(schedule: NoiseSchedule, x0: torch.Tensor):
+    """A denoiser that knows the clean images: it returns the exact noise in x_t."""
+    def denoise(x, t):
+        a = float(schedule.alphas_cumprod[int(t)])
+        return (x - math.sqrt(a) * x0[: len(x)]) / math.sqrt(1 - a)
+    return denoise
+
+
+def test_linear_schedule_endpoints():
+    s = NoiseSchedule(DiffusionConfig(timesteps=1000))
+    assert s.betas[0].item() == pytest.approx(1e-4) and s.betas[-1].item() == pytest.approx(0.02)
+    assert s.alphas_cumprod[-1] < 1e-4  # the last step is (almost) pure noise
+
+
+def test_q_sample_mixes_signal_and_noise():
+    s = NoiseSchedule(DiffusionConfig(timesteps=100))
+    x0, noise = torch.ones(2, 1, 2, 2), torch.zeros(2, 1, 2, 2)
+    xt = s.q_sample(x0, torch.tensor([0, 99]), noise)
+    assert xt[0].mean().item() == pytest.approx(math.sqrt(float(s.alphas_cumprod[0])), rel=1e-6)
+    assert xt[1].mean().item() == pytest.approx(math.sqrt(float(s.alphas_cumprod[99])), rel=1e-5)
+
+
+def test_sampling_timesteps_noisiest_first():
+    ts = sampling_timesteps(1000, 50)
+    assert len(ts) == 50 and ts[0] == 999 and ts[-1] == 0 and ts == sorted(ts, reverse=True)
+    assert len(set(ts)) == 50
+    with pytest.raises(DDSMError):
+        sampling_timesteps(10, 11)
+
+
+@pytest.mark.parametrize("sampler,eta", [("ddim", 0.0), ("ddim", 1.0), ("ddpm", 0.0)])
+def test_oracle_denoiser_recovers_the_data(sampler, eta):
+    s = NoiseSchedule(DiffusionConfig(timesteps=100))
+    x0 = torch.rand(6, 1, 4, 4) * 1.6 - 0.8
+    ts = sampling_timesteps(100, 10)
+    g = torch.Generator().manual_seed(0)
+    out = sample_loop({1.0: _oracle(s, x0)}, s, [1.0] * 10, ts, torch.randn(6, 1, 4, 4, generator=g),
+                      sampler=sampler, eta=eta, generator=g)
+    torch.testing.assert_close(out, x0, rtol=0, atol=1e-5)
+
+
+def _noisy_denoiser(x, t):
+    return torch.tanh(x) * 0.5
+
+
+def test_each_step_uses_its_own_width():
+    s = NoiseSchedule(DiffusionConfig(timesteps=100))
+    seen = []
+    denoisers = {w: (lambda w: lambda x, t: seen.append((w, int(t))) or torch.zeros_like(x))(w) for w in (1.0, 0.5)}
+    ts = sampling_timesteps(100, 4)
+    sample_loop(denoisers, s, [0.5, 0.5, 1.0, 1.0], ts, torch.randn(2, 1, 2, 2))
+    assert seen == [(0.5, ts[0]), (0.5, ts[1]), (1.0, ts[2]), (1.0, ts[3])]
+
+
+def test_stochastic_sampling_is_seeded_and_batch_size_invariant():
+    s = NoiseSchedule(DiffusionConfig(timesteps=100))
+    ts = sampling_timesteps(100, 8)
+
+    def run(seed, batch_size):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(7, 1, 4, 4, generator=g)
+        return sample_loop({1.0: _noisy_denoiser}, s, [1.0] * 8, ts, x, sampler="ddpm", generator=g,
+                           batch_size=batch_size)
+
+    torch.testing.assert_close(run(3, 7), run(3, 2), rtol=0, atol=0)
+    assert not torch.allclose(run(3, 7), run(4, 7))
+
+
+def test_schedule_length_must_match_steps():
+    s = NoiseSchedule(DiffusionConfig(timesteps=100))
+    with pytest.raises(DDSMError, match="3 widths but the sampler runs 4 steps"):
+        sample_loop({1.0: _noisy_denoiser}, s, [1.0] * 3, sampling_timesteps(100, 4), torch.randn(1, 1, 2, 2))
+    with pytest.raises(DDSMError, match="unknown sampler"):
+        sample_loop({1.0: _noisy_denoiser}, s, [1.0], [5], torch.randn(1, 1, 2, 2), sampler="euler")
