@@ -1,0 +1,122 @@
+"""Supernet checkpoints: safetensors weights + JSON metadata with a content hash, written atomically.
+
+Layout of a supernet directory:
+  supernet.safetensors     EMA weights of the supernet (the denoiser that sampling and search use)
+  train_state.safetensors  online weights, optimizer state and RNG states (for --resume only)
+  meta.json                format, config, step, image shape, widths, FLOPs table, SHA-256 of both
+The weight files are written first and meta.json last, so meta.json always describes whole files.
+Nothing here unpickles: safetensors stores raw tensors only.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import ExperimentConfig, config_from_dict
+from .errors import DDSMError
+from .io import sha256_file, write_atomic, write_json_atomic
+from .nn.unet import SlimUNet
+
+FORMAT = "ddsm-search/supernet"
+VERSION = 1
+WEIGHTS, TRAIN_STATE, META = "supernet.safetensors", "train_state.safetensors", "meta.json"
+
+
+@dataclass
+class Supernet:
+    """A loaded supernet checkpoint: the model (EMA weights) and what is known about it."""
+
+    path: Path
+    config: ExperimentConfig
+    model: SlimUNet
+    step: int
+    image_shape: tuple[int, int, int]
+    flops: dict[float, int]
+    sha256: str
+    dataset: str
+
+    def schedule_flops(self, widths) -> int:
+        """Return the FLOPs per image of a schedule: the sum over its steps."""
+        return sum(self.flops[self.model.check_width(w)] for w in widths)
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+    write_atomic(path, lambda tmp: save_file(plain, str(tmp)))
+
+
+def save_supernet(out_dir: str | Path, *, config: ExperimentConfig, ema: SlimUNet, train_state: dict[str, torch.Tensor],
+                  step: int, flops: dict[float, int], dataset: str) -> Path:
+    """Write weights, train state and meta.json (last) into `out_dir`; return the meta.json path."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _save_tensors(out / WEIGHTS, ema.state_dict())
+    _save_tensors(out / TRAIN_STATE, train_state)
+    meta = {
+        "format": FORMAT,
+        "version": VERSION,
+        "name": config.name,
+        "step": step,
+        "dataset": dataset,
+        "image_shape": list(ema.image_shape),
+        "widths": list(ema.widths),
+        "flops_per_image": {f"{w:g}": int(f) for w, f in flops.items()},
+        "weights": WEIGHTS,
+        "sha256": sha256_file(out / WEIGHTS),
+        "train_state": TRAIN_STATE,
+        "train_state_sha256": sha256_file(out / TRAIN_STATE),
+        "config": config.to_dict(),
+    }
+    return write_json_atomic(out / META, meta)
+
+
+def read_meta(path: str | Path) -> dict:
+    """Return the parsed meta.json of a supernet directory, or raise DDSMError saying what is wrong."""
+    path = Path(path)
+    meta_path = path / META
+    if not path.is_dir():
+        raise DDSMError(f"supernet directory not found: {path}")
+    if not meta_path.is_file():
+        raise DDSMError(f"{path} is not a supernet directory (no {META}; train one with 'ddsm-search train')")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DDSMError(f"{meta_path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise DDSMError(f"{meta_path} is not a ddsm-search supernet file")
+    if meta.get("version") != VERSION:
+        raise DDSMError(f"{meta_path} has format version {meta.get('version')}; this ddsm-search reads {VERSION}")
+    return meta
+
+
+def _load_verified(path: Path, expected_sha: str, device: str) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise DDSMError(f"missing checkpoint file: {path}")
+    if sha256_file(path) != expected_sha:
+        raise DDSMError(f"{path} does not match the hash in {META} (corrupt or replaced)")
+    return load_file(str(path), device=device)
+
+
+def load_supernet(path: str | Path, device: str = "cpu") -> Supernet:
+    """Return the supernet stored in directory `path` with its EMA weights, after checking its hash."""
+    path = Path(path)
+    meta = read_meta(path)
+    config = config_from_dict(meta["config"])
+    image_shape = tuple(meta["image_shape"])
+    model = SlimUNet(config.model, image_shape)
+    model.load_state_dict(_load_verified(path / WEIGHTS, meta["sha256"], "cpu"))
+    flops = {float(w): int(f) for w, f in meta["flops_per_image"].items()}
+    return Supernet(path=path, config=config, model=model.to(device).eval(), step=int(meta["step"]),
+                    image_shape=image_shape, flops=flops, sha256=meta["sha256"], dataset=meta["dataset"])
+
+
+def load_train_state(path: str | Path, device: str = "cpu") -> tuple[dict, dict[str, torch.Tensor]]:
+    """Return (meta, train-state tensors) of a supernet directory, verifying the train state's hash."""
+    path = Path(path)
+    meta = read_meta(path)
+    return meta, _load_verified(path / TRAIN_STATE, meta["train_state_sha256"], device)
