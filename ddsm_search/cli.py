@@ -1,0 +1,121 @@
+"""The `ddsm-search` command line: parses arguments, calls the API, turns user errors into one line + exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .errors import DDSMError
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors are one line and exit status 2."""
+
+    def error(self, message: str):  # noqa: D102 - argparse hook
+        raise DDSMError(f"{self.prog}: {message}")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train a supernet from a YAML experiment."""
+    from .config import load_config
+    from .train import train
+
+    cfg = load_config(args.config)
+    out = Path(args.out) if args.out else Path("results") / cfg.name
+    train(cfg, out, steps=args.steps, device=args.device, resume=args.resume, progress=not args.quiet)
+    return 0
+
+
+def _schedule_widths(args: argparse.Namespace, supernet) -> tuple[list[float], str, float]:
+    """Return (widths, sampler, eta) from --width or --schedule and the sampler flags."""
+    from .schedule import load_schedule
+
+    cfg = supernet.config.sample
+    if args.schedule:
+        schedule = load_schedule(args.schedule, supernet)
+        if args.steps is not None and args.steps != schedule.steps:
+            raise DDSMError(f"the schedule has {schedule.steps} widths but --steps asks for {args.steps}")
+        sampler = args.sampler or schedule.sampler
+        eta = args.eta if args.eta is not None else schedule.eta
+        return schedule.widths, sampler, eta
+    width = supernet.model.check_width(args.width)
+    steps = args.steps or cfg.steps
+    return [width] * steps, args.sampler or cfg.sampler, args.eta if args.eta is not None else cfg.eta
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    """Sample images from a supernet with one width or a schedule file."""
+    from .checkpoint import load_supernet
+    from .images import OUTPUT_SUFFIXES, save_images
+    from .sampling import generate, resolve_device
+
+    out = Path(args.out)
+    if out.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise DDSMError(f"--out must end in {' or '.join(OUTPUT_SUFFIXES)}, got {out.name}")
+    device = resolve_device(args.device)
+    supernet = load_supernet(args.supernet, device)
+    widths, sampler, eta = _schedule_widths(args, supernet)
+    started = time.perf_counter()
+    images = generate(supernet.model, supernet.config.diffusion, widths, n=args.n, seed=args.seed, sampler=sampler,
+                      eta=eta, batch_size=args.batch_size, device=device, progress=not args.quiet)
+    seconds = time.perf_counter() - started
+    save_images(out, images, widths=widths, seed=args.seed)
+    gflops = supernet.schedule_flops(widths) / 1e9
+    full = supernet.flops[1.0] * len(widths) / 1e9
+    print(f"wrote {args.n} images to {out}: {gflops:.3f} GFLOPs per image ({gflops / full:.0%} of full width), "
+          f"{seconds:.2f} s")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Return the argument parser of every sub-command."""
+    parser = _Parser(prog="ddsm-search", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("train", help="train a slimmable U-Net supernet")
+    p.add_argument("config", help="experiment YAML, e.g. search_spaces/digits.yaml")
+    p.add_argument("--out", help="checkpoint directory (default: results/<experiment name>)")
+    p.add_argument("--steps", type=_positive, help="total training steps (overrides train.steps)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sample", help="sample images with one width or a per-step width schedule")
+    p.add_argument("supernet", help="supernet directory written by 'train'")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--width", type=float, help="run every step at this width")
+    which.add_argument("--schedule", help="schedule JSON: one width per sampling step")
+    p.add_argument("--n", type=_positive, default=64, help="number of images (default 64)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output .png (grid) or .npz (uint8 images)")
+    p.add_argument("--sampler", choices=["ddim", "ddpm"], help="default: the schedule's, else the config's")
+    p.add_argument("--steps", type=_positive, help="sampling steps with --width (default: the config's)")
+    p.add_argument("--eta", type=float, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--batch-size", type=_positive, default=500)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_sample)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; return the exit status (2 for user errors)."""
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except DDSMError as exc:
+        print(f"ddsm-search: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ddsm-search: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,102 @@
+"""Sampling speed against full width: FLOPs ratio and wall-clock ratio, measured side by side in one run.
+
+For every uniform width and two mixed schedules, sample a batch with DDIM (50 steps by default) and
+time it; repetitions are interleaved across schedules so drift in machine speed hits all of them
+alike, and the median is reported. Weights do not change the cost, so without --supernet a supernet
+with fresh weights is built from --config.
+
+    python scripts/bench_sampling.py                      # digits on CPU, batches 256 and 1000
+    python scripts/bench_sampling.py --config search_spaces/cifar10.yaml --device cuda --batches 256 1000
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import pandas as pd
+import torch
+
+from ddsm_search.checkpoint import load_supernet
+from ddsm_search.config import load_config
+from ddsm_search.nn.cost import flops_table
+from ddsm_search.nn.unet import SlimUNet
+from ddsm_search.sampling import generate, make_denoisers, resolve_device
+
+TOLERANCE = 1.25  # target: wall-clock ratio within 1.25x of the FLOPs ratio (widths >= 0.5, mixed schedules)
+
+
+def schedules(widths: tuple[float, ...], steps: int) -> dict[str, list[float]]:
+    """Return the schedules to time: each uniform width, then two mixed ones."""
+    out = {f"uniform {w:g}": [w] * steps for w in sorted(widths, reverse=True)}
+    half = steps // 2
+    out["mixed: 0.5 then 1.0 (halves)"] = [0.5] * half + [1.0] * (steps - half)
+    quarter = [sorted(widths)[min(i * len(widths) // 4, len(widths) - 1)] for i in range(4)]
+    out["mixed: ramp " + " > ".join(f"{w:g}" for w in quarter)] = [quarter[min(4 * i // steps, 3)] for i in range(steps)]
+    return out
+
+
+def main() -> None:
+    """Time every schedule at every batch size and print the ratios table."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="search_spaces/digits.yaml")
+    parser.add_argument("--supernet", help="a trained supernet directory (default: fresh weights from --config)")
+    parser.add_argument("--batches", type=int, nargs="+", default=[256, 1000])
+    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--csv", help="also write the table here")
+    args = parser.parse_args()
+
+    device = resolve_device(args.device)
+    if args.supernet:
+        supernet = load_supernet(args.supernet, device)
+        model, cfg, flops = supernet.model, supernet.config, supernet.flops
+    else:
+        cfg = load_config(args.config)
+        shape = (3, 32, 32) if cfg.data.kind == "cifar10" else (1, 8, 8) if cfg.data.kind == "digits" else None
+        if shape is None:
+            raise SystemExit("--config with data.kind folder needs --supernet (the image shape is not known)")
+        model = SlimUNet(cfg.model, shape).to(device).eval()
+        flops = flops_table(cfg.model, shape)
+    plans = schedules(model.widths, args.steps)
+    denoisers = make_denoisers(model, model.widths, device)  # exported once, as a deployed sampler would
+    print(f"{datetime.date.today()} | {device}: {torch.cuda.get_device_name() if device == 'cuda' else platform.processor() or platform.machine()}"
+          f" | torch {torch.__version__} | threads {torch.get_num_threads()} | {cfg.name} {tuple(model.image_shape)}")
+
+    rows = []
+    for batch in args.batches:
+        times: dict[str, list[float]] = {name: [] for name in plans}
+        for name, widths in plans.items():  # warm-up: first calls pay for allocation and kernel selection
+            generate(model, cfg.diffusion, widths[:2], n=batch, seed=0, batch_size=batch, device=device, denoisers=denoisers)
+        for _ in range(args.repeats):
+            for name, widths in plans.items():
+                started = time.perf_counter()
+                generate(model, cfg.diffusion, widths, n=batch, seed=0, batch_size=batch, device=device, denoisers=denoisers)
+                times[name].append(time.perf_counter() - started)
+        full_time = statistics.median(times[f"uniform {max(model.widths):g}"])
+        full_flops = flops[max(model.widths)] * args.steps
+        for name, widths in plans.items():
+            seconds = statistics.median(times[name])
+            flops_ratio = sum(flops[w] for w in widths) / full_flops
+            wall_ratio = seconds / full_time
+            judged = name.startswith("mixed") or min(widths) >= 0.5
+            rows.append({"batch": batch, "schedule": name, "GFLOPs/img": round(sum(flops[w] for w in widths) / 1e9, 3),
+                         "seconds": round(seconds, 3), "images/s": round(batch / seconds, 1),
+                         "flops ratio": round(flops_ratio, 3), "wall ratio": round(wall_ratio, 3),
+                         "wall/flops": round(wall_ratio / flops_ratio, 2),
+                         "target": ("ok" if wall_ratio <= TOLERANCE * flops_ratio else "MISSED") if judged else "-"})
+    table = pd.DataFrame(rows)
+    with pd.option_context("display.width", 200, "display.max_columns", 20):
+        print(table.to_string(index=False))
+    if args.csv:
+        Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(args.csv, index=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""The command line: the train -> sample path works, and every bad input is one line and exit status 2."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import yaml
+
+from ddsm_search.cli import main
+from tests.conftest import tiny_dict
+
+
+@pytest.fixture(scope="module")
+def supernet_dir(tmp_path_factory):
+    """A tiny supernet trained through the CLI (module-scoped: trained once)."""
+    root = tmp_path_factory.mktemp("cli")
+    config = root / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_dict()))
+    assert main(["train", str(config), "--out", str(root / "net"), "--steps", "3", "--quiet", "--device", "cpu"]) == 0
+    return root / "net"
+
+
+def _fails(capsys, argv, match):
+    """Run the CLI, expect exit 2 and one stderr line containing `match`."""
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ddsm-search: error:"), err
+    assert match in err[0], err[0]
+
+
+def test_train_writes_checkpoint_and_grids(supernet_dir):
+    meta = json.loads((supernet_dir / "meta.json").read_text())
+    assert meta["step"] == 3 and meta["widths"] == [1.0, 0.75, 0.5]
+    assert sorted(p.name for p in (supernet_dir / "samples").glob("*.png")) == [
+        "width_0.50.png", "width_0.75.png", "width_1.00.png"]
+
+
+def test_sample_width_png_and_npz(supernet_dir, tmp_path, capsys):
+    png, npz = tmp_path / "grid.png", tmp_path / "imgs.npz"
+    assert main(["sample", str(supernet_dir), "--width", "0.5", "--n", "6", "--out", str(png), "--quiet"]) == 0
+    assert png.stat().st_size > 0 and "of full width" in capsys.readouterr().out
+    assert main(["sample", str(supernet_dir), "--width", "0.5", "--n", "6", "--out", str(npz), "--quiet"]) == 0
+    with np.load(npz) as data:
+        assert data["images"].shape == (6, 8, 8, 1) and data["images"].dtype == np.uint8
+        first = data["images"].copy()
+    assert main(["sample", str(supernet_dir), "--width", "0.5", "--n", "6", "--out", str(npz), "--quiet"]) == 0
+    with np.load(npz) as data:
+        assert np.array_equal(first, data["images"]), "the same seed must give the same images"
+
+
+def test_sample_schedule_file(supernet_dir, tmp_path):
+    schedule = tmp_path / "s.json"
+    schedule.write_text(json.dumps({"widths": [0.5, 0.5, 0.75, 1.0, 1.0]}))
+    out = tmp_path / "s.npz"
+    assert main(["sample", str(supernet_dir), "--schedule", str(schedule), "--n", "3", "--out", str(out), "--quiet"]) == 0
+    with np.load(out) as data:
+        assert list(data["widths"]) == [0.5, 0.5, 0.75, 1.0, 1.0]
+
+
+def test_bad_train_inputs(tmp_path, capsys):
+    _fails(capsys, ["train", str(tmp_path / "nope.yaml")], "config file not found")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: [1, 2\n")
+    _fails(capsys, ["train", str(bad)], "malformed YAML")
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text(yaml.safe_dump(tiny_dict(model={"channels": 3})))
+    _fails(capsys, ["train", str(unknown)], "unknown key 'model.channels'")
+    folder = tmp_path / "folder.yaml"
+    folder.write_text(yaml.safe_dump(tiny_dict(data={"kind": "folder", "path": str(tmp_path / "no-images")})))
+    out = tmp_path / "out"
+    _fails(capsys, ["train", str(folder), "--out", str(out)], "no-images")
+    assert not out.exists(), "nothing may be written when the input is bad"
+    _fails(capsys, ["train", str(unknown), "--steps", "0"], "--steps")
+    _fails(capsys, ["trian"], "invalid choice")
+
+
+def test_bad_sample_inputs(supernet_dir, tmp_path, capsys):
+    out = tmp_path / "x.png"
+    base = ["sample", str(supernet_dir), "--out", str(out), "--quiet"]
+    _fails(capsys, ["sample", str(tmp_path / "missing"), "--width", "1", "--out", str(out)], "supernet directory not found")
+    _fails(capsys, ["sample", str(tmp_path), "--width", "1", "--out", str(out)], "not a supernet directory")
+    _fails(capsys, base + ["--width", "0.3"], "width 0.3 is not in the supernet")
+    _fails(capsys, ["sample", str(supernet_dir), "--width", "1", "--out", str(tmp_path / "x.jpg")], "--out must end in")
+    _fails(capsys, base, "one of the arguments --width --schedule is required")
+    schedule = tmp_path / "s.json"
+    schedule.write_text(json.dumps({"widths": [1.0, 0.3]}))
+    _fails(capsys, base + ["--schedule", str(schedule)], "width 0.3 is not in the supernet")
+    schedule.write_text(json.dumps({"widths": [1.0, 0.5], "sampler": {"steps": 3}}))
+    _fails(capsys, base + ["--schedule", str(schedule)], "2 widths but its sampler runs 3 steps")
+    schedule.write_text(json.dumps({"widths": [1.0, 0.5]}))
+    _fails(capsys, base + ["--schedule", str(schedule), "--steps", "50"], "2 widths but --steps asks for 50")
+    schedule.write_text(json.dumps({"widths": [1.0], "supernet": {"sha256": "0" * 64}}))
+    _fails(capsys, base + ["--schedule", str(schedule)], "made for another supernet")
+    schedule.write_text("{not json")
+    _fails(capsys, base + ["--schedule", str(schedule)], "not valid JSON")
+    assert not out.exists(), "nothing may be written when the input is bad"
+
+
+def test_module_entry_point_and_help():
+    done = subprocess.run([sys.executable, "-m", "ddsm_search", "--help"], capture_output=True, text=True)
+    assert done.returncode == 0 and "train" in done.stdout and "sample" in done.stdout
+    bad = subprocess.run([sys.executable, "-m", "ddsm_search", "sample"], capture_output=True, text=True)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
