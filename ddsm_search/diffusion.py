@@ -88,11 +88,13 @@ def check_schedule(widths: Sequence[float], timesteps: Sequence[int]) -> None:
 def sample_loop(denoisers: Mapping[float, Denoiser], schedule: NoiseSchedule, widths: Sequence[float],
                 timesteps: Sequence[int], x: torch.Tensor, *, sampler: str = "ddim", eta: float = 0.0,
                 generator: torch.Generator | None = None, batch_size: int = 500,
-                callback: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
-    """Return images in [-1, 1] after denoising `x` (pure noise) along `timesteps` with one width per step.
+                callback: Callable[[int, torch.Tensor], None] | None = None, start: int = 0) -> torch.Tensor:
+    """Return images in [-1, 1] after denoising `x` along `timesteps` with one width per step.
 
-    Step noise (DDPM, or DDIM with eta > 0) is drawn on the CPU from `generator` for the whole batch,
-    so results do not depend on `batch_size` or on the device's random number generator.
+    `x` is pure noise, or with `start` = k the latent after the first k steps (resuming a shared
+    prefix). Step noise (DDPM, or DDIM with eta > 0) is drawn on the CPU from `generator` for the
+    whole batch, so results do not depend on `batch_size` or on the device's random number generator.
+    `callback(i, x)` sees the latent after step i.
     """
     if sampler not in SAMPLERS:
         raise DDSMError(f"unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
@@ -101,7 +103,8 @@ def sample_loop(denoisers: Mapping[float, Denoiser], schedule: NoiseSchedule, wi
     if stochastic and generator is None:
         raise ValueError("a stochastic sampler needs a generator")
     abar = schedule.alphas_cumprod
-    for i, (t, width) in enumerate(zip(timesteps, widths)):
+    for i in range(start, len(timesteps)):
+        t, width = timesteps[i], widths[i]
         a_t = float(abar[t])
         a_prev = float(abar[timesteps[i + 1]]) if i + 1 < len(timesteps) else 1.0
         t_tensor = torch.tensor(t, device=x.device)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Sequence
 
 import torch
@@ -33,20 +34,76 @@ def make_denoisers(model: SlimUNet, widths: Sequence[float], device: str) -> dic
     return {w: model.export(w).to(device).eval() for w in sorted({model.check_width(w) for w in widths})}
 
 
+class PrefixCache:
+    """Latents after the first k steps of a schedule, keyed by those k widths, for one sampling setup.
+
+    Two schedules that start with the same widths, run from the same noise (common random numbers),
+    pass through identical latents, so a later schedule can resume from the longest shared prefix.
+    The generator state is stored too, so stochastic samplers resume exactly as well. Entries are
+    kept at the given step boundaries only, least recently used first out beyond `max_bytes`.
+    """
+
+    def __init__(self, boundaries: Sequence[int], max_bytes: int = 512 << 20):
+        self.boundaries = set(int(b) for b in boundaries)
+        self.max_bytes = max_bytes
+        self.entries: OrderedDict[tuple, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
+        self.nbytes = 0
+        self.steps_run = 0
+        self.steps_saved = 0
+
+    def longest(self, widths: Sequence[float]) -> tuple[int, tuple[torch.Tensor, torch.Tensor] | None]:
+        """Return (k, (latent, generator state)) for the longest cached prefix of `widths`, or (0, None)."""
+        for k in sorted(self.boundaries, reverse=True):
+            key = tuple(widths[:k])
+            if k < len(widths) and key in self.entries:
+                self.entries.move_to_end(key)
+                return k, self.entries[key]
+        return 0, None
+
+    def store(self, widths: Sequence[float], k: int, x: torch.Tensor, state: torch.Tensor) -> None:
+        """Keep the latent after the first `k` steps of `widths`, if `k` is a boundary."""
+        key = tuple(widths[:k])
+        if k not in self.boundaries or key in self.entries:
+            return
+        x = x.detach().to("cpu", copy=True)
+        self.entries[key] = (x, state)
+        self.nbytes += x.nbytes
+        while self.nbytes > self.max_bytes and len(self.entries) > 1:
+            _, (old, _) = self.entries.popitem(last=False)
+            self.nbytes -= old.nbytes
+
+
 def generate(model: SlimUNet, diffusion: DiffusionConfig, widths: Sequence[float], *, n: int, seed: int,
              sampler: str = "ddim", eta: float = 0.0, batch_size: int = 500, device: str = "cpu",
-             progress: bool = False, denoisers: dict | None = None) -> torch.Tensor:
-    """Return `n` images in [-1, 1] (CPU tensor) sampled with one width per step from the seed's noise."""
+             progress: bool = False, denoisers: dict | None = None, cache: PrefixCache | None = None) -> torch.Tensor:
+    """Return `n` images in [-1, 1] (CPU tensor) sampled with one width per step from the seed's noise.
+
+    A `cache` must only ever see one (model, n, seed, sampler, eta, number of steps) setup.
+    """
     if n < 1:
         raise DDSMError(f"the number of images must be at least 1, got {n}")
     timesteps = sampling_timesteps(diffusion.timesteps, len(widths))
     check_schedule(widths, timesteps)
-    denoisers = denoisers if denoisers is not None else make_denoisers(model, widths, device)
     widths = [model.check_width(w) for w in widths]
+    denoisers = denoisers if denoisers is not None else make_denoisers(model, widths, device)
     generator = torch.Generator().manual_seed(seed)  # on the CPU: the same images on any device
-    x = torch.randn((n, *model.image_shape), generator=generator).to(device)
-    bar = tqdm(total=len(widths), desc="sampling", unit="step", disable=not progress, leave=False)
-    out = sample_loop(denoisers, NoiseSchedule(diffusion), widths, timesteps, x, sampler=sampler, eta=eta,
-                      generator=generator, batch_size=batch_size, callback=lambda i, _: bar.update(1))
+    x = torch.randn((n, *model.image_shape), generator=generator)
+    start = 0
+    if cache is not None:
+        start, hit = cache.longest(widths)
+        if hit is not None:
+            x = hit[0]
+            generator.set_state(hit[1])
+        cache.steps_saved += start
+        cache.steps_run += len(widths) - start
+    bar = tqdm(total=len(widths), initial=start, desc="sampling", unit="step", disable=not progress, leave=False)
+
+    def after_step(i: int, latent: torch.Tensor) -> None:
+        bar.update(1)
+        if cache is not None:
+            cache.store(widths, i + 1, latent, generator.get_state())
+
+    out = sample_loop(denoisers, NoiseSchedule(diffusion), widths, timesteps, x.to(device), sampler=sampler, eta=eta,
+                      generator=generator, batch_size=batch_size, callback=after_step, start=start)
     bar.close()
     return out.cpu()

@@ -86,3 +86,26 @@ def test_schedule_length_must_match_steps():
         sample_loop({1.0: _noisy_denoiser}, s, [1.0] * 3, sampling_timesteps(100, 4), torch.randn(1, 1, 2, 2))
     with pytest.raises(DDSMError, match="unknown sampler"):
         sample_loop({1.0: _noisy_denoiser}, s, [1.0], [5], torch.randn(1, 1, 2, 2), sampler="euler")
+
+
+def test_prefix_cache_gives_the_same_images_as_sampling_from_scratch():
+    from ddsm_search.config import config_from_dict
+    from ddsm_search.nn.unet import SlimUNet
+    from ddsm_search.sampling import PrefixCache, generate
+    from tests.conftest import tiny_dict
+
+    cfg = config_from_dict(tiny_dict())
+    model = SlimUNet(cfg.model, (1, 8, 8)).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    first = [0.5, 0.5, 1.0, 1.0, 0.75, 0.75]
+    second = [0.5, 0.5, 1.0, 1.0, 1.0, 1.0]  # shares the first 4 steps
+    for sampler, eta in [("ddim", 0.0), ("ddpm", 0.0)]:
+        cache = PrefixCache(boundaries=[2, 4])
+        kwargs = dict(n=5, seed=7, sampler=sampler, eta=eta)
+        generate(model, cfg.diffusion, first, cache=cache, **kwargs)
+        cached = generate(model, cfg.diffusion, second, cache=cache, **kwargs)
+        fresh = generate(model, cfg.diffusion, second, **kwargs)
+        torch.testing.assert_close(cached, fresh, rtol=0, atol=0)
+        assert (cache.steps_saved, cache.steps_run) == (4, 6 + 2)
