@@ -80,6 +80,27 @@ class SampleConfig:
 
 
 @dataclass
+class SearchConfig:
+    """The schedule search: space, objective measurement, algorithm and its size."""
+
+    steps: int = 50  # sampling steps of every candidate schedule
+    sampler: str = "ddim"
+    eta: float = 0.0
+    widths: tuple[float, ...] | None = None  # width choices; default: every width of the supernet
+    segments: int = 10  # genes: consecutive steps that share one width
+    budget: float | str | None = None  # max GFLOPs per image, or a share of full width such as "50%"
+    algorithm: str = "nsga2"  # nsga2 | nevergrad | random
+    population: int = 16
+    generations: int = 8
+    samples: int = 500  # images per evaluation, drawn from the "search" seed set
+    screen_samples: int | None = None  # if set: screen with this many, re-evaluate promising ones with `samples`
+    metric: str = "fid"  # fid | kid: the quality objective
+    seed: int = 0
+    workers: int = 2
+    batch_size: int = 500
+
+
+@dataclass
 class ExperimentConfig:
     """One experiment: data, supernet, diffusion process, training and sampling defaults."""
 
@@ -89,6 +110,7 @@ class ExperimentConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
 
     def to_dict(self) -> dict:
         """Return the config as plain JSON-able data."""
@@ -219,3 +241,37 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(s.sampler in ("ddim", "ddpm"), f"sample.sampler: expected ddim or ddpm, got {s.sampler!r}")
     _check(1 <= s.steps <= d.timesteps, f"sample.steps: must be between 1 and diffusion.timesteps={d.timesteps}")
     _check(s.eta >= 0.0, "sample.eta: must be >= 0")
+    validate_search(cfg)
+
+
+def validate_search(cfg: ExperimentConfig) -> None:
+    """Raise DDSMError naming the key if the search section is out of range."""
+    q = cfg.search
+    _check(q.sampler in ("ddim", "ddpm"), f"search.sampler: expected ddim or ddpm, got {q.sampler!r}")
+    _check(1 <= q.steps <= cfg.diffusion.timesteps, f"search.steps: must be between 1 and diffusion.timesteps={cfg.diffusion.timesteps}")
+    _check(1 <= q.segments <= q.steps, f"search.segments: must be between 1 and search.steps={q.steps}")
+    if q.widths is not None:
+        missing = [w for w in q.widths if w not in cfg.model.widths]
+        _check(not missing and len(q.widths) > 0, f"search.widths: {missing or '[]'} not in model.widths {list(cfg.model.widths)}")
+    _check(q.algorithm in ("nsga2", "nevergrad", "random"), f"search.algorithm: expected nsga2, nevergrad or random, got {q.algorithm!r}")
+    _check(q.population >= 2, "search.population: must be at least 2")
+    _check(q.generations >= 1, "search.generations: must be at least 1")
+    _check(q.samples >= 2, "search.samples: must be at least 2")
+    _check(q.screen_samples is None or 2 <= q.screen_samples < q.samples, "search.screen_samples: must be between 2 and search.samples")
+    _check(q.metric in ("fid", "kid"), f"search.metric: expected fid or kid, got {q.metric!r}")
+    _check(q.workers >= 0, "search.workers: must be >= 0 (0 = evaluate in this process, without Ray)")
+    _check(q.batch_size >= 1, "search.batch_size: must be at least 1")
+    if q.budget is not None:
+        parse_budget(q.budget, "search.budget")
+
+
+def parse_budget(budget: float | str, key: str = "--budget") -> tuple[float, bool]:
+    """Return (value, is_percent) for a budget given as GFLOPs per image or as a percentage like "50%"."""
+    text = str(budget).strip()
+    is_percent = text.endswith("%")
+    try:
+        value = float(text[:-1] if is_percent else text)
+    except ValueError:
+        raise DDSMError(f"{key}: expected GFLOPs per image (e.g. 1.2) or a percentage (e.g. 50%), got {budget!r}") from None
+    _check(value > 0 and (not is_percent or value <= 100), f"{key}: must be positive (and at most 100%), got {budget!r}")
+    return value, is_percent

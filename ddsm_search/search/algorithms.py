@@ -1,0 +1,145 @@
+"""Ask/tell search algorithms over integer genomes with two objectives (GFLOPs, FID), both minimised.
+
+Every algorithm proposes one generation at a time (`ask`) and learns the objectives of exactly those
+genomes (`tell`). All randomness comes from the seed, so replaying the same tells reproduces the
+same asks: that is how an interrupted search resumes without re-evaluating anything.
+
+Infeasible genomes (over the FLOPs budget) are told with FID = +inf and are never evaluated.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+
+from ..errors import DDSMError
+from .space import Genome, SearchSpace
+
+ALGORITHMS = ("nsga2", "nevergrad", "random")
+INFEASIBLE = 1e12  # stands in for +inf where a library needs finite numbers
+
+
+class Algorithm(Protocol):
+    """One generation at a time: ask for genomes, tell their (GFLOPs, FID)."""
+
+    def ask(self) -> list[Genome]:
+        """Return the genomes of the next generation."""
+
+    def tell(self, genomes: Sequence[Genome], objectives: Sequence[tuple[float, float]]) -> None:
+        """Learn the objectives of the genomes last asked for."""
+
+
+def initial_population(space: SearchSpace, size: int, rng: np.random.Generator,
+                       feasible: Callable[[Genome], bool]) -> list[Genome]:
+    """Return the uniform schedules that fit the budget, then distinct random feasible genomes up to `size`."""
+    pop = [g for g in space.uniform() if feasible(g)][:size]
+    seen = set(pop)
+    for _ in range(1000 * size):
+        if len(pop) >= size:
+            break
+        g = space.random(1, rng)[0]
+        if g not in seen and feasible(g):
+            pop.append(g)
+            seen.add(g)
+    return pop
+
+
+class RandomSearch:
+    """The baseline: the uniform schedules, then random feasible genomes."""
+
+    def __init__(self, space: SearchSpace, population: int, seed: int, feasible: Callable[[Genome], bool]):
+        self.space, self.population, self.feasible = space, population, feasible
+        self.rng = np.random.default_rng(seed)
+        self.first = True
+
+    def ask(self) -> list[Genome]:
+        """Return a generation of random genomes (the first one starts with the uniform schedules)."""
+        if self.first:
+            self.first = False
+            return initial_population(self.space, self.population, self.rng, self.feasible)
+        out = []
+        for _ in range(1000 * self.population):
+            if len(out) >= self.population:
+                break
+            g = self.space.random(1, self.rng)[0]
+            if self.feasible(g):
+                out.append(g)
+        return out
+
+    def tell(self, genomes: Sequence[Genome], objectives: Sequence[tuple[float, float]]) -> None:
+        """Random search learns nothing."""
+
+
+class NSGA2Search:
+    """pymoo's NSGA-II on integer genomes (SBX and polynomial mutation with rounding), via ask/tell."""
+
+    def __init__(self, space: SearchSpace, population: int, seed: int, feasible: Callable[[Genome], bool]):
+        from pymoo.algorithms.moo.nsga2 import NSGA2
+        from pymoo.core.problem import Problem
+        from pymoo.operators.crossover.sbx import SBX
+        from pymoo.operators.mutation.pm import PM
+        from pymoo.operators.repair.rounding import RoundingRepair
+
+        self.feasible = feasible
+        start = initial_population(space, population, np.random.default_rng(seed), feasible)
+        problem = Problem(n_var=space.n_genes, n_obj=2, n_ieq_constr=1, xl=0, xu=space.n_choices - 1, vtype=int)
+        self.algorithm = NSGA2(
+            pop_size=len(start),
+            sampling=np.array(start, dtype=float),
+            crossover=SBX(prob=0.9, eta=15, vtype=float, repair=RoundingRepair()),
+            mutation=PM(eta=20, vtype=float, repair=RoundingRepair()),
+            eliminate_duplicates=True,
+        )
+        # pymoo: termination goes to setup(), not to NSGA2(...); the runner decides when to stop
+        self.algorithm.setup(problem, termination=("n_gen", 10**9), seed=seed, verbose=False)
+        self.pending = None
+
+    def ask(self) -> list[Genome]:
+        """Return the next generation's genomes."""
+        self.pending = self.algorithm.ask()
+        return [tuple(int(round(v)) for v in x) for x in self.pending.get("X")]
+
+    def tell(self, genomes: Sequence[Genome], objectives: Sequence[tuple[float, float]]) -> None:
+        """Pass (GFLOPs, FID) and the budget constraint back to NSGA-II."""
+        F = np.array([[f, fid if math.isfinite(fid) else INFEASIBLE] for f, fid in objectives], dtype=float)
+        G = np.array([[0.0 if self.feasible(g) else 1.0] for g in genomes])
+        self.pending.set("F", F, "G", G)
+        self.algorithm.tell(infills=self.pending)
+
+
+class NevergradSearch:
+    """A nevergrad optimizer (differential evolution) told both objectives: its multi-objective mode."""
+
+    def __init__(self, space: SearchSpace, population: int, seed: int, feasible: Callable[[Genome], bool]):
+        import nevergrad as ng  # slow to import (seconds): only when chosen
+
+        self.population, self.feasible = population, feasible
+        param = ng.p.Array(shape=(space.n_genes,), lower=0, upper=space.n_choices - 1).set_integer_casting()
+        param.random_state = np.random.RandomState(seed)
+        self.optimizer = ng.optimizers.DE(parametrization=param, budget=None, num_workers=population)
+        for g in initial_population(space, population, np.random.default_rng(seed), feasible):
+            self.optimizer.suggest(np.array(g, dtype=float))
+        self.pending: list = []
+
+    def ask(self) -> list[Genome]:
+        """Return the next generation's genomes."""
+        self.pending = [self.optimizer.ask() for _ in range(self.population)]
+        return [tuple(int(v) for v in c.value) for c in self.pending]
+
+    def tell(self, genomes: Sequence[Genome], objectives: Sequence[tuple[float, float]]) -> None:
+        """Tell nevergrad each candidate's [GFLOPs, FID]."""
+        for cand, (f, fid) in zip(self.pending, objectives):
+            self.optimizer.tell(cand, [f, fid if math.isfinite(fid) else INFEASIBLE])
+
+
+def make_algorithm(name: str, space: SearchSpace, population: int, seed: int,
+                   feasible: Callable[[Genome], bool]) -> Algorithm:
+    """Return the named ask/tell algorithm."""
+    if population < 2:
+        raise DDSMError(f"--population must be at least 2, got {population}")
+    classes = {"nsga2": NSGA2Search, "nevergrad": NevergradSearch, "random": RandomSearch}
+    if name not in classes:
+        raise DDSMError(f"unknown algorithm {name!r} (choose from {', '.join(ALGORITHMS)})")
+    return classes[name](space, population, seed, feasible)
