@@ -70,7 +70,7 @@ def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]
     opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
 
 
-class _Run:
+class TrainingRun:
     """The mutable state of one training run: models, optimizer, generator, step, loss log."""
 
     def __init__(self, cfg: ExperimentConfig, data: ImageData, device: str):
@@ -120,11 +120,12 @@ class _Run:
         x0, t, noise = x0.to(self.device), t.to(self.device), noise.to(self.device)
         return self.schedule.q_sample(x0, t, noise), t, noise
 
-    def train_step(self) -> dict[float, float]:
-        """Run one sandwich-rule step; return the loss of each width trained."""
+    def train_step(self, widths: list[float] | None = None) -> dict[float, float]:
+        """Run one step on `widths` (default: the sandwich rule's draw); return each width's loss."""
         tc = self.cfg.train
         xt, t, noise = self.batch()
-        widths = sandwich_widths(self.model.widths, tc.sandwich_random, self.generator)
+        if widths is None:
+            widths = sandwich_widths(self.model.widths, tc.sandwich_random, self.generator)
         self.opt.zero_grad(set_to_none=True)
         losses, teacher = {}, None
         for width in widths:
@@ -211,7 +212,7 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, steps: int | None = Non
     _check_resumable(cfg, out, resume)
     device = resolve_device(device)
     data = data if data is not None else load_training_data(cfg)
-    run = _Run(cfg, data, device)
+    run = TrainingRun(cfg, data, device)
     if resume:
         from safetensors.torch import load_file
 
