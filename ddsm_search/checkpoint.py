@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from .config import ExperimentConfig, config_from_dict
 from .errors import DDSMError
@@ -47,7 +47,8 @@ class Supernet:
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    write_atomic(path, lambda tmp: save_file(plain, str(tmp)))
+    blob = save(plain)  # bytes: safetensors' save_file recreates the file with mode 0600
+    write_atomic(path, lambda tmp: tmp.write_bytes(blob))
 
 
 def save_supernet(out_dir: str | Path, *, config: ExperimentConfig, ema: SlimUNet, train_state: dict[str, torch.Tensor],
