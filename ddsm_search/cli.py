@@ -76,6 +76,51 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Score a width or schedule: FID and KID against the training images, GFLOPs per image, wall time."""
+    from .checkpoint import load_supernet
+    from .evaluate import evaluate
+    from .io import write_json_atomic
+    from .metrics import default_extractor_for, get_extractor, seed_for
+    from .sampling import resolve_device
+
+    if args.json and Path(args.json).suffix.lower() != ".json":
+        raise DDSMError(f"--json must end in .json, got {Path(args.json).name}")
+    if args.n < 2:
+        raise DDSMError(f"--n must be at least 2 (FID needs a covariance), got {args.n}")
+    seed_for(args.seeds)  # a bad seed set fails before anything slow runs
+    device = resolve_device(args.device)
+    supernet = load_supernet(args.supernet, device)
+    widths, sampler, eta = _schedule_widths(args, supernet)
+    extractor = get_extractor(args.extractor or default_extractor_for(supernet.config.data.kind), device)
+    result = evaluate(supernet, widths, n=args.n, seed_set=args.seeds, extractor=extractor, device=device,
+                      batch_size=args.batch_size, sampler=sampler, eta=eta, progress=not args.quiet)
+    full = supernet.flops[1.0] * len(widths) / 1e9
+    print(f"FID {result['fid']:.4f}  KID {result['kid']:.5f} (+/- {result['kid_std']:.5f} over subsets)  "
+          f"{result['gflops_per_image']:.4f} GFLOPs per image ({result['gflops_per_image'] / full:.0%} of full width)  "
+          f"sampling {result['seconds']:.2f} s, scoring {result['eval_seconds']:.2f} s  "
+          f"[n={result['n']}, seeds {result['seed_set']}, {result['extractor']}]")
+    if args.json:
+        write_json_atomic(args.json, result)
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    """Search per-step width schedules on the FLOPs-FID front."""
+    from .config import load_config
+    from .search.results import front_of
+    from .search.runner import run_search
+
+    cfg = load_config(args.config)
+    out = Path(args.out) if args.out else Path("results") / f"{cfg.name}-search"
+    files = run_search(cfg, args.supernet, out, resume=args.resume, address=args.address, progress=not args.quiet,
+                       device=args.device, generations=args.generations, population=args.population,
+                       algorithm=args.algorithm, workers=args.workers, budget=args.budget)
+    front = front_of(files.table(), files.read_run()["search"]["metric"])
+    print(f"{len(files.rows)} schedules evaluated; the front ({len(front)}) is in {out / 'front.csv'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of every sub-command."""
     parser = _Parser(prog="ddsm-search", description=__doc__)
@@ -105,6 +150,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("evaluate", help="FID/KID, GFLOPs and wall time of one width or a schedule")
+    p.add_argument("supernet", help="supernet directory written by 'train'")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--width", type=float, help="run every step at this width")
+    which.add_argument("--schedule", help="schedule JSON: one width per sampling step")
+    p.add_argument("--n", type=_positive, default=1000, help="number of generated images (default 1000)")
+    p.add_argument("--seeds", default="search", help="seed set of the initial noise: search (default), heldout, "
+                   "or a replicate such as search/1")
+    p.add_argument("--extractor", choices=["digits-cnn", "inception"],
+                   help="feature network (default: digits-cnn for digits, inception otherwise; inception reads "
+                   "clean-fid's inception-2015-12-05.pt from $DDSM_INCEPTION_WEIGHTS, never downloading)")
+    p.add_argument("--json", help="also write the results to this .json file")
+    p.add_argument("--sampler", choices=["ddim", "ddpm"], help="default: the schedule's, else the config's")
+    p.add_argument("--steps", type=_positive, help="sampling steps with --width (default: the config's)")
+    p.add_argument("--eta", type=float, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--batch-size", type=_positive, default=500)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_evaluate)
+    p = sub.add_parser("search", help="evolutionary search for per-step width schedules (FLOPs vs FID)")
+    p.add_argument("config", help="experiment YAML whose 'search' section describes the search")
+    p.add_argument("--supernet", required=True, help="supernet directory written by 'train'")
+    p.add_argument("--out", help="run directory (default: results/<experiment name>-search)")
+    p.add_argument("--generations", type=_positive)
+    p.add_argument("--population", type=_positive)
+    p.add_argument("--algorithm", choices=["nsga2", "nevergrad", "random"])
+    p.add_argument("--workers", type=int, help="parallel evaluations on Ray (0: in this process, no Ray)")
+    p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--budget", help="max GFLOPs per image, or a share of full width such as 50%%")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from what is on disk")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.set_defaults(func=cmd_search)
     return parser
 
 

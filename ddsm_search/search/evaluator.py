@@ -1,0 +1,58 @@
+"""One worker's evaluation state: the supernet, its static subnets, the feature extractor, the
+reference statistics and the prefix cache, loaded once and reused for every candidate schedule."""
+
+from __future__ import annotations
+
+from ..checkpoint import load_supernet
+from ..config import SearchConfig
+from ..evaluate import evaluate, training_reference
+from ..metrics import default_extractor_for, get_extractor
+from ..sampling import PrefixCache, make_denoisers
+from .space import SearchSpace
+
+SEARCH_SEEDS = "search"  # the search only ever sees this seed set; winners are re-checked on "heldout"
+
+
+def prepare_reference(supernet_dir: str, search: dict, device: str = "cpu", cache_dir: str | None = None) -> None:
+    """Compute (or find cached) the reference statistics once, before workers start."""
+    supernet = load_supernet(supernet_dir)
+    extractor = get_extractor(default_extractor_for(supernet.config.data.kind), device)
+    training_reference(supernet.config.data, extractor, cache_dir=cache_dir)
+
+
+class Evaluator:
+    """Scores schedules (FID, KID) on the search seed set, reusing latents of shared prefixes."""
+
+    def __init__(self, supernet_dir: str, search: dict, device: str = "cpu", cache_dir: str | None = None,
+                 threads: int | None = None):
+        import torch
+
+        if threads:
+            torch.set_num_threads(threads)
+        self.search = SearchConfig(**search)
+        self.device = device
+        self.supernet = load_supernet(supernet_dir, device)
+        model = self.supernet.model
+        self.denoisers = make_denoisers(model, model.widths, device)
+        self.extractor = get_extractor(default_extractor_for(self.supernet.config.data.kind), device)
+        self.reference = training_reference(self.supernet.config.data, self.extractor, cache_dir=cache_dir)
+        widths = self.search.widths or model.widths
+        space = SearchSpace(tuple(widths), self.search.steps, self.search.segments)
+        self.cache = PrefixCache(boundaries=[start for start, _ in space.bounds[1:]])
+
+    def evaluate(self, widths: list[float], samples: int | None = None) -> dict:
+        """Return fid, kid, samples, seed_set, seconds and the denoising steps run and saved."""
+        q = self.search
+        n = samples or q.samples
+        cache = self.cache if n == q.samples else None  # cached latents belong to one sample count
+        run_before, saved_before = self.cache.steps_run, self.cache.steps_saved
+        result = evaluate(self.supernet, widths, n=n, seed_set=SEARCH_SEEDS, extractor=self.extractor,
+                          reference=self.reference, device=self.device, batch_size=q.batch_size, sampler=q.sampler,
+                          eta=q.eta, denoisers=self.denoisers, cache=cache)
+        return {"fid": result["fid"], "kid": result["kid"], "samples": result["n"], "seed_set": SEARCH_SEEDS,
+                "seconds": round(result["seconds"] + result["eval_seconds"], 3),
+                "steps_run": self.cache.steps_run - run_before, "steps_saved": self.cache.steps_saved - saved_before}
+
+    def cache_stats(self) -> dict:
+        """Return the prefix cache's counters: denoising steps run and saved."""
+        return {"steps_run": self.cache.steps_run, "steps_saved": self.cache.steps_saved, "entries": len(self.cache.entries)}

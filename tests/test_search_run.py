@@ -1,0 +1,120 @@
+"""The search loop end to end on a tiny supernet: dedup, budget, resume after kill -9, Ray workers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from ddsm_search.cli import main
+from ddsm_search.config import config_from_dict
+from ddsm_search.errors import DDSMError
+from ddsm_search.search.results import front_of, pareto_mask
+from ddsm_search.search.runner import run_search
+from tests.conftest import tiny_dict
+
+SEARCH = {"steps": 6, "segments": 3, "population": 6, "generations": 3, "samples": 40, "workers": 0, "batch_size": 40}
+
+
+@pytest.fixture(scope="module")
+def supernet(tmp_path_factory):
+    """A tiny digits supernet trained for a few steps (module-scoped)."""
+    root = tmp_path_factory.mktemp("search")
+    config = root / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_dict(search=SEARCH)))
+    assert main(["train", str(config), "--out", str(root / "net"), "--steps", "4", "--quiet"]) == 0
+    return root / "net"
+
+
+def _cfg(**search):
+    return config_from_dict(tiny_dict(search={**SEARCH, **search}))
+
+
+def _search(supernet, out, cache, **kw):
+    return run_search(_cfg(**kw.pop("search", {})), supernet, out, progress=False, cache_dir=str(cache), **kw)
+
+
+def test_front_is_the_non_dominated_set_and_nothing_is_evaluated_twice(supernet, tmp_path):
+    files = _search(supernet, tmp_path / "run", tmp_path / "cache")
+    table = pd.read_csv(tmp_path / "run" / "evaluations.csv")
+    assert table["schedule"].is_unique, "a schedule must never be evaluated twice"
+    assert len(table) == len(files.rows) >= 6
+    assert {"1 1 1 1 1 1", "0.75 0.75 0.75 0.75 0.75 0.75", "0.5 0.5 0.5 0.5 0.5 0.5"} <= set(table["schedule"])
+    front = pd.read_csv(tmp_path / "run" / "front.csv")
+    mask = pareto_mask(table[["gflops", "fid"]].to_numpy())
+    assert set(front["schedule"]) == set(table.loc[mask, "schedule"])
+    generations = pd.read_csv(tmp_path / "run" / "generations.csv")
+    assert list(generations["generation"]) == [0, 1, 2]
+    assert generations["hypervolume"].is_monotonic_increasing
+    assert (table["steps_saved"] > 0).any(), "schedules sharing a prefix should reuse latents"
+
+
+def test_budget_is_respected(supernet, tmp_path):
+    _search(supernet, tmp_path / "run", tmp_path / "cache", budget="60%")
+    table = pd.read_csv(tmp_path / "run" / "evaluations.csv")
+    assert (table["flops_share"] <= 0.6 + 1e-9).all() and len(table) > 0
+    with pytest.raises(DDSMError, match="below the cheapest schedule"):
+        _search(supernet, tmp_path / "low", tmp_path / "cache", budget="10%")
+
+
+def test_rerun_and_resume_guards(supernet, tmp_path):
+    _search(supernet, tmp_path / "run", tmp_path / "cache", search={"generations": 1})
+    with pytest.raises(DDSMError, match="already holds a search run"):
+        _search(supernet, tmp_path / "run", tmp_path / "cache")
+    with pytest.raises(DDSMError, match="other settings"):
+        _search(supernet, tmp_path / "run", tmp_path / "cache", search={"samples": 30}, resume=True)
+    with pytest.raises(DDSMError, match="no search run"):
+        _search(supernet, tmp_path / "none", tmp_path / "cache", resume=True)
+
+
+def test_killed_search_resumes_with_every_evaluation_once(supernet, tmp_path):
+    cache = tmp_path / "cache"
+    straight = _search(supernet, tmp_path / "straight", cache)
+    config = tmp_path / "s.yaml"
+    config.write_text(yaml.safe_dump(tiny_dict(search=SEARCH)))
+    out = tmp_path / "killed"
+    env = {**os.environ, "DDSM_SEARCH_CACHE": str(cache), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "ddsm_search", "search", str(config), "--supernet", str(supernet),
+                             "--out", str(out), "--quiet"], env=env)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:  # kill -9 once a few evaluations are on disk
+        table = out / "evaluations.csv"
+        if table.is_file() and len(table.read_text().splitlines()) > 4:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = pd.read_csv(out / "evaluations.csv")
+    assert 0 < len(partial) < len(straight.rows), "the kill should land mid-run"
+    resumed = run_search(_cfg(), supernet, out, resume=True, progress=False, cache_dir=str(cache))
+    table = pd.read_csv(out / "evaluations.csv")
+    assert table["schedule"].is_unique
+    assert set(partial["schedule"]) <= set(table["schedule"]), "no finished evaluation may be lost"
+    kept = table.set_index("schedule").loc[partial["schedule"], "seconds"]
+    assert list(kept) == list(partial["seconds"]), "finished evaluations must not be redone"
+    assert set(table["schedule"]) == set(straight.rows), "the resumed run reaches the same evaluations"
+    assert front_of(resumed.table())["schedule"].tolist() == front_of(straight.table())["schedule"].tolist()
+    leftovers = [p.name for p in Path(out).iterdir() if p.name.endswith(".tmp")]
+    assert not leftovers
+
+
+def test_ray_two_workers_give_the_same_front_as_one(supernet, tmp_path):
+    ray = pytest.importorskip("ray")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)  # one start for both
+    try:
+        one = _search(supernet, tmp_path / "one", tmp_path / "cache", search={"workers": 1, "generations": 2})
+        two = _search(supernet, tmp_path / "two", tmp_path / "cache", search={"workers": 2, "generations": 2})
+    finally:
+        ray.shutdown()
+    f1, f2 = front_of(one.table()), front_of(two.table())
+    assert f1["schedule"].tolist() == f2["schedule"].tolist()
+    pd.testing.assert_series_equal(f1["fid"], f2["fid"], rtol=1e-9)
+    assert set(two.table()["worker"]) == {0, 1}
