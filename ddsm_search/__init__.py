@@ -1,3 +1,29 @@
-"""ddsm-search: slimmable diffusion supernets and step-wise width schedules on the FLOPs-FID front."""
+"""ddsm-search: slimmable diffusion supernets and step-wise width schedules on the FLOPs-FID front.
+
+The Python API, loaded on first use (so `import ddsm_search` stays light):
+
+    import ddsm_search as ds
+    table = ds.load_run("results/digits-search")   # one row per schedule, `on_front` marks the front
+    ds.front(table); ds.hypervolume(table); ds.pick(table, "50%")
+"""
+
+from importlib import import_module
 
 __version__ = "0.1.0"
+
+_API = {
+    "load_run": "report", "front": "report", "hypervolume": "report", "pick": "report", "generations": "report",
+    "run_info": "report", "budget_gflops": "report",
+    "plot_front": "plots", "plot_schedule": "plots", "plot_hypervolume": "plots", "plot_grids": "plots",
+    "export_schedule": "export", "load_schedule": "schedule", "save_schedule": "schedule", "Schedule": "schedule",
+    "load_supernet": "checkpoint", "load_config": "config", "train": "train", "generate": "sampling",
+    "evaluate": "evaluate", "run_search": "search.runner", "quickstart": "quickstart", "DDSMError": "errors",
+}
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str):
+    """Import the module that defines a public name the first time it is used."""
+    if name in _API:
+        return getattr(import_module(f".{_API[name]}", __name__), name)
+    raise AttributeError(f"module 'ddsm_search' has no attribute {name!r}")

@@ -56,7 +56,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     """Sample images from a supernet with one width or a schedule file."""
     from .checkpoint import load_supernet
     from .images import OUTPUT_SUFFIXES, save_images
-    from .sampling import generate, resolve_device
+    from .sampling import generate, resolve_device, time_against_full
 
     out = Path(args.out)
     if out.suffix.lower() not in OUTPUT_SUFFIXES:
@@ -64,15 +64,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     supernet = load_supernet(args.supernet, device)
     widths, sampler, eta = _schedule_widths(args, supernet)
-    started = time.perf_counter()
-    images = generate(supernet.model, supernet.config.diffusion, widths, n=args.n, seed=args.seed, sampler=sampler,
-                      eta=eta, batch_size=args.batch_size, device=device, progress=not args.quiet)
-    seconds = time.perf_counter() - started
-    save_images(out, images, widths=widths, seed=args.seed)
+    kwargs = dict(n=args.n, seed=args.seed, sampler=sampler, eta=eta, batch_size=args.batch_size, device=device,
+                  progress=not args.quiet)
     gflops = supernet.schedule_flops(widths) / 1e9
     full = supernet.flops[1.0] * len(widths) / 1e9
-    print(f"wrote {args.n} images to {out}: {gflops:.3f} GFLOPs per image ({gflops / full:.0%} of full width), "
-          f"{seconds:.2f} s")
+    if args.schedule:  # what a deployed schedule buys: measured against full width on the same batch
+        images, seconds, full_seconds = time_against_full(supernet.model, supernet.config.diffusion, widths, **kwargs)
+        timing = (f"{seconds:.2f} s against {full_seconds:.2f} s at full width on the same batch and noise: "
+                  f"{full_seconds / seconds:.2f}x faster")
+    else:
+        started = time.perf_counter()
+        images = generate(supernet.model, supernet.config.diffusion, widths, **kwargs)
+        timing = f"{time.perf_counter() - started:.2f} s"
+    save_images(out, images, widths=widths, seed=args.seed)
+    print(f"wrote {args.n} images to {out}: {gflops:.3f} GFLOPs per image ({gflops / full:.0%} of full width), {timing}")
     return 0
 
 
@@ -118,6 +123,40 @@ def cmd_search(args: argparse.Namespace) -> int:
                        algorithm=args.algorithm, workers=args.workers, budget=args.budget)
     front = front_of(files.table(), files.read_run()["search"]["metric"])
     print(f"{len(files.rows)} schedules evaluated; the front ({len(front)}) is in {out / 'front.csv'}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """Print a search run's front and write its plots."""
+    from .report_stage import write_report
+    from .sampling import resolve_device
+
+    write_report(args.run, budget=args.budget, device=resolve_device(args.device))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export the best schedule within a FLOP budget, re-checked on the held-out seeds."""
+    from .export import export_schedule
+    from .sampling import resolve_device
+
+    if args.out and Path(args.out).suffix.lower() != ".json":
+        raise DDSMError(f"--out must end in .json, got {Path(args.out).name}")
+    path, data = export_schedule(args.run, args.budget, args.out, heldout_samples=args.n,
+                                 device=resolve_device(args.device), progress=not args.quiet)
+    q = data["quality"]
+    print(f"wrote {path}: {data['gflops_per_image']:.4f} GFLOPs per image ({data['flops_share']:.0%} of full width); "
+          f"{q['metric'].upper()} {q['search']['fid']:.3f} at search time, {q['heldout']['fid']:.3f} on held-out noise "
+          f"(full width: {q['full_width_heldout']['fid']:.3f}, n={q['heldout']['samples']})")
+    return 0
+
+
+def cmd_quickstart(args: argparse.Namespace) -> int:
+    """Train, search, report and export on the embedded digits."""
+    from .quickstart import quickstart
+    from .sampling import resolve_device
+
+    quickstart(args.out, budget=args.budget, device=resolve_device(args.device), progress=True)
     return 0
 
 
@@ -184,6 +223,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --out from what is on disk")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("report", help="print a search run's front and write its plots")
+    p.add_argument("run", help="search run directory")
+    p.add_argument("--budget", default="50%", help="also show the best schedule within this budget (default 50%%)")
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("export", help="write the best schedule within a FLOP budget as a deployable JSON")
+    p.add_argument("run", help="search run directory")
+    p.add_argument("--budget", required=True, help="GFLOPs per image, or a share of full width such as 50%%")
+    p.add_argument("--out", help="schedule JSON (default: RUN/schedule_<budget>.json)")
+    p.add_argument("--n", type=_positive, help="held-out images for the re-check (default: max(search samples, 1000))")
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("quickstart", help="train, search, report and export on the embedded digits")
+    p.add_argument("--out", default="results/quickstart")
+    p.add_argument("--budget", default="50%")
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    p.set_defaults(func=cmd_quickstart)
     return parser
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections import OrderedDict
 from typing import Sequence
 
@@ -107,3 +108,26 @@ def generate(model: SlimUNet, diffusion: DiffusionConfig, widths: Sequence[float
                       generator=generator, batch_size=batch_size, callback=after_step, start=start)
     bar.close()
     return out.cpu()
+
+
+def time_against_full(model: SlimUNet, diffusion: DiffusionConfig, widths: Sequence[float], *, n: int, seed: int,
+                      sampler: str = "ddim", eta: float = 0.0, batch_size: int = 500, device: str = "cpu",
+                      progress: bool = False) -> tuple[torch.Tensor, float, float]:
+    """Return (the schedule's images, its seconds, full width's seconds) for the same batch and noise.
+
+    Subnets are exported and every width warmed up first, so both timings are of sampling alone.
+    """
+    full = [max(model.widths)] * len(widths)
+    denoisers = make_denoisers(model, list(widths) + full, device)
+    for w in {*widths, full[0]}:  # warm-up: allocation and kernel choice are not sampling speed
+        generate(model, diffusion, [w], n=min(n, batch_size), seed=seed, batch_size=batch_size, device=device,
+                 denoisers=denoisers)
+    timings = []
+    for plan in (widths, full):
+        started = time.perf_counter()
+        images = generate(model, diffusion, plan, n=n, seed=seed, sampler=sampler, eta=eta, batch_size=batch_size,
+                          device=device, progress=progress, denoisers=denoisers)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        timings.append((images, time.perf_counter() - started))
+    return timings[0][0], timings[0][1], timings[1][1]

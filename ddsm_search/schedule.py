@@ -53,6 +53,9 @@ def _fail(path: Path, message: str) -> DDSMError:
     return DDSMError(f"schedule {path}: {message}")
 
 
+KNOWN_KEYS = {"format", "version", "supernet", "sampler", "widths", "flops_per_image"}
+
+
 def load_schedule(path: str | Path, supernet: Supernet | None = None) -> Schedule:
     """Return the schedule stored at `path`, checked against `supernet` if given."""
     path = Path(path)
@@ -64,21 +67,33 @@ def load_schedule(path: str | Path, supernet: Supernet | None = None) -> Schedul
         raise _fail(path, f"not valid JSON ({exc.msg} at line {exc.lineno})") from None
     if not isinstance(data, dict) or "widths" not in data:
         raise _fail(path, "expected a JSON object with a 'widths' list")
+    if "format" in data and data["format"] != FORMAT:
+        raise _fail(path, f"format {data['format']!r} is not {FORMAT!r}")
+    if data.get("version", VERSION) != VERSION:
+        raise _fail(path, f"format version {data.get('version')} is not {VERSION}")
     widths = data["widths"]
     if not isinstance(widths, list) or not widths or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in widths):
         raise _fail(path, "'widths' must be a non-empty list of numbers")
     sampler = data.get("sampler", {})
-    if not isinstance(sampler, dict):
-        raise _fail(path, "'sampler' must be an object")
+    supernet_ref = data.get("supernet") or {}
+    if not isinstance(sampler, dict) or not isinstance(supernet_ref, dict):
+        raise _fail(path, "'sampler' and 'supernet' must be objects")
     schedule = Schedule(widths=[float(w) for w in widths], sampler=sampler.get("name", "ddim"),
-                        eta=float(sampler.get("eta", 0.0)), supernet_sha256=(data.get("supernet") or {}).get("sha256"),
-                        supernet_path=(data.get("supernet") or {}).get("path"))
+                        eta=float(sampler.get("eta", 0.0)), supernet_sha256=supernet_ref.get("sha256"),
+                        supernet_path=supernet_ref.get("path"),
+                        extra={k: v for k, v in data.items() if k not in KNOWN_KEYS})
     if schedule.sampler not in SAMPLERS:
         raise _fail(path, f"unknown sampler {schedule.sampler!r} (choose from {', '.join(SAMPLERS)})")
     if "steps" in sampler and sampler["steps"] != schedule.steps:
         raise _fail(path, f"the schedule has {schedule.steps} widths but its sampler runs {sampler['steps']} steps")
     if supernet is not None:
         check_against(schedule, supernet, path)
+        recorded = {"flops_per_image": data.get("flops_per_image"), "timesteps": sampler.get("timesteps")}
+        actual = schedule.to_dict(supernet)
+        for key, value in recorded.items():
+            computed = actual[key] if key == "flops_per_image" else actual["sampler"]["timesteps"]
+            if value is not None and value != computed:
+                raise _fail(path, f"its recorded {key} does not match its widths (edited by hand?); re-export it")
     return schedule
 
 

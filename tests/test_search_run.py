@@ -105,15 +105,21 @@ def test_killed_search_resumes_with_every_evaluation_once(supernet, tmp_path):
     assert not leftovers
 
 
-def test_ray_two_workers_give_the_same_front_as_one(supernet, tmp_path):
+def test_ray_two_workers_give_the_same_front_as_one_even_when_a_worker_dies(supernet, tmp_path, monkeypatch):
     ray = pytest.importorskip("ray")
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    from ddsm_search.search.evaluator import FAULT_ENV
+
+    marker = tmp_path / "worker-killed"
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    monkeypatch.setenv(FAULT_ENV, str(marker))  # Ray's workers inherit it: one of them dies mid-search
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)  # one start for both
     try:
-        one = _search(supernet, tmp_path / "one", tmp_path / "cache", search={"workers": 1, "generations": 2})
         two = _search(supernet, tmp_path / "two", tmp_path / "cache", search={"workers": 2, "generations": 2})
+        assert marker.exists(), "a worker should have been killed"
+        one = _search(supernet, tmp_path / "one", tmp_path / "cache", search={"workers": 1, "generations": 2})
     finally:
         ray.shutdown()
+    assert two.table()["schedule"].is_unique and set(two.rows) == set(one.rows), "the dead worker's candidate is retried"
     f1, f2 = front_of(one.table()), front_of(two.table())
     assert f1["schedule"].tolist() == f2["schedule"].tolist()
     pd.testing.assert_series_equal(f1["fid"], f2["fid"], rtol=1e-9)

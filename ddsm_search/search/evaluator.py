@@ -3,6 +3,8 @@ reference statistics and the prefix cache, loaded once and reused for every cand
 
 from __future__ import annotations
 
+import os
+
 from ..checkpoint import load_supernet
 from ..config import SearchConfig
 from ..evaluate import evaluate, training_reference
@@ -11,6 +13,9 @@ from ..sampling import PrefixCache, make_denoisers
 from .space import SearchSpace
 
 SEARCH_SEEDS = "search"  # the search only ever sees this seed set; winners are re-checked on "heldout"
+# Fault injection for tests: if this names a file that does not exist yet, the first evaluation to
+# see that creates it and kills its own worker process, as a crash or a lost node would.
+FAULT_ENV = "DDSM_SEARCH_KILL_WORKER_ONCE"
 
 
 def prepare_reference(supernet_dir: str, search: dict, device: str = "cpu", cache_dir: str | None = None) -> None:
@@ -42,6 +47,10 @@ class Evaluator:
 
     def evaluate(self, widths: list[float], samples: int | None = None) -> dict:
         """Return fid, kid, samples, seed_set, seconds and the denoising steps run and saved."""
+        marker = os.environ.get(FAULT_ENV)
+        if marker and not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(1)
         q = self.search
         n = samples or q.samples
         cache = self.cache if n == q.samples else None  # cached latents belong to one sample count

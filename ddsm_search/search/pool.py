@@ -53,7 +53,8 @@ class RayPool:
                          log_to_driver=False)
         if threads is None:
             threads = max(1, (os.cpu_count() or 1) // workers) if not address else None
-        actor = ray.remote(num_cpus=1, max_restarts=3, max_task_retries=3)(Evaluator)
+        gpus = 1 if evaluator_args.get("device") == "cuda" else 0  # one GPU per actor when sampling on CUDA
+        actor = ray.remote(num_cpus=1, num_gpus=gpus, max_restarts=3, max_task_retries=3)(Evaluator)
         self.actors = [actor.remote(**evaluator_args, threads=threads) for _ in range(workers)]
 
     def run(self, jobs: Sequence[Job]) -> Iterator[tuple[str, dict, int]]:

@@ -1,0 +1,87 @@
+"""Report plots as PNG: the front, a schedule's widths per step, hypervolume per generation, and a
+schedule's samples beside full width's from the same noise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from .images import make_grid
+from .io import write_atomic
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | Path) -> Path:
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+    _figure().close(fig)
+    return Path(path)
+
+
+def plot_front(table: pd.DataFrame, path: str | Path, metric: str = "fid", chosen: pd.Series | None = None) -> Path:
+    """Write GFLOPs against the metric: all evaluations faint, the front bold, uniform schedules marked."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    ax.scatter(table["gflops"], table[metric], s=12, color="0.7", label="evaluated schedules")
+    front = table[table["on_front"]].sort_values("gflops")
+    ax.plot(front["gflops"], front[metric], "-o", color="C0", lw=2, ms=5, label="Pareto front")
+    uniform = table[table["uniform"].notna()].sort_values("gflops")
+    ax.scatter(uniform["gflops"], uniform[metric], marker="s", s=50, facecolors="none", edgecolors="C3", lw=1.5,
+               label="uniform width", zorder=3)
+    for _, row in uniform.iterrows():
+        ax.annotate(f"{row['uniform']:g}", (row["gflops"], row[metric]), textcoords="offset points", xytext=(5, 4),
+                    color="C3", fontsize=8)
+    if chosen is not None:
+        ax.scatter([chosen["gflops"]], [chosen[metric]], marker="*", s=180, color="C2", zorder=4, label="exported")
+    ax.set_xlabel("GFLOPs per image (whole sampling run)")
+    ax.set_ylabel(metric.upper())
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_schedule(widths: Sequence[float], path: str | Path, title: str = "") -> Path:
+    """Write a schedule's width at each sampling step (noisiest step on the left)."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(6.4, 2.6))
+    ax.step(np.arange(len(widths)), widths, where="mid", color="C0", lw=2)
+    ax.set_ylim(0, 1.08)
+    ax.set_xlabel("sampling step (noisiest first)")
+    ax.set_ylabel("width")
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_hypervolume(generations: pd.DataFrame, path: str | Path) -> Path:
+    """Write the front's hypervolume against generation."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(5.2, 3.2))
+    ax.plot(generations["generation"] + 1, generations["hypervolume"], "-o", color="C0")
+    ax.set_xlabel("generation")
+    ax.set_ylabel("hypervolume")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_grids(images: torch.Tensor, full: torch.Tensor, path: str | Path, titles=("schedule", "full width")) -> Path:
+    """Write a schedule's sample grid beside full width's grid from the same noise."""
+    plt = _figure()
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4.2))
+    for ax, imgs, title in zip(axes, (images, full), titles):
+        grid = make_grid(imgs)
+        ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    return _save(fig, path)

@@ -1,0 +1,57 @@
+"""The report stage: print a run's front and write its plots (front, hypervolume, a chosen schedule)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from .errors import DDSMError
+from .plots import plot_front, plot_grids, plot_hypervolume, plot_schedule
+from .report import front, generations, load_run, pick, run_info
+
+FRONT_COLUMNS = ["gflops", "flops_share", "fid", "kid", "samples", "generation", "schedule"]
+
+
+def format_front(table: pd.DataFrame) -> str:
+    """Return the front as a readable text table."""
+    shown = front(table)[FRONT_COLUMNS].copy()
+    shown["flops_share"] = shown["flops_share"].map("{:.0%}".format)
+    return shown.to_string(index=False, float_format=lambda v: f"{v:.4g}")
+
+
+def write_report(run: str | Path, *, budget: str | None = "50%", device: str = "cpu", n_grid: int = 64,
+                 progress: bool = True) -> list[Path]:
+    """Print the front and write report/*.png into the run directory; return the files written."""
+    from .export import supernet_of_run
+    from .sampling import generate
+
+    run = Path(run)
+    info = run_info(run)
+    metric = info["search"]["metric"]
+    table = load_run(run)
+    out = run / "report"
+    chosen = None
+    if budget is not None:
+        try:
+            chosen = pick(table, budget, metric)
+        except DDSMError as exc:  # a report is still useful without the budget's schedule
+            print(f"(no schedule shown for budget {budget}: {exc})")
+    paths = [plot_front(table, out / "front.png", metric, chosen), plot_hypervolume(generations(run), out / "hypervolume.png")]
+    if progress:
+        print(f"{len(table)} schedules evaluated, {int(table['on_front'].sum())} on the front:")
+        print(format_front(table))
+    if chosen is not None:
+        widths = list(chosen["widths"])
+        title = f"best within {budget}: {chosen['gflops']:.3f} GFLOPs ({chosen['flops_share']:.0%}), {metric.upper()} {chosen[metric]:.3f}"
+        paths.append(plot_schedule(widths, out / "schedule.png", title))
+        supernet = supernet_of_run(run, device)
+        q = info["search"]
+        kwargs = dict(n=n_grid, seed=0, sampler=q["sampler"], eta=float(q["eta"]), device=device)
+        images = generate(supernet.model, supernet.config.diffusion, widths, **kwargs)
+        full = generate(supernet.model, supernet.config.diffusion, [1.0] * len(widths), **kwargs)
+        paths.append(plot_grids(images, full, out / "samples.png",
+                                (f"schedule ({chosen['flops_share']:.0%} of the FLOPs)", "full width, same noise")))
+    if progress:
+        print("plots: " + ", ".join(str(p) for p in paths))
+    return paths
