@@ -71,9 +71,14 @@ def save_supernet(out_dir: str | Path, *, config: ExperimentConfig, ema: SlimUNe
         "sha256": sha256_file(out / WEIGHTS),
         "train_state": TRAIN_STATE,
         "train_state_sha256": sha256_file(out / TRAIN_STATE),
-        "config": config.to_dict(),
+        "config": supernet_config(config.to_dict()),
     }
     return write_json_atomic(out / META, meta)
+
+
+def supernet_config(config: dict) -> dict:
+    """Return the parts of an experiment config that define a supernet (not how it is later searched)."""
+    return {k: v for k, v in config.items() if k != "search"}
 
 
 def read_meta(path: str | Path) -> dict:
@@ -107,7 +112,7 @@ def load_supernet(path: str | Path, device: str = "cpu") -> Supernet:
     """Return the supernet stored in directory `path` with its EMA weights, after checking its hash."""
     path = Path(path)
     meta = read_meta(path)
-    config = config_from_dict(meta["config"])
+    config = config_from_dict(supernet_config(meta["config"]))
     image_shape = tuple(meta["image_shape"])
     model = SlimUNet(config.model, image_shape)
     model.load_state_dict(_load_verified(path / WEIGHTS, meta["sha256"], "cpu"))

@@ -160,6 +160,20 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """Add the supernet, the width or schedule, and the sampler options shared by sample and evaluate."""
+    p.add_argument("supernet", help="supernet directory written by 'train'")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--width", type=float, help="run every step at this width")
+    which.add_argument("--schedule", help="schedule JSON: one width per sampling step")
+    p.add_argument("--sampler", choices=["ddim", "ddpm"], help="default: the schedule's, else the config's")
+    p.add_argument("--steps", type=_positive, help="sampling steps with --width (default: the config's)")
+    p.add_argument("--eta", type=float, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--batch-size", type=_positive, default=500)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """Return the argument parser of every sub-command."""
     parser = _Parser(prog="ddsm-search", description=__doc__)
@@ -175,26 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sample", help="sample images with one width or a per-step width schedule")
-    p.add_argument("supernet", help="supernet directory written by 'train'")
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--width", type=float, help="run every step at this width")
-    which.add_argument("--schedule", help="schedule JSON: one width per sampling step")
+    _add_sampling_args(p)
     p.add_argument("--n", type=_positive, default=64, help="number of images (default 64)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output .png (grid) or .npz (uint8 images)")
-    p.add_argument("--sampler", choices=["ddim", "ddpm"], help="default: the schedule's, else the config's")
-    p.add_argument("--steps", type=_positive, help="sampling steps with --width (default: the config's)")
-    p.add_argument("--eta", type=float, help="DDIM eta (0 = deterministic)")
-    p.add_argument("--batch-size", type=_positive, default=500)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("evaluate", help="FID/KID, GFLOPs and wall time of one width or a schedule")
-    p.add_argument("supernet", help="supernet directory written by 'train'")
-    which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--width", type=float, help="run every step at this width")
-    which.add_argument("--schedule", help="schedule JSON: one width per sampling step")
+    _add_sampling_args(p)
     p.add_argument("--n", type=_positive, default=1000, help="number of generated images (default 1000)")
     p.add_argument("--seeds", default="search", help="seed set of the initial noise: search (default), heldout, "
                    "or a replicate such as search/1")
@@ -202,13 +204,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="feature network (default: digits-cnn for digits, inception otherwise; inception reads "
                    "clean-fid's inception-2015-12-05.pt from $DDSM_INCEPTION_WEIGHTS, never downloading)")
     p.add_argument("--json", help="also write the results to this .json file")
-    p.add_argument("--sampler", choices=["ddim", "ddpm"], help="default: the schedule's, else the config's")
-    p.add_argument("--steps", type=_positive, help="sampling steps with --width (default: the config's)")
-    p.add_argument("--eta", type=float, help="DDIM eta (0 = deterministic)")
-    p.add_argument("--batch-size", type=_positive, default=500)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_evaluate)
+
     p = sub.add_parser("search", help="evolutionary search for per-step width schedules (FLOPs vs FID)")
     p.add_argument("config", help="experiment YAML whose 'search' section describes the search")
     p.add_argument("--supernet", required=True, help="supernet directory written by 'train'")

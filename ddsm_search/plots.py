@@ -43,7 +43,7 @@ def plot_front(table: pd.DataFrame, path: str | Path, metric: str = "fid", chose
         ax.annotate(f"{row['uniform']:g}", (row["gflops"], row[metric]), textcoords="offset points", xytext=(5, 4),
                     color="C3", fontsize=8)
     if chosen is not None:
-        ax.scatter([chosen["gflops"]], [chosen[metric]], marker="*", s=180, color="C2", zorder=4, label="exported")
+        ax.scatter([chosen["gflops"]], [chosen[metric]], marker="*", s=180, color="C2", zorder=4, label="best within the budget")
     ax.set_xlabel("GFLOPs per image (whole sampling run)")
     ax.set_ylabel(metric.upper())
     ax.grid(alpha=0.3)

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoint import META, load_train_state, save_supernet
+from .checkpoint import META, load_train_state, save_supernet, supernet_config
 from .config import ExperimentConfig
 from .data import ImageData, dataset_key, load_dataset
 from .diffusion import NoiseSchedule
@@ -181,8 +181,8 @@ def _check_resumable(cfg: ExperimentConfig, out: Path, resume: bool) -> dict | N
     if not resume:
         raise DDSMError(f"{out} already holds a checkpoint at step {meta['step']}; pass --resume to continue "
                         "or choose another --out")
-    saved = dict(meta["config"])
-    mine = cfg.to_dict()
+    saved = supernet_config(meta["config"])
+    mine = supernet_config(cfg.to_dict())
     saved["train"] = {**saved["train"], "steps": mine["train"]["steps"]}  # the target may be extended
     if saved != mine:
         diff = sorted(k for k in mine if mine[k] != saved.get(k))

@@ -53,7 +53,7 @@ def main() -> None:
     print(f"{datetime.date.today()} | {platform.machine()} | {cfg.name}: {args.generations} generations x "
           f"{args.population}, {args.samples} samples, {args.steps} steps in {args.segments} segments")
 
-    runs = {name: _run(cfg, args.supernet, root / name, algorithm=name, workers=0)
+    runs = {name: _run(cfg, args.supernet, root / name, algorithm=name, workers=0, **base)
             for name in ("nsga2", "nevergrad", "random")}
     everything = pd.concat([t for t, _, _ in runs.values()])
     reference = (1.05, 1.1 * float(everything["fid"].max()))
@@ -75,7 +75,7 @@ def main() -> None:
 
     speed = []
     for workers in (1, 2):
-        table, gens, seconds = _run(cfg, args.supernet, root / f"ray{workers}", algorithm="nsga2", workers=workers)
+        table, gens, seconds = _run(cfg, args.supernet, root / f"ray{workers}", algorithm="nsga2", workers=workers, **base)
         speed.append({"Ray workers": workers, "evaluations": len(table), "seconds (incl. Ray start)": round(seconds, 1),
                       "evaluations/min": round(60 * len(table) / seconds, 1),
                       "evaluations/min (search loop only)": round(60 * len(table) / gens["seconds"].sum(), 1)})

@@ -35,3 +35,17 @@ def tiny_cfg():
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def tiny_supernet(tmp_path_factory):
+    """A tiny supernet trained once per session through the CLI; tests only read it."""
+    import yaml
+
+    from ddsm_search.cli import main
+
+    root = tmp_path_factory.mktemp("tiny-supernet")
+    config = root / "tiny.yaml"
+    config.write_text(yaml.safe_dump(tiny_dict()))
+    assert main(["train", str(config), "--out", str(root / "net"), "--steps", "3", "--quiet", "--device", "cpu"]) == 0
+    return root / "net"

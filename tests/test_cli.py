@@ -15,13 +15,9 @@ from tests.conftest import tiny_dict
 
 
 @pytest.fixture(scope="module")
-def supernet_dir(tmp_path_factory):
-    """A tiny supernet trained through the CLI (module-scoped: trained once)."""
-    root = tmp_path_factory.mktemp("cli")
-    config = root / "tiny.yaml"
-    config.write_text(yaml.safe_dump(tiny_dict()))
-    assert main(["train", str(config), "--out", str(root / "net"), "--steps", "3", "--quiet", "--device", "cpu"]) == 0
-    return root / "net"
+def supernet_dir(tiny_supernet):
+    """The session's tiny supernet, trained through the CLI."""
+    return tiny_supernet
 
 
 def _fails(capsys, argv, match):

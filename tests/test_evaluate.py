@@ -12,7 +12,6 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-import yaml
 
 from ddsm_search.checkpoint import load_supernet
 from ddsm_search.cli import main
@@ -20,17 +19,12 @@ from ddsm_search.errors import DDSMError
 from ddsm_search.evaluate import evaluate, noise_floor, training_reference
 from ddsm_search.metrics import get_extractor, seed_for
 from ddsm_search.sampling import PrefixCache, generate
-from tests.conftest import tiny_dict
 
 
 @pytest.fixture(scope="module")
-def supernet_dir(tmp_path_factory):
-    """A tiny supernet trained through the CLI (module-scoped: trained once)."""
-    root = tmp_path_factory.mktemp("eval")
-    config = root / "tiny.yaml"
-    config.write_text(yaml.safe_dump(tiny_dict()))
-    assert main(["train", str(config), "--out", str(root / "net"), "--steps", "3", "--quiet", "--device", "cpu"]) == 0
-    return root / "net"
+def supernet_dir(tiny_supernet):
+    """The session's tiny supernet, trained through the CLI."""
+    return tiny_supernet
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 
 from ddsm_search import report
 from ddsm_search.checkpoint import load_supernet
@@ -24,14 +23,11 @@ SEARCH = {"steps": 6, "segments": 3, "population": 6, "generations": 2, "samples
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A tiny supernet and a finished tiny search on it (module-scoped)."""
+def run(tiny_supernet, tmp_path_factory):
+    """A finished tiny search on the session's tiny supernet (module-scoped)."""
     root = tmp_path_factory.mktemp("report")
-    config = root / "tiny.yaml"
-    config.write_text(yaml.safe_dump(tiny_dict(search=SEARCH)))
-    assert main(["train", str(config), "--out", str(root / "net"), "--steps", "4", "--quiet"]) == 0
     cfg = config_from_dict(tiny_dict(search=SEARCH))
-    run_search(cfg, root / "net", root / "search", progress=False, cache_dir=str(root / "cache"))
+    run_search(cfg, tiny_supernet, root / "search", progress=False, cache_dir=str(root / "cache"))
     return root / "search"
 
 

@@ -13,7 +13,6 @@ import pandas as pd
 import pytest
 import yaml
 
-from ddsm_search.cli import main
 from ddsm_search.config import config_from_dict
 from ddsm_search.errors import DDSMError
 from ddsm_search.search.results import front_of, pareto_mask
@@ -24,13 +23,9 @@ SEARCH = {"steps": 6, "segments": 3, "population": 6, "generations": 3, "samples
 
 
 @pytest.fixture(scope="module")
-def supernet(tmp_path_factory):
-    """A tiny digits supernet trained for a few steps (module-scoped)."""
-    root = tmp_path_factory.mktemp("search")
-    config = root / "tiny.yaml"
-    config.write_text(yaml.safe_dump(tiny_dict(search=SEARCH)))
-    assert main(["train", str(config), "--out", str(root / "net"), "--steps", "4", "--quiet"]) == 0
-    return root / "net"
+def supernet(tiny_supernet):
+    """The session's tiny supernet."""
+    return tiny_supernet
 
 
 def _cfg(**search):
