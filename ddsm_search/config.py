@@ -93,6 +93,8 @@ class SearchConfig:
     population: int = 16
     generations: int = 8
     samples: int = 500  # images per evaluation, drawn from the "search" seed set
+    screen_samples: int | None = None  # if set, screen every candidate on this many images first and
+    screen_margin: float = 0.0  # fully evaluate it unless a cheaper evaluated schedule screened better by > margin
     metric: str = "fid"  # fid | kid: the quality objective
     seed: int = 0
     workers: int = 2
@@ -256,6 +258,9 @@ def validate_search(cfg: ExperimentConfig) -> None:
     _check(q.population >= 2, "search.population: must be at least 2")
     _check(q.generations >= 1, "search.generations: must be at least 1")
     _check(q.samples >= 2, "search.samples: must be at least 2")
+    _check(q.screen_samples is None or 2 <= q.screen_samples < q.samples,
+           "search.screen_samples: must be at least 2 and below search.samples")
+    _check(q.screen_margin >= 0, "search.screen_margin: must be >= 0")
     _check(q.metric in ("fid", "kid"), f"search.metric: expected fid or kid, got {q.metric!r}")
     _check(q.workers >= 0, "search.workers: must be >= 0 (0 = evaluate in this process, without Ray)")
     _check(q.batch_size >= 1, "search.batch_size: must be at least 1")

@@ -28,13 +28,16 @@ def run_info(run: str | Path) -> dict:
 
 def load_run(run: str | Path) -> pd.DataFrame:
     """Return one row per evaluated schedule, with `widths` (a list), `uniform` (its width if all steps
-    share one, else NaN) and `on_front` (True for the non-dominated schedules on GFLOPs and the run's metric)."""
+    share one, else NaN) and `on_front` (True for the non-dominated fully evaluated schedules on GFLOPs
+    and the run's metric)."""
     path = _run_dir(run)
-    metric = run_info(path)["search"]["metric"]
+    search = run_info(path)["search"]
+    metric = search["metric"]
     table = pd.read_csv(path / EVALUATIONS)
     table["widths"] = table["schedule"].map(parse_schedule)
     table["uniform"] = table["widths"].map(lambda w: w[0] if len(set(w)) == 1 else np.nan)
-    ok = np.isfinite(table[metric].to_numpy(dtype=float))
+    # rows screened out on fewer samples are not comparable with fully evaluated ones
+    ok = np.isfinite(table[metric].to_numpy(dtype=float)) & (table["samples"] == search["samples"]).to_numpy()
     mask = np.zeros(len(table), dtype=bool)
     mask[ok] = pareto_mask(table.loc[ok, ["gflops", metric]].to_numpy(dtype=float))
     table["on_front"] = mask
@@ -69,7 +72,8 @@ def pick(table: pd.DataFrame, budget: float | str, metric: str = "fid") -> pd.Se
     """Return the evaluated schedule with the lowest metric whose GFLOPs fit the budget."""
     full = float((table["gflops"] / table["flops_share"]).iloc[0])
     limit = budget_gflops(budget, full)
-    fits = table[(table["gflops"] <= limit * (1 + 1e-9)) & np.isfinite(table[metric].astype(float))]
+    full_rows = table["samples"] == table["samples"].max()  # not the rows screened out on fewer samples
+    fits = table[(table["gflops"] <= limit * (1 + 1e-9)) & np.isfinite(table[metric].astype(float)) & full_rows]
     if fits.empty:
         cheapest = table["gflops"].min()
         raise DDSMError(f"budget {budget} ({limit:.4f} GFLOPs per image) is below the cheapest evaluated schedule "

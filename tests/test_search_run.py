@@ -119,3 +119,17 @@ def test_ray_two_workers_give_the_same_front_as_one_even_when_a_worker_dies(supe
     assert f1["schedule"].tolist() == f2["schedule"].tolist()
     pd.testing.assert_series_equal(f1["fid"], f2["fid"], rtol=1e-9)
     assert set(two.table()["worker"]) == {0, 1}
+
+
+def test_screening_evaluates_only_promising_candidates_in_full(supernet, tmp_path):
+    files = _search(supernet, tmp_path / "run", tmp_path / "cache", search={"screen_samples": 20, "generations": 3})
+    table = files.table()
+    full, screened_out = table[table["samples"] == 40], table[table["samples"] == 20]
+    assert len(full) > 0 and table["screen_score"].notna().all(), "every candidate is screened first"
+    for _, row in screened_out.iterrows():  # each was beaten on the screen by a cheaper full evaluation
+        beaten = full[(full["gflops"] <= row["gflops"]) & (full["screen_score"] < row["screen_score"])]
+        assert len(beaten) > 0
+    front = pd.read_csv(tmp_path / "run" / "front.csv")
+    assert (front["samples"] == 40).all(), "the front holds fully evaluated schedules only"
+    gens = pd.read_csv(tmp_path / "run" / "generations.csv")
+    assert gens["screened_out"].sum() == len(screened_out)

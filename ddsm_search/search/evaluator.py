@@ -43,7 +43,9 @@ class Evaluator:
         self.reference = training_reference(self.supernet.config.data, self.extractor, cache_dir=cache_dir)
         widths = self.search.widths or model.widths
         space = SearchSpace(tuple(widths), self.search.steps, self.search.segments)
-        self.cache = PrefixCache(boundaries=[start for start, _ in space.bounds[1:]])
+        boundaries = [start for start, _ in space.bounds[1:]]
+        # cached latents belong to one sample count: one cache for full evaluations, one for screens
+        self.caches = {n: PrefixCache(boundaries) for n in {self.search.samples, self.search.screen_samples} if n}
 
     def evaluate(self, widths: list[float], samples: int | None = None) -> dict:
         """Return fid, kid, samples, seed_set, seconds and the denoising steps run and saved."""
@@ -53,15 +55,17 @@ class Evaluator:
             os._exit(1)
         q = self.search
         n = samples or q.samples
-        cache = self.cache if n == q.samples else None  # cached latents belong to one sample count
-        run_before, saved_before = self.cache.steps_run, self.cache.steps_saved
+        cache = self.caches.setdefault(n, PrefixCache(self.caches[q.samples].boundaries))
+        run_before, saved_before = cache.steps_run, cache.steps_saved
         result = evaluate(self.supernet, widths, n=n, seed_set=SEARCH_SEEDS, extractor=self.extractor,
                           reference=self.reference, device=self.device, batch_size=q.batch_size, sampler=q.sampler,
                           eta=q.eta, denoisers=self.denoisers, cache=cache)
         return {"fid": result["fid"], "kid": result["kid"], "samples": result["n"], "seed_set": SEARCH_SEEDS,
                 "seconds": round(result["seconds"] + result["eval_seconds"], 3),
-                "steps_run": self.cache.steps_run - run_before, "steps_saved": self.cache.steps_saved - saved_before}
+                "steps_run": cache.steps_run - run_before, "steps_saved": cache.steps_saved - saved_before}
 
     def cache_stats(self) -> dict:
-        """Return the prefix cache's counters: denoising steps run and saved."""
-        return {"steps_run": self.cache.steps_run, "steps_saved": self.cache.steps_saved, "entries": len(self.cache.entries)}
+        """Return the prefix caches' counters: denoising steps run and saved."""
+        caches = self.caches.values()
+        return {"steps_run": sum(c.steps_run for c in caches), "steps_saved": sum(c.steps_saved for c in caches),
+                "entries": sum(len(c.entries) for c in caches)}

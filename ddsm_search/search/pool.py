@@ -21,10 +21,10 @@ class LocalPool:
     def __init__(self, make_evaluator: Callable[[], object]):
         self.evaluator = make_evaluator()
 
-    def run(self, jobs: Sequence[Job]) -> Iterator[tuple[str, dict, int]]:
-        """Yield (key, result, worker index) for each job, in order."""
+    def run(self, jobs: Sequence[Job], samples: int) -> Iterator[tuple[str, dict, int]]:
+        """Yield (key, result, worker index) for each job scored on `samples` images, in order."""
         for key, widths in jobs:
-            yield key, self.evaluator.evaluate(widths), 0
+            yield key, self.evaluator.evaluate(widths, samples), 0
 
     def stats(self) -> list[dict]:
         """Return each worker's prefix-cache counters."""
@@ -57,15 +57,15 @@ class RayPool:
         actor = ray.remote(num_cpus=1, num_gpus=gpus, max_restarts=3, max_task_retries=3)(Evaluator)
         self.actors = [actor.remote(**evaluator_args, threads=threads) for _ in range(workers)]
 
-    def run(self, jobs: Sequence[Job]) -> Iterator[tuple[str, dict, int]]:
-        """Yield (key, result, worker index) as evaluations finish."""
+    def run(self, jobs: Sequence[Job], samples: int) -> Iterator[tuple[str, dict, int]]:
+        """Yield (key, result, worker index) as evaluations on `samples` images finish."""
         jobs = sorted(jobs, key=lambda job: job[1])
         n = len(self.actors)
         blocks = [jobs[i * len(jobs) // n:(i + 1) * len(jobs) // n] for i in range(n)]
         pending = {}
         for index, block in enumerate(blocks):
             for key, widths in block:
-                pending[self.actors[index].evaluate.remote(widths)] = (key, index)
+                pending[self.actors[index].evaluate.remote(widths, samples)] = (key, index)
         while pending:
             done, _ = self.ray.wait(list(pending), num_returns=1)
             key, index = pending.pop(done[0])

@@ -18,7 +18,7 @@ from ..io import write_atomic, write_json_atomic
 
 EVALUATIONS, GENERATIONS, FRONT, RUN = "evaluations.csv", "generations.csv", "front.csv", "run.json"
 COLUMNS = ["schedule", "genome", "gflops", "flops_share", "fid", "kid", "samples", "seed_set", "generation",
-           "worker", "seconds", "steps_run", "steps_saved"]
+           "worker", "seconds", "steps_run", "steps_saved", "screen_score"]
 
 
 def schedule_key(widths: Sequence[float]) -> str:

@@ -79,50 +79,94 @@ def run_search(cfg: ExperimentConfig, supernet_dir: str | Path, out_dir: str | P
 
     prepare_reference(**evaluator_args)  # once, before the workers start, so they all read the same cache
     pool = LocalPool(lambda: Evaluator(**evaluator_args)) if q.workers == 0 else RayPool(q.workers, evaluator_args, address)
-    reference = None
+    loop = _Loop(q, space, files, pool, flops_of, feasible, full, progress)
     try:
         for gen in range(q.generations):
-            started = time.perf_counter()
-            genomes = algorithm.ask()
-            todo = {}
-            for g in genomes:
-                key = schedule_key(space.decode(g))
-                if feasible(g) and key not in files.rows:
-                    todo[key] = (key, space.decode(g), g)
-            bar = tqdm(total=len(todo), desc=f"generation {gen + 1}/{q.generations}", unit="eval",
-                       disable=not progress, leave=False)
-            for key, result, worker in pool.run([(k, w) for k, w, _ in todo.values()]):
-                genome = todo[key][2]
-                files.add({"schedule": key, "genome": " ".join(map(str, genome)), "gflops": flops_of(genome) / 1e9,
-                           "flops_share": flops_of(genome) / full, "fid": result["fid"], "kid": result["kid"],
-                           "samples": result["samples"], "seed_set": result["seed_set"], "generation": gen,
-                           "worker": worker, "seconds": result["seconds"], "steps_run": result["steps_run"],
-                           "steps_saved": result["steps_saved"]})
-                bar.update(1)
-            bar.close()
-            objectives = []
-            for g in genomes:
-                row = files.rows.get(schedule_key(space.decode(g)))
-                objectives.append((flops_of(g) / 1e9, float(row[q.metric]) if row is not None and feasible(g) else math.inf))
-            algorithm.tell(genomes, objectives)
-            table = files.table()
-            front = front_of(table, q.metric)
-            if reference is None:  # fixed after the first generation, which every algorithm shares
-                reference = (1.05, 1.1 * float(table[q.metric].max()))
-            hv = hypervolume(front, reference, q.metric)
-            infeasible = sum(not feasible(g) for g in genomes)
-            summary = {"generation": gen, "asked": len(genomes), "infeasible": infeasible,
-                       "answered_from_table": len(genomes) - infeasible - len(todo), "new": len(todo),
-                       "evaluations": len(table),
-                       f"best_{q.metric}": float(table[q.metric].min()), "front_size": len(front),
-                       "hypervolume": hv, "hv_ref_flops_share": reference[0], f"hv_ref_{q.metric}": reference[1],
-                       "seconds": round(time.perf_counter() - started, 2)}
-            files.record_generation(summary, front)
-            if progress:
-                print(f"generation {gen + 1}/{q.generations}: {len(todo)} new evaluations ({len(table)} in all), "
-                      f"best {q.metric.upper()} {summary[f'best_{q.metric}']:.3f}, front {len(front)}, "
-                      f"hypervolume {hv:.4f}, {summary['seconds']:.1f} s", flush=True)
+            loop.generation(gen, algorithm)
         files.cache_stats = pool.stats()
     finally:
         pool.close()
     return files
+
+
+class _Loop:
+    """One search's generation loop: evaluate what is new, tell the algorithm, record the front."""
+
+    def __init__(self, q: SearchConfig, space: SearchSpace, files: RunFiles, pool, flops_of, feasible, full: float,
+                 progress: bool):
+        self.q, self.space, self.files, self.pool = q, space, files, pool
+        self.flops_of, self.feasible, self.full, self.progress = flops_of, feasible, full, progress
+        self.reference = None
+
+    def _row(self, key: str, genome, result: dict, gen: int, worker: int, screen_score: float) -> dict:
+        flops = self.flops_of(genome)
+        return {"schedule": key, "genome": " ".join(map(str, genome)), "gflops": flops / 1e9,
+                "flops_share": flops / self.full, "fid": result["fid"], "kid": result["kid"],
+                "samples": result["samples"], "seed_set": result["seed_set"], "generation": gen, "worker": worker,
+                "seconds": result["seconds"], "steps_run": result["steps_run"], "steps_saved": result["steps_saved"],
+                "screen_score": screen_score}
+
+    def _promising(self, genome, screen: dict) -> bool:
+        """Return False if a fully evaluated schedule at most as costly beat this screen by more than the margin."""
+        gflops = self.flops_of(genome) / 1e9
+        for row in self.files.rows.values():
+            if (row["samples"] == self.q.samples and row["gflops"] <= gflops and math.isfinite(row["screen_score"])
+                    and row["screen_score"] + self.q.screen_margin < screen[self.q.metric]):
+                return False
+        return True
+
+    def _evaluate(self, todo: dict, gen: int) -> None:
+        """Evaluate the new schedules (screening first if asked) and record each row as it lands."""
+        q = self.q
+        bar = tqdm(total=len(todo), desc=f"generation {gen + 1}/{q.generations}", unit="eval",
+                   disable=not self.progress, leave=False)
+        jobs = [(key, widths) for key, (widths, _) in todo.items()]
+        screens: dict[str, dict] = {}
+        if q.screen_samples:
+            screens = {key: result for key, result, _ in self.pool.run(jobs, q.screen_samples)}
+            promising = {key for key in screens if self._promising(todo[key][1], screens[key])}
+            for key, (widths, genome) in todo.items():
+                if key not in promising:  # its screen is its record: dominated by more than the noise margin
+                    self.files.add(self._row(key, genome, screens[key], gen, -1, screens[key][q.metric]))
+                    bar.update(1)
+            jobs = [(key, widths) for key, widths in jobs if key in promising]
+        for key, result, worker in self.pool.run(jobs, q.samples):
+            screen_score = screens[key][q.metric] if key in screens else math.nan
+            self.files.add(self._row(key, todo[key][1], result, gen, worker, screen_score))
+            bar.update(1)
+        bar.close()
+
+    def generation(self, gen: int, algorithm) -> None:
+        """Run one generation: ask, evaluate what is new, tell, write the front and its hypervolume."""
+        q, started = self.q, time.perf_counter()
+        genomes = algorithm.ask()
+        todo = {}
+        for g in genomes:
+            key = schedule_key(self.space.decode(g))
+            if self.feasible(g) and key not in self.files.rows:
+                todo[key] = (self.space.decode(g), g)
+        self._evaluate(todo, gen)
+        objectives = []
+        for g in genomes:
+            row = self.files.rows.get(schedule_key(self.space.decode(g)))
+            value = float(row[q.metric]) if row is not None and self.feasible(g) else math.inf
+            objectives.append((self.flops_of(g) / 1e9, value))
+        algorithm.tell(genomes, objectives)
+        table = self.files.table()
+        full_rows = table[table["samples"] == q.samples]  # screened-out rows have fewer samples: not comparable
+        front = front_of(full_rows, q.metric)
+        if self.reference is None:  # fixed after the first generation, which every algorithm shares
+            self.reference = (1.05, 1.1 * float(full_rows[q.metric].max()))
+        hv = hypervolume(front, self.reference, q.metric)
+        infeasible = sum(not self.feasible(g) for g in genomes)
+        summary = {"generation": gen, "asked": len(genomes), "infeasible": infeasible,
+                   "answered_from_table": len(genomes) - infeasible - len(todo), "new": len(todo),
+                   "screened_out": int((table["generation"] == gen).sum() - (full_rows["generation"] == gen).sum()),
+                   "evaluations": len(table), f"best_{q.metric}": float(full_rows[q.metric].min()),
+                   "front_size": len(front), "hypervolume": hv, "hv_ref_flops_share": self.reference[0],
+                   f"hv_ref_{q.metric}": self.reference[1], "seconds": round(time.perf_counter() - started, 2)}
+        self.files.record_generation(summary, front)
+        if self.progress:
+            print(f"generation {gen + 1}/{q.generations}: {len(todo)} new evaluations ({len(table)} in all), "
+                  f"best {q.metric.upper()} {summary[f'best_{q.metric}']:.3f}, front {len(front)}, "
+                  f"hypervolume {hv:.4f}, {summary['seconds']:.1f} s", flush=True)
