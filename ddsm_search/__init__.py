@@ -13,7 +13,7 @@ __version__ = "0.1.0"
 
 _API = {
     "load_run": "report", "front": "report", "hypervolume": "report", "pick": "report", "generations": "report",
-    "run_info": "report", "budget_gflops": "report",
+    "run_info": "report", "budget_gflops": "config",
     "plot_front": "plots", "plot_schedule": "plots", "plot_hypervolume": "plots", "plot_grids": "plots",
     "export_schedule": "export", "load_schedule": "schedule", "save_schedule": "schedule", "Schedule": "schedule",
     "load_supernet": "checkpoint", "load_config": "config", "train": "train", "generate": "sampling",

@@ -278,3 +278,9 @@ def parse_budget(budget: float | str, key: str = "--budget") -> tuple[float, boo
         raise DDSMError(f"{key}: expected GFLOPs per image (e.g. 1.2) or a percentage (e.g. 50%), got {budget!r}") from None
     _check(value > 0 and (not is_percent or value <= 100), f"{key}: must be positive (and at most 100%), got {budget!r}")
     return value, is_percent
+
+
+def budget_gflops(budget: float | str, full_gflops: float) -> float:
+    """Return a budget given as GFLOPs per image or as "NN%" of full width, in GFLOPs per image."""
+    value, is_percent = parse_budget(budget)
+    return full_gflops * value / 100 if is_percent else value

@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import time
-from importlib import resources
 from pathlib import Path
 
 from .checkpoint import META, read_meta
 from .config import ExperimentConfig, load_config
+from .errors import DDSMError
 
 
 def default_config() -> ExperimentConfig:
-    """Return the digits experiment shipped with the package (search_spaces/digits.yaml in a checkout)."""
-    checkout = Path(__file__).resolve().parent.parent / "search_spaces" / "digits.yaml"
-    if checkout.is_file():
-        return load_config(checkout)
-    with resources.as_file(resources.files("ddsm_search") / "digits.yaml") as path:
-        return load_config(path)
+    """Return the digits experiment: search_spaces/digits.yaml beside the package (an editable install)
+    or in the working directory."""
+    for candidate in (Path(__file__).resolve().parent.parent, Path.cwd()):
+        if (candidate / "search_spaces" / "digits.yaml").is_file():
+            return load_config(candidate / "search_spaces" / "digits.yaml")
+    raise DDSMError("quickstart reads search_spaces/digits.yaml: run it from a ddsm-search checkout")
 
 
 def quickstart(out: str | Path = "results/quickstart", *, budget: str = "50%", device: str = "cpu",

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from .config import parse_budget
+from .config import budget_gflops
 from .errors import DDSMError
 from .search.results import EVALUATIONS, GENERATIONS, RUN, hypervolume as _hypervolume, pareto_mask, parse_schedule
 
@@ -60,12 +60,6 @@ def hypervolume(table: pd.DataFrame, reference: tuple[float, float] | None = Non
     if reference is None:
         reference = (1.05, 1.1 * float(table[metric].max()))
     return _hypervolume(front(table), reference, metric)
-
-
-def budget_gflops(budget: float | str, full_gflops: float) -> float:
-    """Return a budget given as GFLOPs per image or as "NN%" of full width in GFLOPs per image."""
-    value, is_percent = parse_budget(budget)
-    return full_gflops * value / 100 if is_percent else value
 
 
 def pick(table: pd.DataFrame, budget: float | str, metric: str = "fid") -> pd.Series:

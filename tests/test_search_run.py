@@ -13,6 +13,8 @@ import pandas as pd
 import pytest
 import yaml
 
+from ddsm_search.cli import main
+
 from ddsm_search.config import config_from_dict
 from ddsm_search.errors import DDSMError
 from ddsm_search.search.results import front_of, pareto_mask
@@ -133,3 +135,21 @@ def test_screening_evaluates_only_promising_candidates_in_full(supernet, tmp_pat
     assert (front["samples"] == 40).all(), "the front holds fully evaluated schedules only"
     gens = pd.read_csv(tmp_path / "run" / "generations.csv")
     assert gens["screened_out"].sum() == len(screened_out)
+
+
+def test_search_cli_bad_inputs(supernet, tmp_path, capsys):
+    config = tmp_path / "s.yaml"
+    config.write_text(yaml.safe_dump(tiny_dict(search=SEARCH)))
+    out = tmp_path / "run"
+    cases = [
+        (["--supernet", str(tmp_path / "missing")], "supernet directory not found"),
+        (["--supernet", str(supernet), "--budget", "1%"], "below the cheapest schedule"),
+        (["--supernet", str(supernet), "--budget", "lots"], "expected GFLOPs per image"),
+        (["--supernet", str(supernet), "--algorithm", "cmaes"], "invalid choice"),
+        (["--supernet", str(supernet), "--resume"], "no search run"),
+    ]
+    for extra, match in cases:
+        assert main(["search", str(config), "--out", str(out), "--quiet", *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and match in err[0], (extra, err)
+        assert not out.exists(), "nothing may be written when the input is bad"

@@ -55,7 +55,9 @@ class Evaluator:
             os._exit(1)
         q = self.search
         n = samples or q.samples
-        cache = self.caches.setdefault(n, PrefixCache(self.caches[q.samples].boundaries))
+        if n not in self.caches:
+            self.caches[n] = PrefixCache(self.caches[q.samples].boundaries)
+        cache = self.caches[n]
         run_before, saved_before = cache.steps_run, cache.steps_saved
         result = evaluate(self.supernet, widths, n=n, seed_set=SEARCH_SEEDS, extractor=self.extractor,
                           reference=self.reference, device=self.device, batch_size=q.batch_size, sampler=q.sampler,
@@ -63,9 +65,3 @@ class Evaluator:
         return {"fid": result["fid"], "kid": result["kid"], "samples": result["n"], "seed_set": SEARCH_SEEDS,
                 "seconds": round(result["seconds"] + result["eval_seconds"], 3),
                 "steps_run": cache.steps_run - run_before, "steps_saved": cache.steps_saved - saved_before}
-
-    def cache_stats(self) -> dict:
-        """Return the prefix caches' counters: denoising steps run and saved."""
-        caches = self.caches.values()
-        return {"steps_run": sum(c.steps_run for c in caches), "steps_saved": sum(c.steps_saved for c in caches),
-                "entries": sum(len(c.entries) for c in caches)}

@@ -26,10 +26,6 @@ class LocalPool:
         for key, widths in jobs:
             yield key, self.evaluator.evaluate(widths, samples), 0
 
-    def stats(self) -> list[dict]:
-        """Return each worker's prefix-cache counters."""
-        return [self.evaluator.cache_stats()]
-
     def close(self) -> None:
         """Nothing to release."""
 
@@ -70,10 +66,6 @@ class RayPool:
             done, _ = self.ray.wait(list(pending), num_returns=1)
             key, index = pending.pop(done[0])
             yield key, self.ray.get(done[0]), index
-
-    def stats(self) -> list[dict]:
-        """Return each worker's prefix-cache counters."""
-        return self.ray.get([a.cache_stats.remote() for a in self.actors])
 
     def close(self) -> None:
         """Stop the actors, and Ray if this pool started it."""

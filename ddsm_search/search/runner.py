@@ -7,6 +7,7 @@ evaluation lost or repeated, and reaches the same front it would have reached un
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import asdict, replace
@@ -15,7 +16,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..checkpoint import load_supernet
-from ..config import ExperimentConfig, SearchConfig, parse_budget
+from ..config import ExperimentConfig, SearchConfig, budget_gflops, validate_search
 from ..errors import DDSMError
 from .algorithms import make_algorithm
 from .pool import LocalPool, RayPool
@@ -23,19 +24,12 @@ from .results import RunFiles, front_of, hypervolume, schedule_key
 from .space import SearchSpace
 
 
-def budget_flops(budget, full_flops: float) -> float | None:
-    """Return the budget in FLOPs per image (None for no budget), given full width's FLOPs per image."""
-    if budget is None:
-        return None
-    value, is_percent = parse_budget(budget)
-    return full_flops * value / 100 if is_percent else value * 1e9
-
-
 def _run_info(q: SearchConfig, supernet, space: SearchSpace) -> dict:
-    return {"format": "ddsm-search/search-run", "version": 1,
+    info = {"format": "ddsm-search/search-run", "version": 1,
             "supernet": {"path": str(supernet.path.resolve()), "sha256": supernet.sha256},
             "search": {k: v for k, v in asdict(q).items() if k not in ("generations", "workers")},
             "widths": list(space.widths), "segments": [list(b) for b in space.bounds]}
+    return json.loads(json.dumps(info))  # as it reads back from run.json (tuples become lists)
 
 
 def run_search(cfg: ExperimentConfig, supernet_dir: str | Path, out_dir: str | Path, *, resume: bool = False,
@@ -43,14 +37,12 @@ def run_search(cfg: ExperimentConfig, supernet_dir: str | Path, out_dir: str | P
                **overrides) -> RunFiles:
     """Run (or resume) the schedule search described by `cfg.search`; return the run's files."""
     q = replace(cfg.search, **{k: v for k, v in overrides.items() if v is not None})
-    from ..config import validate_search
-
     validate_search(replace(cfg, search=q))
     supernet = load_supernet(supernet_dir)
     widths = tuple(supernet.model.check_width(w) for w in (q.widths or supernet.model.widths))
     space = SearchSpace(widths, q.steps, q.segments)
     full = supernet.flops[1.0] * q.steps
-    limit = budget_flops(q.budget, full)
+    limit = None if q.budget is None else budget_gflops(q.budget, full / 1e9) * 1e9  # FLOPs per image
     cheapest = supernet.schedule_flops([min(widths)] * q.steps)
     if limit is not None and cheapest > limit:
         raise DDSMError(f"budget {q.budget} ({limit / 1e9:.4f} GFLOPs per image) is below the cheapest schedule "
@@ -83,7 +75,6 @@ def run_search(cfg: ExperimentConfig, supernet_dir: str | Path, out_dir: str | P
     try:
         for gen in range(q.generations):
             loop.generation(gen, algorithm)
-        files.cache_stats = pool.stats()
     finally:
         pool.close()
     return files
