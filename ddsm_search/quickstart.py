@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from .checkpoint import META, read_meta
-from .config import ExperimentConfig, load_config
+from .config import ExperimentConfig, load_config, parse_budget
 from .errors import DDSMError
 
 
@@ -29,6 +29,7 @@ def quickstart(out: str | Path = "results/quickstart", *, budget: str = "50%", d
     from .search.runner import run_search
     from .train import train
 
+    parse_budget(budget)  # a bad budget fails now, not after minutes of training
     out = Path(out)
     cfg = config or default_config()
     started = time.perf_counter()

@@ -113,3 +113,8 @@ def test_quickstart_runs_the_whole_pipeline(tmp_path):
     assert (tmp_path / "qs" / "search" / "report" / "front.png").is_file()
     assert figures["flops_share"] <= 0.8 + 1e-9 and figures["speedup"] > 0
     pd.read_csv(tmp_path / "qs" / "search" / "evaluations.csv")
+
+
+def test_quickstart_refuses_a_bad_budget_before_any_work(tmp_path, capsys):
+    assert main(["quickstart", "--out", str(tmp_path / "qs"), "--budget", "half"]) == 2
+    assert "--budget" in capsys.readouterr().err and not (tmp_path / "qs").exists()
