@@ -121,8 +121,9 @@ def load_supernet(path: str | Path, device: str = "cpu") -> Supernet:
                     image_shape=image_shape, flops=flops, sha256=meta["sha256"], dataset=meta["dataset"])
 
 
-def load_train_state(path: str | Path, device: str = "cpu") -> tuple[dict, dict[str, torch.Tensor]]:
-    """Return (meta, train-state tensors) of a supernet directory, verifying the train state's hash."""
+def load_train_state(path: str | Path, device: str = "cpu") -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Return (meta, EMA weights, train-state tensors) of a supernet directory, verifying both hashes."""
     path = Path(path)
     meta = read_meta(path)
-    return meta, _load_verified(path / TRAIN_STATE, meta["train_state_sha256"], device)
+    return (meta, _load_verified(path / WEIGHTS, meta["sha256"], device),
+            _load_verified(path / TRAIN_STATE, meta["train_state_sha256"], device))

@@ -1,4 +1,4 @@
-"""Noise schedule, the epsilon-prediction loss, and DDIM / ancestral DDPM samplers that run a schedule.
+"""Noise schedule and the DDIM / ancestral DDPM samplers that run a schedule (one width per step).
 
 A sampler takes one width per sampling step (noisiest step first) and a denoiser for each width. It
 loops over steps outermost and over chunks of the batch inside, so the noise drawn for image i never
@@ -12,7 +12,6 @@ from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .config import DiffusionConfig
 from .errors import DDSMError
@@ -40,16 +39,6 @@ class NoiseSchedule:
         a = self.alphas_cumprod.to(x0.device)[t].float().view(-1, *([1] * (x0.dim() - 1)))
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
-    def snr(self, t: torch.Tensor) -> torch.Tensor:
-        """Return the signal-to-noise ratio a_t / (1 - a_t) at timesteps t."""
-        a = self.alphas_cumprod[t]
-        return a / (1 - a)
-
-
-def epsilon_loss(model: torch.nn.Module, schedule: NoiseSchedule, x0: torch.Tensor, t: torch.Tensor,
-                 noise: torch.Tensor) -> torch.Tensor:
-    """Return the mean squared error between the model's noise prediction and the true noise."""
-    return F.mse_loss(model(schedule.q_sample(x0, t, noise), t), noise)
 
 
 def sampling_timesteps(num_timesteps: int, steps: int) -> list[int]:
@@ -108,7 +97,9 @@ def sample_loop(denoisers: Mapping[float, Denoiser], schedule: NoiseSchedule, wi
         a_t = float(abar[t])
         a_prev = float(abar[timesteps[i + 1]]) if i + 1 < len(timesteps) else 1.0
         t_tensor = torch.tensor(t, device=x.device)
-        eps = torch.cat([denoisers[width](chunk, t_tensor) for chunk in x.split(batch_size)])
+        chunks = x.split(batch_size)
+        # one chunk: no concatenation copy in the sampling loop
+        eps = denoisers[width](x, t_tensor) if len(chunks) == 1 else torch.cat([denoisers[width](c, t_tensor) for c in chunks])
         z = torch.randn(x.shape, generator=generator).to(x.device) if stochastic and a_prev < 1.0 else None
         x = _step(x, eps, a_t, a_prev, sampler, eta, z)
         if callback is not None:

@@ -94,9 +94,9 @@ class TrainingRun:
             tensors["rng.cuda"] = torch.cuda.get_rng_state()
         return tensors
 
-    def restore(self, out_dir: Path, ema_state: dict[str, torch.Tensor]) -> None:
-        """Load the run's state from the checkpoint in `out_dir`."""
-        meta, tensors = load_train_state(out_dir)
+    def restore(self, out_dir: Path) -> None:
+        """Load the run's state from the checkpoint in `out_dir` (both weight files hash-checked)."""
+        meta, ema_state, tensors = load_train_state(out_dir)
         self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
         self.ema.load_state_dict(ema_state)
         _load_optimizer(self.opt, tensors)
@@ -214,9 +214,7 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, steps: int | None = Non
     data = data if data is not None else load_training_data(cfg)
     run = TrainingRun(cfg, data, device)
     if resume:
-        from safetensors.torch import load_file
-
-        run.restore(out, load_file(str(out / "supernet.safetensors"), device=device))
+        run.restore(out)
     key = dataset_key(cfg.data.kind, cfg.data.path, cfg.data.split, cfg.data.image_size, cfg.data.channels)
     flops = flops_table(cfg.model, data.shape)
     tc, window = cfg.train, {}

@@ -97,3 +97,13 @@ def test_checkpoint_is_verified_and_leaves_no_temporaries(tmp_path, tiny_cfg):
     weights.write_bytes(bytes(data))
     with pytest.raises(DDSMError, match="does not match the hash"):
         load_supernet(out)
+
+
+def test_resume_refuses_corrupt_weights(tmp_path, tiny_cfg):
+    out = train(tiny_cfg, tmp_path / "run", steps=2, progress=False, grids=False)
+    weights = out / "supernet.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(DDSMError, match="does not match the hash"):
+        train(tiny_cfg, out, steps=4, resume=True, progress=False, grids=False)
