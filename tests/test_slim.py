@@ -78,6 +78,21 @@ def test_exported_subnet_matches_supernet(width):
     assert (n_static < sum(p.numel() for p in net.parameters())) == (width < 1.0)
 
 
+def test_inference_path_matches_autograd_path():
+    # without autograd the residual blocks overwrite activations in place; the result must not change,
+    # and the input must not be touched
+    cfg = config_from_dict(tiny_dict())
+    net = _randomised(SlimUNet(cfg.model, (1, 8, 8))).eval().set_width(0.5)
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([0, 40, 99])
+    x_before = x.clone()
+    trained = net(x, t)
+    with torch.inference_mode():
+        inferred = net(x, t)
+    assert trained.requires_grad and not inferred.requires_grad
+    torch.testing.assert_close(inferred, trained.detach(), rtol=0, atol=0)
+    assert torch.equal(x, x_before)
+
+
 def test_attention_heads_follow_fixed_head_dim():
     cfg = config_from_dict(tiny_dict())
     net = SlimUNet(cfg.model, (1, 8, 8))
