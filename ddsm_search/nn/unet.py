@@ -40,12 +40,13 @@ class ResBlock(nn.Module):
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         # Without autograd the activations are overwritten in place: these memory-bound passes shrink
         # only linearly with width, so each one saved brings a slim subnet's time closer to its FLOPs.
+        # The same arithmetic in the same order either way, so both paths give bit-identical results.
         inplace = not torch.is_grad_enabled()
         h = self.conv1(F.silu(self.norm1(x), inplace=inplace))
         scale, shift = self.emb(emb)[:, :, None, None].chunk(2, dim=1)
-        h = torch.addcmul(shift, self.norm2(h), 1 + scale)
+        h = self.norm2(h).mul_(1 + scale).add_(shift) if inplace else self.norm2(h) * (1 + scale) + shift
         h = self.conv2(self.dropout(F.silu(h, inplace=inplace)))
-        return h.add_(self.skip(x)) if inplace else self.skip(x) + h
+        return h.add_(self.skip(x)) if inplace else self.skip(x) + h  # never add into x: it may be a skip
 
 
 class AttnBlock(nn.Module):
