@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -109,7 +110,7 @@ def test_ray_two_workers_give_the_same_front_as_one_even_when_a_worker_dies(supe
     marker = tmp_path / "worker-killed"
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     monkeypatch.setenv(FAULT_ENV, str(marker))  # Ray's workers inherit it: one of them dies mid-search
-    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)  # one start for both
+    ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)  # one start for both
     try:
         two = _search(supernet, tmp_path / "two", tmp_path / "cache", search={"workers": 2, "generations": 2})
         assert marker.exists(), "a worker should have been killed"
@@ -121,6 +122,31 @@ def test_ray_two_workers_give_the_same_front_as_one_even_when_a_worker_dies(supe
     assert f1["schedule"].tolist() == f2["schedule"].tolist()
     pd.testing.assert_series_equal(f1["fid"], f2["fid"], rtol=1e-9)
     assert set(two.table()["worker"]) == {0, 1}
+
+
+def test_search_on_a_ray_cluster_started_apart(supernet, tmp_path, monkeypatch):
+    # `ray start --head` stands in for a cluster: --address sends the evaluations there, and a local
+    # search (no --address) started while it runs still gets a Ray of its own
+    pytest.importorskip("ray")
+    from ddsm_search.search.evaluator import FAULT_ENV
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    ray_cli, port = str(Path(sys.executable).with_name("ray")), _closed_port()
+    marker = tmp_path / "cluster-worker-killed"  # only the cluster's workers inherit the fault: proof they ran
+    subprocess.run([ray_cli, "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false",
+                    "--disable-usage-stats"], check=True, capture_output=True, timeout=180,
+                   env={**os.environ, FAULT_ENV: str(marker)})
+    try:
+        cluster = _search(supernet, tmp_path / "cluster", tmp_path / "cache", search={"workers": 2, "generations": 1},
+                          address=f"127.0.0.1:{port}")
+        local = _search(supernet, tmp_path / "local", tmp_path / "cache", search={"workers": 1, "generations": 1})
+    finally:
+        subprocess.run([ray_cli, "stop"], capture_output=True, timeout=180)
+    assert marker.exists(), "the evaluations should have run on the cluster's workers"
+    assert set(cluster.table()["worker"]) == {0, 1}
+    assert set(cluster.rows) == set(local.rows) and len(local.rows) > 0
+    both = cluster.table().merge(local.table(), on="schedule", suffixes=("_cluster", "_local"))
+    pd.testing.assert_series_equal(both["fid_cluster"], both["fid_local"], check_names=False, rtol=1e-9)
 
 
 def test_screening_evaluates_only_promising_candidates_in_full(supernet, tmp_path):
@@ -137,6 +163,13 @@ def test_screening_evaluates_only_promising_candidates_in_full(supernet, tmp_pat
     assert gens["screened_out"].sum() == len(screened_out)
 
 
+def _closed_port() -> int:
+    """Return a local TCP port where nothing listens."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def test_search_cli_bad_inputs(supernet, tmp_path, capsys):
     config = tmp_path / "s.yaml"
     config.write_text(yaml.safe_dump(tiny_dict(search=SEARCH)))
@@ -147,6 +180,9 @@ def test_search_cli_bad_inputs(supernet, tmp_path, capsys):
         (["--supernet", str(supernet), "--budget", "lots"], "expected GFLOPs per image"),
         (["--supernet", str(supernet), "--algorithm", "cmaes"], "invalid choice"),
         (["--supernet", str(supernet), "--resume"], "no search run"),
+        (["--supernet", str(supernet), "--workers", "1", "--address", "nonsense"], "expected HOST:PORT"),
+        (["--supernet", str(supernet), "--workers", "1", "--address", f"127.0.0.1:{_closed_port()}"],
+         "no Ray cluster answers there"),
     ]
     for extra, match in cases:
         assert main(["search", str(config), "--out", str(out), "--quiet", *extra]) == 2

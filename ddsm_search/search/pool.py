@@ -10,9 +10,30 @@ worker's candidate is retried, not lost.
 from __future__ import annotations
 
 import os
+import socket
 from typing import Callable, Iterator, Sequence
 
+from ..errors import DDSMError
+
 Job = tuple[str, list[float]]  # (schedule key, widths)
+
+
+def check_address(address: str, timeout: float = 5.0) -> None:
+    """Raise DDSMError unless `address` ("HOST:PORT", "ray://HOST:PORT", "auto" or "local") is usable.
+
+    A host and port must accept a TCP connection within `timeout` seconds: ray.init keeps retrying an
+    address where nothing listens for minutes, and a user should hear about a typo at once.
+    """
+    if address in ("auto", "local"):
+        return
+    hostport = address.removeprefix("ray://")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise DDSMError(f"--address {address}: expected HOST:PORT, ray://HOST:PORT, auto or local")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise DDSMError(f"--address {address}: no Ray cluster answers there ({exc.strerror or exc})") from None
 
 
 class LocalPool:
@@ -43,10 +64,16 @@ class RayPool:
         self.started = not ray.is_initialized()
         if self.started:
             if address:
-                ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+                check_address(address)
+                try:
+                    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+                except ConnectionError as exc:  # "auto" with no cluster running, or a refused handshake
+                    raise DDSMError(f"--address {address}: {str(exc).splitlines()[0]}") from None
             else:
-                ray.init(num_cpus=max(workers, os.cpu_count() or 1), include_dashboard=False, logging_level="ERROR",
-                         log_to_driver=False)
+                # "local": a Ray of our own, even when `ray start` left a cluster running on this machine
+                # (plain ray.init() would attach to it, and refuse num_cpus)
+                ray.init(address="local", num_cpus=max(workers, os.cpu_count() or 1), include_dashboard=False,
+                         logging_level="ERROR", log_to_driver=False)
         if threads is None:
             threads = max(1, (os.cpu_count() or 1) // workers) if not address else None
         gpus = 1 if evaluator_args.get("device") == "cuda" else 0  # one GPU per actor when sampling on CUDA

@@ -63,16 +63,17 @@ def run_search(cfg: ExperimentConfig, supernet_dir: str | Path, out_dir: str | P
             raise DDSMError(f"--resume: no search run in {files.dir}")
         if files.read_run() != info:
             raise DDSMError(f"--resume: {files.dir} was searched with other settings or another supernet")
-    files.write_run(info)
 
     algorithm = make_algorithm(q.algorithm, space, q.population, q.seed, feasible)
     evaluator_args = {"supernet_dir": str(supernet.path), "search": asdict(q), "device": device, "cache_dir": cache_dir}
     from .evaluator import Evaluator, prepare_reference
 
     prepare_reference(**evaluator_args)  # once, before the workers start, so they all read the same cache
+    # the pool before run.json: a cluster that cannot be reached leaves no half-started run behind
     pool = LocalPool(lambda: Evaluator(**evaluator_args)) if q.workers == 0 else RayPool(q.workers, evaluator_args, address)
     loop = _Loop(q, space, files, pool, flops_of, feasible, full, progress)
     try:
+        files.write_run(info)
         for gen in range(q.generations):
             loop.generation(gen, algorithm)
     finally:
