@@ -18,6 +18,7 @@ from ddsm_search.cli import main
 
 from ddsm_search.config import config_from_dict
 from ddsm_search.errors import DDSMError
+from ddsm_search.search.pool import check_address
 from ddsm_search.search.results import front_of, pareto_mask
 from ddsm_search.search.runner import run_search
 from tests.conftest import tiny_dict
@@ -168,6 +169,22 @@ def _closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("address", ["host", ":6379", "127.0.0.1:port", "ray://127.0.0.1"])
+def test_malformed_address_is_refused(address):
+    with pytest.raises(DDSMError, match="expected HOST:PORT"):
+        check_address(address)
+
+
+def test_address_where_nothing_listens_is_refused_at_once():
+    port = _closed_port()
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        started = time.monotonic()
+        with pytest.raises(DDSMError, match="no Ray cluster answers there"):
+            check_address(address, timeout=5)
+        assert time.monotonic() - started < 5
+    check_address("auto")  # left to Ray, which knows $RAY_ADDRESS and `ray start`
 
 
 def test_search_cli_bad_inputs(supernet, tmp_path, capsys):

@@ -31,7 +31,7 @@ def check_address(address: str, timeout: float = 5.0) -> None:
     if not host or not port.isdigit():
         raise DDSMError(f"--address {address}: expected HOST:PORT, ray://HOST:PORT, auto or local")
     try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()  # [::1]:6379 too
     except OSError as exc:
         raise DDSMError(f"--address {address}: no Ray cluster answers there ({exc.strerror or exc})") from None
 
