@@ -2,7 +2,7 @@
 
 For every uniform width and two mixed schedules, sample a batch with DDIM (50 steps by default) and
 time it; repetitions are interleaved across schedules so drift in machine speed hits all of them
-alike, and the median is reported. Weights do not change the cost, so without --supernet a supernet
+alike, and the median is reported, with the range of the per-repetition ratios beside it. Weights do not change the cost, so without --supernet a supernet
 with fresh weights is built from --config.
 
     python scripts/bench_sampling.py                      # digits on CPU, batches 256 and 1000
@@ -84,11 +84,14 @@ def main() -> None:
             seconds = statistics.median(times[name])
             flops_ratio = sum(flops[w] for w in widths) / full_flops
             wall_ratio = seconds / full_time
+            # each repetition timed this schedule and full width back to back: their ratios show the noise
+            paired = [t / f / flops_ratio for t, f in zip(times[name], times[f"uniform {max(model.widths):g}"])]
             judged = name.startswith("mixed") or min(widths) >= 0.5
             rows.append({"batch": batch, "schedule": name, "GFLOPs/img": round(sum(flops[w] for w in widths) / 1e9, 3),
                          "seconds": round(seconds, 3), "images/s": round(batch / seconds, 1),
                          "flops ratio": round(flops_ratio, 3), "wall ratio": round(wall_ratio, 3),
                          "wall/flops": round(wall_ratio / flops_ratio, 2),
+                         "wall/flops per repeat": f"{min(paired):.2f}-{max(paired):.2f}",
                          "target": ("ok" if wall_ratio <= TOLERANCE * flops_ratio else "MISSED") if judged else "-"})
     table = pd.DataFrame(rows)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
