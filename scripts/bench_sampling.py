@@ -2,8 +2,8 @@
 
 For every uniform width and two mixed schedules, sample a batch with DDIM (50 steps by default) and
 time it; repetitions are interleaved across schedules so drift in machine speed hits all of them
-alike, and the median is reported, with the range of the per-repetition ratios beside it. Weights do not change the cost, so without --supernet a supernet
-with fresh weights is built from --config.
+alike, and the median is reported, with the range of the per-repetition ratios beside it. Weights
+do not change the cost, so without --supernet a supernet with fresh weights is built from --config.
 
     python scripts/bench_sampling.py                      # digits on CPU, batches 256 and 1000
     python scripts/bench_sampling.py --config search_spaces/cifar10.yaml --device cuda --batches 256 1000
