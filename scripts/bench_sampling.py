@@ -78,14 +78,15 @@ def main() -> None:
                 started = time.perf_counter()
                 generate(model, cfg.diffusion, widths, n=batch, seed=0, batch_size=batch, device=device, denoisers=denoisers)
                 times[name].append(time.perf_counter() - started)
-        full_time = statistics.median(times[f"uniform {max(model.widths):g}"])
+        full_times = times[f"uniform {max(model.widths):g}"]
+        full_time = statistics.median(full_times)
         full_flops = flops[max(model.widths)] * args.steps
         for name, widths in plans.items():
             seconds = statistics.median(times[name])
             flops_ratio = sum(flops[w] for w in widths) / full_flops
             wall_ratio = seconds / full_time
             # each repetition timed this schedule and full width back to back: their ratios show the noise
-            paired = [t / f / flops_ratio for t, f in zip(times[name], times[f"uniform {max(model.widths):g}"])]
+            paired = [t / f / flops_ratio for t, f in zip(times[name], full_times)]
             judged = name.startswith("mixed") or min(widths) >= 0.5
             rows.append({"batch": batch, "schedule": name, "GFLOPs/img": round(sum(flops[w] for w in widths) / 1e9, 3),
                          "seconds": round(seconds, 3), "images/s": round(batch / seconds, 1),
