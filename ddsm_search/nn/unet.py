@@ -10,6 +10,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..errors import DDSMError
+from . import kernels
 from .slim import Channels, SlimKit, StaticKit, slim_layers
 
 
@@ -37,7 +38,18 @@ class ResBlock(nn.Module):
         needs_skip = not isinstance(in_ch, int) and len(in_ch) > 1 or in_total != out_ch
         self.skip = kit.conv(in_ch, out_ch, 1) if needs_skip else nn.Identity()
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor], emb: torch.Tensor) -> torch.Tensor:
+        """Return the block's output; `x` may be a pair (h, skip) to be concatenated along channels."""
+        x, x2 = x if isinstance(x, tuple) else (x, None)
+        if (not self.training or self.dropout.p == 0) and kernels.supports(x, self.conv1, self.conv2):
+            # inference on CPU: the concatenation, each GroupNorm with its scale/shift and SiLU, and the
+            # residual branch are fused into the two convolutions
+            h = kernels.conv3x3(self.conv1, x, x2, norm=self.norm1)
+            if isinstance(self.skip, nn.Identity):
+                return kernels.conv3x3(self.conv2, h, norm=self.norm2, mod=self.emb(emb), res=x)
+            return kernels.conv3x3(self.conv2, h, norm=self.norm2, mod=self.emb(emb), skip=self.skip, skip_in=(x, x2))
+        if x2 is not None:
+            x = torch.cat([x, x2], dim=1)
         # Without autograd the activations are overwritten in place: these memory-bound passes shrink
         # only linearly with width, so each one saved brings a slim subnet's time closer to its FLOPs.
         # The same arithmetic in the same order either way, so both paths give bit-identical results.
@@ -75,7 +87,7 @@ class Downsample(nn.Module):
         self.conv = kit.conv(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.conv(x)
+        return kernels.conv3x3(self.conv, x) if kernels.supports(x, self.conv) else self.conv(x)
 
 
 class Upsample(nn.Module):
@@ -86,6 +98,8 @@ class Upsample(nn.Module):
         self.conv = kit.conv(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if kernels.supports(x, self.conv):
+            return kernels.conv3x3(self.conv, x, upsample=True)
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
 
@@ -135,7 +149,7 @@ class UNet(nn.Module):
         return nn.ModuleList(blocks)
 
     @staticmethod
-    def _run(stage: nn.Module, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def _run(stage: nn.Module, h: torch.Tensor | tuple[torch.Tensor, torch.Tensor], emb: torch.Tensor) -> torch.Tensor:
         if isinstance(stage, nn.ModuleList):
             for block in stage:
                 h = block(h, emb) if isinstance(block, ResBlock) else block(h)
@@ -157,7 +171,7 @@ class UNet(nn.Module):
             if isinstance(stage, Upsample):
                 h = stage(h)
             else:
-                h = self._run(stage, torch.cat([h, hs.pop()], dim=1), emb)
+                h = self._run(stage, (h, hs.pop()), emb)  # the first block concatenates
         return self.conv_out(F.silu(self.norm_out(h), inplace=not torch.is_grad_enabled()))
 
 
