@@ -5,13 +5,19 @@ time it; repetitions are interleaved across schedules so drift in machine speed 
 alike, and the median is reported, with the range of the per-repetition ratios beside it. Weights
 do not change the cost, so without --supernet a supernet with fresh weights is built from --config.
 
+On CPU the residual blocks run the fused kernel (ddsm_search/nn/kernels) where it is available, as
+the sampler does; `--paths fused torch` also times torch's own layers, interleaved, and prints how
+much faster the kernel is.
+
     python scripts/bench_sampling.py                      # digits on CPU, batches 256 and 1000
+    python scripts/bench_sampling.py --paths fused torch  # and against torch's layers
     python scripts/bench_sampling.py --config search_spaces/cifar10.yaml --device cuda --batches 256 1000
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import platform
 import statistics
@@ -23,6 +29,7 @@ import torch
 
 from ddsm_search.checkpoint import load_supernet
 from ddsm_search.config import load_config
+from ddsm_search.nn import kernels
 from ddsm_search.nn.cost import flops_table
 from ddsm_search.nn.unet import SlimUNet
 from ddsm_search.sampling import generate, make_denoisers, resolve_device
@@ -49,8 +56,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--paths", nargs="+", default=["fused"], choices=["fused", "torch"],
+                        help="fused: the CPU kernel where available (the default sampler); torch: torch's layers")
     parser.add_argument("--csv", help="also write the table here")
     args = parser.parse_args()
+    if "fused" in args.paths and not kernels.available():
+        print(f"note: the fused kernel is not used here ({kernels.why_unavailable() or 'not a CPU run'})")
 
     device = resolve_device(args.device)
     if args.supernet:
@@ -68,32 +79,44 @@ def main() -> None:
     print(f"{datetime.date.today()} | {device}: {torch.cuda.get_device_name() if device == 'cuda' else platform.processor() or platform.machine()}"
           f" | torch {torch.__version__} | threads {torch.get_num_threads()} | {cfg.name} {tuple(model.image_shape)}")
 
+    def layers(path: str):
+        return kernels.disabled() if path == "torch" else contextlib.nullcontext()
+
+    def run(widths: list[float], batch: int) -> None:
+        generate(model, cfg.diffusion, widths, n=batch, seed=0, batch_size=batch, device=device, denoisers=denoisers)
+
     rows = []
+    full_name = f"uniform {max(model.widths):g}"
     for batch in args.batches:
-        times: dict[str, list[float]] = {name: [] for name in plans}
-        for name, widths in plans.items():  # warm-up: first calls pay for allocation and kernel selection
-            generate(model, cfg.diffusion, widths[:2], n=batch, seed=0, batch_size=batch, device=device, denoisers=denoisers)
+        times: dict[tuple[str, str], list[float]] = {(path, name): [] for path in args.paths for name in plans}
+        for path, name in times:  # warm-up: first calls pay for allocation, kernel selection and packing
+            with layers(path):
+                run(plans[name][:2], batch)
         for _ in range(args.repeats):
-            for name, widths in plans.items():
-                started = time.perf_counter()
-                generate(model, cfg.diffusion, widths, n=batch, seed=0, batch_size=batch, device=device, denoisers=denoisers)
-                times[name].append(time.perf_counter() - started)
-        full_times = times[f"uniform {max(model.widths):g}"]
-        full_time = statistics.median(full_times)
+            for path, name in times:
+                with layers(path):
+                    started = time.perf_counter()
+                    run(plans[name], batch)
+                    times[path, name].append(time.perf_counter() - started)
         full_flops = flops[max(model.widths)] * args.steps
-        for name, widths in plans.items():
-            seconds = statistics.median(times[name])
+        for path, name in times:
+            widths, full_times = plans[name], times[path, full_name]
+            seconds, full_time = statistics.median(times[path, name]), statistics.median(full_times)
             flops_ratio = sum(flops[w] for w in widths) / full_flops
             wall_ratio = seconds / full_time
             # each repetition timed this schedule and full width back to back: their ratios show the noise
-            paired = [t / f / flops_ratio for t, f in zip(times[name], full_times)]
+            paired = [t / f / flops_ratio for t, f in zip(times[path, name], full_times)]
             judged = name.startswith("mixed") or min(widths) >= 0.5
-            rows.append({"batch": batch, "schedule": name, "GFLOPs/img": round(sum(flops[w] for w in widths) / 1e9, 3),
-                         "seconds": round(seconds, 3), "images/s": round(batch / seconds, 1),
-                         "flops ratio": round(flops_ratio, 3), "wall ratio": round(wall_ratio, 3),
-                         "wall/flops": round(wall_ratio / flops_ratio, 2),
-                         "wall/flops per repeat": f"{min(paired):.2f}-{max(paired):.2f}",
-                         "target": ("ok" if wall_ratio <= TOLERANCE * flops_ratio else "MISSED") if judged else "-"})
+            row = {"batch": batch, "path": path, "schedule": name,
+                   "GFLOPs/img": round(sum(flops[w] for w in widths) / 1e9, 3),
+                   "seconds": round(seconds, 3), "images/s": round(batch / seconds, 1),
+                   "flops ratio": round(flops_ratio, 3), "wall ratio": round(wall_ratio, 3),
+                   "wall/flops": round(wall_ratio / flops_ratio, 2),
+                   "wall/flops per repeat": f"{min(paired):.2f}-{max(paired):.2f}",
+                   "target": ("ok" if wall_ratio <= TOLERANCE * flops_ratio else "MISSED") if judged else "-"}
+            if set(args.paths) == {"fused", "torch"}:
+                row["x faster than torch"] = round(statistics.median(times["torch", name]) / seconds, 2) if path == "fused" else "-"
+            rows.append(row)
     table = pd.DataFrame(rows)
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(table.to_string(index=False))
