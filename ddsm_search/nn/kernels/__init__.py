@@ -32,19 +32,18 @@ _HERE = Path(__file__).parent
 _SOURCES = ("conv3x3.c", "conv3x3_tiles.h")
 _FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-std=c11")
 _lib: ctypes.CDLL | None = None
+_tried = False
+_reason = ""
 
 
 class _Args(ctypes.Structure):
     """conv_args in conv3x3.c, field for field."""
 
     _P, _I = ctypes.c_void_p, ctypes.c_int
-    _fields_ = [("n", _I), ("h", _I), ("w", _I), ("x1", _P), ("x2", _P), ("c1", _I), ("c2", _I), ("upsample", _I), ("stride", _I),
-                ("weight", _P), ("bias", _P), ("k", _I), ("groups", _I), ("gamma", _P), ("beta", _P),
+    _fields_ = [("n", _I), ("h", _I), ("w", _I), ("x1", _P), ("x2", _P), ("c1", _I), ("c2", _I), ("upsample", _I),
+                ("stride", _I), ("weight", _P), ("bias", _P), ("k", _I), ("groups", _I), ("gamma", _P), ("beta", _P),
                 ("eps", ctypes.c_float), ("scale", _P), ("shift", _P), ("mod_stride", _I), ("res", _P),
                 ("s1", _P), ("s2", _P), ("sc1", _I), ("sc2", _I), ("skip_weight", _P), ("skip_bias", _P), ("y", _P)]
-
-_tried = False
-_reason = ""
 
 
 def cache_dir() -> Path:
@@ -96,7 +95,8 @@ def _load() -> ctypes.CDLL | None:
         return None
     try:
         # torch is imported first, so the library's libgomp.so.1 resolves to the OpenMP runtime torch
-        # already loaded: one thread pool, and torch.set_num_threads governs both
+        # already loaded (PyPI's torch wheels ship libgomp.so.1): one thread pool, and
+        # torch.set_num_threads governs both
         lib = ctypes.CDLL(str(build()))
     except (OSError, RuntimeError) as exc:
         _reason = f"could not build the fused kernel: {exc}"
