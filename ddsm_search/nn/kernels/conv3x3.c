@@ -211,11 +211,14 @@ int ddsm_conv3x3(const conv_args *A) {
     const int C = A->c1 + A->c2, K = A->k, H = A->h, W = A->w, P = H * W, st = A->stride;
     const int Wp = W * st + 2, Hp = H * st + 2;
     const int S = A->s1 ? A->sc1 + A->sc2 : 0;
-    if (K % 8 || C <= 0 || (A->groups > 0 && C % A->groups) || (A->upsample && (H % 2 || W % 2)) ||
+    if (K <= 0 || K % 8 || C <= 0 || (A->groups > 0 && C % A->groups) || (A->upsample && (H % 2 || W % 2)) ||
         (st != 1 && st != 2) || (st == 2 && (A->upsample || S))) return -1;
     int off[9];
     for (int t = 0; t < 9; t++) off[t] = ((t / 3) * Wp + t % 3) * C;
     const int off0[1] = {0};
+    /* the tile plan depends only on K and P: chosen once per call, not per image */
+    int plan_ob[K / 8], plan_blocks[K / 8], chunks = 0;
+    for (int k0 = 0; k0 < K; k0 += 8 * plan_ob[chunks++]) choose_tile(K - k0, P, &plan_ob[chunks], &plan_blocks[chunks]);
     int failed = 0;
     #pragma omp parallel
     {
@@ -235,9 +238,8 @@ int ddsm_conv3x3(const conv_args *A) {
                 const float *ri = A->res ? A->res + (size_t)i * P * K : NULL;
                 const float *s1 = A->s1 ? A->s1 + (size_t)i * P * A->sc1 : NULL;
                 const float *s2 = A->s2 ? A->s2 + (size_t)i * P * A->sc2 : NULL;
-                for (int k0 = 0; k0 < K;) {
-                    int ob, blocks;
-                    choose_tile(K - k0, P, &ob, &blocks);
+                for (int j = 0, k0 = 0; j < chunks; k0 += 8 * plan_ob[j++]) {
+                    const int ob = plan_ob[j], blocks = plan_blocks[j];
                     for (int blk = 0, p0 = 0; blk < blocks; blk++) {
                         const int p1 = (int)((long)P * (blk + 1) / blocks); /* P = 16 -> 6, 5, 5 */
                         const float *px[TILE_MAX_PIXELS], *rp[TILE_MAX_PIXELS];
@@ -260,7 +262,6 @@ int ddsm_conv3x3(const conv_args *A) {
                         tile(px, A->weight + k0, C, K, 9, off, A->bias + k0, out, (ri || S) ? rp : NULL);
                         p0 = p1;
                     }
-                    k0 += 8 * ob;
                 }
             }
         }
