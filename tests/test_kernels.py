@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +16,8 @@ from torch import nn
 
 from ddsm_search.config import config_from_dict
 from ddsm_search.nn import kernels
+from ddsm_search.nn.kernels import graph as graph_module
+from ddsm_search.nn.kernels.graph import Graph, Unsupported
 from ddsm_search.nn.unet import SlimUNet
 from tests.conftest import tiny_dict
 
@@ -38,8 +42,8 @@ def _norm(c: int, groups: int) -> nn.GroupNorm:
     return norm
 
 
-def _reference(conv, x, x2=None, *, upsample=False, norm=None, mod=None, res=None, skip=None, skip_in=None):
-    """The same computation with torch's layers, as ResBlock's torch path does it."""
+def _reference(conv, x, x2=None, *, upsample=False, norm=None, act=True, mod=None, res=None, skip=None, skip_in=None):
+    """The same computation with torch's layers, as ResBlock's and AttnBlock's torch paths do it."""
     h = x if x2 is None else torch.cat([x, x2], dim=1)
     if upsample:
         h = F.interpolate(h, scale_factor=2.0, mode="nearest")
@@ -48,7 +52,8 @@ def _reference(conv, x, x2=None, *, upsample=False, norm=None, mod=None, res=Non
         if mod is not None:
             scale, shift = mod[:, :, None, None].chunk(2, dim=1)
             h = h * (1 + scale) + shift
-        h = F.silu(h)
+        if act:
+            h = F.silu(h)
     out = conv(h)
     if res is not None:
         out = out + res
@@ -69,89 +74,171 @@ CASES = {  # name: (n, c1, c2, k, size, options)
     "upsampled input": (3, 16, 0, 16, 4, {"upsample": True}),
     "stride 2": (3, 16, 0, 16, 8, {"stride": 2}),
     "odd 2x3-sized batch of one": (1, 8, 0, 8, 3, {}),
+    "1x1 of a normalised input, no SiLU (attention's qkv)": (3, 16, 0, 48, 4, {"norm": 2, "act": False, "size": 1}),
+    "1x1 read in place, with a residual (attention's proj)": (3, 16, 0, 16, 4, {"size": 1, "res": True}),
+    "one output channel, padded to 8 (the U-Net's last layer)": (2, 16, 0, 1, 8, {"norm": 2, "pad_out": True}),
 }
 
 
 @needs_kernel
 @pytest.mark.parametrize("name", list(CASES))
-def test_fused_conv_matches_torch_layers(name):
+def test_fused_layer_matches_torch_layers(name):
     n, c1, c2, k, size, opt = CASES[name]
     torch.manual_seed(1)
     c = c1 + c2
-    conv = _conv(c, k, stride=opt.get("stride", 1))
+    conv = _conv(c, k, size=opt.get("size", 3), stride=opt.get("stride", 1))
     x, x2 = _nhwc(n, c1, size, size) * 2 + 0.5, _nhwc(n, c2, size, size) if c2 else None
-    kwargs = {"upsample": opt.get("upsample", False)}
+    inputs = [x] + ([x2] if x2 is not None else [])
+    ref = {"upsample": opt.get("upsample", False), "act": opt.get("act", True)}
+    graph_kw = {"x2": x2, "upsample": ref["upsample"], "act": ref["act"], "pad_out": opt.get("pad_out", False)}
+    emb = None
     if "norm" in opt:
-        kwargs["norm"] = _norm(c, opt["norm"])
+        ref["norm"] = graph_kw["norm"] = _norm(c, opt["norm"])
     if "mod" in opt:
-        kwargs["mod"] = torch.randn(opt["mod"], 2 * c) * 0.5
-    out_size = size * 2 if kwargs["upsample"] else size // opt.get("stride", 1)
+        linear = nn.Linear(6, 2 * c)
+        emb = torch.randn(opt["mod"], 6)
+        ref["mod"] = linear(emb).detach()
+    out_size = size * 2 if ref["upsample"] else size // opt.get("stride", 1)
     if opt.get("res"):
-        kwargs["res"] = _nhwc(n, k, out_size, out_size)
+        ref["res"] = graph_kw["res"] = _nhwc(n, k, out_size, out_size)
+        inputs.append(ref["res"])
     if opt.get("skip"):
-        kwargs["skip"], kwargs["skip_in"] = _conv(c, k, size=1), (x, x2)
+        ref["skip"], ref["skip_in"] = graph_kw["skip"], graph_kw["skip_in"] = _conv(c, k, size=1), (x, x2)
     with torch.inference_mode():
-        want = _reference(conv, x, x2, **kwargs)
-        got = kernels.conv3x3(conv, x, x2, **kwargs)
-    assert got.shape == want.shape and got.is_contiguous(memory_format=torch.channels_last)
+        want = _reference(conv, x, x2, **ref)
+        g = Graph()
+        slots = [g.input(t.shape[1], t.shape[2], t.shape[3]) for t in inputs]
+        by_id = {id(t): s for t, s in zip(inputs, slots)}
+        graph_kw["x2"] = None if x2 is None else by_id[id(x2)]
+        if "res" in graph_kw:
+            graph_kw["res"] = by_id[id(graph_kw["res"])]
+        if "skip_in" in graph_kw:
+            graph_kw["skip_in"] = (by_id[id(x)], None if x2 is None else by_id[id(x2)])
+        if "mod" in opt:
+            graph_kw["mod"] = g.mod(linear)
+        program = g.compile(g.conv(conv, slots[0], **graph_kw), k)
+        got = program.run(inputs, emb)
+    assert got.shape == want.shape
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
 @needs_kernel
-def test_unet_fused_path_matches_torch_path_at_every_width(monkeypatch):
-    # channel counts that are multiples of 8 at every width, so every block takes the fused path
+@pytest.mark.parametrize("pixels, heads, head_dim", [(4, 2, 16), (9, 3, 8), (6, 1, 5)])
+def test_fused_attention_matches_sdpa(pixels, heads, head_dim):
+    n, c = 3, heads * head_dim
+    qkv = torch.randn(n, 3 * c, 1, pixels)
+    g = Graph()
+    program = g.compile(g.attention(g.input(3 * c, 1, pixels), head_dim))
+    with torch.inference_mode():
+        got = program.run(qkv)
+        q, k, v = qkv.reshape(n, 3, heads, head_dim, pixels).transpose(-1, -2).unbind(1)
+        want = F.scaled_dot_product_attention(q, k, v).transpose(-1, -2).reshape(n, c, 1, pixels)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _random_net(**model) -> SlimUNet:
     cfg = config_from_dict(tiny_dict(model={"base_channels": 32, "channel_mults": [1, 2], "group_size": 8,
-                                            "head_dim": 8, "widths": [1.0, 0.75, 0.5, 0.25]}))
+                                            "head_dim": 8, "widths": [1.0, 0.75, 0.5, 0.25], **model}))
     net = SlimUNet(cfg.model, (1, 8, 8)).eval()
     for p in net.parameters():
         nn.init.normal_(p, 0.0, 0.2)
-    calls = []
-    real = kernels.conv3x3
-    monkeypatch.setattr(kernels, "conv3x3", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    return net
+
+
+@needs_kernel
+@pytest.mark.parametrize("attention", [[], [4]])
+def test_unet_program_matches_torch_layers_at_every_width(attention):
+    # channel counts that are multiples of 8 at every width, so the whole network is one program
+    net = _random_net(attention_resolutions=attention)
     x, t = torch.randn(6, 1, 8, 8), torch.tensor([0, 10, 40, 60, 80, 99])
     for width in net.widths:
         for model in (net.set_width(width), net.export(width).eval()):  # the supernet and its static export
             with torch.inference_mode():
-                calls.clear()
-                fused = model(x, t)
-                assert len(calls) >= 5, "the residual blocks and resampling convolutions should be fused"
-                with kernels.disabled():
-                    plain = model(x, t)
-            torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-5)
+                assert model.fused_program(x) is not None, "the whole network should run as one program"
+                for xs, ts in ((x, t), (x[:1], t[3])):  # timesteps per image, and one for a batch of one
+                    fused = model(xs, ts)
+                    with kernels.disabled():
+                        assert model.fused_program(xs) is None
+                        plain = model(xs, ts)
+                    torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-5)
 
 
 @needs_kernel
-def test_packed_weights_follow_weight_updates():
-    conv, x = _conv(8, 8), _nhwc(2, 8, 4, 4)
+def test_program_follows_weight_updates_and_copies():
+    net, x, t = _random_net(), torch.randn(2, 1, 8, 8), torch.tensor([5, 50])
     with torch.no_grad():
-        before = kernels.conv3x3(conv, x)
-        conv.weight.mul_(2.0)  # an optimizer step or load_state_dict: the version counter moves
-        conv.bias.zero_()
-        after = kernels.conv3x3(conv, x)
-    torch.testing.assert_close(after, conv(x), rtol=1e-5, atol=1e-5)  # the repacked weights, not the cached ones
-    assert not torch.allclose(after, before)
+        before = net(x, t)
+        first = net.fused_program(x)
+        net.conv_out.bias.add_(1.0)  # an optimizer step or load_state_dict: the version counter moves
+        after = net(x, t)
+        assert net.fused_program(x) is not first, "a weight update builds a new program"
+        torch.testing.assert_close(after, before + 1.0, rtol=1e-5, atol=1e-5)
+        twin = copy.deepcopy(net)  # programs live outside the module: copying and pickling still work
+        torch.testing.assert_close(twin(x, t), after, rtol=0, atol=0)
+        assert pickle.loads(pickle.dumps(net)).training is False
 
 
 @needs_kernel
-def test_mismatched_inputs_are_errors():
-    conv, x = _conv(16, 16), _nhwc(2, 16, 4, 4)
-    with torch.inference_mode():
-        with pytest.raises(ValueError, match="takes 16 channels, the input has 8"):
-            kernels.conv3x3(conv, x[:, :8])
-        with pytest.raises(ValueError, match="scale/shift"):
-            kernels.conv3x3(conv, x, norm=_norm(16, 2), mod=torch.randn(3, 32))
-        with pytest.raises(ValueError, match="residual"):
-            kernels.conv3x3(conv, x, res=_nhwc(2, 16, 2, 2))
-        with pytest.raises(RuntimeError, match="refused"):  # the C side checks k % 8 itself
-            kernels.conv3x3(_conv(16, 12), x)
+def test_arena_regions_are_reused_but_never_shared_while_live(monkeypatch):
+    captured = {}
+    layout = graph_module._layout
+
+    def spy(graph, output):
+        captured["graph"], captured["result"] = graph, layout(graph, output)
+        return captured["result"]
+
+    monkeypatch.setattr(graph_module, "_layout", spy)
+    program = _random_net(attention_resolutions=[4]).to_graph(8, 8)
+    graph, (offsets, arena) = captured["graph"], captured["result"]
+    assert arena == program.arena
+    first, last = {}, {}
+    for i, op in enumerate(graph.ops):
+        for key in ("x1", "x2", "res", "s1", "s2", "y"):
+            if op[key] in offsets:
+                first.setdefault(op[key], i)
+                last[op[key]] = i
+    sizes = {s: -(-graph.slots[s].size // 16) * 16 for s in offsets}
+    for a in offsets:
+        for b in offsets:
+            if a < b and first[a] <= last[b] and first[b] <= last[a]:  # live at the same time
+                assert offsets[a] + sizes[a] <= offsets[b] or offsets[b] + sizes[b] <= offsets[a], (a, b)
+    assert arena < sum(sizes.values()), "regions of dead activations should be reused"
 
 
-def test_unsupported_shapes_keep_torch_layers():
-    conv = _conv(8, 12)  # 12 output channels: not a multiple of 8
+@needs_kernel
+def test_bad_programs_and_inputs_are_errors():
+    g = Graph()
+    x = g.input(16, 4, 4)
+    program = g.compile(g.conv(_conv(16, 16), x))
     with torch.inference_mode():
-        assert not kernels.supports(_nhwc(2, 8, 4, 4), conv)
-        assert not kernels.supports(_nhwc(2, 8, 5, 5), _conv(8, 8, stride=2))  # stride 2 on an odd size
-    assert not kernels.supports(_nhwc(2, 8, 4, 4), _conv(8, 8)), "autograd on: training keeps torch's layers"
+        with pytest.raises(ValueError, match=r"input 0 must be a float32 CPU tensor of shape \(2, 16, 4, 4\)"):
+            program.run(torch.randn(2, 8, 4, 4))
+        with pytest.raises(ValueError, match="takes 1 inputs, not 2"):
+            program.run([torch.randn(2, 16, 4, 4)] * 2)
+        program._ops[0].a.k = 12  # the C side checks its arguments itself: k % 8
+        with pytest.raises(RuntimeError, match="refused"):
+            program.run(torch.randn(2, 16, 4, 4))
+    with pytest.raises(Unsupported, match="takes 16 channels, its input has 8"):
+        Graph().conv(_conv(16, 16), Graph().input(8, 4, 4))
+    with pytest.raises(Unsupported, match="12 output channels"):
+        Graph().conv(_conv(16, 12), Graph().input(16, 4, 4))
+    with pytest.raises(Unsupported, match="stride 2 on a 5x5 input"):
+        Graph().conv(_conv(8, 8, stride=2), Graph().input(8, 5, 5))
+
+
+def test_networks_the_kernel_cannot_run_keep_torch_layers():
+    net = _random_net()
+    x = torch.randn(2, 1, 6, 6)  # 6 -> 3 -> a stride-2 layer on an odd size
+    with torch.inference_mode():
+        if kernels.available():
+            assert net.fused_program(torch.randn(2, 1, 7, 7)) is None
+        assert net(x, torch.tensor([1, 2])).shape == (2, 1, 6, 6)
+    assert net.fused_program(x) is None, "autograd on: training keeps torch's layers"
+    odd = SlimUNet(config_from_dict(tiny_dict(model={"base_channels": 12, "group_size": 3, "head_dim": 3,
+                                                     "widths": [1.0, 0.5]})).model, (1, 8, 8)).eval()
+    with torch.inference_mode():
+        assert odd.fused_program(torch.randn(1, 1, 8, 8)) is None  # 12 and 6 channels: not multiples of 8
+        assert odd(torch.randn(1, 1, 8, 8), torch.tensor(3)).shape == (1, 1, 8, 8)
 
 
 def test_generated_tiles_header_is_current():
@@ -200,4 +287,4 @@ def test_build_is_cached_by_source_hash(tmp_path):
     first = kernels.build(tmp_path)
     stamp = first.stat().st_mtime_ns
     assert kernels.build(tmp_path) == first and first.stat().st_mtime_ns == stamp, "a second build reuses the library"
-    assert first.parent.parent == tmp_path and first.name == "libddsm_conv3x3.so"
+    assert first.parent.parent == tmp_path and first.name == "libddsm_fused.so"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +12,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..errors import DDSMError
 from . import kernels
+from .kernels.graph import Graph, Program, Slot, Unsupported
 from .slim import Channels, SlimKit, StaticKit, slim_layers
 
 
@@ -38,18 +40,7 @@ class ResBlock(nn.Module):
         needs_skip = not isinstance(in_ch, int) and len(in_ch) > 1 or in_total != out_ch
         self.skip = kit.conv(in_ch, out_ch, 1) if needs_skip else nn.Identity()
 
-    def forward(self, x: torch.Tensor | tuple[torch.Tensor, torch.Tensor], emb: torch.Tensor) -> torch.Tensor:
-        """Return the block's output; `x` may be a pair (h, skip) to be concatenated along channels."""
-        x, x2 = x if isinstance(x, tuple) else (x, None)
-        if (not self.training or self.dropout.p == 0) and kernels.supports(x, self.conv1, self.conv2):
-            # inference on CPU: the concatenation, each GroupNorm with its scale/shift and SiLU, and the
-            # residual branch are fused into the two convolutions
-            h = kernels.conv3x3(self.conv1, x, x2, norm=self.norm1)
-            if isinstance(self.skip, nn.Identity):
-                return kernels.conv3x3(self.conv2, h, norm=self.norm2, mod=self.emb(emb), res=x)
-            return kernels.conv3x3(self.conv2, h, norm=self.norm2, mod=self.emb(emb), skip=self.skip, skip_in=(x, x2))
-        if x2 is not None:
-            x = torch.cat([x, x2], dim=1)
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         # Without autograd the activations are overwritten in place: these memory-bound passes shrink
         # only linearly with width, so each one saved brings a slim subnet's time closer to its FLOPs.
         # The same arithmetic in the same order either way, so both paths give bit-identical results.
@@ -59,6 +50,16 @@ class ResBlock(nn.Module):
         h = self.norm2(h).mul_(1 + scale).add_(shift) if inplace else self.norm2(h) * (1 + scale) + shift
         h = self.conv2(self.dropout(F.silu(h, inplace=inplace)))
         return h.add_(self.skip(x)) if inplace else self.skip(x) + h  # never add into x: it may be a skip
+
+    def to_graph(self, g: Graph, x: Slot, x2: Slot | None = None) -> Slot:
+        """Add the block to a fused-kernel graph (its input cat(x, x2)); return its output. The
+        concatenation, each GroupNorm with its scale/shift and SiLU, and the residual branch are
+        folded into the two convolutions."""
+        h = g.conv(self.conv1, x, x2, norm=self.norm1)
+        mod = g.mod(self.emb)
+        if isinstance(self.skip, nn.Identity):
+            return g.conv(self.conv2, h, norm=self.norm2, mod=mod, res=x)
+        return g.conv(self.conv2, h, norm=self.norm2, mod=mod, skip=self.skip, skip_in=(x, x2))
 
 
 class AttnBlock(nn.Module):
@@ -78,6 +79,11 @@ class AttnBlock(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v)
         return x + self.proj(out.transpose(-1, -2).reshape(b, c, hgt, wid))
 
+    def to_graph(self, g: Graph, x: Slot) -> Slot:
+        """Add the block to a fused-kernel graph; return its output."""
+        qkv = g.conv(self.qkv, x, norm=self.norm, act=False)
+        return g.conv(self.proj, g.attention(qkv, self.head_dim), res=x)
+
 
 class Downsample(nn.Module):
     """Halve the resolution with a stride-2 convolution."""
@@ -87,7 +93,10 @@ class Downsample(nn.Module):
         self.conv = kit.conv(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.conv3x3(self.conv, x) if kernels.supports(x, self.conv) else self.conv(x)
+        return self.conv(x)
+
+    def to_graph(self, g: Graph, x: Slot) -> Slot:
+        return g.conv(self.conv, x)
 
 
 class Upsample(nn.Module):
@@ -98,9 +107,10 @@ class Upsample(nn.Module):
         self.conv = kit.conv(channels, channels, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if kernels.supports(x, self.conv):
-            return kernels.conv3x3(self.conv, x, upsample=True)
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+    def to_graph(self, g: Graph, x: Slot) -> Slot:
+        return g.conv(self.conv, x, upsample=True)
 
 
 class UNet(nn.Module):
@@ -149,7 +159,7 @@ class UNet(nn.Module):
         return nn.ModuleList(blocks)
 
     @staticmethod
-    def _run(stage: nn.Module, h: torch.Tensor | tuple[torch.Tensor, torch.Tensor], emb: torch.Tensor) -> torch.Tensor:
+    def _run(stage: nn.Module, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         if isinstance(stage, nn.ModuleList):
             for block in stage:
                 h = block(h, emb) if isinstance(block, ResBlock) else block(h)
@@ -160,6 +170,9 @@ class UNet(nn.Module):
         """Return predicted noise for images x (B, C, H, W) at timesteps t: (B,) or a scalar for all."""
         t = torch.as_tensor(t, device=x.device)
         emb = self.time_mlp(timestep_embedding(t, self.emb_in).to(x.dtype))
+        program = self.fused_program(x)
+        if program is not None:
+            return program.run(x, emb)
         h = self.conv_in(x.contiguous(memory_format=torch.channels_last))
         hs = [h]
         for stage in self.down:
@@ -171,8 +184,57 @@ class UNet(nn.Module):
             if isinstance(stage, Upsample):
                 h = stage(h)
             else:
-                h = self._run(stage, (h, hs.pop()), emb)  # the first block concatenates
+                h = self._run(stage, torch.cat([h, hs.pop()], dim=1), emb)
         return self.conv_out(F.silu(self.norm_out(h), inplace=not torch.is_grad_enabled()))
+
+    @staticmethod
+    def _stage_graph(g: Graph, stage: nn.Module, h: Slot, skip: Slot | None = None) -> Slot:
+        if isinstance(stage, nn.ModuleList):
+            h = stage[0].to_graph(g, h, skip)  # the first block concatenates the skip
+            for block in stage[1:]:
+                h = block.to_graph(g, h)
+            return h
+        return stage.to_graph(g, h)
+
+    def to_graph(self, height: int, width: int) -> Program:
+        """Return the network at its current width as one fused-kernel program for (C, height, width)
+        images, the layers as in `forward`; raise Unsupported if the kernel cannot run a layer."""
+        g = Graph()
+        h = g.conv(self.conv_in, g.input(self.image_shape[0], height, width))
+        hs = [h]
+        for stage in self.down:
+            h = self._stage_graph(g, stage, h)
+            hs.append(h)
+        for block in self.mid:
+            h = block.to_graph(g, h)
+        for stage in self.up:
+            h = stage.to_graph(g, h) if isinstance(stage, Upsample) else self._stage_graph(g, stage, h, hs.pop())
+        return g.compile(g.conv(self.conv_out, h, norm=self.norm_out, pad_out=True), self.image_shape[0])
+
+    def fused_program(self, x: torch.Tensor) -> Program | None:
+        """Return the fused CPU program that runs this network on `x`, or None where torch's layers
+        must: autograd on, not float32 on CPU, dropout active, or the kernel unavailable or unable.
+
+        Programs are cached per input size, width and weights (each parameter's storage and version
+        counter, as kernels._cached: in-place changes to inference tensors are not seen)."""
+        if (torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4
+                or self.training and self.cfg.dropout > 0 or not kernels.available()):
+            return None
+        key = (x.shape[2], x.shape[3], getattr(self, "width", None),
+               tuple((p.data_ptr(), -1 if p.is_inference() else p._version) for p in self.parameters()))
+        cache = _PROGRAMS.setdefault(self, {})
+        if key not in cache:
+            if len(cache) >= 4:  # other sizes, widths or weights
+                cache.clear()
+            try:
+                cache[key] = self.to_graph(x.shape[2], x.shape[3])
+            except Unsupported:
+                cache[key] = None
+        return cache[key]
+
+
+# programs per network, outside the modules so that copying or pickling a network never meets ctypes
+_PROGRAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class SlimUNet(UNet):
