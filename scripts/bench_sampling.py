@@ -5,9 +5,9 @@ time it; repetitions are interleaved across schedules so drift in machine speed 
 alike, and the median is reported, with the range of the per-repetition ratios beside it. Weights
 do not change the cost, so without --supernet a supernet with fresh weights is built from --config.
 
-On CPU the residual blocks run the fused kernel (ddsm_search/nn/kernels) where it is available, as
-the sampler does; `--paths fused torch` also times torch's own layers, interleaved, and prints how
-much faster the kernel is.
+On CPU the whole U-Net runs as one call into the fused kernel (ddsm_search/nn/kernels) where it is
+available, as the sampler does; `--paths fused torch` also times torch's own layers, interleaved, and
+prints how much faster the kernel is.
 
     python scripts/bench_sampling.py                      # digits on CPU, batches 256 and 1000
     python scripts/bench_sampling.py --paths fused torch  # and against torch's layers

@@ -215,14 +215,21 @@ class UNet(nn.Module):
         """Return the fused CPU program that runs this network on `x`, or None where torch's layers
         must: autograd on, not float32 on CPU, dropout active, or the kernel unavailable or unable.
 
-        Programs are cached per input size, width and weights (each parameter's storage and version
-        counter, as kernels._cached: in-place changes to inference tensors are not seen)."""
+        Programs are cached per input size, width and weights: each parameter's identity, storage and
+        version counter, read through the layers found at the first call (walking the module tree on
+        every call cost more than the whole forward of a small batch). So an optimizer step,
+        load_state_dict or .to() is seen; replacing a whole layer afterwards is not, nor an in-place
+        change to weights created under torch.inference_mode() (they have no version counter)."""
         if (torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4
                 or self.training and self.cfg.dropout > 0 or not kernels.available()):
             return None
+        entry = _PROGRAMS.get(self)
+        if entry is None:
+            entry = _PROGRAMS[self] = ([m._parameters for m in self.modules() if m._parameters], {})
+        layers, cache = entry
         key = (x.shape[2], x.shape[3], getattr(self, "width", None),
-               tuple((p.data_ptr(), -1 if p.is_inference() else p._version) for p in self.parameters()))
-        cache = _PROGRAMS.setdefault(self, {})
+               *[(id(p), p.data_ptr(), -1 if p.is_inference() else p._version)
+                 for params in layers for p in params.values() if p is not None])
         if key not in cache:
             if len(cache) >= 4:  # other sizes, widths or weights
                 cache.clear()
@@ -233,7 +240,8 @@ class UNet(nn.Module):
         return cache[key]
 
 
-# programs per network, outside the modules so that copying or pickling a network never meets ctypes
+# per network: its layers' parameter dicts and its programs; outside the modules, so that copying or
+# pickling a network never meets ctypes
 _PROGRAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 

@@ -212,13 +212,20 @@ static void prepare(const conv_args *A, const image_io *io, float *pad, float *a
             double s = 0.0;
             for (int c = g * cg; c < (g + 1) * cg; c++) s += a[c];
             const float rstd = 1.0f / sqrtf((float)(s / ((double)Pi * cg)) + A->eps);
-            for (int c = g * cg; c < (g + 1) * cg; c++) {
-                /* ((x - mean) * rstd * gamma + beta) * (1 + scale) + shift = a * x + b */
-                const float k = io->scale ? 1.0f + io->scale[c] : 1.0f, m = io->shift ? io->shift[c] : 0.0f;
-                const float gs = A->gamma[c] * rstd, mean = b[c];
-                a[c] = gs * k;
-                b[c] = (A->beta[c] - mean * gs) * k + m;
-            }
+            /* ((x - mean) * rstd * gamma + beta) * (1 + scale) + shift = a * x + b; the two loops keep the
+             * test on scale out of the vectorised one */
+            if (io->scale)
+                for (int c = g * cg; c < (g + 1) * cg; c++) {
+                    const float k = 1.0f + io->scale[c], gs = A->gamma[c] * rstd;
+                    a[c] = gs * k;
+                    b[c] = (A->beta[c] - b[c] * gs) * k + io->shift[c];
+                }
+            else
+                for (int c = g * cg; c < (g + 1) * cg; c++) {
+                    const float gs = A->gamma[c] * rstd;
+                    a[c] = gs;
+                    b[c] = A->beta[c] - b[c] * gs;
+                }
         }
     }
     for (int y = 0; y < he; y++)
@@ -252,13 +259,14 @@ static void choose_tile(int rem, int P, int *ob_out, int *blocks_out) {
 
 /* Check A and fill in its plan. Returns 0, or -1 if an argument is out of range (k not a multiple of
  * 8 or over 2048, channels not a multiple of groups, odd size with upsample, a stride other than 1 or
- * 2, stride 2 with upsample or a skip, a 1x1 with stride or upsample, a missing weight). */
+ * 2, stride 2 with upsample or a skip, a 1x1 with stride or upsample, a missing weight, a scale
+ * without a shift or the reverse). */
 static int plan_conv(const conv_args *A, conv_plan *pl) {
     const int C = A->c1 + A->c2, K = A->k, st = A->stride;
     if (K <= 0 || K % 8 || K / 8 > MAX_CHUNKS || C <= 0 || A->h <= 0 || A->w <= 0 || A->c1 <= 0 || A->c2 < 0 ||
         A->sc1 < 0 || A->sc2 < 0 || (A->sc2 && !A->sc1) || (A->sc1 && !(A->skip_weight && A->skip_bias)) ||
         !A->weight || !A->bias || (A->groups > 0 && (C % A->groups || !A->gamma || !A->beta)) ||
-        (A->upsample && (A->h % 2 || A->w % 2)) || (st != 1 && st != 2) ||
+        (!A->scale != !A->shift) || (A->upsample && (A->h % 2 || A->w % 2)) || (st != 1 && st != 2) ||
         (st == 2 && (A->upsample || A->sc1)) || (A->kernel1x1 && (st != 1 || A->upsample)))
         return -1;
     pl->C = C, pl->P = A->h * A->w, pl->Wp = A->w * st + 2, pl->Hp = A->h * st + 2;
@@ -423,7 +431,7 @@ int ddsm_run(const op_t *ops, int n_ops, const slot_t *slots, int n_slots, int n
             failed = 1;
         } else {
             float *arena = buf + need;
-            #pragma omp for schedule(static)
+            #pragma omp for schedule(dynamic, 2) /* images finish unevenly when the other core is busy */
             for (int i = 0; i < n; i++)
                 for (int o = 0; o < n_ops; o++) {
                     const op_t *op = &ops[o];
