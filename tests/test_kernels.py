@@ -224,6 +224,8 @@ def test_bad_programs_and_inputs_are_errors():
         Graph().conv(_conv(16, 12), Graph().input(16, 4, 4))
     with pytest.raises(Unsupported, match="stride 2 on a 5x5 input"):
         Graph().conv(_conv(8, 8, stride=2), Graph().input(8, 5, 5))
+    with pytest.raises(Unsupported, match="3x3 layer of 128 output channels"):  # oneDNN is faster there
+        Graph().conv(_conv(8, 128), Graph().input(8, 4, 4))
 
 
 def test_networks_the_kernel_cannot_run_keep_torch_layers():
@@ -239,6 +241,11 @@ def test_networks_the_kernel_cannot_run_keep_torch_layers():
     with torch.inference_mode():
         assert odd.fused_program(torch.randn(1, 1, 8, 8)) is None  # 12 and 6 channels: not multiples of 8
         assert odd(torch.randn(1, 1, 8, 8), torch.tensor(3)).shape == (1, 1, 8, 8)
+    wide = _random_net(base_channels=64).set_width(1.0)  # 128-channel 3x3 layers: torch's layers are faster
+    with torch.inference_mode():
+        assert wide.fused_program(torch.randn(1, 1, 8, 8)) is None
+        if kernels.available():
+            assert wide.set_width(0.5).fused_program(torch.randn(1, 1, 8, 8)) is not None
 
 
 def test_generated_tiles_header_is_current():

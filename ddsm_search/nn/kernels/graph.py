@@ -28,6 +28,12 @@ import torch.nn.functional as F
 from . import _Op, _Slot, _load
 
 _ALIGN = 16  # floats: arena regions start on a cache line
+# Widest 3x3 layer the kernel takes. Measured on the 2-core AMD EPYC (AVX2) against torch's layers
+# (oneDNN), whole U-Nets at inference: with 3x3 layers of at most 64 output channels the kernel was
+# 1.2-2.1x faster (digits; 16x16 and 32x32 images at base 32; base 64 at width 0.5; CIFAR-10's U-Net
+# at width 0.25), with 128 or more it was 1.15-1.6x slower (base 64 at full width, CIFAR-10 at 0.5
+# and 1.0): oneDNN's cache blocking wins there. Such networks keep torch's layers.
+MAX_CONV_CHANNELS = 64
 
 
 def out_channels(conv: torch.nn.Module) -> int:
@@ -118,6 +124,8 @@ class Graph:
         k = out_channels(conv)
         if weight.shape[2] != c1 + c2:
             raise Unsupported(f"the convolution takes {weight.shape[2]} channels, its input has {c1 + c2}")
+        if not one and k > MAX_CONV_CHANNELS:
+            raise Unsupported(f"a 3x3 layer of {k} output channels (torch's layers are faster beyond {MAX_CONV_CHANNELS})")
         if k % 8:
             if not pad_out:
                 raise Unsupported(f"{k} output channels (not a multiple of 8)")
