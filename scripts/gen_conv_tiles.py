@@ -1,4 +1,4 @@
-"""Generate ddsm_search/nn/kernels/conv3x3_tiles.h, the register-tiled micro-kernels of conv3x3.c.
+"""Generate ddsm_search/nn/kernels/conv3x3_tiles.h, the register-tiled micro-kernels of fused.c.
 
 Each tile computes PB output pixels x OB*8 output channels over `taps` kernel taps (9 for 3x3, 1 for
 1x1), plus bias and an optional residual; it keeps the accumulators (at most 12 AVX2 registers) in named

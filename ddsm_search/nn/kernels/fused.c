@@ -1,6 +1,6 @@
-/* Fused inference kernel for the U-Net's residual blocks on x86-64 CPUs with AVX2 and FMA:
+/* Fused inference kernel for U-Nets on x86-64 CPUs with AVX2 and FMA. Each convolution layer computes
  *
- *     y = conv3x3(silu(groupnorm(x) * (1 + scale) + shift)) + bias + res
+ *     y = conv(act(groupnorm(x) * (1 + scale) + shift)) + bias + res      (conv: 3x3, or 1x1)
  *
  * where x may be a concatenation of two inputs (a U-Net skip) or a nearest 2x upsampling of one, and res
  * may be a 1x1 convolution of the block's input (the residual branch). Activations are channels-last
@@ -11,7 +11,7 @@
  * zero-padded buffer that stays in L1/L2, and the convolution reads it from there, so a narrow subnet
  * keeps close to its FLOPs.
  *
- * ddsm_run() goes further and runs a whole network (a list of such convolutions and attention
+ * ddsm_run(), the one entry point, runs a whole network (a list of such convolutions and attention
  * layers) one image at a time: every image is independent at inference, so each thread takes its
  * images through all the layers with the activations in a small per-thread arena that stays in cache,
  * and there is one call from Python per forward instead of one per layer. */

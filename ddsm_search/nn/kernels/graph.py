@@ -1,7 +1,7 @@
 """A whole network for the fused kernel: layers that read and write slots, run with one call per forward.
 
 At inference every image goes through a U-Net on its own (GroupNorm and attention are per image), so
-conv3x3.c's ddsm_run takes each image through all the layers in turn, with the activations in a
+fused.c's ddsm_run takes each image through all the layers in turn, with the activations in a
 per-thread arena that stays in cache; only the network's input and output are batch-sized tensors.
 One call per forward also removes the per-layer Python, allocation and thread start-up costs, which
 are fixed per layer and so weigh most on the narrow widths.
@@ -10,7 +10,7 @@ are fixed per layer and so weigh most on the narrow widths.
     x = g.input(channels, h, w)
     h = g.conv(block.conv1, x, norm=block.norm1)            # GroupNorm, SiLU, 3x3 convolution
     ...
-    program = g.compile(g.conv(net.conv_out, h, norm=net.norm_out, pad_out=True))
+    program = g.compile(g.conv(net.conv_out, h, norm=net.norm_out, pad_out=True), channels=1)
     eps = program.run(images, emb)                          # emb feeds every g.mod(linear)
 
 A layer the kernel cannot take raises `Unsupported`; the caller then keeps torch's layers. The program
