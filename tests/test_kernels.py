@@ -179,6 +179,21 @@ def test_program_follows_weight_updates_and_copies():
 
 
 @needs_kernel
+def test_scale_shift_rows_kept_per_timestep_follow_the_weights():
+    net, x = _random_net(), torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        for step in (5, 50, 5, torch.tensor(50.0)):  # a sampler's timesteps, each repeated across runs
+            with kernels.disabled():
+                want = net(x, torch.tensor(step))
+            torch.testing.assert_close(net(x, torch.tensor(step)), want, rtol=1e-4, atol=1e-5)
+        assert len(net.fused_program(x)._mods) == 2, "one set of rows per timestep"
+        net.down[0][0].emb.bias.add_(0.5)  # the rows for t = 5 are stale now
+        with kernels.disabled():
+            want = net(x, torch.tensor(5))
+        torch.testing.assert_close(net(x, torch.tensor(5)), want, rtol=1e-4, atol=1e-5)
+
+
+@needs_kernel
 def test_arena_regions_are_reused_but_never_shared_while_live(monkeypatch):
     captured = {}
     layout = graph_module._layout

@@ -169,10 +169,11 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Return predicted noise for images x (B, C, H, W) at timesteps t: (B,) or a scalar for all."""
         t = torch.as_tensor(t, device=x.device)
-        emb = self.time_mlp(timestep_embedding(t, self.emb_in).to(x.dtype))
         program = self.fused_program(x)
-        if program is not None:
-            return program.run(x, emb)
+        if program is not None:  # one timestep for the batch: its scale/shift rows are kept per timestep
+            return program.run(x, lambda: self.time_mlp(timestep_embedding(t, self.emb_in).to(x.dtype)),
+                               emb_key=t.item() if t.numel() == 1 else None)
+        emb = self.time_mlp(timestep_embedding(t, self.emb_in).to(x.dtype))
         h = self.conv_in(x.contiguous(memory_format=torch.channels_last))
         hs = [h]
         for stage in self.down:

@@ -20,7 +20,7 @@ holds the layers' packed weights: build a new one when they change.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -259,10 +259,14 @@ class Program:
         else:
             self._mod_weight = None
         self._lock = threading.Lock()  # the ops' scale/shift pointers are set per call
+        self._mods: dict[Hashable, torch.Tensor] = {}  # scale/shift rows per emb_key
 
-    def run(self, x: torch.Tensor | Sequence[torch.Tensor], emb: torch.Tensor | None = None) -> torch.Tensor:
+    def run(self, x: torch.Tensor | Sequence[torch.Tensor], emb: torch.Tensor | Callable[[], torch.Tensor] | None = None,
+            emb_key: Hashable | None = None) -> torch.Tensor:
         """Return the output (N, channels, h, w) for the input x (N, C, H, W), or the inputs in the
-        order they were declared; `emb` (1 or N, E) feeds the scale/shift layers."""
+        order they were declared; `emb` (1 or N, E), or a function that returns it, feeds the
+        scale/shift layers. With `emb_key` (a timestep, say) their rows are kept for the next call
+        with the same key, and `emb` is not called again: every sampling run repeats its timesteps."""
         xs = [x] if isinstance(x, torch.Tensor) else list(x)
         n = xs[0].shape[0]
         if len(xs) != len(self.inputs):
@@ -272,11 +276,16 @@ class Program:
                 raise ValueError(f"input {i} must be a float32 CPU tensor of shape ({n}, {slot.channels}, {slot.h}, "
                                  f"{slot.w}), not {tuple(t.shape)} {t.dtype} on {t.device}")
         xs = [t.contiguous(memory_format=torch.channels_last) for t in xs]
-        mods = None
-        if self._mod_weight is not None:
+        mods = self._mods.get(emb_key) if emb_key is not None else None
+        if mods is None and self._mod_weight is not None:
+            emb = emb() if callable(emb) else emb
             if emb is None or emb.dim() != 2 or emb.shape[0] not in (1, n):
                 raise ValueError(f"the time embedding must be (1 or {n}, E)")
             mods = F.linear(emb.float(), self._mod_weight, self._mod_bias).contiguous()
+            if emb_key is not None and mods.shape[0] == 1:
+                if len(self._mods) >= 1024:
+                    self._mods.clear()
+                self._mods[emb_key] = mods
         out = torch.empty((n, self.output.channels, self.output.h, self.output.w), memory_format=torch.channels_last)
         with self._lock:
             if mods is not None:
