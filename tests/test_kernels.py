@@ -182,7 +182,7 @@ def test_program_follows_weight_updates_and_copies():
 def test_scale_shift_rows_kept_per_timestep_follow_the_weights():
     net, x = _random_net(), torch.randn(3, 1, 8, 8)
     with torch.no_grad():
-        for step in (5, 50, 5, torch.tensor(50.0)):  # a sampler's timesteps, each repeated across runs
+        for step in (5, 50, 5, 50.0):  # a sampler's timesteps, each repeated across runs
             with kernels.disabled():
                 want = net(x, torch.tensor(step))
             torch.testing.assert_close(net(x, torch.tensor(step)), want, rtol=1e-4, atol=1e-5)
