@@ -30,9 +30,10 @@ from . import _Op, _Slot, _load
 _ALIGN = 16  # floats: arena regions start on a cache line
 # Widest 3x3 layer the kernel takes. Measured on the 2-core AMD EPYC (AVX2) against torch's layers
 # (oneDNN), whole U-Nets at inference: with 3x3 layers of at most 64 output channels the kernel was
-# 1.2-2.1x faster (digits; 16x16 and 32x32 images at base 32; base 64 at width 0.5; CIFAR-10's U-Net
-# at width 0.25), with 128 or more it was 1.15-1.6x slower (base 64 at full width, CIFAR-10 at 0.5
-# and 1.0): oneDNN's cache blocking wins there. Such networks keep torch's layers.
+# 1.2-2.1x faster (digits; base 32 at 16x16 and 32x32; base 64 at width 0.5) and 1.35x for CIFAR-10's
+# U-Net at width 0.25 without attention (level with torch with it); with 128 or more it was 1.03-1.6x
+# slower (base 64 at full width, CIFAR-10 at 0.5 and 1.0): oneDNN's cache blocking wins there. Such
+# networks keep torch's layers.
 MAX_CONV_CHANNELS = 64
 
 
