@@ -135,12 +135,6 @@ def why_unavailable() -> str:
     return _reason
 
 
-def reset() -> None:
-    """Forget the loaded kernel, so the next call looks again (after changing DDSM_SEARCH_KERNELS or CC)."""
-    global _lib, _tried, _reason
-    _lib, _tried, _reason = None, False, ""
-
-
 @contextlib.contextmanager
 def disabled():
     """Within this block the callers use torch's layers, as where the kernel is not available."""

@@ -286,13 +286,13 @@ static void conv_image(const conv_args *A, const conv_plan *pl, const image_io *
     const int C = pl->C, K = A->k, W = A->w, P = pl->P, st = A->stride, Wp = pl->Wp;
     const int S = A->sc1 + A->sc2;
     float *pad = scratch, *a = pad + (pl->direct ? 0 : (size_t)pl->Hp * Wp * C), *b = a + C;
-    float *zeros = b + C;
-    memset(zeros, 0, K * sizeof(float));
+    float *zeros = b + C;                     /* the bias of the skip's second input */
+    if (A->sc2) memset(zeros, 0, K * sizeof(float));
     const float *src = pad;
-    int src_off[9], src_wp = Wp;
+    int src_off[9];
     memcpy(src_off, pl->off, sizeof src_off);
     if (pl->direct) { /* pixel p at x1 + p * C: as a 1 x 1 "padded" image with no border */
-        src = io->x1, src_wp = W, src_off[0] = 0;
+        src = io->x1, src_off[0] = 0;
         border_pad = NULL;
     } else {
         if (pl->taps == 9)
@@ -325,7 +325,7 @@ static void conv_image(const conv_args *A, const conv_plan *pl, const image_io *
             if (pl->direct)
                 for (int p = p0; p < p1; p++) px[p - p0] = src + (size_t)p * C;
             else
-                for (int p = p0; p < p1; p++) px[p - p0] = src + ((size_t)(p / W) * st * src_wp + (p % W) * st) * C;
+                for (int p = p0; p < p1; p++) px[p - p0] = src + ((size_t)(p / W) * st * Wp + (p % W) * st) * C;
             tile(px, A->weight + k0, C, K, pl->taps, src_off, A->bias + k0, out, (io->res || S) ? rp : NULL);
             p0 = p1;
         }
