@@ -77,6 +77,9 @@ CASES = {  # name: (n, c1, c2, k, size, options)
     "1x1 of a normalised input, no SiLU (attention's qkv)": (3, 16, 0, 48, 4, {"norm": 2, "act": False, "size": 1}),
     "1x1 read in place, with a residual (attention's proj)": (3, 16, 0, 16, 4, {"size": 1, "res": True}),
     "one output channel, padded to 8 (the U-Net's last layer)": (2, 16, 0, 1, 8, {"norm": 2, "pad_out": True}),
+    "three output channels, 24 inputs (an RGB U-Net's last layer)": (2, 24, 0, 3, 6, {"norm": 3, "pad_out": True}),
+    "five output channels of a 1x1 read in place, 13 inputs": (2, 13, 0, 5, 4, {"size": 1, "pad_out": True}),
+    "twelve output channels, padded to 16": (2, 8, 0, 12, 4, {"norm": 2, "pad_out": True}),
 }
 
 
@@ -262,6 +265,11 @@ def test_bad_programs_and_inputs_are_errors():
         program._ops[0].a.k = 12  # the C side checks its arguments itself: k % 8
         with pytest.raises(RuntimeError, match="refused"):
             program.run(torch.randn(2, 16, 4, 4))
+        program._ops[0].a.k, program._ops[0].a.kout = 16, 3  # dot products only for k = 8, with their weights
+        with pytest.raises(RuntimeError, match="refused"):
+            program.run(torch.randn(2, 16, 4, 4))
+        program._ops[0].a.kout = 0
+        assert program.run(torch.randn(2, 16, 4, 4)).shape == (2, 16, 4, 4)
     with pytest.raises(Unsupported, match="takes 16 channels, its input has 8"):
         Graph().conv(_conv(16, 16), Graph().input(8, 4, 4))
     with pytest.raises(Unsupported, match="12 output channels"):

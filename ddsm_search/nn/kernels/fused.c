@@ -71,6 +71,9 @@ typedef struct {
     const float *skip_bias;     /* (k) */
     int kernel1x1;              /* 1: a 1x1 convolution (stride 1, no upsample) instead of 3x3, padding 1 */
     int no_act;                 /* 1: the norm (and scale/shift) without the SiLU */
+    int kout;                   /* 0 < kout < k = 8: only the first kout output channels (a network's last layer,
+                                 * padded to 8), as dot products over weight_t; the rest are written as 0 */
+    const float *weight_t;      /* (kout, taps, c1 + c2): the weights per output channel, for kout */
 } conv_args;
 
 /* One image's tensors for a layer: x1, x2 its input, res a residual (h, w, k) to add or s1, s2 the
@@ -299,14 +302,15 @@ static void choose_tile(int rem, int P, int *ob_out, int *blocks_out) {
 /* Check A and fill in its plan. Returns 0, or -1 if an argument is out of range (k not a multiple of
  * 8 or over 2048, channels not a multiple of groups, odd size with upsample, a stride other than 1 or
  * 2, stride 2 with upsample or a skip, a 1x1 with stride or upsample, a missing weight, a scale
- * without a shift or the reverse). */
+ * without a shift or the reverse, kout with k other than 8, without weight_t or with a skip). */
 static int plan_conv(const conv_args *A, conv_plan *pl) {
     const int C = A->c1 + A->c2, K = A->k, st = A->stride;
     if (K <= 0 || K % 8 || K / 8 > MAX_CHUNKS || C <= 0 || A->h <= 0 || A->w <= 0 || A->c1 <= 0 || A->c2 < 0 ||
         A->sc1 < 0 || A->sc2 < 0 || (A->sc2 && !A->sc1) || (A->sc1 && !(A->skip_weight && A->skip_bias)) ||
         !A->weight || !A->bias || (A->groups > 0 && (C % A->groups || !A->gamma || !A->beta)) ||
         (!A->scale != !A->shift) || (A->upsample && (A->h % 2 || A->w % 2)) || (st != 1 && st != 2) ||
-        (st == 2 && (A->upsample || A->sc1)) || (A->kernel1x1 && (st != 1 || A->upsample)))
+        (st == 2 && (A->upsample || A->sc1)) || (A->kernel1x1 && (st != 1 || A->upsample)) ||
+        A->kout < 0 || (A->kout && (K != 8 || A->kout >= K || !A->weight_t || A->sc1)))
         return -1;
     pl->C = C, pl->P = A->h * A->w, pl->Wp = A->w * st + 2, pl->Hp = A->h * st + 2;
     pl->taps = A->kernel1x1 ? 1 : 9;
@@ -318,6 +322,39 @@ static int plan_conv(const conv_args *A, conv_plan *pl) {
     pl->chunks = 0;
     for (int k0 = 0; k0 < K; k0 += 8 * pl->ob[pl->chunks++]) choose_tile(K - k0, pl->P, &pl->ob[pl->chunks], &pl->blocks[pl->chunks]);
     return 0;
+}
+
+/* The first A->kout (< 8) output channels of one image, each pixel's as dot products over its taps'
+ * inputs, 8 input channels per FMA: with one to three real output channels (an image's), the 8-wide
+ * tiles would spend most of their FMAs on the padding. src and src_off as in conv_image. */
+static void conv_narrow(const conv_args *A, const conv_plan *pl, const image_io *io, const float *src,
+                        const int *src_off) {
+    const int C = pl->C, W = A->w, st = A->stride, K = A->k, taps = pl->taps;
+    for (int p = 0; p < pl->P; p++) {
+        const float *px = pl->direct ? src + (size_t)p * C : src + ((size_t)(p / W) * st * pl->Wp + (p % W) * st) * C;
+        float *y = io->y + (size_t)p * K;
+        for (int j = 0; j < A->kout; j++) {
+            const float *w = A->weight_t + (size_t)j * taps * C;
+            __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+            float rest = A->bias[j];
+            for (int t = 0; t < taps; t++, w += C) {
+                const float *x = px + src_off[t];
+                int c = 0;
+                for (; c + 16 <= C; c += 16) {
+                    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + c), _mm256_loadu_ps(w + c), acc0);
+                    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + c + 8), _mm256_loadu_ps(w + c + 8), acc1);
+                }
+                if (c + 8 <= C) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + c), _mm256_loadu_ps(w + c), acc0), c += 8;
+                for (; c < C; c++) rest += x[c] * w[c];
+            }
+            const __m256 v = _mm256_add_ps(acc0, acc1);
+            __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+            h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+            h = _mm_add_ss(h, _mm_movehdup_ps(h));
+            y[j] = _mm_cvtss_f32(h) + rest;
+        }
+        for (int j = A->kout; j < K; j++) y[j] = 0.0f;
+    }
 }
 
 /* Convolve one image. scratch holds pl->pad_len floats. */
@@ -339,6 +376,10 @@ static void conv_image(const conv_args *A, const conv_plan *pl, const image_io *
         else if (!border_intact(pad, pl->Hp, Wp, C)) /* the interior is in another place than the border's */
             border_pad = NULL;
         prepare(A, io, pad, a, b);
+    }
+    if (A->kout) {
+        conv_narrow(A, pl, io, src, src_off);
+        return;
     }
     const int off0[1] = {0};
     for (int j = 0, k0 = 0; j < pl->chunks; k0 += 8 * pl->ob[j++]) {
@@ -456,7 +497,8 @@ int ddsm_run(const op_t *ops, int n_ops, const slot_t *slots, int n_slots, int n
         if (op->kind == OP_CONV) {
             const conv_args *a = &op->a;
             bad = bad || (op->x2 >= 0) != (a->c2 > 0) || (op->s1 >= 0) != (a->sc1 > 0) ||
-                  (op->s2 >= 0) != (a->sc2 > 0) || (op->res >= 0 && a->sc1 > 0) || plan_conv(a, &plans[o]);
+                  (op->s2 >= 0) != (a->sc2 > 0) || (op->res >= 0 && (a->sc1 > 0 || a->kout)) ||
+                  plan_conv(a, &plans[o]);
             if (!bad && plans[o].pad_len > need) need = plans[o].pad_len;
         } else if (op->kind == OP_ATTN) {
             const size_t P = (size_t)op->a.h * op->a.w;

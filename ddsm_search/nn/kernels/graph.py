@@ -105,9 +105,10 @@ class Graph:
              act: bool = True, mod: int | None = None, res: Slot | None = None, skip: torch.nn.Module | None = None,
              skip_in: tuple[Slot, Slot | None] | None = None, upsample: bool = False, pad_out: bool = False) -> Slot:
         """Add `conv(act(norm(cat(x, x2)) * (1 + scale) + shift)) + (res | skip(cat(*skip_in)))`, as
-        kernels.conv3x3; `conv` is 3x3 (padding 1, stride 1 or 2) or 1x1 (stride 1); `act` is SiLU;
+        fused.c's conv_args; `conv` is 3x3 (padding 1, stride 1 or 2) or 1x1 (stride 1); `act` is SiLU;
         `mod` an index from `mod()`. With `pad_out` an output channel count that is not a multiple
-        of 8 is padded with zero channels (for the last layer: `compile` trims them)."""
+        of 8 is padded with zero channels (for the last layer: `compile` trims them); fewer than 8
+        (an image's channels) are computed as dot products, without the padding's work."""
         one = conv.kernel_size == (1, 1)
         if not (conv.kernel_size == (3, 3) and conv.padding == (1, 1) or one and conv.padding == (0, 0)):
             raise Unsupported(f"a {conv.kernel_size} convolution with padding {conv.padding}")
@@ -127,9 +128,12 @@ class Graph:
             raise Unsupported(f"the convolution takes {weight.shape[2]} channels, its input has {c1 + c2}")
         if not one and k > MAX_CONV_CHANNELS:
             raise Unsupported(f"a 3x3 layer of {k} output channels (torch's layers are faster beyond {MAX_CONV_CHANNELS})")
+        kout = 0
         if k % 8:
             if not pad_out:
                 raise Unsupported(f"{k} output channels (not a multiple of 8)")
+            if k < 8 and res is None and skip is None:  # computed as dot products, not padded 8-wide tiles
+                kout, weight_t = k, weight.permute(3, 0, 1, 2).contiguous()
             kp = -(-k // 8) * 8
             weight = torch.cat([weight, weight.new_zeros(*weight.shape[:3], kp - k)], dim=3).contiguous()
             bias, k = torch.cat([bias, bias.new_zeros(kp - k)]), kp
@@ -162,6 +166,9 @@ class Graph:
             op.update(s1=s1.index, s2=-1 if s2 is None else s2.index)
             a.update(sc1=sc1, sc2=sc2, skip_weight=skip_weight.data_ptr(), skip_bias=skip_bias.data_ptr())
             self.keep += [skip_weight, skip_bias]
+        if kout:
+            a.update(kout=kout, weight_t=weight_t.data_ptr())
+            self.keep.append(weight_t)
         op.update(a=a, y=out.index)
         self.ops.append(op)
         return out
