@@ -108,7 +108,7 @@ class Graph:
         fused.c's conv_args; `conv` is 3x3 (padding 1, stride 1 or 2) or 1x1 (stride 1); `act` is SiLU;
         `mod` an index from `mod()`. With `pad_out` an output channel count that is not a multiple
         of 8 is padded with zero channels (for the last layer: `compile` trims them); fewer than 8
-        (an image's channels) are computed as dot products, without the padding's work."""
+        (an image's channels) are computed as dot products and written unpadded."""
         one = conv.kernel_size == (1, 1)
         if not (conv.kernel_size == (3, 3) and conv.padding == (1, 1) or one and conv.padding == (0, 0)):
             raise Unsupported(f"a {conv.kernel_size} convolution with padding {conv.padding}")
@@ -152,7 +152,7 @@ class Graph:
             if norm is None or self.mods[mod][0].shape[0] != 2 * (c1 + c2):
                 raise Unsupported("a scale/shift that does not fit the normalised input")
             op["mod"] = mod
-        out = self._slot(k, h, w)
+        out = self._slot(kout or k, h, w)
         if res is not None:
             if (res.channels, res.h, res.w) != (k, h, w):
                 raise Unsupported("a residual of another shape than the output")
