@@ -54,7 +54,7 @@ def main() -> None:
     parser.add_argument("--supernet", help="a trained supernet directory (default: fresh weights from --config)")
     parser.add_argument("--batches", type=int, nargs="+", default=[256, 1000])
     parser.add_argument("--steps", type=int, default=50)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     parser.add_argument("--paths", nargs="+", default=["fused"], choices=["fused", "torch"],
                         help="fused: the CPU kernel where available (the default sampler); torch: torch's layers")
