@@ -22,14 +22,14 @@
 
 #include "conv3x3_tiles.h"
 
-/* exp, vectorised, for the SiLU and the softmax: about 2 ulp on [-80, 80], inputs clamped to it (the
- * SiLU and the softmax only need exp(-80) to be tiny, not 0). n = round(x log2 e) comes from adding the
- * 1.5 * 2^23 shifter, which leaves n in the low mantissa bits, so that 2^n is an integer add into the
- * exponent bits; r = x - n ln 2 in one FMA (n ln 2's rounding costs under 2.5e-7 of relative error);
- * and exp(r) = 1 + r + r^2 P(r) with Cephes' degree-5 P evaluated by Estrin's scheme. The SiLU's
- * cost is latency more than throughput (too few of its loop iterations fit in the scheduler), so the
- * short chain matters: this measured 15% faster than a Horner polynomial with a rounding instruction
- * and a two-constant reduction. */
+/* exp, vectorised, for the SiLU and the softmax: relative error about 3e-7 on [-80, 80], inputs clamped
+ * to it (the SiLU and the softmax only need exp(-80) to be tiny, not 0). n = round(x log2 e) comes from
+ * adding the 1.5 * 2^23 shifter, which leaves n in the low mantissa bits, so that 2^n is an integer add
+ * into the exponent bits; r = x - n ln 2 in one FMA (n ln 2's rounding costs under 2.5e-7 of relative
+ * error); and exp(r) = 1 + r + r^2 P(r) with Cephes' degree-5 P evaluated by Estrin's scheme. The SiLU
+ * measured latency-bound (versions with fewer operations but the same chain ran no faster), so the
+ * short chain is what counts: this measured 15% faster than a Horner polynomial after a rounding
+ * instruction and a two-constant reduction. */
 static inline __m256 exp256(__m256 x) {
     x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-80.0f)), _mm256_set1_ps(80.0f));
     const __m256 shifter = _mm256_set1_ps(12582912.0f);
@@ -46,7 +46,8 @@ static inline __m256 exp256(__m256 x) {
     return _mm256_castsi256_ps(_mm256_add_epi32(_mm256_castps_si256(y), e));
 }
 
-/* z / (1 + exp(-z)); a division measured as fast as a refined reciprocal estimate, and is exact. */
+/* z / (1 + exp(-z)); a division measured as fast as a refined reciprocal estimate, and is correctly
+ * rounded. */
 static inline __m256 silu256(__m256 z) {
     const __m256 e = exp256(_mm256_xor_ps(z, _mm256_set1_ps(-0.0f)));
     return _mm256_div_ps(z, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
@@ -132,7 +133,7 @@ static void zero_border(float *pad, int Hp, int Wp, int C) {
 
 /* Per-channel sums over the P pixels of v (row stride ld), for NV 8-channel vectors at c: plain
  * (m NULL) or of squared deviations from m. U pixels at a time, so that NV * U accumulators are
- * independent chains (one chain per vector measured latency-bound, at a third of the load rate). */
+ * independent chains (one chain per vector, latency-bound, measured half as fast). */
 static inline __attribute__((always_inline)) void sums_block(float *sum, const float *v, const float *m, int P,
                                                              int ld, int c, const int NV, const int U) {
     __m256 acc[4][4], mv[4];
@@ -193,8 +194,9 @@ static void channel_sums(float *sum, const float *v, const float *m, int P, int 
  * at 16 channels, in place). */
 enum { COPY = 0, AFFINE = 1, SILU = 2 };
 
-static inline __attribute__((always_inline)) void act_plane(float *pad, int Wp, int C, int coff, const float *x, int cs, int hi, int wi, int up,
-                      const float *a, const float *b, int mode) {
+static inline __attribute__((always_inline)) void act_plane(float *pad, int Wp, int C, int coff, const float *x,
+                                                            int cs, int hi, int wi, int up, const float *a,
+                                                            const float *b, int mode) {
     const int f = up ? 2 : 1;
     float *base = pad + ((size_t)Wp + 1) * C + coff; /* interior pixel (0, 0) */
     int c = 0;
@@ -333,11 +335,10 @@ static inline float hsum256(__m256 v) {
 
 /* The first A->kout (< 8) output channels of one image, each pixel's as dot products over its taps'
  * inputs, 8 input channels per FMA: with one to three real output channels (an image's), the 8-wide
- * tiles would spend most of their FMAs on the padding; and only they are written, so the output
- * tensor is kout / 8 the size (a fresh padded one cost page faults). Four pixels of a row at a time, so that four
- * accumulator chains are in flight (one pixel at a time, or four with their accumulators in an array,
- * measured 2.3x slower in place). src, src_off as in
- * conv_image. */
+ * tiles would spend most of their FMAs on the padding. Only those channels are written, (h, w, kout),
+ * so the caller needs no trimming copy. Four pixels of a row at a time, so that four accumulator
+ * chains are in flight (one pixel at a time, or four with their accumulators in an array, measured
+ * 2.3x slower in place). src and src_off as in conv_image. */
 static void conv_narrow(const conv_args *A, const conv_plan *pl, const image_io *io, const float *src,
                         const int *src_off) {
     const int C = pl->C, W = A->w, st = A->stride, taps = pl->taps, C8 = C / 8 * 8;
@@ -360,8 +361,10 @@ static void conv_narrow(const conv_args *A, const conv_plan *pl, const image_io 
                         a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + 2 * step + c), wv, a2);
                         a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + 3 * step + c), wv, a3);
                     }
-                    for (int c = C8; c < C; c++)
-                        r0 += x[c] * w[c], r1 += x[step + c] * w[c], r2 += x[2 * step + c] * w[c], r3 += x[3 * step + c] * w[c];
+                    for (int c = C8; c < C; c++) {
+                        r0 += x[c] * w[c], r1 += x[step + c] * w[c];
+                        r2 += x[2 * step + c] * w[c], r3 += x[3 * step + c] * w[c];
+                    }
                 }
                 float *o = out + (size_t)x0 * A->kout + j;
                 o[0] = A->bias[j] + hsum256(a0) + r0;
@@ -376,7 +379,8 @@ static void conv_narrow(const conv_args *A, const conv_plan *pl, const image_io 
                 const float *w = A->weight_t + (size_t)j * taps * C;
                 for (int t = 0; t < taps; t++, w += C) {
                     const float *x = row + x0 * step + src_off[t];
-                    for (int c = 0; c < C8; c += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + c), _mm256_loadu_ps(w + c), a0);
+                    for (int c = 0; c < C8; c += 8)
+                        a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + c), _mm256_loadu_ps(w + c), a0);
                     for (int c = C8; c < C; c++) r0 += x[c] * w[c];
                 }
                 out[(size_t)x0 * A->kout + j] = A->bias[j] + hsum256(a0) + r0;
