@@ -265,11 +265,16 @@ def test_bad_programs_and_inputs_are_errors():
         program._ops[0].a.k = 12  # the C side checks its arguments itself: k % 8
         with pytest.raises(RuntimeError, match="refused"):
             program.run(torch.randn(2, 16, 4, 4))
-        program._ops[0].a.k, program._ops[0].a.kout = 16, 3  # dot products only for k = 8, with their weights
+        program._ops[0].a.k = 16
+        assert program.run(torch.randn(2, 16, 4, 4)).shape == (2, 16, 4, 4)
+    g = Graph()
+    x = g.input(16, 4, 4)
+    program = g.compile(g.conv(_conv(16, 3), x, pad_out=True))  # k < 8: dot products, no residual or skip
+    with torch.inference_mode():
+        assert program.run(torch.randn(2, 16, 4, 4)).shape == (2, 3, 4, 4)
+        program._ops[0].res = x.index
         with pytest.raises(RuntimeError, match="refused"):
             program.run(torch.randn(2, 16, 4, 4))
-        program._ops[0].a.kout = 0
-        assert program.run(torch.randn(2, 16, 4, 4)).shape == (2, 16, 4, 4)
     with pytest.raises(Unsupported, match="takes 16 channels, its input has 8"):
         Graph().conv(_conv(16, 16), Graph().input(8, 4, 4))
     with pytest.raises(Unsupported, match="12 output channels"):

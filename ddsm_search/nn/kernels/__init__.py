@@ -44,8 +44,7 @@ class _Args(ctypes.Structure):
     _fields_ = [("h", _I), ("w", _I), ("c1", _I), ("c2", _I), ("upsample", _I), ("stride", _I), ("weight", _P),
                 ("bias", _P), ("k", _I), ("groups", _I), ("gamma", _P), ("beta", _P), ("eps", ctypes.c_float),
                 ("scale", _P), ("shift", _P), ("mod_stride", _I), ("sc1", _I), ("sc2", _I), ("skip_weight", _P),
-                ("skip_bias", _P), ("kernel1x1", _I), ("no_act", _I), ("kout", _I),
-                ("weight_t", _P)]
+                ("skip_bias", _P), ("kernel1x1", _I), ("no_act", _I)]
 
 
 class _Op(ctypes.Structure):

@@ -59,7 +59,8 @@ typedef struct {
     int c1, c2;                 /* the input: c1 channels, concatenated with c2 more if c2 > 0 */
     int upsample;               /* 1: the inputs are (h/2, w/2), upsampled 2x (nearest) first */
     int stride;                 /* 1, or 2: the inputs are (2h, 2w) */
-    const float *weight;        /* (3, 3, c1 + c2, k), or (c1 + c2, k) for a 1x1: output channels innermost */
+    const float *weight;        /* (3, 3, c1 + c2, k), or (c1 + c2, k) for a 1x1: output channels innermost;
+                                 * with k < 8 (a network's last layer), (k, taps, c1 + c2), see conv_narrow */
     const float *bias;          /* (k) */
     int k;
     int groups;                 /* > 0: GroupNorm(groups, gamma, beta, eps) then SiLU on the input */
@@ -72,9 +73,6 @@ typedef struct {
     const float *skip_bias;     /* (k) */
     int kernel1x1;              /* 1: a 1x1 convolution (stride 1, no upsample) instead of 3x3, padding 1 */
     int no_act;                 /* 1: the norm (and scale/shift) without the SiLU */
-    int kout;                   /* 0 < kout < k = 8: only the first kout output channels (a network's last layer),
-                                 * as dot products over weight_t; the output is (h, w, kout) */
-    const float *weight_t;      /* (kout, taps, c1 + c2): the weights per output channel, for kout */
 } conv_args;
 
 /* One image's tensors for a layer: x1, x2 its input, res a residual (h, w, k) to add or s1, s2 the
@@ -304,15 +302,15 @@ static void choose_tile(int rem, int P, int *ob_out, int *blocks_out) {
 /* Check A and fill in its plan. Returns 0, or -1 if an argument is out of range (k not a multiple of
  * 8 or over 2048, channels not a multiple of groups, odd size with upsample, a stride other than 1 or
  * 2, stride 2 with upsample or a skip, a 1x1 with stride or upsample, a missing weight, a scale
- * without a shift or the reverse, kout with k other than 8, without weight_t or with a skip). */
+ * without a shift or the reverse, k < 8 with a skip). */
 static int plan_conv(const conv_args *A, conv_plan *pl) {
     const int C = A->c1 + A->c2, K = A->k, st = A->stride;
-    if (K <= 0 || K % 8 || K / 8 > MAX_CHUNKS || C <= 0 || A->h <= 0 || A->w <= 0 || A->c1 <= 0 || A->c2 < 0 ||
+    if (K <= 0 || (K % 8 && K > 8) || K / 8 > MAX_CHUNKS || C <= 0 || A->h <= 0 || A->w <= 0 || A->c1 <= 0 || A->c2 < 0 ||
         A->sc1 < 0 || A->sc2 < 0 || (A->sc2 && !A->sc1) || (A->sc1 && !(A->skip_weight && A->skip_bias)) ||
         !A->weight || !A->bias || (A->groups > 0 && (C % A->groups || !A->gamma || !A->beta)) ||
         (!A->scale != !A->shift) || (A->upsample && (A->h % 2 || A->w % 2)) || (st != 1 && st != 2) ||
         (st == 2 && (A->upsample || A->sc1)) || (A->kernel1x1 && (st != 1 || A->upsample)) ||
-        A->kout < 0 || (A->kout && (K != 8 || A->kout >= K || !A->weight_t || A->sc1)))
+        (K < 8 && A->sc1))
         return -1;
     pl->C = C, pl->P = A->h * A->w, pl->Wp = A->w * st + 2, pl->Hp = A->h * st + 2;
     pl->taps = A->kernel1x1 ? 1 : 9;
@@ -321,8 +319,9 @@ static int plan_conv(const conv_args *A, conv_plan *pl) {
     /* a 1x1 convolution of a plain input reads it where it is */
     pl->direct = A->kernel1x1 && A->groups <= 0 && A->c2 == 0;
     pl->pad_len = (pl->direct ? 0 : (size_t)pl->Hp * pl->Wp * C) + 2 * (size_t)C + K;
-    pl->chunks = 0;
-    for (int k0 = 0; k0 < K; k0 += 8 * pl->ob[pl->chunks++]) choose_tile(K - k0, pl->P, &pl->ob[pl->chunks], &pl->blocks[pl->chunks]);
+    pl->chunks = 0; /* none for K < 8: conv_narrow */
+    if (K >= 8)
+        for (int k0 = 0; k0 < K; k0 += 8 * pl->ob[pl->chunks++]) choose_tile(K - k0, pl->P, &pl->ob[pl->chunks], &pl->blocks[pl->chunks]);
     return 0;
 }
 
@@ -333,10 +332,9 @@ static inline float hsum256(__m256 v) {
     return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
 }
 
-/* The first A->kout (< 8) output channels of one image, each pixel's as dot products over its taps'
- * inputs, 8 input channels per FMA: with one to three real output channels (an image's), the 8-wide
- * tiles would spend most of their FMAs on the padding. Only those channels are written, (h, w, kout),
- * so the caller needs no trimming copy. Four pixels of a row at a time, so that four accumulator
+/* The A->k (< 8) output channels of one image, each pixel's as dot products over its taps' inputs, 8
+ * input channels per FMA, with weights (k, taps, C): with one to three output channels (an image's),
+ * 8-wide tiles would spend most of their FMAs on padding, and the output would need trimming. Four pixels of a row at a time, so that four accumulator
  * chains are in flight (one pixel at a time, or four with their accumulators in an array, measured
  * 2.3x slower in place). src and src_off as in conv_image. */
 static void conv_narrow(const conv_args *A, const conv_plan *pl, const image_io *io, const float *src,
@@ -345,13 +343,13 @@ static void conv_narrow(const conv_args *A, const conv_plan *pl, const image_io 
     const size_t step = (size_t)(pl->direct ? 1 : st) * C; /* from a pixel's input to the next one's */
     for (int y = 0; y < A->h; y++) {
         const float *row = pl->direct ? src + (size_t)y * W * C : src + (size_t)y * st * pl->Wp * C;
-        float *out = io->y + (size_t)y * W * A->kout;
+        float *out = io->y + (size_t)y * W * A->k;
         int x0 = 0;
         for (; x0 + 4 <= W; x0 += 4) /* four pixels: four independent accumulator chains */
-            for (int j = 0; j < A->kout; j++) {
+            for (int j = 0; j < A->k; j++) {
                 __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
                 float r0 = 0.0f, r1 = 0.0f, r2 = 0.0f, r3 = 0.0f;
-                const float *w = A->weight_t + (size_t)j * taps * C;
+                const float *w = A->weight + (size_t)j * taps * C;
                 for (int t = 0; t < taps; t++, w += C) {
                     const float *x = row + x0 * step + src_off[t];
                     for (int c = 0; c < C8; c += 8) {
@@ -366,24 +364,24 @@ static void conv_narrow(const conv_args *A, const conv_plan *pl, const image_io 
                         r2 += x[2 * step + c] * w[c], r3 += x[3 * step + c] * w[c];
                     }
                 }
-                float *o = out + (size_t)x0 * A->kout + j;
+                float *o = out + (size_t)x0 * A->k + j;
                 o[0] = A->bias[j] + hsum256(a0) + r0;
-                o[A->kout] = A->bias[j] + hsum256(a1) + r1;
-                o[2 * A->kout] = A->bias[j] + hsum256(a2) + r2;
-                o[3 * A->kout] = A->bias[j] + hsum256(a3) + r3;
+                o[A->k] = A->bias[j] + hsum256(a1) + r1;
+                o[2 * A->k] = A->bias[j] + hsum256(a2) + r2;
+                o[3 * A->k] = A->bias[j] + hsum256(a3) + r3;
             }
         for (; x0 < W; x0++)
-            for (int j = 0; j < A->kout; j++) {
+            for (int j = 0; j < A->k; j++) {
                 __m256 a0 = _mm256_setzero_ps();
                 float r0 = 0.0f;
-                const float *w = A->weight_t + (size_t)j * taps * C;
+                const float *w = A->weight + (size_t)j * taps * C;
                 for (int t = 0; t < taps; t++, w += C) {
                     const float *x = row + x0 * step + src_off[t];
                     for (int c = 0; c < C8; c += 8)
                         a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + c), _mm256_loadu_ps(w + c), a0);
                     for (int c = C8; c < C; c++) r0 += x[c] * w[c];
                 }
-                out[(size_t)x0 * A->kout + j] = A->bias[j] + hsum256(a0) + r0;
+                out[(size_t)x0 * A->k + j] = A->bias[j] + hsum256(a0) + r0;
             }
     }
 }
@@ -408,7 +406,7 @@ static void conv_image(const conv_args *A, const conv_plan *pl, const image_io *
             border_pad = NULL;
         prepare(A, io, pad, a, b);
     }
-    if (A->kout) {
+    if (K < 8) {
         conv_narrow(A, pl, io, src, src_off);
         return;
     }
@@ -528,7 +526,7 @@ int ddsm_run(const op_t *ops, int n_ops, const slot_t *slots, int n_slots, int n
         if (op->kind == OP_CONV) {
             const conv_args *a = &op->a;
             bad = bad || (op->x2 >= 0) != (a->c2 > 0) || (op->s1 >= 0) != (a->sc1 > 0) ||
-                  (op->s2 >= 0) != (a->sc2 > 0) || (op->res >= 0 && (a->sc1 > 0 || a->kout)) ||
+                  (op->s2 >= 0) != (a->sc2 > 0) || (op->res >= 0 && (a->sc1 > 0 || a->k < 8)) ||
                   plan_conv(a, &plans[o]);
             if (!bad && plans[o].pad_len > need) need = plans[o].pad_len;
         } else if (op->kind == OP_ATTN) {

@@ -42,19 +42,25 @@ def out_channels(conv: torch.nn.Module) -> int:
     return sum(conv.active_out()) if hasattr(conv, "active_out") else conv.out_channels
 
 
+def _weight_bias(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, bias) of a layer at its current width (a slimmable layer's slices), detached; a
+    missing bias as zeros."""
+    weight = module.sliced_weight() if hasattr(module, "sliced_weight") else module.weight
+    bias = module.sliced_bias() if hasattr(module, "sliced_bias") else module.bias
+    return weight.detach(), bias.detach().contiguous() if bias is not None else torch.zeros(weight.shape[0])
+
+
 def _pack_conv(conv: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight as (kh, kw, C, K) contiguous, bias) of a convolution at its current width."""
-    weight = conv.sliced_weight() if hasattr(conv, "sliced_weight") else conv.weight
-    bias = conv.sliced_bias() if hasattr(conv, "sliced_bias") else conv.bias
-    bias = bias.detach().contiguous() if bias is not None else torch.zeros(weight.shape[0])
-    return weight.detach().permute(2, 3, 1, 0).contiguous(), bias
+    weight, bias = _weight_bias(conv)
+    return weight.permute(2, 3, 1, 0).contiguous(), bias
 
 
 def _pack_norm(norm: torch.nn.Module) -> tuple[int | None, torch.Tensor, torch.Tensor, float]:
     """(groups or None for channels // group_size, gamma, beta, eps) of a GroupNorm at its current width."""
-    if hasattr(norm, "group_size"):  # SlimGroupNorm: channels per group fixed
-        return None, norm.sliced_weight().detach().contiguous(), norm.sliced_bias().detach().contiguous(), float(norm.eps)
-    return norm.num_groups, norm.weight.detach().contiguous(), norm.bias.detach().contiguous(), float(norm.eps)
+    gamma, beta = _weight_bias(norm)
+    groups = None if hasattr(norm, "group_size") else norm.num_groups  # SlimGroupNorm: channels per group fixed
+    return groups, gamma.contiguous(), beta, float(norm.eps)
 
 
 class Unsupported(Exception):
@@ -96,9 +102,7 @@ class Graph:
 
     def mod(self, linear: torch.nn.Module) -> int:
         """Register a linear layer that maps the time embedding to [scale, shift]; return its index."""
-        weight = linear.sliced_weight() if hasattr(linear, "sliced_weight") else linear.weight
-        bias = linear.sliced_bias() if hasattr(linear, "sliced_bias") else linear.bias
-        self.mods.append((weight.detach(), bias.detach() if bias is not None else torch.zeros(weight.shape[0])))
+        self.mods.append(_weight_bias(linear))
         return len(self.mods) - 1
 
     def conv(self, conv: torch.nn.Module, x: Slot, x2: Slot | None = None, *, norm: torch.nn.Module | None = None,
@@ -128,15 +132,15 @@ class Graph:
             raise Unsupported(f"the convolution takes {weight.shape[2]} channels, its input has {c1 + c2}")
         if not one and k > MAX_CONV_CHANNELS:
             raise Unsupported(f"a 3x3 layer of {k} output channels (torch's layers are faster beyond {MAX_CONV_CHANNELS})")
-        kout = 0
         if k % 8:
             if not pad_out:
                 raise Unsupported(f"{k} output channels (not a multiple of 8)")
-            if k < 8 and res is None and skip is None:  # computed as dot products, not padded 8-wide tiles
-                kout, weight_t = k, weight.permute(3, 0, 1, 2).contiguous()
-            kp = -(-k // 8) * 8
-            weight = torch.cat([weight, weight.new_zeros(*weight.shape[:3], kp - k)], dim=3).contiguous()
-            bias, k = torch.cat([bias, bias.new_zeros(kp - k)]), kp
+            if k < 8 and res is None and skip is None:  # dot products per output channel: (k, kh, kw, C)
+                weight = weight.permute(3, 0, 1, 2).contiguous()
+            else:
+                kp = -(-k // 8) * 8
+                weight = torch.cat([weight, weight.new_zeros(*weight.shape[:3], kp - k)], dim=3).contiguous()
+                bias, k = torch.cat([bias, bias.new_zeros(kp - k)]), kp
         op = {"kind": 0, "x1": x.index, "x2": -1 if x2 is None else x2.index, "res": -1, "s1": -1, "s2": -1}
         a = dict(h=h, w=w, c1=c1, c2=c2, upsample=int(upsample), stride=stride, weight=weight.data_ptr(),
                  bias=bias.data_ptr(), k=k, kernel1x1=int(one), no_act=int(not act))
@@ -152,7 +156,7 @@ class Graph:
             if norm is None or self.mods[mod][0].shape[0] != 2 * (c1 + c2):
                 raise Unsupported("a scale/shift that does not fit the normalised input")
             op["mod"] = mod
-        out = self._slot(kout or k, h, w)
+        out = self._slot(k, h, w)
         if res is not None:
             if (res.channels, res.h, res.w) != (k, h, w):
                 raise Unsupported("a residual of another shape than the output")
@@ -166,9 +170,6 @@ class Graph:
             op.update(s1=s1.index, s2=-1 if s2 is None else s2.index)
             a.update(sc1=sc1, sc2=sc2, skip_weight=skip_weight.data_ptr(), skip_bias=skip_bias.data_ptr())
             self.keep += [skip_weight, skip_bias]
-        if kout:
-            a.update(kout=kout, weight_t=weight_t.data_ptr())
-            self.keep.append(weight_t)
         op.update(a=a, y=out.index)
         self.ops.append(op)
         return out
