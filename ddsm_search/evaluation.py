@@ -1,0 +1,123 @@
+"""The evaluate stage: sample a width schedule on a named seed set and score it: FID, KID, FLOPs and time.
+
+Generated images are compared with the supernet's own training images (its `config.data`, all of
+them): the distribution the model learns. Real images the model never saw (the test split) serve for
+the noise floor, the score that real images themselves get at the same sample count.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .checkpoint import Supernet
+from .config import DataConfig
+from .data import SPLITS, dataset_key, load_dataset
+from .errors import DDSMError
+from .metrics import FeatureExtractor, ReferenceStats, default_extractor_for, get_extractor, reference_stats, seed_for
+from .sampling import PrefixCache, generate
+
+
+def training_reference(data: DataConfig, extractor: FeatureExtractor, *, cache_dir=None,
+                       batch_size: int = 500) -> ReferenceStats:
+    """Return the (cached) reference statistics of an experiment's training images."""
+    images = load_dataset(data.kind, data.path, split=data.split, image_size=data.image_size, channels=data.channels,
+                          limit=data.limit)
+    if len(images) < 2:
+        raise DDSMError(f"data.limit: the reference statistics (FID, KID) need at least 2 training images, "
+                        f"got {len(images)}")
+    key = dataset_key(data.kind, data.path, data.split, data.image_size, data.channels)
+    return reference_stats(images, dataset=key, split=data.split, extractor=extractor, cache_dir=cache_dir,
+                           batch_size=batch_size)
+
+
+def _check_reference(reference: ReferenceStats, extractor: FeatureExtractor) -> None:
+    if reference.key["extractor"] != extractor.key:
+        raise ValueError(f"reference statistics were made with {reference.key['extractor']}, not {extractor.key}")
+
+
+def evaluate(supernet: Supernet, widths: Sequence[float], *, n: int, seed_set: str = "search",
+             extractor: FeatureExtractor | None = None, device: str = "cpu", batch_size: int = 500, cache_dir=None,
+             progress: bool = False, sampler: str | None = None, eta: float | None = None,
+             reference: ReferenceStats | None = None, kid: bool = True, denoisers: dict | None = None,
+             cache: PrefixCache | None = None) -> dict:
+    """Return FID, KID (mean and spread), GFLOPs per image and timings of a schedule on a named seed set.
+
+    Every schedule scored on the same seed set starts from the same noise (common random numbers).
+    Pass `extractor` and `reference` (and `denoisers`) when scoring many schedules, to build them once, and
+    a `sampling.PrefixCache` (one per n and seed set) to resume from latents of a shared schedule prefix.
+    """
+    if not isinstance(n, int) or n < 2:
+        raise DDSMError(f"evaluation needs at least 2 images (a covariance), got n={n}")
+    seed = seed_for(seed_set)
+    widths = [supernet.model.check_width(w) for w in widths]
+    sample_cfg = supernet.config.sample
+    sampler = sampler or sample_cfg.sampler
+    eta = sample_cfg.eta if eta is None else eta
+    if extractor is None:
+        extractor = get_extractor(default_extractor_for(supernet.config.data.kind), device)
+    if reference is None:
+        reference = training_reference(supernet.config.data, extractor, cache_dir=cache_dir, batch_size=batch_size)
+    _check_reference(reference, extractor)
+
+    started = time.perf_counter()
+    images = generate(supernet.model, supernet.config.diffusion, widths, n=n, seed=seed, sampler=sampler, eta=eta,
+                      batch_size=batch_size, device=device, progress=progress, denoisers=denoisers, cache=cache)
+    seconds = time.perf_counter() - started
+    started = time.perf_counter()
+    scores = reference.score(extractor.features(images, batch_size), kid=kid)
+    eval_seconds = time.perf_counter() - started
+    return {
+        **scores,
+        "gflops_per_image": supernet.schedule_flops(widths) / 1e9,
+        "seconds": seconds,
+        "eval_seconds": eval_seconds,
+        "n": n,
+        "seed_set": seed_set,
+        "seed": seed,
+        "extractor": extractor.name,
+        "reference": reference.name,
+        "sampler": sampler,
+        "eta": eta,
+        "steps": len(widths),
+        "widths": widths,
+        "supernet": str(supernet.path),
+        "supernet_sha256": supernet.sha256,
+    }
+
+
+def noise_floor(data: DataConfig, *, n: int, source: str = "test", seed: int = 0,
+                extractor: FeatureExtractor | None = None, device: str = "cpu", reference: ReferenceStats | None = None,
+                cache_dir=None, batch_size: int = 500) -> dict:
+    """Return FID and KID of `n` real images against the training reference: what a perfect generator scores.
+
+    source="test" draws from the held-out split, disjoint from the reference: the honest floor while n
+    fits in the split, an upper bound beyond (images are then drawn with replacement and duplicates
+    carry no new information). source="train" draws from the reference images themselves: a lower bound.
+    """
+    if source not in ("test", "train"):
+        raise DDSMError(f"noise floor source must be 'test' or 'train', got {source!r}")
+    if not isinstance(n, int) or n < 2:
+        raise DDSMError(f"the noise floor needs at least 2 images, got n={n}")
+    if extractor is None:
+        extractor = get_extractor(default_extractor_for(data.kind), device)
+    if reference is None:
+        reference = training_reference(data, extractor, cache_dir=cache_dir, batch_size=batch_size)
+    _check_reference(reference, extractor)
+    split = data.split
+    if source == "test":
+        if data.split != "train" or "test" not in SPLITS[data.kind]:
+            raise DDSMError(f"dataset '{data.kind}' split '{data.split}' has no held-out test split for the noise floor; "
+                            "use source='train'")
+        split = "test"
+    pool = load_dataset(data.kind, data.path, split=split, image_size=data.image_size, channels=data.channels,
+                        limit=data.limit if split == data.split else None)
+    replace = n > len(pool)
+    index = np.random.default_rng(seed).choice(len(pool), n, replace=replace)
+    images = pool.to_float(torch.from_numpy(index))
+    scores = reference.score(extractor.features(images, batch_size))
+    return {**scores, "n": n, "source": source, "pool": len(pool), "with_replacement": replace, "seed": seed,
+            "extractor": extractor.name, "reference": reference.name}

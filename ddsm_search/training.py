@@ -1,0 +1,249 @@
+"""Supernet training: the sandwich rule, in-place distillation, EMA, gradient clipping and exact resume.
+
+Every random draw of a training step (batch, timesteps, noise, flips, widths) comes from one CPU
+generator whose state is checkpointed, so a run resumed from step k continues exactly as if it had
+never stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .checkpoint import META, load_train_state, save_supernet, supernet_config
+from .config import ExperimentConfig
+from .data import ImageData, dataset_key, load_dataset
+from .diffusion import NoiseSchedule
+from .errors import DDSMError
+from .images import save_grid
+from .io import write_text_atomic
+from .nn.cost import flops_table
+from .nn.unet import SlimUNet
+from .sampling import generate, resolve_device
+
+LOG_FILE = "loss_log.csv"
+
+
+def sandwich_widths(widths: tuple[float, ...], n_random: int, generator: torch.Generator) -> list[float]:
+    """Return the widths trained this step: largest, smallest, then `n_random` drawn from the others."""
+    ordered = sorted(widths, reverse=True)
+    chosen = ordered[:1] + ordered[-1:] if len(ordered) > 1 else ordered[:1]
+    middle = ordered[1:-1]
+    if middle:
+        picks = torch.randint(len(middle), (n_random,), generator=generator).tolist()
+        chosen += [middle[i] for i in picks]
+    return chosen
+
+
+def learning_rate(cfg: ExperimentConfig, step: int) -> float:
+    """Return the learning rate at `step`: linear warm-up, then constant."""
+    return cfg.train.lr * min(1.0, (step + 1) / max(1, cfg.train.warmup_steps))
+
+
+def ema_decay(cfg: ExperimentConfig, step: int) -> float:
+    """Return the EMA decay at `step`, ramped up so early averages are not dominated by the random init."""
+    return min(cfg.train.ema_decay, (1 + step) / (10 + step))
+
+
+def _optimizer_tensors(opt: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for pid, state in opt.state_dict()["state"].items():
+        for key, value in state.items():
+            tensors[f"optim.{pid}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
+    return tensors
+
+
+def _load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor]) -> None:
+    state: dict[int, dict] = {}
+    for name, value in tensors.items():
+        if name.startswith("optim."):
+            _, pid, key = name.split(".", 2)
+            state.setdefault(int(pid), {})[key] = value
+    opt.load_state_dict({"state": state, "param_groups": opt.state_dict()["param_groups"]})
+
+
+class TrainingRun:
+    """The mutable state of one training run: models, optimizer, generator, step, loss log."""
+
+    def __init__(self, cfg: ExperimentConfig, data: ImageData, device: str):
+        self.cfg, self.data, self.device = cfg, data, device
+        torch.manual_seed(cfg.train.seed)  # initial weights
+        self.model = SlimUNet(cfg.model, data.shape).to(device)
+        self.ema = copy.deepcopy(self.model).requires_grad_(False)
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.generator = torch.Generator().manual_seed(cfg.train.seed)
+        self.schedule = NoiseSchedule(cfg.diffusion)
+        self.step = 0
+        self.log: list[dict] = []
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Return everything besides the EMA weights that resuming needs, as named tensors."""
+        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        tensors.update(_optimizer_tensors(self.opt))
+        tensors["rng.generator"] = self.generator.get_state()
+        tensors["rng.torch"] = torch.get_rng_state()
+        if self.device == "cuda":
+            tensors["rng.cuda"] = torch.cuda.get_rng_state()
+        return tensors
+
+    def restore(self, out_dir: Path) -> None:
+        """Load the run's state from the checkpoint in `out_dir` (both weight files hash-checked)."""
+        meta, ema_state, tensors = load_train_state(out_dir)
+        self.model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+        self.ema.load_state_dict(ema_state)
+        _load_optimizer(self.opt, tensors)
+        self.generator.set_state(tensors["rng.generator"])
+        torch.set_rng_state(tensors["rng.torch"])
+        if self.device == "cuda" and "rng.cuda" in tensors:
+            torch.cuda.set_rng_state(tensors["rng.cuda"])
+        self.step = int(meta["step"])
+        self.log = [row for row in _read_log(out_dir / LOG_FILE) if row["step"] <= self.step]
+
+    def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return (x_t, t, noise) for one training batch, all drawn from the run's generator."""
+        g, b = self.generator, self.cfg.train.batch_size
+        idx = torch.randint(len(self.data), (b,), generator=g)
+        x0 = self.data.to_float(idx)
+        if self.cfg.data.hflip:
+            flip = torch.rand(b, generator=g) < 0.5
+            x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
+        t = torch.randint(self.schedule.timesteps, (b,), generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        x0, t, noise = x0.to(self.device), t.to(self.device), noise.to(self.device)
+        return self.schedule.q_sample(x0, t, noise), t, noise
+
+    def train_step(self, widths: list[float] | None = None) -> dict[float, float]:
+        """Run one step on `widths` (default: the sandwich rule's draw); return each width's loss."""
+        tc = self.cfg.train
+        xt, t, noise = self.batch()
+        if widths is None:
+            widths = sandwich_widths(self.model.widths, tc.sandwich_random, self.generator)
+        self.opt.zero_grad(set_to_none=True)
+        losses, teacher = {}, None
+        for width in widths:
+            pred = self.model.set_width(width)(xt, t)
+            loss = F.mse_loss(pred, noise)
+            if teacher is None:
+                teacher = pred.detach()  # the largest width comes first: in-place distillation target
+            elif tc.distill_weight > 0:
+                loss = (1 - tc.distill_weight) * loss + tc.distill_weight * F.mse_loss(pred, teacher)
+            loss.backward()
+            losses[width] = loss.item()
+        self.model.set_width(1.0)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+        for group in self.opt.param_groups:
+            group["lr"] = learning_rate(self.cfg, self.step)
+        self.opt.step()
+        with torch.no_grad():
+            decay = ema_decay(self.cfg, self.step)
+            torch._foreach_lerp_(list(self.ema.parameters()), list(self.model.parameters()), 1 - decay)
+        self.step += 1
+        return losses
+
+
+def _read_log(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as fh:
+        return [{"step": int(r["step"]), "width": float(r["width"]), "loss": float(r["loss"])} for r in csv.DictReader(fh)]
+
+
+def _write_log(path: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=["step", "width", "loss"])
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, buf.getvalue())
+
+
+def load_training_data(cfg: ExperimentConfig) -> ImageData:
+    """Return the experiment's training images."""
+    d = cfg.data
+    return load_dataset(d.kind, d.path, split=d.split, image_size=d.image_size, channels=d.channels, limit=d.limit)
+
+
+def _check_resumable(cfg: ExperimentConfig, out: Path, resume: bool) -> dict | None:
+    from .checkpoint import read_meta
+
+    if not (out / META).exists():
+        if resume:
+            raise DDSMError(f"--resume: no checkpoint in {out} to resume from")
+        return None
+    meta = read_meta(out)
+    if not resume:
+        raise DDSMError(f"{out} already holds a checkpoint at step {meta['step']}; pass --resume to continue "
+                        "or choose another --out")
+    saved = supernet_config(meta["config"])
+    mine = supernet_config(cfg.to_dict())
+    saved["train"] = {**saved["train"], "steps": mine["train"]["steps"]}  # the target may be extended
+    if saved != mine:
+        diff = sorted(k for k in mine if mine[k] != saved.get(k))
+        raise DDSMError(f"--resume: the config differs from the checkpoint's in: {', '.join(diff)}")
+    return meta
+
+
+def write_sample_grids(model: SlimUNet, cfg: ExperimentConfig, out: Path, device: str, seed: int = 0) -> list[Path]:
+    """Write one PNG grid per width, every grid from the same noise; return their paths."""
+    paths = []
+    for width in model.widths:
+        images = generate(model, cfg.diffusion, [width] * cfg.sample.steps, n=cfg.sample.grid_size, seed=seed,
+                          sampler=cfg.sample.sampler, eta=cfg.sample.eta, batch_size=cfg.sample.batch_size,
+                          device=device)
+        paths.append(save_grid(out / "samples" / f"width_{width:.2f}.png", images))
+    return paths
+
+
+def train(cfg: ExperimentConfig, out_dir: str | Path, *, steps: int | None = None, device: str = "auto",
+          resume: bool = False, progress: bool = True, grids: bool = True, data: ImageData | None = None) -> Path:
+    """Train the supernet (or resume it) up to `steps` total steps; return the checkpoint directory."""
+    if steps is not None:
+        if steps < 1:
+            raise DDSMError(f"--steps must be at least 1, got {steps}")
+        cfg = replace(cfg, train=replace(cfg.train, steps=steps))
+    out = Path(out_dir)
+    _check_resumable(cfg, out, resume)
+    device = resolve_device(device)
+    data = data if data is not None else load_training_data(cfg)
+    run = TrainingRun(cfg, data, device)
+    if resume:
+        run.restore(out)
+    key = dataset_key(cfg.data.kind, cfg.data.path, cfg.data.split, cfg.data.image_size, cfg.data.channels)
+    flops = flops_table(cfg.model, data.shape)
+    tc, window = cfg.train, {}
+    bar = tqdm(total=tc.steps, initial=run.step, desc="training", unit="step", disable=not progress)
+    started = time.perf_counter()
+
+    def checkpoint() -> None:
+        _write_log(out / LOG_FILE, run.log)
+        save_supernet(out, config=cfg, ema=run.ema, train_state=run.state_tensors(), step=run.step, flops=flops,
+                      dataset=key)
+
+    while run.step < tc.steps:
+        for width, loss in run.train_step().items():
+            window.setdefault(width, []).append(loss)
+        if run.step % tc.log_every == 0 or run.step == tc.steps:
+            means = {w: sum(v) / len(v) for w, v in window.items()}
+            run.log += [{"step": run.step, "width": w, "loss": round(m, 6)} for w, m in sorted(means.items(), reverse=True)]
+            bar.set_postfix({f"w{w:g}": f"{m:.4f}" for w, m in sorted(means.items(), reverse=True)})
+            window = {}
+        if run.step % tc.checkpoint_every == 0 or run.step == tc.steps:
+            checkpoint()
+        bar.update(1)
+    bar.close()
+    if not (out / META).exists():  # resumed at or past the target: nothing trained, nothing written yet
+        checkpoint()
+    if progress:
+        print(f"trained {cfg.name} to step {run.step} in {time.perf_counter() - started:.0f} s -> {out}")
+    if grids:
+        paths = write_sample_grids(run.ema.eval(), cfg, out, device)
+        if progress:
+            print(f"sample grids: {', '.join(str(p) for p in paths)}")
+    return out
