@@ -10,6 +10,7 @@ Nothing here unpickles: safetensors stores raw tensors only.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ from safetensors.torch import load_file, save
 from .config import ExperimentConfig, config_from_dict
 from .errors import DDSMError
 from .io import sha256_file, write_atomic, write_json_atomic
+from .keys import flops_by_width, width_key
 from .nn.unet import SlimUNet
 
 FORMAT = "ddsm-search/supernet"
@@ -66,14 +68,21 @@ def save_supernet(out_dir: str | Path, *, config: ExperimentConfig, ema: SlimUNe
         "dataset": dataset,
         "image_shape": list(ema.image_shape),
         "widths": list(ema.widths),
-        "flops_per_image": {f"{w:g}": int(f) for w, f in flops.items()},
+        "flops_per_image": {width_key(w): int(f) for w, f in flops.items()},
         "weights": WEIGHTS,
         "sha256": sha256_file(out / WEIGHTS),
         "train_state": TRAIN_STATE,
         "train_state_sha256": sha256_file(out / TRAIN_STATE),
         "config": supernet_config(config.to_dict()),
     }
+    meta["meta_sha256"] = meta_digest(meta)
     return write_json_atomic(out / META, meta)
+
+
+def meta_digest(meta: dict) -> str:
+    """Return the SHA-256 of meta.json's content (all fields but this digest, in canonical JSON)."""
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def supernet_config(config: dict) -> dict:
@@ -91,13 +100,36 @@ def read_meta(path: str | Path) -> dict:
         raise DDSMError(f"{path} is not a supernet directory (no {META}; train one with 'ddsm-search train')")
     try:
         meta = json.loads(meta_path.read_text())
+    except UnicodeDecodeError:
+        raise DDSMError(f"{meta_path} is not a text file") from None
     except json.JSONDecodeError as exc:
         raise DDSMError(f"{meta_path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise DDSMError(f"{meta_path} is not a ddsm-search supernet file")
     if meta.get("version") != VERSION:
         raise DDSMError(f"{meta_path} has format version {meta.get('version')}; this ddsm-search reads {VERSION}")
+    if "meta_sha256" in meta and meta["meta_sha256"] != meta_digest(meta):
+        raise DDSMError(f"{meta_path} was changed after training (its meta_sha256 does not match its content); "
+                        "restore it or retrain")
+    _check_meta_fields(meta, meta_path)
     return meta
+
+
+_META_FIELDS = {"step": int, "dataset": str, "image_shape": list, "widths": list, "flops_per_image": dict,
+                "sha256": str, "train_state_sha256": str, "config": dict}
+
+
+def _check_meta_fields(meta: dict, meta_path: Path) -> None:
+    """Raise DDSMError naming the first field of meta.json that is missing or of the wrong type.
+
+    Files written before meta_sha256 existed are not covered by a hash, so their fields are checked here.
+    """
+    for key, kind in _META_FIELDS.items():
+        if not isinstance(meta.get(key), kind) or isinstance(meta.get(key), bool):
+            raise DDSMError(f"{meta_path}: field {key!r} is missing or not a {kind.__name__}")
+    shape = meta["image_shape"]
+    if len(shape) != 3 or not all(isinstance(v, int) and v > 0 for v in shape):
+        raise DDSMError(f"{meta_path}: image_shape must be three positive integers, got {shape}")
 
 
 def _load_verified(path: Path, expected_sha: str, device: str) -> dict[str, torch.Tensor]:
@@ -112,11 +144,21 @@ def load_supernet(path: str | Path, device: str = "cpu") -> Supernet:
     """Return the supernet stored in directory `path` with its EMA weights, after checking its hash."""
     path = Path(path)
     meta = read_meta(path)
-    config = config_from_dict(supernet_config(meta["config"]))
+    try:
+        config = config_from_dict(supernet_config(meta["config"]))
+    except DDSMError as exc:
+        raise DDSMError(f"{path / META}: its config is not valid: {exc}") from None
     image_shape = tuple(meta["image_shape"])
     model = SlimUNet(config.model, image_shape)
-    model.load_state_dict(_load_verified(path / WEIGHTS, meta["sha256"], "cpu"))
-    flops = {float(w): int(f) for w, f in meta["flops_per_image"].items()}
+    state = _load_verified(path / WEIGHTS, meta["sha256"], "cpu")
+    try:
+        model.load_state_dict(state)
+    except RuntimeError:
+        raise DDSMError(f"{path / WEIGHTS} does not fit the model that {META} describes (edited by hand?)") from None
+    try:
+        flops = flops_by_width(meta["flops_per_image"], model.widths)
+    except (DDSMError, TypeError, ValueError) as exc:
+        raise DDSMError(f"{path / META}: {exc}") from None
     return Supernet(path=path, config=config, model=model.to(device).eval(), step=int(meta["step"]),
                     image_shape=image_shape, flops=flops, sha256=meta["sha256"], dataset=meta["dataset"])
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -153,6 +154,8 @@ def _coerce(value, tp, key: str):
     if dataclasses.is_dataclass(tp):
         return _build(tp, value, key)
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise DDSMError(f"{key}: expected a finite number, got {value!r}")
         return float(value)
     if tp in (int, str, bool) and type(value) is tp:
         return value
@@ -189,12 +192,16 @@ def load_config(path: str | Path) -> ExperimentConfig:
         raise DDSMError(f"config file not found: {path}")
     try:
         data = yaml.safe_load(path.read_text())
+    except UnicodeDecodeError:
+        raise DDSMError(f"{path} is not a text file (expected a YAML experiment)") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise DDSMError(f"malformed YAML in {path}{where}: {getattr(exc, 'problem', exc)}") from None
+    if data is None:
+        raise DDSMError(f"{path} is empty (expected a YAML experiment: see search_spaces/digits.yaml)")
     try:
-        return config_from_dict(data if data is not None else {})
+        return config_from_dict(data)
     except DDSMError as exc:
         raise DDSMError(f"{path}: {exc}") from None
 
@@ -213,7 +220,11 @@ def validate(cfg: ExperimentConfig) -> None:
     """Raise DDSMError naming the key if values are out of range or inconsistent."""
     m, d, t, s = cfg.model, cfg.diffusion, cfg.train, cfg.sample
     _check(cfg.data.kind in ("digits", "cifar10", "folder"), f"data.kind: expected digits, cifar10 or folder, got {cfg.data.kind!r}")
-    _check(m.base_channels > 0, "model.base_channels: must be positive")
+    _check(cfg.data.limit is None or cfg.data.limit >= 1, "data.limit: must be at least 1")
+    _check(m.base_channels > 0 and m.base_channels % 2 == 0,
+           "model.base_channels: must be a positive even number (the time embedding has sine and cosine halves)")
+    _check(m.group_size >= 1, "model.group_size: must be at least 1 (channels per GroupNorm group)")
+    _check(m.head_dim >= 1, "model.head_dim: must be at least 1 (channels per attention head)")
     _check(len(m.channel_mults) > 0 and all(c > 0 for c in m.channel_mults), "model.channel_mults: must be a non-empty list of positive ints")
     _check(m.num_res_blocks >= 1, "model.num_res_blocks: must be at least 1")
     _check(0.0 <= m.dropout < 1.0, "model.dropout: must be in [0, 1)")
@@ -235,6 +246,9 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(t.steps >= 1, "train.steps: must be at least 1")
     _check(t.batch_size >= 1, "train.batch_size: must be at least 1")
     _check(t.lr > 0, "train.lr: must be positive")
+    _check(t.grad_clip > 0, "train.grad_clip: must be positive (the largest gradient norm kept)")
+    _check(t.weight_decay >= 0, "train.weight_decay: must be >= 0")
+    _check(t.warmup_steps >= 0, "train.warmup_steps: must be >= 0")
     _check(0.0 <= t.ema_decay < 1.0, "train.ema_decay: must be in [0, 1)")
     _check(t.sandwich_random >= 0, "train.sandwich_random: must be >= 0")
     _check(0.0 <= t.distill_weight <= 1.0, "train.distill_weight: must be in [0, 1]")
@@ -251,6 +265,7 @@ def validate_search(cfg: ExperimentConfig) -> None:
     _check(q.sampler in ("ddim", "ddpm"), f"search.sampler: expected ddim or ddpm, got {q.sampler!r}")
     _check(1 <= q.steps <= cfg.diffusion.timesteps, f"search.steps: must be between 1 and diffusion.timesteps={cfg.diffusion.timesteps}")
     _check(1 <= q.segments <= q.steps, f"search.segments: must be between 1 and search.steps={q.steps}")
+    _check(q.eta >= 0.0, "search.eta: must be >= 0")
     if q.widths is not None:
         missing = [w for w in q.widths if w not in cfg.model.widths]
         _check(not missing and len(q.widths) > 0, f"search.widths: {missing or '[]'} not in model.widths {list(cfg.model.widths)}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,25 +122,15 @@ def _load_digits(split: str, limit: int | None) -> ImageData:
     return ImageData("digits", images, 16, torch.from_numpy(target[order].copy()))
 
 
+@functools.lru_cache(maxsize=1)
 def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
-    """Return sklearn's digits as uint8 pixels (1797, 64) and int64 labels (1797,)."""
-    import gzip
-    import importlib.util
-
-    # read the CSV that load_digits() reads, without importing sklearn (about 2 s of scipy imports)
-    spec = importlib.util.find_spec("sklearn")
-    roots = spec.submodule_search_locations if spec is not None else None
-    for root in roots or ():
-        csv = Path(root) / "datasets" / "data" / "digits.csv.gz"
-        if csv.is_file():
-            with gzip.open(csv, "rt") as fh:
-                table = np.loadtxt(fh, delimiter=",", dtype=np.int64)
-            if table.shape == (1797, 65):
-                return table[:, :64].astype(np.uint8), table[:, 64]
-    from sklearn.datasets import load_digits  # the file moved: take the slow, supported route
+    """Return scikit-learn's digits as uint8 pixels (1797, 64) and int64 labels (1797,), read once per process."""
+    from sklearn.datasets import load_digits  # its public API: the file it reads is sklearn's own business
 
     digits = load_digits()
-    return digits.data.astype(np.uint8), digits.target.astype(np.int64)
+    pixels, target = digits.data.astype(np.uint8), digits.target.astype(np.int64)
+    pixels.flags.writeable = target.flags.writeable = False  # shared by every caller: nobody may change it
+    return pixels, target
 
 
 def _load_cifar10(root: Path, split: str, limit: int | None) -> ImageData:

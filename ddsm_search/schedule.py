@@ -7,6 +7,7 @@ supernet (path and SHA-256) and the sampler, and loading checks both against the
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,6 +54,10 @@ def _fail(path: Path, message: str) -> DDSMError:
     return DDSMError(f"schedule {path}: {message}")
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
 KNOWN_KEYS = {"format", "version", "supernet", "sampler", "widths", "flops_per_image"}
 
 
@@ -63,6 +68,8 @@ def load_schedule(path: str | Path, supernet: Supernet | None = None) -> Schedul
         raise DDSMError(f"schedule file not found: {path}")
     try:
         data = json.loads(path.read_text())
+    except UnicodeDecodeError:
+        raise _fail(path, "not a text file (expected JSON)") from None
     except json.JSONDecodeError as exc:
         raise _fail(path, f"not valid JSON ({exc.msg} at line {exc.lineno})") from None
     if not isinstance(data, dict) or "widths" not in data:
@@ -72,18 +79,30 @@ def load_schedule(path: str | Path, supernet: Supernet | None = None) -> Schedul
     if data.get("version", VERSION) != VERSION:
         raise _fail(path, f"format version {data.get('version')} is not {VERSION}")
     widths = data["widths"]
-    if not isinstance(widths, list) or not widths or not all(isinstance(w, (int, float)) and not isinstance(w, bool) for w in widths):
+    if not isinstance(widths, list) or not widths or not all(_is_number(w) for w in widths):
         raise _fail(path, "'widths' must be a non-empty list of numbers")
     sampler = data.get("sampler", {})
-    supernet_ref = data.get("supernet") or {}
+    supernet_ref = data.get("supernet", {})
     if not isinstance(sampler, dict) or not isinstance(supernet_ref, dict):
         raise _fail(path, "'sampler' and 'supernet' must be objects")
-    schedule = Schedule(widths=[float(w) for w in widths], sampler=sampler.get("name", "ddim"),
-                        eta=float(sampler.get("eta", 0.0)), supernet_sha256=supernet_ref.get("sha256"),
-                        supernet_path=supernet_ref.get("path"),
+    name = sampler.get("name", "ddim")
+    if name not in SAMPLERS:
+        raise _fail(path, f"sampler.name: unknown sampler {name!r} (choose from {', '.join(SAMPLERS)})")
+    eta = sampler.get("eta", 0.0)
+    if not _is_number(eta) or not math.isfinite(eta) or eta < 0:
+        raise _fail(path, f"sampler.eta: expected a finite number >= 0, got {eta!r}")
+    for key, value in (("sampler.steps", sampler.get("steps", 1)), ("flops_per_image", data.get("flops_per_image", 0))):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise _fail(path, f"{key}: expected a whole number, got {value!r}")
+    timesteps = sampler.get("timesteps", [])
+    if not isinstance(timesteps, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in timesteps):
+        raise _fail(path, f"sampler.timesteps: expected a list of whole numbers, got {timesteps!r}")
+    for key in ("sha256", "path"):
+        if not isinstance(supernet_ref.get(key, ""), str):
+            raise _fail(path, f"supernet.{key}: expected text, got {supernet_ref.get(key)!r}")
+    schedule = Schedule(widths=[float(w) for w in widths], sampler=name, eta=float(eta),
+                        supernet_sha256=supernet_ref.get("sha256"), supernet_path=supernet_ref.get("path"),
                         extra={k: v for k, v in data.items() if k not in KNOWN_KEYS})
-    if schedule.sampler not in SAMPLERS:
-        raise _fail(path, f"unknown sampler {schedule.sampler!r} (choose from {', '.join(SAMPLERS)})")
     if "steps" in sampler and sampler["steps"] != schedule.steps:
         raise _fail(path, f"the schedule has {schedule.steps} widths but its sampler runs {sampler['steps']} steps")
     if supernet is not None:

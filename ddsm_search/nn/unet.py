@@ -113,12 +113,22 @@ class Upsample(nn.Module):
         return g.conv(self.conv, x, upsample=True)
 
 
+def check_image_shape(cfg: ModelConfig, image_shape: tuple[int, int, int]) -> None:
+    """Raise DDSMError unless every level of the U-Net can halve the images exactly."""
+    _, height, width = image_shape
+    halvings = len(cfg.channel_mults) - 1
+    if height % 2**halvings or width % 2**halvings:
+        raise DDSMError(f"model.channel_mults: {len(cfg.channel_mults)} levels halve the {height}x{width} images "
+                        f"{halvings} times; the image size must be a multiple of {2**halvings}")
+
+
 class UNet(nn.Module):
     """A U-Net epsilon-predictor; its layers come from `kit` (slimmable or static at one width)."""
 
     def __init__(self, cfg: ModelConfig, image_shape: tuple[int, int, int], kit):
         """Build the network; 4-D weights and activations use channels-last, which ran 15-25% faster
         than NCHW for these small convolutions with oneDNN on CPU."""
+        check_image_shape(cfg, image_shape)
         super().__init__()
         self.cfg, self.image_shape = cfg, tuple(image_shape)
         img_ch, res, _ = image_shape
