@@ -16,9 +16,11 @@ _API = {
     "run_info": "report", "budget_gflops": "config",
     "plot_front": "plots", "plot_schedule": "plots", "plot_hypervolume": "plots", "plot_grids": "plots",
     "export_schedule": "export", "load_schedule": "schedule", "save_schedule": "schedule", "Schedule": "schedule",
-    "load_supernet": "checkpoint", "load_config": "config", "train": "train", "generate": "sampling",
-    "evaluate": "evaluate", "run_search": "search.runner", "quickstart": "quickstart", "DDSMError": "errors",
+    "load_supernet": "checkpoint", "load_config": "config", "train": "training", "generate": "sampling",
+    "evaluate": "evaluation", "run_search": "search.runner", "quickstart": "pipeline", "DDSMError": "errors",
 }
+# No submodule may share a name with a public function: importing `ddsm_search.train` would bind the
+# module as the package attribute `train` and hide the function (tests/test_api.py checks this).
 __all__ = sorted(_API)
 
 

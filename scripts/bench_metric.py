@@ -21,7 +21,7 @@ import pandas as pd
 import torch
 
 from ddsm_search.checkpoint import load_supernet
-from ddsm_search.evaluate import evaluate, noise_floor, training_reference
+from ddsm_search.evaluation import evaluate, noise_floor, training_reference
 from ddsm_search.io import write_text_atomic
 from ddsm_search.metrics import default_extractor_for, get_extractor, replicates
 from ddsm_search.sampling import make_denoisers, resolve_device

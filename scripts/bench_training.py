@@ -20,7 +20,7 @@ import torch
 from ddsm_search.config import load_config
 from ddsm_search.data import ImageData
 from ddsm_search.sampling import resolve_device
-from ddsm_search.train import TrainingRun
+from ddsm_search.training import TrainingRun
 
 
 def _sync(device: str) -> None:

@@ -16,7 +16,7 @@ import torch
 from ddsm_search.checkpoint import load_supernet
 from ddsm_search.cli import main
 from ddsm_search.errors import DDSMError
-from ddsm_search.evaluate import evaluate, noise_floor, training_reference
+from ddsm_search.evaluation import evaluate, noise_floor, training_reference
 from ddsm_search.metrics import get_extractor, seed_for
 from ddsm_search.sampling import PrefixCache, generate
 
