@@ -7,7 +7,7 @@ import os
 
 from ..checkpoint import load_supernet
 from ..config import SearchConfig
-from ..evaluate import evaluate, training_reference
+from ..evaluation import evaluate, training_reference
 from ..metrics import default_extractor_for, get_extractor
 from ..sampling import PrefixCache, make_denoisers
 from .space import SearchSpace
@@ -46,6 +46,12 @@ class Evaluator:
         boundaries = [start for start, _ in space.bounds[1:]]
         # cached latents belong to one sample count: one cache for full evaluations, one for screens
         self.caches = {n: PrefixCache(boundaries) for n in {self.search.samples, self.search.screen_samples} if n}
+
+    def ping(self) -> str:
+        """Answer that this Ray actor is up, with its node's id (the pool gives work only to actors that answer)."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
 
     def evaluate(self, widths: list[float], samples: int | None = None) -> dict:
         """Return fid, kid, samples, seed_set, seconds and the denoising steps run and saved."""
