@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
 from pathlib import Path
@@ -24,13 +25,30 @@ def _positive(text: str) -> int:
     return value
 
 
+def _eta(text: str) -> float:
+    """Return DDIM's eta: a finite number >= 0 (nan would silently turn every image to zeros)."""
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text}")
+    return value
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a supernet from a YAML experiment."""
     from .config import load_config
-    from .train import train
+    from .training import train
 
     cfg = load_config(args.config)
     out = Path(args.out) if args.out else Path("results") / cfg.name
+    if out.exists() and not out.is_dir():
+        raise DDSMError(f"--out {out} is a file, not a directory")
     train(cfg, out, steps=args.steps, device=args.device, resume=args.resume, progress=not args.quiet)
     return 0
 
@@ -67,8 +85,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     kwargs = dict(n=args.n, seed=args.seed, sampler=sampler, eta=eta, batch_size=args.batch_size, device=device,
                   progress=not args.quiet)
     gflops = supernet.schedule_flops(widths) / 1e9
-    full = supernet.flops[1.0] * len(widths) / 1e9
-    if args.schedule:  # what a deployed schedule buys: measured against full width on the same batch
+    full = supernet.flops[supernet.model.widths[0]] * len(widths) / 1e9
+    if args.compare:  # what a schedule buys: measured against full width on the same batch and noise
         images, seconds, full_seconds = time_against_full(supernet.model, supernet.config.diffusion, widths, **kwargs)
         timing = (f"{seconds:.2f} s against {full_seconds:.2f} s at full width on the same batch and noise: "
                   f"{full_seconds / seconds:.2f}x faster")
@@ -84,7 +102,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Score a width or schedule: FID and KID against the training images, GFLOPs per image, wall time."""
     from .checkpoint import load_supernet
-    from .evaluate import evaluate
+    from .evaluation import evaluate
     from .io import write_json_atomic
     from .metrics import default_extractor_for, get_extractor, seed_for
     from .sampling import resolve_device
@@ -100,7 +118,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     extractor = get_extractor(args.extractor or default_extractor_for(supernet.config.data.kind), device)
     result = evaluate(supernet, widths, n=args.n, seed_set=args.seeds, extractor=extractor, device=device,
                       batch_size=args.batch_size, sampler=sampler, eta=eta, progress=not args.quiet)
-    full = supernet.flops[1.0] * len(widths) / 1e9
+    full = supernet.flops[supernet.model.widths[0]] * len(widths) / 1e9
     print(f"FID {result['fid']:.4f}  KID {result['kid']:.5f} (+/- {result['kid_std']:.5f} over subsets)  "
           f"{result['gflops_per_image']:.4f} GFLOPs per image ({result['gflops_per_image'] / full:.0%} of full width)  "
           f"sampling {result['seconds']:.2f} s, scoring {result['eval_seconds']:.2f} s  "
@@ -113,15 +131,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_search(args: argparse.Namespace) -> int:
     """Search per-step width schedules on the FLOPs-FID front."""
     from .config import load_config
+    from .sampling import resolve_device
     from .search.results import front_of
     from .search.runner import run_search
 
     cfg = load_config(args.config)
+    device = resolve_device(args.device)
     out = Path(args.out) if args.out else Path("results") / f"{cfg.name}-search"
     files = run_search(cfg, args.supernet, out, resume=args.resume, address=args.address, progress=not args.quiet,
-                       device=args.device, generations=args.generations, population=args.population,
-                       algorithm=args.algorithm, workers=args.workers, budget=args.budget)
-    front = front_of(files.table(), files.read_run()["search"]["metric"])
+                       device=device, generations=args.generations, population=args.population,
+                       algorithm=args.algorithm, workers=args.workers, budget=args.budget,
+                       wait_for_workers=args.wait_for_workers)
+    search = files.read_run()["search"]
+    front = front_of(files.table(), search["metric"], search["samples"])
     print(f"{len(files.rows)} schedules evaluated; the front ({len(front)}) is in {out / 'front.csv'}")
     return 0
 
@@ -131,7 +153,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .report_stage import write_report
     from .sampling import resolve_device
 
-    write_report(args.run, budget=args.budget, device=resolve_device(args.device))
+    write_report(args.run, budget=args.budget, device=resolve_device(args.device), supernet=args.supernet)
     return 0
 
 
@@ -143,17 +165,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.out and Path(args.out).suffix.lower() != ".json":
         raise DDSMError(f"--out must end in .json, got {Path(args.out).name}")
     path, data = export_schedule(args.run, args.budget, args.out, heldout_samples=args.n,
-                                 device=resolve_device(args.device), progress=not args.quiet)
+                                 device=resolve_device(args.device), progress=not args.quiet, supernet=args.supernet)
     q = data["quality"]
+    m = q["metric"]
     print(f"wrote {path}: {data['gflops_per_image']:.4f} GFLOPs per image ({data['flops_share']:.0%} of full width); "
-          f"{q['metric'].upper()} {q['search']['fid']:.3f} at search time, {q['heldout']['fid']:.3f} on held-out noise "
-          f"(full width: {q['full_width_heldout']['fid']:.3f}, n={q['heldout']['samples']})")
+          f"{m.upper()} {q['search'][m]:.4g} at search time, {q['heldout'][m]:.4g} on held-out noise "
+          f"(full width: {q['full_width_heldout'][m]:.4g}, n={q['heldout']['samples']})")
     return 0
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
     """Train, search, report and export on the embedded digits."""
-    from .quickstart import quickstart
+    from .pipeline import quickstart
     from .sampling import resolve_device
 
     quickstart(args.out, budget=args.budget, device=resolve_device(args.device), progress=True)
@@ -168,7 +191,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     which.add_argument("--schedule", help="schedule JSON: one width per sampling step")
     p.add_argument("--sampler", choices=["ddim", "ddpm"], help="default: the schedule's, else the config's")
     p.add_argument("--steps", type=_positive, help="sampling steps with --width (default: the config's)")
-    p.add_argument("--eta", type=float, help="DDIM eta (0 = deterministic)")
+    p.add_argument("--eta", type=_eta, help="DDIM eta (0 = deterministic)")
     p.add_argument("--batch-size", type=_positive, default=500)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -193,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=_positive, default=64, help="number of images (default 64)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output .png (grid) or .npz (uint8 images)")
+    p.add_argument("--compare", action="store_true",
+                   help="also time full width on the same batch and noise and print the speed-up")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("evaluate", help="FID/KID, GFLOPs and wall time of one width or a schedule")
@@ -215,6 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--algorithm", choices=["nsga2", "nevergrad", "random"])
     p.add_argument("--workers", type=int, help="parallel evaluations on Ray (0: in this process, no Ray)")
     p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--wait-for-workers", type=_seconds, default=0.0, metavar="SECONDS",
+                   help="if every Ray worker is lost, wait this long for restarted or new ones (default 0: stop; "
+                   "--resume continues)")
     p.add_argument("--budget", help="max GFLOPs per image, or a share of full width such as 50%%")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--resume", action="store_true", help="continue the run in --out from what is on disk")
@@ -224,6 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="print a search run's front and write its plots")
     p.add_argument("run", help="search run directory")
     p.add_argument("--budget", default="50%", help="also show the best schedule within this budget (default 50%%)")
+    p.add_argument("--supernet", help="the run's supernet, if it moved since the search (its hash must match)")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     p.set_defaults(func=cmd_report)
 
@@ -232,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budget", required=True, help="GFLOPs per image, or a share of full width such as 50%%")
     p.add_argument("--out", help="schedule JSON (default: RUN/schedule_<budget>.json)")
     p.add_argument("--n", type=_positive, help="held-out images for the re-check (default: max(search samples, 1000))")
+    p.add_argument("--supernet", help="the run's supernet, if it moved since the search (its hash must match)")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_export)

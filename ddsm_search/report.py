@@ -1,9 +1,12 @@
 """A finished search as pandas: every schedule with a front marker, the front, hypervolume, and the
-best schedule for a FLOP budget."""
+best schedule for a FLOP budget.
+
+`load_run` returns a DataFrame whose `attrs` hold the run's metric and sample count, so `front`,
+`hypervolume` and `pick` use the run's own metric unless told otherwise.
+"""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +14,9 @@ import pandas as pd
 
 from .config import budget_gflops
 from .errors import DDSMError
-from .search.results import EVALUATIONS, GENERATIONS, RUN, hypervolume as _hypervolume, pareto_mask, parse_schedule
+from .keys import parse_schedule
+from .search.results import (EVALUATIONS, GENERATIONS, RUN, front_mask, fully_evaluated, hv_reference,
+                             hypervolume as _hypervolume, read_evaluations, read_run_json)
 
 
 def _run_dir(run: str | Path) -> Path:
@@ -23,25 +28,27 @@ def _run_dir(run: str | Path) -> Path:
 
 def run_info(run: str | Path) -> dict:
     """Return a run's run.json: its supernet, search settings, widths and segments."""
-    return json.loads((_run_dir(run) / RUN).read_text())
+    return read_run_json(_run_dir(run) / RUN)
 
 
 def load_run(run: str | Path) -> pd.DataFrame:
     """Return one row per evaluated schedule, with `widths` (a list), `uniform` (its width if all steps
-    share one, else NaN) and `on_front` (True for the non-dominated fully evaluated schedules on GFLOPs
-    and the run's metric)."""
+    share one, else NaN), `fully_evaluated` (scored on the run's full sample count, not screened out)
+    and `on_front` (True for the non-dominated fully evaluated schedules on GFLOPs and the run's metric)."""
     path = _run_dir(run)
     search = run_info(path)["search"]
-    metric = search["metric"]
-    table = pd.read_csv(path / EVALUATIONS)
+    metric, samples = search["metric"], int(search["samples"])
+    table = read_evaluations(path / EVALUATIONS)
     table["widths"] = table["schedule"].map(parse_schedule)
     table["uniform"] = table["widths"].map(lambda w: w[0] if len(set(w)) == 1 else np.nan)
-    # rows screened out on fewer samples are not comparable with fully evaluated ones
-    ok = np.isfinite(table[metric].to_numpy(dtype=float)) & (table["samples"] == search["samples"]).to_numpy()
-    mask = np.zeros(len(table), dtype=bool)
-    mask[ok] = pareto_mask(table.loc[ok, ["gflops", metric]].to_numpy(dtype=float))
-    table["on_front"] = mask
+    table["fully_evaluated"] = fully_evaluated(table, metric, samples)
+    table["on_front"] = front_mask(table, metric, samples)
+    table.attrs.update(metric=metric, samples=samples)
     return table
+
+
+def _metric(table: pd.DataFrame, metric: str | None) -> str:
+    return metric or table.attrs.get("metric") or "fid"
 
 
 def front(table: pd.DataFrame) -> pd.DataFrame:
@@ -51,25 +58,34 @@ def front(table: pd.DataFrame) -> pd.DataFrame:
 
 def generations(run: str | Path) -> pd.DataFrame:
     """Return the per-generation summary: evaluations, best metric, front size, hypervolume."""
-    return pd.read_csv(_run_dir(run) / GENERATIONS)
+    path = _run_dir(run) / GENERATIONS
+    if not path.is_file():
+        raise DDSMError(f"{path.parent} has no finished generation yet (no {GENERATIONS}); resume the search with "
+                        "'ddsm-search search ... --resume'")
+    try:
+        return pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise DDSMError(f"{path} is not a readable table: {str(exc).splitlines()[0]}") from None
 
 
-def hypervolume(table: pd.DataFrame, reference: tuple[float, float] | None = None, metric: str = "fid") -> float:
-    """Return the front's hypervolume in (share of full-width FLOPs, metric); default reference:
-    (1.05, 1.1 x the worst metric in the table)."""
+def hypervolume(table: pd.DataFrame, reference: tuple[float, float] | None = None, metric: str | None = None) -> float:
+    """Return the front's hypervolume in (share of full-width FLOPs, metric); default metric: the run's;
+    default reference: the runner's (`search.results.hv_reference`), so the figure matches generations.csv."""
+    metric = _metric(table, metric)
+    samples = int(table.attrs.get("samples", table["samples"].max()))
     if reference is None:
-        reference = (1.05, 1.1 * float(table[metric].max()))
-    return _hypervolume(front(table), reference, metric)
+        reference = hv_reference(table, metric, samples)
+    return _hypervolume(table[front_mask(table, metric, samples)], reference, metric)
 
 
-def pick(table: pd.DataFrame, budget: float | str, metric: str = "fid") -> pd.Series:
-    """Return the evaluated schedule with the lowest metric whose GFLOPs fit the budget."""
+def pick(table: pd.DataFrame, budget: float | str, metric: str | None = None) -> pd.Series:
+    """Return the fully evaluated schedule with the lowest metric (default: the run's) whose GFLOPs fit the budget."""
+    metric = _metric(table, metric)
     full = float((table["gflops"] / table["flops_share"]).iloc[0])
     limit = budget_gflops(budget, full)
-    full_rows = table["samples"] == table["samples"].max()  # not the rows screened out on fewer samples
-    fits = table[(table["gflops"] <= limit * (1 + 1e-9)) & np.isfinite(table[metric].astype(float)) & full_rows]
+    fits = table[(table["gflops"] <= limit * (1 + 1e-9)) & table["fully_evaluated"]]
     if fits.empty:
-        cheapest = table["gflops"].min()
+        cheapest = table.loc[table["fully_evaluated"], "gflops"].min()
         raise DDSMError(f"budget {budget} ({limit:.4f} GFLOPs per image) is below the cheapest evaluated schedule "
                         f"({cheapest:.4f} GFLOPs, {cheapest / full:.0%} of full width)")
     return fits.sort_values([metric, "gflops"]).iloc[0]

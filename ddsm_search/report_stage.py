@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from .config import parse_budget
 from .errors import DDSMError
 from .plots import plot_front, plot_grids, plot_hypervolume, plot_schedule
 from .report import front, generations, load_run, pick, run_info
@@ -21,15 +22,24 @@ def format_front(table: pd.DataFrame) -> str:
 
 
 def write_report(run: str | Path, *, budget: str | None = "50%", device: str = "cpu", n_grid: int = 64,
-                 progress: bool = True) -> list[Path]:
-    """Print the front and write report/*.png into the run directory; return the files written."""
+                 progress: bool = True, supernet: str | Path | None = None) -> list[Path]:
+    """Print the front and write report/*.png into the run directory; return the files written.
+
+    Everything the report needs is read and checked first (run files, budget, supernet), so a bad
+    input writes no plot.
+    """
     from .export import supernet_of_run
     from .sampling import generate
 
     run = Path(run)
+    if budget is not None:
+        parse_budget(budget)
     info = run_info(run)
     metric = info["search"]["metric"]
     table = load_run(run)
+    history = generations(run)
+    if not table["fully_evaluated"].any():
+        raise DDSMError(f"{run} has no fully evaluated schedule yet; resume the search with --resume")
     out = run / "report"
     chosen = None
     if budget is not None:
@@ -37,7 +47,8 @@ def write_report(run: str | Path, *, budget: str | None = "50%", device: str = "
             chosen = pick(table, budget, metric)
         except DDSMError as exc:  # a report is still useful without the budget's schedule
             print(f"(no schedule shown for budget {budget}: {exc})")
-    paths = [plot_front(table, out / "front.png", metric, chosen), plot_hypervolume(generations(run), out / "hypervolume.png")]
+    net = supernet_of_run(run, device, supernet) if chosen is not None else None
+    paths = [plot_front(table, out / "front.png", metric, chosen), plot_hypervolume(history, out / "hypervolume.png")]
     if progress:
         print(f"{len(table)} schedules evaluated, {int(table['on_front'].sum())} on the front:")
         print(format_front(table))
@@ -45,11 +56,10 @@ def write_report(run: str | Path, *, budget: str | None = "50%", device: str = "
         widths = list(chosen["widths"])
         title = f"best within {budget}: {chosen['gflops']:.3f} GFLOPs ({chosen['flops_share']:.0%}), {metric.upper()} {chosen[metric]:.3f}"
         paths.append(plot_schedule(widths, out / "schedule.png", title))
-        supernet = supernet_of_run(run, device)
         q = info["search"]
         kwargs = dict(n=n_grid, seed=0, sampler=q["sampler"], eta=float(q["eta"]), device=device)
-        images = generate(supernet.model, supernet.config.diffusion, widths, **kwargs)
-        full = generate(supernet.model, supernet.config.diffusion, [1.0] * len(widths), **kwargs)
+        images = generate(net.model, net.config.diffusion, widths, **kwargs)
+        full = generate(net.model, net.config.diffusion, [net.model.widths[0]] * len(widths), **kwargs)
         paths.append(plot_grids(images, full, out / "samples.png",
                                 (f"schedule ({chosen['flops_share']:.0%} of the FLOPs)", "full width, same noise")))
     if progress:

@@ -14,7 +14,7 @@ from ddsm_search.cli import main
 from ddsm_search.config import config_from_dict
 from ddsm_search.errors import DDSMError
 from ddsm_search.export import export_schedule
-from ddsm_search.quickstart import quickstart
+from ddsm_search.pipeline import quickstart
 from ddsm_search.schedule import load_schedule
 from ddsm_search.search.runner import run_search
 from tests.conftest import tiny_dict
@@ -97,6 +97,9 @@ def test_cli_report_export_and_sample(run, tmp_path, capsys):
     assert "held-out noise" in capsys.readouterr().out
     net = json.loads(out.read_text())["supernet"]["path"]
     assert main(["sample", net, "--schedule", str(out), "--n", "20", "--out", str(tmp_path / "g.png"), "--quiet"]) == 0
+    assert "faster" not in capsys.readouterr().out, "full width is timed only when asked"
+    assert main(["sample", net, "--schedule", str(out), "--n", "20", "--out", str(tmp_path / "g.png"), "--quiet",
+                 "--compare"]) == 0
     assert "faster" in capsys.readouterr().out
     low = tmp_path / "low.json"
     assert main(["export", str(run), "--budget", "5%", "--out", str(low)]) == 2

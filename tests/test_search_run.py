@@ -45,7 +45,7 @@ def test_front_is_the_non_dominated_set_and_nothing_is_evaluated_twice(supernet,
     table = pd.read_csv(tmp_path / "run" / "evaluations.csv")
     assert table["schedule"].is_unique, "a schedule must never be evaluated twice"
     assert len(table) == len(files.rows) >= 6
-    assert {"1 1 1 1 1 1", "0.75 0.75 0.75 0.75 0.75 0.75", "0.5 0.5 0.5 0.5 0.5 0.5"} <= set(table["schedule"])
+    assert {"1.0 1.0 1.0 1.0 1.0 1.0", "0.75 0.75 0.75 0.75 0.75 0.75", "0.5 0.5 0.5 0.5 0.5 0.5"} <= set(table["schedule"])
     front = pd.read_csv(tmp_path / "run" / "front.csv")
     mask = pareto_mask(table[["gflops", "fid"]].to_numpy())
     assert set(front["schedule"]) == set(table.loc[mask, "schedule"])
@@ -99,7 +99,7 @@ def test_killed_search_resumes_with_every_evaluation_once(supernet, tmp_path):
     kept = table.set_index("schedule").loc[partial["schedule"], "seconds"]
     assert list(kept) == list(partial["seconds"]), "finished evaluations must not be redone"
     assert set(table["schedule"]) == set(straight.rows), "the resumed run reaches the same evaluations"
-    assert front_of(resumed.table())["schedule"].tolist() == front_of(straight.table())["schedule"].tolist()
+    assert front_of(resumed.table(), "fid", 40)["schedule"].tolist() == front_of(straight.table(), "fid", 40)["schedule"].tolist()
     leftovers = [p.name for p in Path(out).iterdir() if p.name.endswith(".tmp")]
     assert not leftovers
 
@@ -119,7 +119,7 @@ def test_ray_two_workers_give_the_same_front_as_one_even_when_a_worker_dies(supe
     finally:
         ray.shutdown()
     assert two.table()["schedule"].is_unique and set(two.rows) == set(one.rows), "the dead worker's candidate is retried"
-    f1, f2 = front_of(one.table()), front_of(two.table())
+    f1, f2 = front_of(one.table(), "fid", 40), front_of(two.table(), "fid", 40)
     assert f1["schedule"].tolist() == f2["schedule"].tolist()
     pd.testing.assert_series_equal(f1["fid"], f2["fid"], rtol=1e-9)
     assert set(two.table()["worker"]) == {0, 1}

@@ -84,18 +84,39 @@ def test_front_is_exactly_the_non_dominated_set():
     brute = [not any((q <= p).all() and (q < p).any() for q in points) for p in points]
     assert mask.tolist() == brute
     table = pd.DataFrame({"schedule": [str(i) for i in range(60)], "gflops": points[:, 0], "fid": points[:, 1],
-                          "flops_share": points[:, 0]})
-    front = front_of(table)
+                          "flops_share": points[:, 0], "samples": 500})
+    front = front_of(table, "fid", 500)
     assert set(front["schedule"]) == {str(i) for i in np.flatnonzero(brute)}
     assert front["gflops"].is_monotonic_increasing
+
+
+def test_rows_screened_on_fewer_samples_are_never_on_the_front():
+    table = pd.DataFrame({"schedule": ["a", "b", "c"], "gflops": [1.0, 2.0, 0.5], "fid": [2.0, 1.0, 0.1],
+                          "flops_share": [0.5, 1.0, 0.25], "samples": [500, 500, 100]})
+    assert front_of(table, "fid", 500)["schedule"].tolist() == ["a", "b"]  # "c" would dominate both
+    table.loc[1, "fid"] = float("nan")
+    assert front_of(table, "fid", 500)["schedule"].tolist() == ["a"]
+
+
+def test_hypervolume_reference_stays_beyond_every_score_for_negative_kid():
+    from ddsm_search.search.results import hv_reference
+
+    table = pd.DataFrame({"kid": [-0.010, -0.004, -0.001, -0.5], "samples": [500, 500, 500, 100],
+                          "generation": [0, 0, 0, 0]})
+    ref = hv_reference(table, "kid", 500)
+    assert ref[0] == 1.05 and ref[1] > -0.001  # 1.1 x the worst (-0.0011) would lie inside the front
+    fid = pd.DataFrame({"fid": [1.0, 3.0, 2.0], "samples": 500, "generation": [0, 0, 1]})
+    assert hv_reference(fid, "fid", 500) == pytest.approx((1.05, 3.3))  # FID: 1.1 x the worst of generation 0
+    front = pd.DataFrame({"flops_share": [0.5, 1.0], "kid": [-0.004, -0.010]})
+    assert hypervolume(front, ref, "kid") > 0
 
 
 def test_hypervolume_of_a_known_front():
     front = pd.DataFrame({"flops_share": [0.25, 0.5, 1.0], "fid": [3.0, 2.0, 1.0]})
     # staircase below reference (1.0, 4.0) ... reference (1.05, 4.0)
     want = (0.5 - 0.25) * (4 - 3) + (1.0 - 0.5) * (4 - 2) + (1.05 - 1.0) * (4 - 1)
-    assert hypervolume(front, (1.05, 4.0)) == pytest.approx(want)
-    assert hypervolume(front.iloc[:0], (1.05, 4.0)) == 0.0
+    assert hypervolume(front, (1.05, 4.0), "fid") == pytest.approx(want)
+    assert hypervolume(front.iloc[:0], (1.05, 4.0), "fid") == 0.0
 
 
 def test_brute_force_small_space_front_matches():
@@ -105,6 +126,7 @@ def test_brute_force_small_space_front_matches():
                           "gflops": [sum(w * w for w in space.decode(g)) for g in genomes],
                           "fid": [sum((1 - w) * (i + 1) for i, w in enumerate(space.decode(g))) for g in genomes]})
     table["flops_share"] = table["gflops"] / 4
-    front = front_of(table)
+    table["samples"] = 100
+    front = front_of(table, "fid", 100)
     # with full width worth more on later steps, the front fills the late steps first
     assert "(1, 1, 1, 0)" in set(front["schedule"]) and "(0, 1, 1, 1)" not in set(front["schedule"])

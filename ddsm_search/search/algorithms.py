@@ -5,6 +5,11 @@ genomes (`tell`). All randomness comes from the seed, so replaying the same tell
 same asks: that is how an interrupted search resumes without re-evaluating anything.
 
 Infeasible genomes (over the FLOPs budget) are told with FID = +inf and are never evaluated.
+
+Genes are integers 0 .. n-1, searched as reals on [-0.5, n - 0.5] and rounded to the nearest
+integer (`gene_index`): every choice then owns an interval of the same length. Searching on [0, n-1]
+and rounding gives the first and last choice half an interval each, so half the prior mass of the
+others under mutation and random sampling.
 """
 
 from __future__ import annotations
@@ -19,6 +24,16 @@ from .space import Genome, SearchSpace
 
 ALGORITHMS = ("nsga2", "nevergrad", "random")
 INFEASIBLE = 1e12  # stands in for +inf where a library needs finite numbers
+
+
+def gene_bounds(n_choices: int) -> tuple[float, float]:
+    """Return the real interval a gene of `n_choices` choices is searched on: every choice gets length 1."""
+    return -0.5, n_choices - 0.5
+
+
+def gene_index(value: float, n_choices: int) -> int:
+    """Return the choice a real-valued gene stands for: the nearest integer, within 0 .. n-1."""
+    return int(min(max(np.floor(float(value) + 0.5), 0), n_choices - 1))
 
 
 class Algorithm(Protocol):
@@ -72,24 +87,36 @@ class RandomSearch:
         """Random search learns nothing."""
 
 
+def _gene_repair(n_choices: int):
+    """Return a pymoo Repair that rounds real genes to their choices (see `gene_index`)."""
+    from pymoo.core.repair import Repair
+
+    class GeneRepair(Repair):
+        def _do(self, problem, X, **kwargs):
+            return np.clip(np.floor(np.asarray(X, dtype=float) + 0.5), 0, n_choices - 1)
+
+    return GeneRepair()
+
+
 class NSGA2Search:
-    """pymoo's NSGA-II on integer genomes (SBX and polynomial mutation with rounding), via ask/tell."""
+    """pymoo's NSGA-II on integer genomes (SBX and polynomial mutation on equal-length intervals, then
+    rounding), via ask/tell. `ask` returns [] once pymoo can make no new offspring (a small space)."""
 
     def __init__(self, space: SearchSpace, population: int, seed: int, feasible: Callable[[Genome], bool]):
         from pymoo.algorithms.moo.nsga2 import NSGA2
         from pymoo.core.problem import Problem
         from pymoo.operators.crossover.sbx import SBX
         from pymoo.operators.mutation.pm import PM
-        from pymoo.operators.repair.rounding import RoundingRepair
 
         self.feasible = feasible
         start = initial_population(space, population, np.random.default_rng(seed), feasible)
-        problem = Problem(n_var=space.n_genes, n_obj=2, n_ieq_constr=1, xl=0, xu=space.n_choices - 1, vtype=int)
+        low, high = gene_bounds(space.n_choices)
+        problem = Problem(n_var=space.n_genes, n_obj=2, n_ieq_constr=1, xl=low, xu=high, vtype=int)
         self.algorithm = NSGA2(
             pop_size=len(start),
             sampling=np.array(start, dtype=float),
-            crossover=SBX(prob=0.9, eta=15, vtype=float, repair=RoundingRepair()),
-            mutation=PM(eta=20, vtype=float, repair=RoundingRepair()),
+            crossover=SBX(prob=0.9, eta=15, vtype=float, repair=_gene_repair(space.n_choices)),
+            mutation=PM(eta=20, vtype=float, repair=_gene_repair(space.n_choices)),
             eliminate_duplicates=True,
         )
         # pymoo: termination goes to setup(), not to NSGA2(...); the runner decides when to stop
@@ -99,10 +126,15 @@ class NSGA2Search:
     def ask(self) -> list[Genome]:
         """Return the next generation's genomes."""
         self.pending = self.algorithm.ask()
-        return [tuple(int(round(v)) for v in x) for x in self.pending.get("X")]
+        if self.pending is None or len(self.pending) == 0:  # every offspring would repeat a schedule
+            self.pending = None
+            return []
+        return [tuple(int(v) for v in x) for x in self.pending.get("X")]
 
     def tell(self, genomes: Sequence[Genome], objectives: Sequence[tuple[float, float]]) -> None:
         """Pass (GFLOPs, FID) and the budget constraint back to NSGA-II."""
+        if self.pending is None:
+            return
         F = np.array([[f, fid if math.isfinite(fid) else INFEASIBLE] for f, fid in objectives], dtype=float)
         G = np.array([[0.0 if self.feasible(g) else 1.0] for g in genomes])
         self.pending.set("F", F, "G", G)
@@ -115,8 +147,9 @@ class NevergradSearch:
     def __init__(self, space: SearchSpace, population: int, seed: int, feasible: Callable[[Genome], bool]):
         import nevergrad as ng  # slow to import (seconds): only when chosen
 
-        self.population, self.feasible = population, feasible
-        param = ng.p.Array(shape=(space.n_genes,), lower=0, upper=space.n_choices - 1).set_integer_casting()
+        self.population, self.feasible, self.n_choices = population, feasible, space.n_choices
+        low, high = gene_bounds(space.n_choices)
+        param = ng.p.Array(shape=(space.n_genes,), lower=low, upper=high)
         param.random_state = np.random.RandomState(seed)
         self.optimizer = ng.optimizers.DE(parametrization=param, budget=None, num_workers=population)
         for g in initial_population(space, population, np.random.default_rng(seed), feasible):
@@ -126,7 +159,7 @@ class NevergradSearch:
     def ask(self) -> list[Genome]:
         """Return the next generation's genomes."""
         self.pending = [self.optimizer.ask() for _ in range(self.population)]
-        return [tuple(int(v) for v in c.value) for c in self.pending]
+        return [tuple(gene_index(v, self.n_choices) for v in c.value) for c in self.pending]
 
     def tell(self, genomes: Sequence[Genome], objectives: Sequence[tuple[float, float]]) -> None:
         """Tell nevergrad each candidate's [GFLOPs, FID]."""
@@ -139,6 +172,9 @@ def make_algorithm(name: str, space: SearchSpace, population: int, seed: int,
     """Return the named ask/tell algorithm."""
     if population < 2:
         raise DDSMError(f"--population must be at least 2, got {population}")
+    if population > space.size:
+        raise DDSMError(f"search.population: {population} is more than the {space.size} schedules of the space "
+                        f"({space.n_choices} widths in {space.n_genes} segments)")
     classes = {"nsga2": NSGA2Search, "nevergrad": NevergradSearch, "random": RandomSearch}
     if name not in classes:
         raise DDSMError(f"unknown algorithm {name!r} (choose from {', '.join(ALGORITHMS)})")

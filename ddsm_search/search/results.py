@@ -8,27 +8,34 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
 from ..errors import DDSMError
 from ..io import write_atomic, write_json_atomic
+from ..keys import canonical_schedule_key
 
 EVALUATIONS, GENERATIONS, FRONT, RUN = "evaluations.csv", "generations.csv", "front.csv", "run.json"
 COLUMNS = ["schedule", "genome", "gflops", "flops_share", "fid", "kid", "samples", "seed_set", "generation",
            "worker", "seconds", "steps_run", "steps_saved", "screen_score"]
 
 
-def schedule_key(widths: Sequence[float]) -> str:
-    """Return the text form of a schedule used as its key: widths separated by spaces."""
-    return " ".join(f"{w:g}" for w in widths)
+# columns read as text: a one-step schedule key ("1.0") or a one-gene genome ("0") must not become a number
+TEXT_COLUMNS = {"schedule": str, "genome": str, "seed_set": str}
 
 
-def parse_schedule(key: str) -> list[float]:
-    """Return the widths of a schedule key."""
-    return [float(w) for w in key.split()]
+def read_evaluations(path: Path) -> pd.DataFrame:
+    """Return evaluations.csv as a DataFrame with text keys in canonical form, or raise DDSMError."""
+    try:
+        frame = pd.read_csv(path, dtype=TEXT_COLUMNS)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
+        raise DDSMError(f"{path} is not a readable table: {str(exc).splitlines()[0]}") from None
+    missing = set(COLUMNS) - set(frame.columns)
+    if missing:
+        raise DDSMError(f"{path} lacks columns {sorted(missing)}")
+    frame["schedule"] = frame["schedule"].map(canonical_schedule_key)
+    return frame
 
 
 def _write_csv(path: Path, frame: pd.DataFrame) -> None:
@@ -42,13 +49,7 @@ class RunFiles:
         self.dir = Path(out_dir)
         self.rows: dict[str, dict] = {}
         if (self.dir / EVALUATIONS).is_file():
-            try:
-                frame = pd.read_csv(self.dir / EVALUATIONS)
-            except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
-                raise DDSMError(f"{self.dir / EVALUATIONS} is not a readable table: {exc}") from None
-            missing = set(COLUMNS) - set(frame.columns)
-            if missing:
-                raise DDSMError(f"{self.dir / EVALUATIONS} lacks columns {sorted(missing)}")
+            frame = read_evaluations(self.dir / EVALUATIONS)
             self.rows = {r["schedule"]: r for r in frame[COLUMNS].to_dict("records")}
         self.generations: list[dict] = []
 
@@ -58,10 +59,7 @@ class RunFiles:
 
     def read_run(self) -> dict:
         """Return run.json."""
-        try:
-            return json.loads((self.dir / RUN).read_text())
-        except json.JSONDecodeError as exc:
-            raise DDSMError(f"{self.dir / RUN} is not valid JSON: {exc.msg}") from None
+        return read_run_json(self.dir / RUN)
 
     def write_run(self, info: dict) -> None:
         """Write run.json, the description a resumed run must match."""
@@ -93,17 +91,67 @@ def pareto_mask(points: np.ndarray) -> np.ndarray:
     return mask
 
 
-def front_of(table: pd.DataFrame, metric: str = "fid") -> pd.DataFrame:
-    """Return the non-dominated evaluations (GFLOPs, metric) sorted by GFLOPs."""
-    ok = table[np.isfinite(table[metric].astype(float))]
-    front = ok[pareto_mask(ok[["gflops", metric]].to_numpy(dtype=float))]
+def fully_evaluated(table: pd.DataFrame, metric: str, samples: int) -> np.ndarray:
+    """Return a mask of the rows scored on the run's full sample count with a finite metric.
+
+    Rows screened out on fewer images are records, not comparable scores: the one definition of which
+    rows may be on the front, used by the runner, the report, `pick` and the command line.
+    """
+    scored = np.isfinite(pd.to_numeric(table[metric], errors="coerce").to_numpy(dtype=float))
+    return scored & (table["samples"].to_numpy() == samples)
+
+
+def front_mask(table: pd.DataFrame, metric: str, samples: int) -> np.ndarray:
+    """Return a mask of the front: the fully evaluated rows that no other one dominates on (GFLOPs, metric)."""
+    ok = fully_evaluated(table, metric, samples)
+    mask = np.zeros(len(table), dtype=bool)
+    mask[ok] = pareto_mask(table.loc[ok, ["gflops", metric]].to_numpy(dtype=float))
+    return mask
+
+
+def front_of(table: pd.DataFrame, metric: str, samples: int) -> pd.DataFrame:
+    """Return the front (see `front_mask`) sorted by GFLOPs."""
+    front = table[front_mask(table, metric, samples)]
     return front.sort_values(["gflops", metric]).reset_index(drop=True)
 
 
-def hypervolume(front: pd.DataFrame, reference: tuple[float, float], metric: str = "fid") -> float:
+def hv_reference(table: pd.DataFrame, metric: str, samples: int) -> tuple[float, float]:
+    """Return the hypervolume reference point: (1.05 of full-width FLOPs, a little worse than the worst
+    fully evaluated score of the first generation, which every algorithm shares).
+
+    "A little worse" is 10% of the score's size or of its spread, whichever is larger, so the point
+    stays beyond every score for metrics that can be negative (KID) too; for FID it is 1.1 x the worst.
+    """
+    ok = fully_evaluated(table, metric, samples)
+    first = ok & (table["generation"].to_numpy() == table.loc[ok, "generation"].min()) if ok.any() else ok
+    values = table.loc[first, metric].to_numpy(dtype=float)
+    if not len(values):
+        raise DDSMError("no fully evaluated schedule yet: the hypervolume has no reference point")
+    worst, best = float(values.max()), float(values.min())
+    return 1.05, worst + 0.1 * max(worst - best, abs(worst), 1e-12)
+
+
+def hypervolume(front: pd.DataFrame, reference: tuple[float, float], metric: str) -> float:
     """Return the hypervolume of the front in (share of full-width FLOPs, metric) below `reference`."""
     from pymoo.indicators.hv import HV
 
     pts = front[["flops_share", metric]].to_numpy(dtype=float)
     pts = pts[(pts < np.asarray(reference)).all(axis=1)]
     return float(HV(ref_point=np.asarray(reference, dtype=float))(pts)) if len(pts) else 0.0
+
+
+def read_run_json(path: Path) -> dict:
+    """Return a run's run.json, or raise DDSMError saying why it cannot be read."""
+    try:
+        info = json.loads(Path(path).read_text())
+    except UnicodeDecodeError:
+        raise DDSMError(f"{path} is not a text file") from None
+    except json.JSONDecodeError as exc:
+        raise DDSMError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
+    if not isinstance(info, dict) or info.get("format") != "ddsm-search/search-run":
+        raise DDSMError(f"{path} is not a ddsm-search search run file")
+    search = info.get("search")
+    if (not isinstance(search, dict) or search.get("metric") not in ("fid", "kid")
+            or not isinstance(search.get("samples"), int) or not isinstance(info.get("supernet"), dict)):
+        raise DDSMError(f"{path} lacks its search settings (search.metric, search.samples, supernet)")
+    return info

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -20,7 +21,8 @@ from ..config import ExperimentConfig, SearchConfig, budget_gflops, validate_sea
 from ..errors import DDSMError
 from .algorithms import make_algorithm
 from .pool import LocalPool, RayPool
-from .results import RunFiles, front_of, hypervolume, schedule_key
+from ..keys import schedule_key
+from .results import RunFiles, front_of, hv_reference, hypervolume
 from .space import SearchSpace
 
 
@@ -32,21 +34,34 @@ def _run_info(q: SearchConfig, supernet, space: SearchSpace) -> dict:
     return json.loads(json.dumps(info))  # as it reads back from run.json (tuples become lists)
 
 
+def _same_run(saved: dict, info: dict) -> bool:
+    """Return True if a run on disk was made with these settings and this supernet (wherever it lies now)."""
+    def strip(d: dict) -> dict:
+        return {**d, "supernet": {"sha256": d.get("supernet", {}).get("sha256")}}
+    return strip(saved) == strip(info)
+
+
 def run_search(cfg: ExperimentConfig, supernet_dir: str | Path, out_dir: str | Path, *, resume: bool = False,
                address: str | None = None, progress: bool = True, device: str = "cpu", cache_dir: str | None = None,
-               **overrides) -> RunFiles:
-    """Run (or resume) the schedule search described by `cfg.search`; return the run's files."""
+               wait_for_workers: float = 0.0, **overrides) -> RunFiles:
+    """Run (or resume) the schedule search described by `cfg.search`; return the run's files.
+
+    Everything is checked (settings against the supernet, the space, the budget, the cluster) before
+    anything is written; a search that fails before its first evaluation leaves no run directory.
+    """
     q = replace(cfg.search, **{k: v for k, v in overrides.items() if v is not None})
     validate_search(replace(cfg, search=q))
     supernet = load_supernet(supernet_dir)
+    # the supernet's own diffusion settings, not the YAML's, decide which sampler steps exist
+    validate_search(replace(supernet.config, search=q))
     widths = tuple(supernet.model.check_width(w) for w in (q.widths or supernet.model.widths))
     space = SearchSpace(widths, q.steps, q.segments)
-    full = supernet.flops[1.0] * q.steps
+    full = supernet.flops[supernet.model.widths[0]] * q.steps
     limit = None if q.budget is None else budget_gflops(q.budget, full / 1e9) * 1e9  # FLOPs per image
     cheapest = supernet.schedule_flops([min(widths)] * q.steps)
     if limit is not None and cheapest > limit:
         raise DDSMError(f"budget {q.budget} ({limit / 1e9:.4f} GFLOPs per image) is below the cheapest schedule "
-                        f"({cheapest / 1e9:.4f} GFLOPs, all steps at width {min(widths):g})")
+                        f"({cheapest / 1e9:.4f} GFLOPs, all steps at width {min(widths)!r})")
 
     def flops_of(genome) -> float:
         return supernet.schedule_flops(space.decode(genome))
@@ -54,14 +69,18 @@ def run_search(cfg: ExperimentConfig, supernet_dir: str | Path, out_dir: str | P
     def feasible(genome) -> bool:
         return limit is None or flops_of(genome) <= limit
 
-    files = RunFiles(out_dir)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise DDSMError(f"--out {out} is a file, not a directory")
+    created = not out.exists()
+    files = RunFiles(out)
     info = _run_info(q, supernet, space)
     if files.has_run() and not resume:
         raise DDSMError(f"{files.dir} already holds a search run; pass --resume to continue it or choose another --out")
     if resume:
         if not files.has_run():
             raise DDSMError(f"--resume: no search run in {files.dir}")
-        if files.read_run() != info:
+        if not _same_run(files.read_run(), info):
             raise DDSMError(f"--resume: {files.dir} was searched with other settings or another supernet")
 
     algorithm = make_algorithm(q.algorithm, space, q.population, q.seed, feasible)
@@ -70,12 +89,21 @@ def run_search(cfg: ExperimentConfig, supernet_dir: str | Path, out_dir: str | P
 
     prepare_reference(**evaluator_args)  # once, before the workers start, so they all read the same cache
     # the pool before run.json: a cluster that cannot be reached leaves no half-started run behind
-    pool = LocalPool(lambda: Evaluator(**evaluator_args)) if q.workers == 0 else RayPool(q.workers, evaluator_args, address)
+    pool = (LocalPool(lambda: Evaluator(**evaluator_args)) if q.workers == 0
+            else RayPool(q.workers, evaluator_args, address, wait_for_workers=wait_for_workers))
     loop = _Loop(q, space, files, pool, flops_of, feasible, full, progress)
     try:
-        files.write_run(info)
+        files.write_run(info)  # on resume: the supernet's current path, if it moved (same hash)
         for gen in range(q.generations):
-            loop.generation(gen, algorithm)
+            if not loop.generation(gen, algorithm):
+                if progress:
+                    print(f"the search space is exhausted after generation {gen}: the algorithm has no new "
+                          "schedule to propose", flush=True)
+                break
+    except BaseException:
+        if created and not files.rows:  # nothing was evaluated: leave nothing behind
+            shutil.rmtree(out, ignore_errors=True)
+        raise
     finally:
         pool.close()
     return files
@@ -98,11 +126,17 @@ class _Loop:
                 "seconds": result["seconds"], "steps_run": result["steps_run"], "steps_saved": result["steps_saved"],
                 "screen_score": screen_score}
 
-    def _promising(self, genome, screen: dict) -> bool:
-        """Return False if a fully evaluated schedule at most as costly beat this screen by more than the margin."""
+    def _promising(self, genome, screen: dict, gen: int) -> bool:
+        """Return False if a schedule of an earlier generation, fully evaluated and at most as costly,
+        screened better than this one by more than the margin.
+
+        Earlier generations only: rows of this generation that a resumed run finds on disk were not
+        there when an uninterrupted run screened it, and must not change the decision.
+        """
         gflops = self.flops_of(genome) / 1e9
         for row in self.files.rows.values():
-            if (row["samples"] == self.q.samples and row["gflops"] <= gflops and math.isfinite(row["screen_score"])
+            if (row["generation"] < gen and row["samples"] == self.q.samples and row["gflops"] <= gflops
+                    and math.isfinite(row["screen_score"])
                     and row["screen_score"] + self.q.screen_margin < screen[self.q.metric]):
                 return False
         return True
@@ -116,7 +150,7 @@ class _Loop:
         screens: dict[str, dict] = {}
         if q.screen_samples:
             screens = {key: result for key, result, _ in self.pool.run(jobs, q.screen_samples)}
-            promising = {key for key in screens if self._promising(todo[key][1], screens[key])}
+            promising = {key for key in screens if self._promising(todo[key][1], screens[key], gen)}
             for key, (widths, genome) in todo.items():
                 if key not in promising:  # its screen is its record: dominated by more than the noise margin
                     self.files.add(self._row(key, genome, screens[key], gen, -1, screens[key][q.metric]))
@@ -128,10 +162,15 @@ class _Loop:
             bar.update(1)
         bar.close()
 
-    def generation(self, gen: int, algorithm) -> None:
-        """Run one generation: ask, evaluate what is new, tell, write the front and its hypervolume."""
+    def generation(self, gen: int, algorithm) -> bool:
+        """Run one generation: ask, evaluate what is new, tell, write the front and its hypervolume.
+
+        Return False, doing nothing, if the algorithm has nothing new to ask (the space is exhausted).
+        """
         q, started = self.q, time.perf_counter()
         genomes = algorithm.ask()
+        if not genomes:
+            return False
         todo = {}
         for g in genomes:
             key = schedule_key(self.space.decode(g))
@@ -146,9 +185,9 @@ class _Loop:
         algorithm.tell(genomes, objectives)
         table = self.files.table()
         full_rows = table[table["samples"] == q.samples]  # screened-out rows have fewer samples: not comparable
-        front = front_of(full_rows, q.metric)
+        front = front_of(table, q.metric, q.samples)
         if self.reference is None:  # fixed after the first generation, which every algorithm shares
-            self.reference = (1.05, 1.1 * float(full_rows[q.metric].max()))
+            self.reference = hv_reference(table, q.metric, q.samples)
         hv = hypervolume(front, self.reference, q.metric)
         infeasible = sum(not self.feasible(g) for g in genomes)
         summary = {"generation": gen, "asked": len(genomes), "infeasible": infeasible,
@@ -160,5 +199,6 @@ class _Loop:
         self.files.record_generation(summary, front)
         if self.progress:
             print(f"generation {gen + 1}/{q.generations}: {len(todo)} new evaluations ({len(table)} in all), "
-                  f"best {q.metric.upper()} {summary[f'best_{q.metric}']:.3f}, front {len(front)}, "
-                  f"hypervolume {hv:.4f}, {summary['seconds']:.1f} s", flush=True)
+                  f"best {q.metric.upper()} {summary[f'best_{q.metric}']:.4g}, front {len(front)}, "
+                  f"hypervolume {hv:.4g}, {summary['seconds']:.1f} s", flush=True)
+        return True

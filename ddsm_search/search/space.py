@@ -44,6 +44,11 @@ class SearchSpace:
         return self.segments
 
     @property
+    def size(self) -> int:
+        """Return the number of distinct schedules (genomes) in the space."""
+        return self.n_choices ** self.n_genes
+
+    @property
     def n_choices(self) -> int:
         """Return the number of width choices per gene."""
         return len(self.widths)
