@@ -1,0 +1,257 @@
+"""Every bad input of the command line: one line naming the problem, exit status 2, nothing written.
+
+Each case builds its input in a fresh folder, runs the CLI in-process and checks three things: the
+exit status is 2, stderr is one line that names the problem, and no file or folder appeared (or
+changed) in that folder apart from the inputs the case wrote itself.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from ddsm_search.checkpoint import META
+from ddsm_search.cli import main
+from tests.conftest import tiny_dict
+
+SEARCH = {"steps": 4, "segments": 2, "population": 4, "generations": 1, "samples": 20, "workers": 0, "batch_size": 20}
+
+
+def _yaml(path: Path, data) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _config(tmp: Path, **sections) -> str:
+    return str(_yaml(tmp / "exp.yaml", tiny_dict(**sections)))
+
+
+def _copy_supernet(src: Path, tmp: Path) -> Path:
+    dst = tmp / "net"
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit_meta(net: Path, change, *, rehash: bool) -> None:
+    from ddsm_search.checkpoint import meta_digest
+
+    meta = json.loads((net / META).read_text())
+    change(meta)
+    if rehash:
+        meta["meta_sha256"] = meta_digest(meta)
+    else:
+        meta.pop("meta_sha256", None)  # as a file written before meta.json carried its own hash
+    (net / META).write_text(json.dumps(meta))
+
+
+def _schedule(tmp: Path, **fields) -> str:
+    data = {"widths": [1.0] * 5, **fields}
+    path = tmp / "schedule.json"
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+# each case: (id, build(tmp, supernet, run) -> argv, the text the error line must contain); `run()` returns a
+# finished search run, made on first use
+CASES = [
+    ("group_size 0", lambda t, n, r: ["train", _config(t, model={"group_size": 0}), "--out", str(t / "o")],
+     "model.group_size"),
+    ("head_dim 0", lambda t, n, r: ["train", _config(t, model={"head_dim": 0}), "--out", str(t / "o")],
+     "model.head_dim"),
+    ("channel_mults too deep", lambda t, n, r: ["train", _config(t, model={"channel_mults": [1, 2, 2, 2, 2]}),
+                                                "--out", str(t / "o")], "model.channel_mults"),
+    ("odd base_channels", lambda t, n, r: ["train", _config(t, model={"base_channels": 9, "group_size": 1}),
+                                           "--out", str(t / "o")], "model.base_channels"),
+    ("negative grad_clip", lambda t, n, r: ["train", _config(t, train={"grad_clip": -1.0}), "--out", str(t / "o")],
+     "train.grad_clip"),
+    ("nan in the config", lambda t, n, r: ["train", _config(t, train={"lr": float("nan")}), "--out", str(t / "o")],
+     "train.lr"),
+    ("empty config", lambda t, n, r: ["train", _file(t / "e.yaml", ""), "--out", str(t / "o")], "is empty"),
+    ("binary config", lambda t, n, r: ["train", _binary(t / "b.yaml"), "--out", str(t / "o")], "not a text file"),
+    ("train --out is a file", lambda t, n, r: ["train", _config(t), "--out", _file(t / "taken")], "is a file"),
+    ("sample --eta nan", lambda t, n, r: ["sample", str(n), "--width", "1", "--eta", "nan", "--out", str(t / "g.png")],
+     "--eta"),
+    ("sample --eta negative", lambda t, n, r: ["sample", str(n), "--width", "1", "--eta", "-0.5",
+                                               "--out", str(t / "g.png")], "--eta"),
+    ("evaluate --eta nan", lambda t, n, r: ["evaluate", str(n), "--width", "1", "--eta", "nan"], "--eta"),
+    ("binary schedule", lambda t, n, r: ["sample", str(n), "--schedule", _binary(t / "s.json"),
+                                         "--out", str(t / "g.png")], "not a text file"),
+    ("schedule eta text", lambda t, n, r: ["sample", str(n), "--schedule", _schedule(t, sampler={"eta": "abc"}),
+                                           "--out", str(t / "g.png")], "sampler.eta"),
+    ("schedule eta null", lambda t, n, r: ["sample", str(n), "--schedule", _schedule(t, sampler={"eta": None}),
+                                           "--out", str(t / "g.png")], "sampler.eta"),
+    ("schedule sampler null", lambda t, n, r: ["sample", str(n), "--schedule", _schedule(t, sampler=None),
+                                               "--out", str(t / "g.png")], "must be objects"),
+    ("schedule widths null", lambda t, n, r: ["sample", str(n), "--schedule", _schedule(t, widths=None),
+                                              "--out", str(t / "g.png")], "'widths'"),
+    ("schedule steps text", lambda t, n, r: ["sample", str(n), "--schedule",
+                                             _schedule(t, sampler={"steps": "five"}), "--out", str(t / "g.png")],
+     "sampler.steps"),
+    ("meta.json edited (hash)", lambda t, n, r: ["sample", _meta_edited(n, t, rehash=False, hashed=True), "--width", "1",
+                                                 "--out", str(t / "g.png")], "meta_sha256"),
+    ("meta.json edited (no hash, wrong shape)", lambda t, n, r: ["sample", _meta_edited(n, t, rehash=False),
+                                                                 "--width", "1", "--out", str(t / "g.png")],
+     "does not fit the model"),
+    ("meta.json missing field", lambda t, n, r: ["sample", _meta_dropped(n, t, "image_shape"), "--width", "1",
+                                                 "--out", str(t / "g.png")], "image_shape"),
+    ("meta.json FLOPs of another width", lambda t, n, r: ["sample", _meta_flops(n, t), "--width", "1",
+                                                          "--out", str(t / "g.png")], "FLOPs table"),
+    ("data.limit 1 at evaluate", lambda t, n, r: ["evaluate", _limit_one(n, t), "--width", "1", "--n", "4"],
+     "data.limit"),
+    ("data.limit 1 at search", lambda t, n, r: ["search", _config(t, search=SEARCH), "--supernet", _limit_one(n, t),
+                                                "--out", str(t / "run")], "data.limit"),
+    ("search steps beyond the supernet's timesteps", lambda t, n, r: [
+        "search", _config(t, diffusion={"timesteps": 1000}, search={**SEARCH, "steps": 200, "segments": 2}),
+        "--supernet", str(n), "--out", str(t / "run")], "search.steps"),
+    ("population larger than the space", lambda t, n, r: [
+        "search", _config(t, search={**SEARCH, "steps": 1, "segments": 1, "population": 5}), "--supernet", str(n),
+        "--out", str(t / "run")], "search.population"),
+    ("search --device cuda without CUDA", lambda t, n, r: ["search", _config(t, search=SEARCH), "--supernet", str(n),
+                                                           "--out", str(t / "run"), "--device", "cuda"], "CUDA"),
+    ("search --out is a file", lambda t, n, r: ["search", _config(t, search=SEARCH), "--supernet", str(n),
+                                                "--out", _file(t / "taken")], "is a file"),
+    ("report: corrupt run.json", lambda t, n, r: ["report", _run_edited(r(), t, "run.json", "{not json")], "run.json"),
+    ("report: binary run.json", lambda t, n, r: ["report", _run_edited(r(), t, "run.json", b"\xff\xfe\x00")],
+     "not a text file"),
+    ("report: a column missing", lambda t, n, r: ["report", _run_column_dropped(r(), t, "fid")], "lacks columns"),
+    ("report: killed in generation 0", lambda t, n, r: ["report", _run_killed_early(r(), t)], "no finished generation"),
+    ("report --budget abc", lambda t, n, r: ["report", _run_copy(r(), t), "--budget", "abc"], "--budget"),
+    ("report: supernet moved, wrong one given", lambda t, n, r: ["report", _run_copy(r(), t), "--supernet",
+                                                                 _other_supernet(n, t)], "hash differs"),
+    ("export: supernet moved away", lambda t, n, r: ["export", _run_supernet_gone(r(), n, t), "--budget", "100%",
+                                                     "--out", str(t / "x.json")], "--supernet"),
+]
+
+
+def _binary(path: Path) -> str:
+    path.write_bytes(bytes(range(256)) * 4)
+    return str(path)
+
+
+def _file(path: Path, text: str = "not a directory\n") -> str:
+    path.write_text(text)
+    return str(path)
+
+
+def _meta_edited(net: Path, tmp: Path, *, rehash: bool, hashed: bool = False) -> str:
+    copy = _copy_supernet(net, tmp)
+    if hashed:  # a hand edit of a file that carries its own hash: the hash catches it
+        meta = json.loads((copy / META).read_text())
+        meta["step"] = meta["step"] + 1
+        (copy / META).write_text(json.dumps(meta))
+    else:  # no hash to check (an older file): the weights must still fit the config
+        _edit_meta(copy, lambda m: m["config"]["model"].update(base_channels=16), rehash=rehash)
+    return str(copy)
+
+
+def _meta_dropped(net: Path, tmp: Path, field: str) -> str:
+    copy = _copy_supernet(net, tmp)
+    _edit_meta(copy, lambda m: m.pop(field), rehash=True)
+    return str(copy)
+
+
+def _meta_flops(net: Path, tmp: Path) -> str:
+    copy = _copy_supernet(net, tmp)
+    _edit_meta(copy, lambda m: m["flops_per_image"].update({"0.3": 1}), rehash=True)
+    return str(copy)
+
+
+def _limit_one(net: Path, tmp: Path) -> str:
+    copy = _copy_supernet(net, tmp)
+    _edit_meta(copy, lambda m: m["config"]["data"].update(limit=1), rehash=True)
+    return str(copy)
+
+
+def _other_supernet(net: Path, tmp: Path) -> str:
+    copy = tmp / "other"
+    shutil.copytree(net, copy)
+    from safetensors.torch import load_file, save_file
+
+    from ddsm_search.checkpoint import meta_digest
+    from ddsm_search.io import sha256_file
+
+    weights = load_file(str(copy / "supernet.safetensors"))
+    first = next(iter(weights))
+    weights[first] = weights[first] + 1.0
+    save_file(weights, str(copy / "supernet.safetensors"))
+    meta = json.loads((copy / META).read_text())
+    meta["sha256"] = sha256_file(copy / "supernet.safetensors")
+    meta["meta_sha256"] = meta_digest(meta)
+    (copy / META).write_text(json.dumps(meta))
+    return str(copy)
+
+
+def _run_copy(run: Path, tmp: Path) -> str:
+    copy = tmp / "run"
+    shutil.copytree(run, copy)
+    return str(copy)
+
+
+def _run_edited(run: Path, tmp: Path, name: str, content) -> str:
+    copy = Path(_run_copy(run, tmp))
+    (copy / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    return str(copy)
+
+
+def _run_column_dropped(run: Path, tmp: Path, column: str) -> str:
+    import pandas as pd
+
+    copy = Path(_run_copy(run, tmp))
+    table = pd.read_csv(copy / "evaluations.csv")
+    table.drop(columns=[column]).to_csv(copy / "evaluations.csv", index=False)
+    return str(copy)
+
+
+def _run_killed_early(run: Path, tmp: Path) -> str:
+    import pandas as pd
+
+    copy = Path(_run_copy(run, tmp))
+    for name in ("generations.csv", "front.csv"):
+        (copy / name).unlink()
+    table = pd.read_csv(copy / "evaluations.csv")
+    table.iloc[:2].to_csv(copy / "evaluations.csv", index=False)  # two evaluations landed, then kill -9
+    return str(copy)
+
+
+def _run_supernet_gone(run: Path, net: Path, tmp: Path) -> str:
+    copy = Path(_run_copy(run, tmp))
+    info = json.loads((copy / "run.json").read_text())
+    info["supernet"]["path"] = str(tmp / "moved-away")
+    (copy / "run.json").write_text(json.dumps(info))
+    return str(copy)
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else b"<dir>") for p in sorted(root.rglob("*"))}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_supernet, tmp_path_factory):
+    """A finished one-generation tiny search (module-scoped; cases copy it before changing anything)."""
+    root = tmp_path_factory.mktemp("bad-inputs-run")
+    config = _yaml(root / "exp.yaml", tiny_dict(search=SEARCH))
+    cache = root / "cache"
+    assert main(["search", str(config), "--supernet", str(tiny_supernet), "--out", str(root / "run"), "--quiet"]) == 0
+    shutil.rmtree(cache, ignore_errors=True)
+    return root / "run"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tiny_supernet, request, tmp_path, capsys, monkeypatch):
+    name, build, match = case
+    if name.endswith("without CUDA") and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    monkeypatch.setenv("DDSM_SEARCH_CACHE", str(tmp_path.parent / f"{tmp_path.name}-cache"))
+    monkeypatch.chdir(tmp_path)
+    argv = build(tmp_path, tiny_supernet, lambda: request.getfixturevalue("finished_run"))
+    before = _snapshot(tmp_path)
+    assert main(argv + (["--quiet"] if argv[0] in ("train", "search", "sample", "evaluate") else [])) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ddsm-search: error:"), err
+    assert match in err[0], err[0]
+    assert _snapshot(tmp_path) == before, "a failed command must write nothing"

@@ -1,0 +1,101 @@
+"""Sampling, the prefix cache and the search on the CPU production path: the fused kernel.
+
+The shared tiny supernet has channel counts the kernel cannot run (6 at width 0.75), so it always
+samples with torch's layers. This supernet's channels are whole multiples of 8 at every width, so its
+exported subnets run on the kernel, and each test checks that they did.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import yaml
+
+from ddsm_search.checkpoint import load_supernet
+from ddsm_search.cli import main
+from ddsm_search.config import config_from_dict
+from ddsm_search.nn import kernels
+from ddsm_search.nn.kernels import graph
+from ddsm_search.sampling import PrefixCache, generate, make_denoisers
+from ddsm_search.search.runner import run_search
+from tests.conftest import tiny_dict
+
+FUSED = {"model": {"base_channels": 16, "channel_mults": [1, 2], "group_size": 8, "head_dim": 8, "widths": [1.0, 0.5],
+                   "attention_resolutions": [4]}}
+SEARCH = {"steps": 6, "segments": 3, "population": 6, "generations": 2, "samples": 40, "workers": 0, "batch_size": 40}
+MIXED = [0.5, 0.5, 1.0, 1.0, 0.5, 1.0]
+
+
+@pytest.fixture(scope="module")
+def fused_supernet(tmp_path_factory):
+    """A small supernet whose every width the fused kernel can run (it fails, not skips, if the kernel
+    does not build on a CPU that can run it: the production path must not go untested silently)."""
+    if kernels._cpu_ok():
+        pytest.skip(f"this CPU cannot run the fused kernel: {kernels._cpu_ok()}")
+    assert kernels.available(), kernels.why_unavailable()
+    root = tmp_path_factory.mktemp("fused-supernet")
+    config = root / "fused.yaml"
+    config.write_text(yaml.safe_dump(tiny_dict(**FUSED)))
+    assert main(["train", str(config), "--out", str(root / "net"), "--steps", "3", "--quiet", "--device", "cpu"]) == 0
+    return root / "net"
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Count the forward passes that ran on the fused kernel."""
+    calls = {"n": 0}
+    real = graph.Program.run
+
+    def counting(self, *args, **kwargs):
+        calls["n"] += 1
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(graph.Program, "run", counting)
+    return calls
+
+
+def test_every_exported_subnet_runs_on_the_kernel(fused_supernet):
+    model = load_supernet(fused_supernet).model
+    x = torch.randn(3, *model.image_shape)
+    with torch.inference_mode():
+        for width, net in make_denoisers(model, model.widths, "cpu").items():
+            assert net.fused_program(x) is not None, f"width {width} fell back to torch's layers"
+
+
+def test_sampling_on_the_kernel_matches_torch_layers(fused_supernet, kernel_calls):
+    supernet = load_supernet(fused_supernet)
+    kwargs = dict(n=12, seed=3, batch_size=5)
+    fused = generate(supernet.model, supernet.config.diffusion, MIXED, **kwargs)
+    assert kernel_calls["n"] == len(MIXED) * 3, "every step of every chunk runs on the kernel"
+    with kernels.disabled():
+        plain = generate(supernet.model, supernet.config.diffusion, MIXED, **kwargs)
+    assert kernel_calls["n"] == len(MIXED) * 3
+    torch.testing.assert_close(fused, plain, rtol=0, atol=1e-4)  # float rounding only, not bit for bit
+
+
+@pytest.mark.parametrize("sampler,eta", [("ddim", 0.0), ("ddpm", 0.0), ("ddim", 1.0)])
+def test_prefix_cache_is_bit_identical_on_the_kernel(fused_supernet, kernel_calls, sampler, eta):
+    supernet = load_supernet(fused_supernet)
+    second = MIXED[:4] + [1.0, 0.5]  # shares the first 4 steps
+    cache = PrefixCache(boundaries=[2, 4])
+    kwargs = dict(n=6, seed=7, sampler=sampler, eta=eta)
+    generate(supernet.model, supernet.config.diffusion, MIXED, cache=cache, **kwargs)
+    cached = generate(supernet.model, supernet.config.diffusion, second, cache=cache, **kwargs)
+    fresh = generate(supernet.model, supernet.config.diffusion, second, **kwargs)
+    torch.testing.assert_close(cached, fresh, rtol=0, atol=0)
+    assert cache.steps_saved == 4 and kernel_calls["n"] == 6 + 2 + 6
+
+
+def test_search_on_the_kernel_scores_as_torch_layers_do(fused_supernet, kernel_calls, tmp_path):
+    cfg = config_from_dict(tiny_dict(**FUSED, search=SEARCH))
+    fused = run_search(cfg, fused_supernet, tmp_path / "fused", progress=False, cache_dir=str(tmp_path / "c"))
+    assert kernel_calls["n"] > 0, "the search's evaluations must run on the kernel"
+    runs = kernel_calls["n"]
+    with kernels.disabled():
+        plain = run_search(cfg, fused_supernet, tmp_path / "plain", progress=False, cache_dir=str(tmp_path / "c"),
+                           generations=1)
+    assert kernel_calls["n"] == runs
+    first = fused.table().merge(plain.table(), on="schedule", suffixes=("_fused", "_plain"))
+    assert len(first) == len(plain.rows) > 0  # the shared first generation
+    torch.testing.assert_close(torch.tensor(first["fid_fused"].to_numpy()), torch.tensor(first["fid_plain"].to_numpy()),
+                               rtol=1e-3, atol=1e-4)
