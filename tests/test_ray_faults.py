@@ -32,7 +32,9 @@ ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the stand-in 
 # a dead node is declared dead within about half a second (the default takes 15 s after a hard kill)
 FAST_HEALTH_CHECK = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 200,
                      "health_check_timeout_ms": 200, "health_check_failure_threshold": 3}
-SEARCH = {"steps": 6, "segments": 3, "population": 8, "generations": 3, "samples": 100, "batch_size": 100}
+# 300 images an evaluation: slow enough (about 0.2 s) that both actors are up long before the search ends,
+# so the node is lost mid-search even when one actor starts seconds after the other
+SEARCH = {"steps": 6, "segments": 3, "population": 8, "generations": 3, "samples": 300, "batch_size": 300}
 ON_WORKER_NODE = {"num_cpus": 0, "resources": {"spare": 1}}  # stand-ins: only the worker node can host them
 
 
