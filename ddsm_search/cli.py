@@ -87,9 +87,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     gflops = supernet.schedule_flops(widths) / 1e9
     full = supernet.flops[supernet.model.widths[0]] * len(widths) / 1e9
     if args.compare:  # what a schedule buys: measured against full width on the same batch and noise
-        images, seconds, full_seconds = time_against_full(supernet.model, supernet.config.diffusion, widths, **kwargs)
+        images, seconds, full_seconds, paths = time_against_full(supernet.model, supernet.config.diffusion, widths,
+                                                                 **kwargs)
+        chosen = ", ".join(f"{w!r} {p}" for w, p in sorted(paths.items(), reverse=True))
         timing = (f"{seconds:.2f} s against {full_seconds:.2f} s at full width on the same batch and noise: "
-                  f"{full_seconds / seconds:.2f}x faster")
+                  f"{full_seconds / seconds:.2f}x faster (each width on its faster path here: {chosen})")
     else:
         started = time.perf_counter()
         images = generate(supernet.model, supernet.config.diffusion, widths, **kwargs)

@@ -56,15 +56,17 @@ def quickstart(out: str | Path = "results/quickstart", *, budget: str = "50%", d
 
     supernet = load_supernet(net, device)
     schedule = load_schedule(path, supernet)
-    _, seconds, full_seconds = time_against_full(supernet.model, supernet.config.diffusion, schedule.widths, n=n_speed,
+    _, seconds, full_seconds, paths = time_against_full(supernet.model, supernet.config.diffusion, schedule.widths, n=n_speed,
                                                  seed=0, sampler=schedule.sampler, eta=schedule.eta, device=device)
     quality = exported["quality"]
     m = quality["metric"]  # the run's metric, fid unless the config chose kid
     figures = {"schedule": str(path), "flops_share": exported["flops_share"], "metric": m,
                "heldout": quality["heldout"][m], "full_width_heldout": quality["full_width_heldout"][m],
                "seconds": seconds, "full_width_seconds": full_seconds, "speedup": full_seconds / seconds,
+               "paths": {repr(w): p for w, p in paths.items()},
                "total_seconds": time.perf_counter() - started}
     say(f"done: {path} uses {figures['flops_share']:.0%} of full width's FLOPs; held-out {m.upper()} "
         f"{figures['heldout']:.4g} vs full width {figures['full_width_heldout']:.4g}; {n_speed} images in "
-        f"{seconds:.1f} s vs {full_seconds:.1f} s at full width ({figures['speedup']:.2f}x faster)")
+        f"{seconds:.1f} s vs {full_seconds:.1f} s at full width ({figures['speedup']:.2f}x faster; each width on its "
+        f"faster path here: {', '.join(f'{w} {p}' for w, p in figures['paths'].items())})")
     return figures

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
 from typing import Sequence
@@ -110,15 +111,56 @@ def generate(model: SlimUNet, diffusion: DiffusionConfig, widths: Sequence[float
     return out.cpu()
 
 
+def _forward_seconds(net: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, repeats: int) -> float:
+    """Return the fastest of `repeats` timed forward passes (after one untimed warm-up)."""
+    with torch.inference_mode():
+        net(x, t)
+        best = math.inf
+        for _ in range(repeats):
+            started = time.perf_counter()
+            net(x, t)
+            best = min(best, time.perf_counter() - started)
+    return best
+
+
+def choose_fastest_paths(denoisers: dict, x: torch.Tensor, repeats: int = 3) -> dict[float, str]:
+    """Time each subnet on the fused CPU kernel and on torch's layers on `x`, keep each on its faster
+    path (`use_kernel`), and return {width: "fused" | "torch"}.
+
+    Which is faster depends on the CPU and the width (on AVX-512 machines torch's oneDNN layers beat
+    the AVX2 kernel at full width, the kernel wins at small widths), so it is measured, not assumed.
+    Subnets the kernel cannot run, and every subnet off the CPU, report "torch" untimed.
+    """
+    t = torch.tensor(500, device=x.device)
+    paths = {}
+    for width, net in denoisers.items():
+        with torch.inference_mode():
+            runs_fused = getattr(net, "fused_program", lambda _: None)(x) is not None
+        if not runs_fused:
+            paths[width] = "torch"
+            continue
+        fused = _forward_seconds(net, x, t, repeats)
+        net.use_kernel = False
+        plain = _forward_seconds(net, x, t, repeats)
+        net.use_kernel = fused <= plain
+        paths[width] = "fused" if net.use_kernel else "torch"
+    return paths
+
+
 def time_against_full(model: SlimUNet, diffusion: DiffusionConfig, widths: Sequence[float], *, n: int, seed: int,
                       sampler: str = "ddim", eta: float = 0.0, batch_size: int = 500, device: str = "cpu",
-                      progress: bool = False) -> tuple[torch.Tensor, float, float]:
-    """Return (the schedule's images, its seconds, full width's seconds) for the same batch and noise.
+                      progress: bool = False) -> tuple[torch.Tensor, float, float, dict[float, str]]:
+    """Return (the schedule's images, its seconds, full width's seconds, the path each width ran on)
+    for the same batch and noise.
 
-    Subnets are exported and every width warmed up first, so both timings are of sampling alone.
+    Each width runs on its fastest path on this machine, measured first (`choose_fastest_paths`), so
+    full width's time is that of the fastest full-width path. Subnets are exported and every width
+    warmed up first, so both timings are of sampling alone.
     """
     full = [max(model.widths)] * len(widths)
     denoisers = make_denoisers(model, list(widths) + full, device)
+    probe = torch.randn((min(n, batch_size), *model.image_shape), generator=torch.Generator().manual_seed(seed))
+    paths = choose_fastest_paths(denoisers, probe.to(device))
     for w in {*widths, full[0]}:  # warm-up: allocation and kernel choice are not sampling speed
         generate(model, diffusion, [w], n=min(n, batch_size), seed=seed, batch_size=batch_size, device=device,
                  denoisers=denoisers)
@@ -130,4 +172,4 @@ def time_against_full(model: SlimUNet, diffusion: DiffusionConfig, widths: Seque
         if device == "cuda":
             torch.cuda.synchronize()
         timings.append((images, time.perf_counter() - started))
-    return timings[0][0], timings[0][1], timings[1][1]
+    return timings[0][0], timings[0][1], timings[1][1], paths

@@ -99,3 +99,34 @@ def test_search_on_the_kernel_scores_as_torch_layers_do(fused_supernet, kernel_c
     assert len(first) == len(plain.rows) > 0  # the shared first generation
     torch.testing.assert_close(torch.tensor(first["fid_fused"].to_numpy()), torch.tensor(first["fid_plain"].to_numpy()),
                                rtol=1e-3, atol=1e-4)
+
+
+def test_each_width_keeps_the_path_measured_faster(fused_supernet, kernel_calls, monkeypatch):
+    from ddsm_search import sampling
+
+    model = load_supernet(fused_supernet).model
+    denoisers = make_denoisers(model, model.widths, "cpu")
+    # a machine where torch's layers win at full width and the kernel at 0.5 (as measured on AVX-512)
+    fake = {(1.0, True): 2.0, (1.0, False): 1.0, (0.5, True): 1.0, (0.5, False): 3.0}
+    by_net = {id(net): width for width, net in denoisers.items()}
+    monkeypatch.setattr(sampling, "_forward_seconds",
+                        lambda net, x, t, repeats: fake[(by_net[id(net)], bool(net.use_kernel))])
+    x = torch.randn(4, *model.image_shape)
+    assert sampling.choose_fastest_paths(denoisers, x) == {1.0: "torch", 0.5: "fused"}
+    with torch.inference_mode():
+        assert denoisers[1.0].fused_program(x) is None and denoisers[0.5].fused_program(x) is not None
+        before = kernel_calls["n"]
+        denoisers[1.0](x, torch.tensor(3))
+        assert kernel_calls["n"] == before, "a subnet kept on torch's layers never calls the kernel"
+        denoisers[0.5](x, torch.tensor(3))
+        assert kernel_calls["n"] == before + 1
+
+
+def test_speed_comparison_reports_each_widths_path(fused_supernet):
+    from ddsm_search.sampling import time_against_full
+
+    supernet = load_supernet(fused_supernet)
+    images, seconds, full_seconds, paths = time_against_full(supernet.model, supernet.config.diffusion, MIXED, n=8,
+                                                             seed=0, batch_size=8)
+    assert images.shape == (8, *supernet.model.image_shape) and seconds > 0 and full_seconds > 0
+    assert set(paths) == {1.0, 0.5} and set(paths.values()) <= {"fused", "torch"}

@@ -123,7 +123,13 @@ def check_image_shape(cfg: ModelConfig, image_shape: tuple[int, int, int]) -> No
 
 
 class UNet(nn.Module):
-    """A U-Net epsilon-predictor; its layers come from `kit` (slimmable or static at one width)."""
+    """A U-Net epsilon-predictor; its layers come from `kit` (slimmable or static at one width).
+
+    `use_kernel = False` on an instance keeps it on torch's layers even where the fused CPU kernel
+    could run it (`sampling.choose_fastest_paths` sets it per subnet by measurement).
+    """
+
+    use_kernel = True
 
     def __init__(self, cfg: ModelConfig, image_shape: tuple[int, int, int], kit):
         """Build the network; 4-D weights and activations use channels-last, which ran 15-25% faster
@@ -231,8 +237,8 @@ class UNet(nn.Module):
         every call cost more than the whole forward of a small batch). So an optimizer step,
         load_state_dict or .to() is seen; replacing a whole layer afterwards is not, nor an in-place
         change to weights created under torch.inference_mode() (they have no version counter)."""
-        if (torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4
-                or self.training and self.cfg.dropout > 0 or not kernels.available()):
+        if (not self.use_kernel or torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != torch.float32
+                or x.dim() != 4 or self.training and self.cfg.dropout > 0 or not kernels.available()):
             return None
         entry = _PROGRAMS.get(self)
         if entry is None:
