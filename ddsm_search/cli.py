@@ -155,7 +155,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .report_stage import write_report
     from .sampling import resolve_device
 
-    write_report(args.run, budget=args.budget, device=resolve_device(args.device), supernet=args.supernet)
+    write_report(args.run, budget=args.budget, device=resolve_device(args.device), supernet=args.supernet,
+                 heldout=args.heldout)
     return 0
 
 
@@ -166,13 +167,22 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     if args.out and Path(args.out).suffix.lower() != ".json":
         raise DDSMError(f"--out must end in .json, got {Path(args.out).name}")
-    path, data = export_schedule(args.run, args.budget, args.out, heldout_samples=args.n,
-                                 device=resolve_device(args.device), progress=not args.quiet, supernet=args.supernet)
+    if args.budget is None and args.max_loss is None:
+        raise DDSMError("export needs --budget, --max-loss or both")
+    path, data = export_schedule(args.run, args.budget, args.out, max_loss=args.max_loss, confidence=args.confidence,
+                                 heldout_samples=args.n, candidates=args.candidates, device=resolve_device(args.device),
+                                 progress=not args.quiet, supernet=args.supernet)
     q = data["quality"]
-    m = q["metric"]
+    m, loss = q["metric"], q["loss"]
+
+    def fmt(value) -> str:
+        return "n/a" if value is None else f"{value:.4g}"
+
     print(f"wrote {path}: {data['gflops_per_image']:.4f} GFLOPs per image ({data['flops_share']:.0%} of full width); "
-          f"{m.upper()} {q['search'][m]:.4g} at search time, {q['heldout'][m]:.4g} on held-out noise "
-          f"(full width: {q['full_width_heldout'][m]:.4g}, n={q['heldout']['samples']})")
+          f"{m.upper()} {fmt(q['search'][m])} at search time, {fmt(q['heldout'][m])} on held-out noise (full width: "
+          f"{fmt(q['full_width_heldout'][m])}, n={q['heldout']['samples']}); loss against full size "
+          f"{loss['value']:.4g}, {loss['confidence']:.0%} interval [{loss['low']:.4g}, {loss['high']:.4g}]; "
+          f"{len(q['confirmed'])} candidate(s) confirmed")
     return 0
 
 
@@ -181,7 +191,8 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     from .pipeline import quickstart
     from .sampling import resolve_device
 
-    quickstart(args.out, budget=args.budget, device=resolve_device(args.device), progress=True)
+    quickstart(args.out, max_loss=args.max_loss, budget=args.budget, device=resolve_device(args.device),
+               progress=True)
     return 0
 
 
@@ -254,15 +265,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="print a search run's front and write its plots")
     p.add_argument("run", help="search run directory")
     p.add_argument("--budget", default="50%", help="also show the best schedule within this budget (default 50%%)")
+    p.add_argument("--heldout", type=_positive, metavar="N",
+                   help="also re-score the front on N held-out images, print the Spearman rank correlation with "
+                   "the search's scores and plot both fronts (kept in RUN/heldout.csv)")
     p.add_argument("--supernet", help="the run's supernet, if it moved since the search (its hash must match)")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     p.set_defaults(func=cmd_report)
 
-    p = sub.add_parser("export", help="write the best schedule within a FLOP budget as a deployable JSON")
+    p = sub.add_parser("export", help="write the cheapest schedule that keeps full-size quality (--max-loss), or the "
+                       "best within a FLOP budget, confirmed on held-out noise, as a deployable JSON")
     p.add_argument("run", help="search run directory")
-    p.add_argument("--budget", required=True, help="GFLOPs per image, or a share of full width such as 50%%")
+    p.add_argument("--budget", help="GFLOPs per image, or a share of full width such as 50%%")
+    p.add_argument("--max-loss", type=float, metavar="X",
+                   help="largest loss against full size on held-out noise, in the run's metric (FID +X, or drift "
+                   "X), at --confidence: exports the cheapest front schedule that meets it")
+    p.add_argument("--confidence", type=float, default=0.95, help="confidence of the loss interval (default 0.95)")
+    p.add_argument("--candidates", type=_positive,
+                   help="schedules to confirm (default: with --max-loss the whole front, cheapest first; "
+                   "with --budget alone its 3 best)")
     p.add_argument("--out", help="schedule JSON (default: RUN/schedule_<budget>.json)")
-    p.add_argument("--n", type=_positive, help="held-out images for the re-check (default: max(search samples, 1000))")
+    p.add_argument("--n", type=_positive, help="held-out images for the check (default: max(4 x search samples, 1000))")
     p.add_argument("--supernet", help="the run's supernet, if it moved since the search (its hash must match)")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     p.add_argument("--quiet", action="store_true")
@@ -270,7 +292,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("quickstart", help="train, search, report and export on the embedded digits")
     p.add_argument("--out", default="results/quickstart")
-    p.add_argument("--budget", default="50%")
+    p.add_argument("--max-loss", type=float, default=0.05,
+                   help="export the cheapest schedule within FID +X of full width on 2,000 held-out images at 95%% "
+                   "confidence (default 0.05)")
+    p.add_argument("--budget", help="also keep the export within this FLOP budget, e.g. 50%%")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])
     p.set_defaults(func=cmd_quickstart)
     return parser

@@ -96,7 +96,8 @@ class SearchConfig:
     samples: int = 500  # images per evaluation, drawn from the "search" seed set
     screen_samples: int | None = None  # if set, screen every candidate on this many images first and
     screen_margin: float = 0.0  # fully evaluate it unless a cheaper evaluated schedule screened better by > margin
-    metric: str = "fid"  # fid | kid: the quality objective
+    metric: str = "fid"  # fid | kid | drift: the quality objective (drift: from full size on the same noise)
+    drift_space: str = "auto"  # auto | features | pixels: where drift is measured (auto: features for digits)
     seed: int = 0
     workers: int = 2
     batch_size: int = 500
@@ -276,7 +277,9 @@ def validate_search(cfg: ExperimentConfig) -> None:
     _check(q.screen_samples is None or 2 <= q.screen_samples < q.samples,
            "search.screen_samples: must be at least 2 and below search.samples")
     _check(q.screen_margin >= 0, "search.screen_margin: must be >= 0")
-    _check(q.metric in ("fid", "kid"), f"search.metric: expected fid or kid, got {q.metric!r}")
+    _check(q.metric in ("fid", "kid", "drift"), f"search.metric: expected fid, kid or drift, got {q.metric!r}")
+    _check(q.drift_space in ("auto", "features", "pixels"),
+           f"search.drift_space: expected auto, features or pixels, got {q.drift_space!r}")
     _check(q.workers >= 0, "search.workers: must be >= 0 (0 = evaluate in this process, without Ray)")
     _check(q.batch_size >= 1, "search.batch_size: must be at least 1")
     if q.budget is not None:

@@ -18,7 +18,9 @@ from .config import DataConfig
 from .data import SPLITS, dataset_key, load_dataset
 from .errors import DDSMError
 from .metrics import FeatureExtractor, ReferenceStats, default_extractor_for, get_extractor, reference_stats, seed_for
+from .full_samples import full_size_samples
 from .sampling import PrefixCache, generate
+from .scoring import FullReference, Scorer, drift_space_for, score_images
 
 
 def training_reference(data: DataConfig, extractor: FeatureExtractor, *, cache_dir=None,
@@ -43,12 +45,16 @@ def evaluate(supernet: Supernet, widths: Sequence[float], *, n: int, seed_set: s
              extractor: FeatureExtractor | None = None, device: str = "cpu", batch_size: int = 500, cache_dir=None,
              progress: bool = False, sampler: str | None = None, eta: float | None = None,
              reference: ReferenceStats | None = None, kid: bool = True, denoisers: dict | None = None,
-             cache: PrefixCache | None = None) -> dict:
-    """Return FID, KID (mean and spread), GFLOPs per image and timings of a schedule on a named seed set.
+             cache: PrefixCache | None = None, scorer: Scorer | None = None, drift: bool = False,
+             full: FullReference | None = None, keep: bool = False) -> dict:
+    """Return FID, KID (mean and spread), drift, GFLOPs per image and timings of a schedule on a named seed set.
 
     Every schedule scored on the same seed set starts from the same noise (common random numbers).
-    Pass `extractor` and `reference` (and `denoisers`) when scoring many schedules, to build them once, and
-    a `sampling.PrefixCache` (one per n and seed set) to resume from latents of a shared schedule prefix.
+    Pass a `scorer` (or `extractor` and `reference`) and `denoisers` when scoring many schedules, to build
+    them once, and a `sampling.PrefixCache` (one per n and seed set) to resume from latents of a shared
+    schedule prefix. With `drift` (or a `full` reference given), drift from the full-size images of the
+    same noise is measured too (they are made once and kept beside the supernet); with `keep`, the
+    per-image values that confidence intervals need come back as well (`features`, `drift_values`).
     """
     if not isinstance(n, int) or n < 2:
         raise DDSMError(f"evaluation needs at least 2 images (a covariance), got n={n}")
@@ -57,18 +63,26 @@ def evaluate(supernet: Supernet, widths: Sequence[float], *, n: int, seed_set: s
     sample_cfg = supernet.config.sample
     sampler = sampler or sample_cfg.sampler
     eta = sample_cfg.eta if eta is None else eta
-    if extractor is None:
-        extractor = get_extractor(default_extractor_for(supernet.config.data.kind), device)
-    if reference is None:
-        reference = training_reference(supernet.config.data, extractor, cache_dir=cache_dir, batch_size=batch_size)
-    _check_reference(reference, extractor)
+    if scorer is None:
+        if extractor is None:
+            extractor = get_extractor(default_extractor_for(supernet.config.data.kind), device)
+        if reference is None:
+            reference = training_reference(supernet.config.data, extractor, cache_dir=cache_dir, batch_size=batch_size)
+        space = drift_space_for(supernet.config.data.kind, "auto")
+        scorer = Scorer(extractor, reference, extractor if space == "features" else None)
+    if scorer.extractor is not None:
+        _check_reference(scorer.reference, scorer.extractor)
+    if (drift or keep) and full is None:
+        full = FullReference(full_size_samples(supernet, n=n, seed_set=seed_set, seed=seed, sampler=sampler, eta=eta,
+                                               steps=len(widths), batch_size=batch_size, device=device,
+                                               denoisers=denoisers, cache=cache, cache_dir=cache_dir))
 
     started = time.perf_counter()
     images = generate(supernet.model, supernet.config.diffusion, widths, n=n, seed=seed, sampler=sampler, eta=eta,
                       batch_size=batch_size, device=device, progress=progress, denoisers=denoisers, cache=cache)
     seconds = time.perf_counter() - started
     started = time.perf_counter()
-    scores = reference.score(extractor.features(images, batch_size), kid=kid)
+    scores = score_images(scorer, images, full=full, batch_size=batch_size, kid=kid, keep=keep)
     eval_seconds = time.perf_counter() - started
     return {
         **scores,
@@ -78,8 +92,9 @@ def evaluate(supernet: Supernet, widths: Sequence[float], *, n: int, seed_set: s
         "n": n,
         "seed_set": seed_set,
         "seed": seed,
-        "extractor": extractor.name,
-        "reference": reference.name,
+        "extractor": scorer.extractor.name if scorer.extractor is not None else None,
+        "reference": scorer.reference.name if scorer.reference is not None else None,
+        "drift_space": scorer.drift_space if full is not None else None,
         "sampler": sampler,
         "eta": eta,
         "steps": len(widths),

@@ -8,10 +8,10 @@ import pandas as pd
 
 from .config import parse_budget
 from .errors import DDSMError
-from .plots import plot_front, plot_grids, plot_hypervolume, plot_schedule
+from .plots import plot_front, plot_grids, plot_heldout_front, plot_hypervolume, plot_schedule
 from .report import front, generations, load_run, pick, run_info
 
-FRONT_COLUMNS = ["gflops", "flops_share", "fid", "kid", "samples", "generation", "schedule"]
+FRONT_COLUMNS = ["gflops", "flops_share", "fid", "kid", "drift", "samples", "generation", "schedule"]
 
 
 def format_front(table: pd.DataFrame) -> str:
@@ -22,7 +22,8 @@ def format_front(table: pd.DataFrame) -> str:
 
 
 def write_report(run: str | Path, *, budget: str | None = "50%", device: str = "cpu", n_grid: int = 64,
-                 progress: bool = True, supernet: str | Path | None = None) -> list[Path]:
+                 progress: bool = True, supernet: str | Path | None = None, heldout: int | None = None,
+                 cache_dir=None) -> list[Path]:
     """Print the front and write report/*.png into the run directory; return the files written.
 
     Everything the report needs is read and checked first (run files, budget, supernet), so a bad
@@ -47,7 +48,9 @@ def write_report(run: str | Path, *, budget: str | None = "50%", device: str = "
             chosen = pick(table, budget, metric)
         except DDSMError as exc:  # a report is still useful without the budget's schedule
             print(f"(no schedule shown for budget {budget}: {exc})")
-    net = supernet_of_run(run, device, supernet) if chosen is not None else None
+    if heldout is not None and heldout < 2:
+        raise DDSMError(f"--heldout must be at least 2 images, got {heldout}")
+    net = supernet_of_run(run, device, supernet) if chosen is not None or heldout else None
     paths = [plot_front(table, out / "front.png", metric, chosen), plot_hypervolume(history, out / "hypervolume.png")]
     if progress:
         print(f"{len(table)} schedules evaluated, {int(table['on_front'].sum())} on the front:")
@@ -62,6 +65,17 @@ def write_report(run: str | Path, *, budget: str | None = "50%", device: str = "
         full = generate(net.model, net.config.diffusion, [net.model.widths[0]] * len(widths), **kwargs)
         paths.append(plot_grids(images, full, out / "samples.png",
                                 (f"schedule ({chosen['flops_share']:.0%} of the FLOPs)", "full width, same noise")))
+    if heldout:
+        from .heldout_front import heldout_front
+
+        checked, rho = heldout_front(run, heldout, device=device, supernet=supernet, progress=progress,
+                                     cache_dir=cache_dir)
+        paths.append(plot_heldout_front(checked, out / "heldout_front.png", rho))
+        if progress:
+            print(f"the front on held-out noise ({heldout} images; kept in {run / 'heldout.csv'}):")
+            print(checked.drop(columns="schedule").to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+            print(f"Spearman rank correlation between search and held-out {metric.upper()}: {rho:.3f} "
+                  f"over {len(checked)} schedules")
     if progress:
         print("plots: " + ", ".join(str(p) for p in paths))
     return paths

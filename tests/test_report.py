@@ -111,10 +111,11 @@ def test_cli_report_export_and_sample(run, tmp_path, capsys):
 
 def test_quickstart_runs_the_whole_pipeline(tmp_path):
     cfg = config_from_dict(tiny_dict(train={"steps": 3}, search=SEARCH))
-    figures = quickstart(tmp_path / "qs", config=cfg, progress=False, budget="80%", n_speed=20)
+    figures = quickstart(tmp_path / "qs", config=cfg, progress=False, budget="80%", n_speed=20, heldout=40)
     assert (tmp_path / "qs" / "schedule.json").is_file()
     assert (tmp_path / "qs" / "search" / "report" / "front.png").is_file()
     assert figures["flops_share"] <= 0.8 + 1e-9 and figures["speedup"] > 0
+    assert figures["loss"]["high"] <= 0.05 and figures["loss"]["samples"] == 40
     pd.read_csv(tmp_path / "qs" / "search" / "evaluations.csv")
 
 

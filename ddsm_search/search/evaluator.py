@@ -7,9 +7,11 @@ import os
 
 from ..checkpoint import load_supernet
 from ..config import SearchConfig
-from ..evaluation import evaluate, training_reference
-from ..metrics import default_extractor_for, get_extractor
+from ..evaluation import evaluate
+from ..full_samples import full_size_samples
+from ..metrics import seed_for
 from ..sampling import PrefixCache, make_denoisers
+from ..scoring import FullReference, make_scorer
 from .space import SearchSpace
 
 SEARCH_SEEDS = "search"  # the search only ever sees this seed set; winners are re-checked on "heldout"
@@ -19,14 +21,15 @@ FAULT_ENV = "DDSM_SEARCH_KILL_WORKER_ONCE"
 
 
 def prepare_reference(supernet_dir: str, search: dict, device: str = "cpu", cache_dir: str | None = None) -> None:
-    """Compute (or find cached) the reference statistics once, before workers start."""
-    supernet = load_supernet(supernet_dir)
-    extractor = get_extractor(default_extractor_for(supernet.config.data.kind), device)
-    training_reference(supernet.config.data, extractor, cache_dir=cache_dir)
+    """Compute (or find cached) the reference statistics once, before workers start, and fail here,
+    before anything is written, if the run's metric cannot be measured (a missing Inception file)."""
+    q = SearchConfig(**search)
+    make_scorer(load_supernet(supernet_dir), metric=q.metric, drift_space=q.drift_space, device=device,
+                cache_dir=cache_dir)
 
 
 class Evaluator:
-    """Scores schedules (FID, KID) on the search seed set, reusing latents of shared prefixes."""
+    """Scores schedules (FID, KID, drift) on the search seed set, reusing latents of shared prefixes."""
 
     def __init__(self, supernet_dir: str, search: dict, device: str = "cpu", cache_dir: str | None = None,
                  threads: int | None = None):
@@ -39,8 +42,10 @@ class Evaluator:
         self.supernet = load_supernet(supernet_dir, device)
         model = self.supernet.model
         self.denoisers = make_denoisers(model, model.widths, device)
-        self.extractor = get_extractor(default_extractor_for(self.supernet.config.data.kind), device)
-        self.reference = training_reference(self.supernet.config.data, self.extractor, cache_dir=cache_dir)
+        self.scorer = make_scorer(self.supernet, metric=self.search.metric, drift_space=self.search.drift_space,
+                                  device=device, cache_dir=cache_dir)
+        self.cache_dir = cache_dir
+        self.full: dict[int, FullReference] = {}  # per sample count: the full-size images drift is measured from
         widths = self.search.widths or model.widths
         space = SearchSpace(tuple(widths), self.search.steps, self.search.segments)
         boundaries = [start for start, _ in space.bounds[1:]]
@@ -64,10 +69,16 @@ class Evaluator:
         if n not in self.caches:
             self.caches[n] = PrefixCache(self.caches[q.samples].boundaries)
         cache = self.caches[n]
+        if n not in self.full:  # made once (or read from beside the supernet); its latents seed the prefix cache
+            self.full[n] = FullReference(full_size_samples(
+                self.supernet, n=n, seed_set=SEARCH_SEEDS, seed=seed_for(SEARCH_SEEDS), sampler=q.sampler, eta=q.eta,
+                steps=q.steps, batch_size=q.batch_size, device=self.device, denoisers=self.denoisers,
+                cache=cache, cache_dir=self.cache_dir))
         run_before, saved_before = cache.steps_run, cache.steps_saved
-        result = evaluate(self.supernet, widths, n=n, seed_set=SEARCH_SEEDS, extractor=self.extractor,
-                          reference=self.reference, device=self.device, batch_size=q.batch_size, sampler=q.sampler,
-                          eta=q.eta, denoisers=self.denoisers, cache=cache)
-        return {"fid": result["fid"], "kid": result["kid"], "samples": result["n"], "seed_set": SEARCH_SEEDS,
+        result = evaluate(self.supernet, widths, n=n, seed_set=SEARCH_SEEDS, scorer=self.scorer, full=self.full[n],
+                          device=self.device, batch_size=q.batch_size, sampler=q.sampler, eta=q.eta,
+                          denoisers=self.denoisers, cache=cache)
+        return {"fid": result["fid"], "kid": result["kid"], "drift": result["drift"], "samples": result["n"],
+                "seed_set": SEARCH_SEEDS,
                 "seconds": round(result["seconds"] + result["eval_seconds"], 3),
                 "steps_run": cache.steps_run - run_before, "steps_saved": cache.steps_saved - saved_before}

@@ -17,7 +17,7 @@ from ..io import write_atomic, write_json_atomic
 from ..keys import canonical_schedule_key
 
 EVALUATIONS, GENERATIONS, FRONT, RUN = "evaluations.csv", "generations.csv", "front.csv", "run.json"
-COLUMNS = ["schedule", "genome", "gflops", "flops_share", "fid", "kid", "samples", "seed_set", "generation",
+COLUMNS = ["schedule", "genome", "gflops", "flops_share", "fid", "kid", "drift", "samples", "seed_set", "generation",
            "worker", "seconds", "steps_run", "steps_saved", "screen_score"]
 
 
@@ -31,6 +31,9 @@ def read_evaluations(path: Path) -> pd.DataFrame:
         frame = pd.read_csv(path, dtype=TEXT_COLUMNS)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
         raise DDSMError(f"{path} is not a readable table: {str(exc).splitlines()[0]}") from None
+    if "drift" not in frame.columns:  # runs written before drift existed
+        frame.insert(frame.columns.get_loc("kid") + 1 if "kid" in frame.columns else len(frame.columns), "drift",
+                     float("nan"))
     missing = set(COLUMNS) - set(frame.columns)
     if missing:
         raise DDSMError(f"{path} lacks columns {sorted(missing)}")
@@ -151,7 +154,7 @@ def read_run_json(path: Path) -> dict:
     if not isinstance(info, dict) or info.get("format") != "ddsm-search/search-run":
         raise DDSMError(f"{path} is not a ddsm-search search run file")
     search = info.get("search")
-    if (not isinstance(search, dict) or search.get("metric") not in ("fid", "kid")
+    if (not isinstance(search, dict) or search.get("metric") not in ("fid", "kid", "drift")
             or not isinstance(search.get("samples"), int) or not isinstance(info.get("supernet"), dict)):
         raise DDSMError(f"{path} lacks its search settings (search.metric, search.samples, supernet)")
     return info

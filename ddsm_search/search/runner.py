@@ -35,9 +35,15 @@ def _run_info(q: SearchConfig, supernet, space: SearchSpace) -> dict:
 
 
 def _same_run(saved: dict, info: dict) -> bool:
-    """Return True if a run on disk was made with these settings and this supernet (wherever it lies now)."""
+    """Return True if a run on disk was made with these settings and this supernet (wherever it lies now).
+
+    Settings added since the run was written count as their defaults (the run was made with those).
+    """
+    defaults = {k: v for k, v in json.loads(json.dumps(asdict(SearchConfig()))).items()}
+
     def strip(d: dict) -> dict:
-        return {**d, "supernet": {"sha256": d.get("supernet", {}).get("sha256")}}
+        search = {**{k: defaults[k] for k in defaults if k in info["search"]}, **d.get("search", {})}
+        return {**d, "search": search, "supernet": {"sha256": d.get("supernet", {}).get("sha256")}}
     return strip(saved) == strip(info)
 
 
@@ -121,7 +127,7 @@ class _Loop:
     def _row(self, key: str, genome, result: dict, gen: int, worker: int, screen_score: float) -> dict:
         flops = self.flops_of(genome)
         return {"schedule": key, "genome": " ".join(map(str, genome)), "gflops": flops / 1e9,
-                "flops_share": flops / self.full, "fid": result["fid"], "kid": result["kid"],
+                "flops_share": flops / self.full, "fid": result["fid"], "kid": result["kid"], "drift": result["drift"],
                 "samples": result["samples"], "seed_set": result["seed_set"], "generation": gen, "worker": worker,
                 "seconds": result["seconds"], "steps_run": result["steps_run"], "steps_saved": result["steps_saved"],
                 "screen_score": screen_score}
