@@ -8,6 +8,14 @@ with replacement beyond the split's size, so there an upper bound) and training 
 paired (same noise for both widths, as the search compares them) and unpaired.
 
     python scripts/bench_metric.py --supernet results/digits --csv results/bench_metric.csv
+
+With --run (a finished search of that supernet), drift too: for every uniform width at --drift-ns
+images (the search's sampler and steps) and each seed set, the drift from full width on the same
+noise beside the paired FID gap to full width, with their spread over seed sets and z = mean / sd (how
+well each tells the width from full width); then, for the run's front, how the search's ranking by
+drift and by FID agrees with FID on --heldout held-out images (Spearman).
+
+    python scripts/bench_metric.py --supernet results/quickstart/supernet --run results/quickstart/search --only-drift
 """
 
 from __future__ import annotations
@@ -51,6 +59,59 @@ def gaps(raw: pd.DataFrame, widths: list[float]) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def drift_spread(supernet, search: dict, ns: list[int], sets: list[str], device: str, batch_size: int,
+                 cache_dir) -> pd.DataFrame:
+    """Return, per uniform width and n, drift and the paired FID gap to full width: mean, sd over seed sets, z."""
+    from ddsm_search.full_samples import full_size_samples
+    from ddsm_search.metrics import seed_for
+    from ddsm_search.scoring import FullReference, make_scorer
+
+    scorer = make_scorer(supernet, metric="fid", device=device, cache_dir=cache_dir)
+    steps, sampler, eta = int(search["steps"]), search["sampler"], float(search["eta"])
+    widths = sorted(supernet.model.widths, reverse=True)
+    denoisers = make_denoisers(supernet.model, widths, device)
+    rows = []
+    for n in ns:
+        for seed_set in sets:
+            full = FullReference(full_size_samples(supernet, n=n, seed_set=seed_set, seed=seed_for(seed_set),
+                                                   sampler=sampler, eta=eta, steps=steps, batch_size=batch_size,
+                                                   device=device, denoisers=denoisers, cache_dir=cache_dir))
+            scores = {}
+            for width in widths:
+                scores[width] = evaluate(supernet, [width] * steps, n=n, seed_set=seed_set, scorer=scorer, full=full,
+                                         device=device, batch_size=batch_size, sampler=sampler, eta=eta,
+                                         denoisers=denoisers)
+            for width in widths[1:]:
+                rows.append({"n": n, "seed_set": seed_set, "width": width, "drift": scores[width]["drift"],
+                             "fid_gap": scores[width]["fid"] - scores[widths[0]]["fid"]})
+            print(f"  drift n={n} {seed_set}: " + ", ".join(f"{w:g} {scores[w]['drift']:.4f}" for w in widths[1:]),
+                  flush=True)
+    raw = pd.DataFrame(rows)
+    table = raw.groupby(["n", "width"], sort=False).agg(drift=("drift", "mean"), drift_sd=("drift", "std"),
+                                                        fid_gap=("fid_gap", "mean"), fid_gap_sd=("fid_gap", "std"),
+                                                        sets=("drift", "size")).reset_index()
+    table["z_drift"] = table["drift"] / table["drift_sd"]
+    table["z_fid_gap"] = table["fid_gap"] / table["fid_gap_sd"]
+    return table
+
+
+def front_agreement(run: str, n: int, device: str) -> tuple[pd.DataFrame, dict]:
+    """Return the run's front with its search-time FID and drift and its held-out FID on n images, and the
+    Spearman rank correlation of each search-time score with held-out FID."""
+    from scipy.stats import spearmanr
+
+    from ddsm_search.heldout_front import heldout_front
+    from ddsm_search.report import front, load_run, run_info
+
+    if run_info(run)["search"]["metric"] != "fid":
+        raise SystemExit("--run must be a search whose metric is fid (its held-out check scores FID)")
+    checked, _ = heldout_front(run, n, device=device, progress=True)
+    table = front(load_run(run))[["schedule", "gflops", "flops_share", "fid", "drift"]].merge(
+        checked[["schedule", "heldout_fid"]], on="schedule")
+    rho = {score: float(spearmanr(table[score], table["heldout_fid"]).statistic) for score in ("fid", "drift")}
+    return table, rho
+
+
 def main() -> None:
     """Measure, print the tables, and write CSVs if asked."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,11 +124,36 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=500)
     parser.add_argument("--cache-dir", help="reference statistics cache (default: $DDSM_SEARCH_CACHE or ~/.cache)")
     parser.add_argument("--csv", help="write the summary here, the raw rows beside it (<name>_raw.csv)")
+    parser.add_argument("--run", help="a finished FID search of this supernet: also measure drift (see above)")
+    parser.add_argument("--drift-ns", type=int, nargs="+", default=[250, 500], help="sample counts for drift")
+    parser.add_argument("--heldout", type=int, default=2000, help="held-out images for the front's check")
+    parser.add_argument("--only-drift", action="store_true", help="with --run: skip the FID/KID table")
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     supernet = load_supernet(args.supernet, device)
+    if args.run:
+        from ddsm_search.report import run_info
+
+        search = run_info(args.run)["search"]
+        print(f"drift: {supernet.path}, {search['steps']} {search['sampler']} steps, seed sets "
+              f"{', '.join(replicates('search', args.replicates))}; {platform.node()}, {args.threads} thread(s)")
+        spread = drift_spread(supernet, search, args.drift_ns, replicates("search", args.replicates), device,
+                              args.batch_size, args.cache_dir)
+        agreement, rho = front_agreement(args.run, args.heldout, device)
+        with pd.option_context("display.width", 160, "display.max_columns", 20, "display.precision", 4):
+            print(spread.to_string(index=False))
+            print()
+            print(agreement.drop(columns="schedule").to_string(index=False))
+        print(f"Spearman with held-out FID on {args.heldout} images over the {len(agreement)} front schedules: "
+              f"search FID {rho['fid']:.3f}, search drift {rho['drift']:.3f}")
+        if args.csv:
+            stem = args.csv[:-4] if args.csv.endswith(".csv") else args.csv
+            write_text_atomic(f"{stem}_drift.csv", spread.to_csv(index=False))
+            write_text_atomic(f"{stem}_front_agreement.csv", agreement.to_csv(index=False))
+        if args.only_drift:
+            return
     widths = sorted(args.widths or supernet.model.widths, reverse=True)
     steps = supernet.config.sample.steps
     extractor = get_extractor(default_extractor_for(supernet.config.data.kind), device)
