@@ -102,7 +102,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """Score a width or schedule: FID and KID against the training images, GFLOPs per image, wall time."""
+    """Score a width or schedule: FID and KID against the training images (and drift from full width),
+    GFLOPs per image, wall time."""
     from .checkpoint import load_supernet
     from .evaluation import evaluate
     from .io import write_json_atomic
@@ -117,14 +118,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     supernet = load_supernet(args.supernet, device)
     widths, sampler, eta = _schedule_widths(args, supernet)
-    extractor = get_extractor(args.extractor or default_extractor_for(supernet.config.data.kind), device)
-    result = evaluate(supernet, widths, n=args.n, seed_set=args.seeds, extractor=extractor, device=device,
-                      batch_size=args.batch_size, sampler=sampler, eta=eta, progress=not args.quiet)
+    if args.drift and args.extractor is None:  # FID and KID where their extractor loads; drift in any case
+        from .scoring import make_scorer
+
+        scorer = make_scorer(supernet, metric="drift", device=device)
+    else:
+        from .evaluation import training_reference
+        from .scoring import Scorer, drift_space_for
+
+        extractor = get_extractor(args.extractor or default_extractor_for(supernet.config.data.kind), device)
+        features = drift_space_for(supernet.config.data.kind, "auto") == "features"
+        scorer = Scorer(extractor, training_reference(supernet.config.data, extractor, batch_size=args.batch_size),
+                        extractor if features else None)
+    result = evaluate(supernet, widths, n=args.n, seed_set=args.seeds, scorer=scorer, device=device,
+                      batch_size=args.batch_size, sampler=sampler, eta=eta, progress=not args.quiet, drift=args.drift)
     full = supernet.flops[supernet.model.widths[0]] * len(widths) / 1e9
-    print(f"FID {result['fid']:.4f}  KID {result['kid']:.5f} (+/- {result['kid_std']:.5f} over subsets)  "
-          f"{result['gflops_per_image']:.4f} GFLOPs per image ({result['gflops_per_image'] / full:.0%} of full width)  "
-          f"sampling {result['seconds']:.2f} s, scoring {result['eval_seconds']:.2f} s  "
-          f"[n={result['n']}, seeds {result['seed_set']}, {result['extractor']}]")
+    fid = (f"FID {result['fid']:.4f}  KID {result['kid']:.5f} (+/- {result['kid_std']:.5f} over subsets)  "
+           if result["extractor"] else "FID/KID n/a (no extractor here)  ")
+    drift = f"drift {result['drift']:.4f} from full width ({result['drift_space']})  " if args.drift else ""
+    print(f"{fid}{drift}{result['gflops_per_image']:.4f} GFLOPs per image ({result['gflops_per_image'] / full:.0%} of "
+          f"full width)  sampling {result['seconds']:.2f} s, scoring {result['eval_seconds']:.2f} s  "
+          f"[n={result['n']}, seeds {result['seed_set']}, {result['extractor'] or 'pixels'}]")
     if args.json:
         write_json_atomic(args.json, result)
     return 0
@@ -241,6 +255,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extractor", choices=["digits-cnn", "inception"],
                    help="feature network (default: digits-cnn for digits, inception otherwise; inception reads "
                    "clean-fid's inception-2015-12-05.pt from $DDSM_INCEPTION_WEIGHTS, never downloading)")
+    p.add_argument("--drift", action="store_true",
+                   help="also measure drift from full width on the same noise (full width's samples are kept "
+                   "beside the supernet); without --extractor, FID and KID only where their extractor loads")
     p.add_argument("--json", help="also write the results to this .json file")
     p.set_defaults(func=cmd_evaluate)
 

@@ -164,3 +164,9 @@ def test_offline_rgb_folder_search_with_drift_and_export(tmp_path, monkeypatch, 
     assert main(["sample", str(net), "--schedule", str(out), "--n", "4", "--out", str(tmp_path / "g.png"),
                  "--quiet"]) == 0
     capsys.readouterr()
+
+
+def test_evaluate_cli_reports_drift(tiny_supernet, capsys):
+    assert main(["evaluate", str(tiny_supernet), "--width", "0.5", "--n", "8", "--drift", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "drift" in out and "from full width (features)" in out and "FID" in out
