@@ -21,11 +21,15 @@ FAULT_ENV = "DDSM_SEARCH_KILL_WORKER_ONCE"
 
 
 def prepare_reference(supernet_dir: str, search: dict, device: str = "cpu", cache_dir: str | None = None) -> None:
-    """Compute (or find cached) the reference statistics once, before workers start, and fail here,
-    before anything is written, if the run's metric cannot be measured (a missing Inception file)."""
+    """Compute (or find on disk) the reference statistics and the full-size samples once, before the
+    workers start, so that they all read the same ones; and fail here, before anything is written, if
+    the run's metric cannot be measured (a missing Inception file)."""
     q = SearchConfig(**search)
-    make_scorer(load_supernet(supernet_dir), metric=q.metric, drift_space=q.drift_space, device=device,
-                cache_dir=cache_dir)
+    supernet = load_supernet(supernet_dir, device)
+    make_scorer(supernet, metric=q.metric, drift_space=q.drift_space, device=device, cache_dir=cache_dir)
+    for n in {q.samples, q.screen_samples} - {None}:
+        full_size_samples(supernet, n=n, seed_set=SEARCH_SEEDS, seed=seed_for(SEARCH_SEEDS), sampler=q.sampler,
+                          eta=q.eta, steps=q.steps, batch_size=q.batch_size, device=device, cache_dir=cache_dir)
 
 
 class Evaluator:
