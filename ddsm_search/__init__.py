@@ -1,4 +1,4 @@
-"""ddsm-search: slimmable diffusion supernets and step-wise width schedules on the FLOPs-FID front.
+"""ddsm-search: diffusion supernets and per-step subnet schedules on the FLOPs-quality front.
 
 The Python API, loaded on first use (so `import ddsm_search` stays light):
 

@@ -3,7 +3,7 @@
 Layout of a supernet directory:
   supernet.safetensors     EMA weights of the supernet (the denoiser that sampling and search use)
   train_state.safetensors  online weights, optimizer state and RNG states (for --resume only)
-  meta.json                format, config, step, image shape, widths, FLOPs table, SHA-256 of both
+  meta.json                format, config, step, image shape, axes, FLOPs per subnet, SHA-256 of both
 The weight files are written first and meta.json last, so meta.json always describes whole files.
 Nothing here unpickles: safetensors stores raw tensors only.
 """
@@ -21,11 +21,11 @@ from safetensors.torch import load_file, save
 from .config import ExperimentConfig, config_from_dict
 from .errors import DDSMError
 from .io import sha256_file, write_atomic, write_json_atomic
-from .keys import flops_by_width, width_key
-from .nn.unet import SlimUNet
+from .backbones import SlimModel, build_supernet
+from .subnet import Subnet
 
 FORMAT = "ddsm-search/supernet"
-VERSION = 1
+VERSION = 2  # 2: axes and FLOPs per subnet key; version 1 (widths, FLOPs per width) still reads
 WEIGHTS, TRAIN_STATE, META = "supernet.safetensors", "train_state.safetensors", "meta.json"
 
 
@@ -35,16 +35,21 @@ class Supernet:
 
     path: Path
     config: ExperimentConfig
-    model: SlimUNet
+    model: SlimModel
     step: int
     image_shape: tuple[int, int, int]
-    flops: dict[float, int]
+    flops: dict[Subnet, int]
     sha256: str
     dataset: str
 
-    def schedule_flops(self, widths) -> int:
+    def schedule_flops(self, subnets) -> int:
         """Return the FLOPs per image of a schedule: the sum over its steps."""
-        return sum(self.flops[self.model.check_width(w)] for w in widths)
+        return sum(self.flops[self.model.check_subnet(s)] for s in subnets)
+
+    @property
+    def full_flops(self) -> int:
+        """Return the FLOPs per image of one step of the full-size subnet."""
+        return self.flops[self.model.full]
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
@@ -53,8 +58,8 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     write_atomic(path, lambda tmp: tmp.write_bytes(blob))
 
 
-def save_supernet(out_dir: str | Path, *, config: ExperimentConfig, ema: SlimUNet, train_state: dict[str, torch.Tensor],
-                  step: int, flops: dict[float, int], dataset: str) -> Path:
+def save_supernet(out_dir: str | Path, *, config: ExperimentConfig, ema: SlimModel, train_state: dict[str, torch.Tensor],
+                  step: int, flops: dict[Subnet, int], dataset: str) -> Path:
     """Write weights, train state and meta.json (last) into `out_dir`; return the meta.json path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -67,8 +72,8 @@ def save_supernet(out_dir: str | Path, *, config: ExperimentConfig, ema: SlimUNe
         "step": step,
         "dataset": dataset,
         "image_shape": list(ema.image_shape),
-        "widths": list(ema.widths),
-        "flops_per_image": {width_key(w): int(f) for w, f in flops.items()},
+        "axes": ema.space.to_json(),
+        "flops_per_image": {s.key: int(f) for s, f in flops.items()},
         "weights": WEIGHTS,
         "sha256": sha256_file(out / WEIGHTS),
         "train_state": TRAIN_STATE,
@@ -106,8 +111,8 @@ def read_meta(path: str | Path) -> dict:
         raise DDSMError(f"{meta_path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise DDSMError(f"{meta_path} is not a ddsm-search supernet file")
-    if meta.get("version") != VERSION:
-        raise DDSMError(f"{meta_path} has format version {meta.get('version')}; this ddsm-search reads {VERSION}")
+    if meta.get("version") not in (1, VERSION):
+        raise DDSMError(f"{meta_path} has format version {meta.get('version')}; this ddsm-search reads 1 and {VERSION}")
     if "meta_sha256" in meta and meta["meta_sha256"] != meta_digest(meta):
         raise DDSMError(f"{meta_path} was changed after training (its meta_sha256 does not match its content); "
                         "restore it or retrain")
@@ -115,7 +120,7 @@ def read_meta(path: str | Path) -> dict:
     return meta
 
 
-_META_FIELDS = {"step": int, "dataset": str, "image_shape": list, "widths": list, "flops_per_image": dict,
+_META_FIELDS = {"step": int, "dataset": str, "image_shape": list, "flops_per_image": dict,
                 "sha256": str, "train_state_sha256": str, "config": dict}
 
 
@@ -149,18 +154,39 @@ def load_supernet(path: str | Path, device: str = "cpu") -> Supernet:
     except DDSMError as exc:
         raise DDSMError(f"{path / META}: its config is not valid: {exc}") from None
     image_shape = tuple(meta["image_shape"])
-    model = SlimUNet(config.model, image_shape)
+    model = build_supernet(config.model, image_shape)
     state = _load_verified(path / WEIGHTS, meta["sha256"], "cpu")
     try:
         model.load_state_dict(state)
     except RuntimeError:
         raise DDSMError(f"{path / WEIGHTS} does not fit the model that {META} describes (edited by hand?)") from None
     try:
-        flops = flops_by_width(meta["flops_per_image"], model.widths)
+        flops = flops_by_subnet(meta["flops_per_image"], model)
     except (DDSMError, TypeError, ValueError) as exc:
         raise DDSMError(f"{path / META}: {exc}") from None
     return Supernet(path=path, config=config, model=model.to(device).eval(), step=int(meta["step"]),
                     image_shape=image_shape, flops=flops, sha256=meta["sha256"], dataset=meta["dataset"])
+
+
+def flops_by_subnet(stored: dict, model: SlimModel) -> dict[Subnet, int]:
+    """Return meta.json's FLOPs table keyed by the supernet's subnets; raise DDSMError if it does not fit.
+
+    Version-1 files keyed it by width ('1.0', or '0.666667' from `:g`): a bare number is a width,
+    matched to the supernet's width it rounds from.
+    """
+    table = {}
+    for key, flops in stored.items():
+        try:
+            subnet = model.check_subnet(float(key) if "=" not in key else key)
+        except (DDSMError, ValueError) as exc:
+            raise DDSMError(f"the FLOPs table names {key!r}, which is not a subnet of the supernet ({exc})") from None
+        if not isinstance(flops, int) or isinstance(flops, bool):
+            raise DDSMError(f"the FLOPs table's entry for {key} is not a whole number")
+        table[subnet] = flops
+    missing = [s.key for s in model.space if s not in table]
+    if missing:
+        raise DDSMError(f"the FLOPs table lacks subnets {', '.join(missing)}")
+    return table
 
 
 def load_train_state(path: str | Path, device: str = "cpu") -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:

@@ -53,25 +53,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _schedule_widths(args: argparse.Namespace, supernet) -> tuple[list[float], str, float]:
-    """Return (widths, sampler, eta) from --width or --schedule and the sampler flags."""
+def _schedule_subnets(args: argparse.Namespace, supernet) -> tuple[list, str, float]:
+    """Return (one subnet per step, sampler, eta) from --schedule, --subnet or --width and the sampler flags."""
     from .schedule import load_schedule
 
     cfg = supernet.config.sample
     if args.schedule:
         schedule = load_schedule(args.schedule, supernet)
         if args.steps is not None and args.steps != schedule.steps:
-            raise DDSMError(f"the schedule has {schedule.steps} widths but --steps asks for {args.steps}")
+            raise DDSMError(f"the schedule has {schedule.steps} subnets but --steps asks for {args.steps}")
         sampler = args.sampler or schedule.sampler
         eta = args.eta if args.eta is not None else schedule.eta
-        return schedule.widths, sampler, eta
-    width = supernet.model.check_width(args.width)
+        return [supernet.model.check_subnet(s) for s in schedule.subnets], sampler, eta
+    # --width 0.5 is shorthand for --subnet width=0.5 (every other axis at its full value)
+    subnet = supernet.model.check_subnet(args.subnet if args.subnet is not None else args.width)
     steps = args.steps or cfg.steps
-    return [width] * steps, args.sampler or cfg.sampler, args.eta if args.eta is not None else cfg.eta
+    return [subnet] * steps, args.sampler or cfg.sampler, args.eta if args.eta is not None else cfg.eta
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    """Sample images from a supernet with one width or a schedule file."""
+    """Sample images from a supernet with one subnet at every step or a schedule file."""
     from .checkpoint import load_supernet
     from .images import OUTPUT_SUFFIXES, save_images
     from .sampling import generate, resolve_device, time_against_full
@@ -81,28 +82,28 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise DDSMError(f"--out must end in {' or '.join(OUTPUT_SUFFIXES)}, got {out.name}")
     device = resolve_device(args.device)
     supernet = load_supernet(args.supernet, device)
-    widths, sampler, eta = _schedule_widths(args, supernet)
+    subnets, sampler, eta = _schedule_subnets(args, supernet)
     kwargs = dict(n=args.n, seed=args.seed, sampler=sampler, eta=eta, batch_size=args.batch_size, device=device,
                   progress=not args.quiet)
-    gflops = supernet.schedule_flops(widths) / 1e9
-    full = supernet.flops[supernet.model.widths[0]] * len(widths) / 1e9
-    if args.compare:  # what a schedule buys: measured against full width on the same batch and noise
-        images, seconds, full_seconds, paths = time_against_full(supernet.model, supernet.config.diffusion, widths,
+    gflops = supernet.schedule_flops(subnets) / 1e9
+    full = supernet.full_flops * len(subnets) / 1e9
+    if args.compare:  # what a schedule buys: measured against full size on the same batch and noise
+        images, seconds, full_seconds, paths = time_against_full(supernet.model, supernet.config.diffusion, subnets,
                                                                  **kwargs)
-        chosen = ", ".join(f"{w!r} {p}" for w, p in sorted(paths.items(), reverse=True))
-        timing = (f"{seconds:.2f} s against {full_seconds:.2f} s at full width on the same batch and noise: "
-                  f"{full_seconds / seconds:.2f}x faster (each width on its faster path here: {chosen})")
+        chosen = ", ".join(f"{s} {p}" for s, p in paths.items())
+        timing = (f"{seconds:.2f} s against {full_seconds:.2f} s at full size on the same batch and noise: "
+                  f"{full_seconds / seconds:.2f}x faster (each subnet on its faster path here: {chosen})")
     else:
         started = time.perf_counter()
-        images = generate(supernet.model, supernet.config.diffusion, widths, **kwargs)
+        images = generate(supernet.model, supernet.config.diffusion, subnets, **kwargs)
         timing = f"{time.perf_counter() - started:.2f} s"
-    save_images(out, images, widths=widths, seed=args.seed)
-    print(f"wrote {args.n} images to {out}: {gflops:.3f} GFLOPs per image ({gflops / full:.0%} of full width), {timing}")
+    save_images(out, images, subnets=[s.key for s in subnets], seed=args.seed)
+    print(f"wrote {args.n} images to {out}: {gflops:.3f} GFLOPs per image ({gflops / full:.0%} of full size), {timing}")
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """Score a width or schedule: FID and KID against the training images (and drift from full width),
+    """Score a subnet or schedule: FID and KID against the training images (and drift from full size),
     GFLOPs per image, wall time."""
     from .checkpoint import load_supernet
     from .evaluation import evaluate
@@ -117,7 +118,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     seed_for(args.seeds)  # a bad seed set fails before anything slow runs
     device = resolve_device(args.device)
     supernet = load_supernet(args.supernet, device)
-    widths, sampler, eta = _schedule_widths(args, supernet)
+    subnets, sampler, eta = _schedule_subnets(args, supernet)
     if args.drift and args.extractor is None:  # FID and KID where their extractor loads; drift in any case
         from .scoring import make_scorer
 
@@ -130,14 +131,14 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         features = drift_space_for(supernet.config.data.kind, "auto") == "features"
         scorer = Scorer(extractor, training_reference(supernet.config.data, extractor, batch_size=args.batch_size),
                         extractor if features else None)
-    result = evaluate(supernet, widths, n=args.n, seed_set=args.seeds, scorer=scorer, device=device,
+    result = evaluate(supernet, subnets, n=args.n, seed_set=args.seeds, scorer=scorer, device=device,
                       batch_size=args.batch_size, sampler=sampler, eta=eta, progress=not args.quiet, drift=args.drift)
-    full = supernet.flops[supernet.model.widths[0]] * len(widths) / 1e9
+    full = supernet.full_flops * len(subnets) / 1e9
     fid = (f"FID {result['fid']:.4f}  KID {result['kid']:.5f} (+/- {result['kid_std']:.5f} over subsets)  "
            if result["extractor"] else "FID/KID n/a (no extractor here)  ")
-    drift = f"drift {result['drift']:.4f} from full width ({result['drift_space']})  " if args.drift else ""
+    drift = f"drift {result['drift']:.4f} from full size ({result['drift_space']})  " if args.drift else ""
     print(f"{fid}{drift}{result['gflops_per_image']:.4f} GFLOPs per image ({result['gflops_per_image'] / full:.0%} of "
-          f"full width)  sampling {result['seconds']:.2f} s, scoring {result['eval_seconds']:.2f} s  "
+          f"full size)  sampling {result['seconds']:.2f} s, scoring {result['eval_seconds']:.2f} s  "
           f"[n={result['n']}, seeds {result['seed_set']}, {result['extractor'] or 'pixels'}]")
     if args.json:
         write_json_atomic(args.json, result)
@@ -145,7 +146,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    """Search per-step width schedules on the FLOPs-FID front."""
+    """Search per-step schedules of subnets on the FLOPs-quality front."""
     from .config import load_config
     from .sampling import resolve_device
     from .search.results import front_of
@@ -192,32 +193,37 @@ def cmd_export(args: argparse.Namespace) -> int:
     def fmt(value) -> str:
         return "n/a" if value is None else f"{value:.4g}"
 
-    print(f"wrote {path}: {data['gflops_per_image']:.4f} GFLOPs per image ({data['flops_share']:.0%} of full width); "
-          f"{m.upper()} {fmt(q['search'][m])} at search time, {fmt(q['heldout'][m])} on held-out noise (full width: "
-          f"{fmt(q['full_width_heldout'][m])}, n={q['heldout']['samples']}); loss against full size "
+    print(f"wrote {path}: {data['gflops_per_image']:.4f} GFLOPs per image ({data['flops_share']:.0%} of full size); "
+          f"{m.upper()} {fmt(q['search'][m])} at search time, {fmt(q['heldout'][m])} on held-out noise (full size: "
+          f"{fmt(q['full_size_heldout'][m])}, n={q['heldout']['samples']}); loss against full size "
           f"{loss['value']:.4g}, {loss['confidence']:.0%} interval [{loss['low']:.4g}, {loss['high']:.4g}]; "
           f"{len(q['confirmed'])} candidate(s) confirmed")
     return 0
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    """Train, search, report and export on the embedded digits."""
+    """Train, search, report and export on the embedded digits (or the experiment given)."""
+    from .config import load_config
     from .pipeline import quickstart
+
     from .sampling import resolve_device
 
-    quickstart(args.out, max_loss=args.max_loss, budget=args.budget, device=resolve_device(args.device),
-               progress=True)
+    config = load_config(args.config) if args.config else None
+    out = args.out or (f"results/quickstart-{config.name}" if config is not None else "results/quickstart")
+    quickstart(out, max_loss=args.max_loss, budget=args.budget, device=resolve_device(args.device),
+               progress=True, config=config)
     return 0
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
-    """Add the supernet, the width or schedule, and the sampler options shared by sample and evaluate."""
+    """Add the supernet, the subnet or schedule, and the sampler options shared by sample and evaluate."""
     p.add_argument("supernet", help="supernet directory written by 'train'")
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--width", type=float, help="run every step at this width")
-    which.add_argument("--schedule", help="schedule JSON: one width per sampling step")
+    which.add_argument("--subnet", help="run every step on this subnet, e.g. width=0.5,depth=6 (axes left out: full)")
+    which.add_argument("--width", type=float, help="shorthand for --subnet width=W")
+    which.add_argument("--schedule", help="schedule JSON: one subnet per sampling step")
     p.add_argument("--sampler", choices=["ddim", "ddpm"], help="default: the schedule's, else the config's")
-    p.add_argument("--steps", type=_positive, help="sampling steps with --width (default: the config's)")
+    p.add_argument("--steps", type=_positive, help="sampling steps with --subnet/--width (default: the config's)")
     p.add_argument("--eta", type=_eta, help="DDIM eta (0 = deterministic)")
     p.add_argument("--batch-size", type=_positive, default=500)
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -229,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="ddsm-search", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    p = sub.add_parser("train", help="train a slimmable U-Net supernet")
+    p = sub.add_parser("train", help="train a supernet (model.kind: unet or dit)")
     p.add_argument("config", help="experiment YAML, e.g. search_spaces/digits.yaml")
     p.add_argument("--out", help="checkpoint directory (default: results/<experiment name>)")
     p.add_argument("--steps", type=_positive, help="total training steps (overrides train.steps)")
@@ -238,16 +244,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("sample", help="sample images with one width or a per-step width schedule")
+    p = sub.add_parser("sample", help="sample images with one subnet or a per-step schedule")
     _add_sampling_args(p)
     p.add_argument("--n", type=_positive, default=64, help="number of images (default 64)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output .png (grid) or .npz (uint8 images)")
     p.add_argument("--compare", action="store_true",
-                   help="also time full width on the same batch and noise and print the speed-up")
+                   help="also time full size on the same batch and noise and print the speed-up")
     p.set_defaults(func=cmd_sample)
 
-    p = sub.add_parser("evaluate", help="FID/KID, GFLOPs and wall time of one width or a schedule")
+    p = sub.add_parser("evaluate", help="FID/KID, GFLOPs and wall time of one subnet or a schedule")
     _add_sampling_args(p)
     p.add_argument("--n", type=_positive, default=1000, help="number of generated images (default 1000)")
     p.add_argument("--seeds", default="search", help="seed set of the initial noise: search (default), heldout, "
@@ -256,12 +262,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="feature network (default: digits-cnn for digits, inception otherwise; inception reads "
                    "clean-fid's inception-2015-12-05.pt from $DDSM_INCEPTION_WEIGHTS, never downloading)")
     p.add_argument("--drift", action="store_true",
-                   help="also measure drift from full width on the same noise (full width's samples are kept "
+                   help="also measure drift from full size on the same noise (full size's samples are kept "
                    "beside the supernet); without --extractor, FID and KID only where their extractor loads")
     p.add_argument("--json", help="also write the results to this .json file")
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("search", help="evolutionary search for per-step width schedules (FLOPs vs FID)")
+    p = sub.add_parser("search", help="evolutionary search for per-step schedules (FLOPs vs quality)")
     p.add_argument("config", help="experiment YAML whose 'search' section describes the search")
     p.add_argument("--supernet", required=True, help="supernet directory written by 'train'")
     p.add_argument("--out", help="run directory (default: results/<experiment name>-search)")
@@ -273,7 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait-for-workers", type=_seconds, default=0.0, metavar="SECONDS",
                    help="if every Ray worker is lost, wait this long for restarted or new ones (default 0: stop; "
                    "--resume continues)")
-    p.add_argument("--budget", help="max GFLOPs per image, or a share of full width such as 50%%")
+    p.add_argument("--budget", help="max GFLOPs per image, or a share of full size such as 50%%")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--resume", action="store_true", help="continue the run in --out from what is on disk")
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -292,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="write the cheapest schedule that keeps full-size quality (--max-loss), or the "
                        "best within a FLOP budget, confirmed on held-out noise, as a deployable JSON")
     p.add_argument("run", help="search run directory")
-    p.add_argument("--budget", help="GFLOPs per image, or a share of full width such as 50%%")
+    p.add_argument("--budget", help="GFLOPs per image, or a share of full size such as 50%%")
     p.add_argument("--max-loss", type=float, metavar="X",
                    help="largest loss against full size on held-out noise, in the run's metric (FID +X, or drift "
                    "X), at --confidence: exports the cheapest front schedule that meets it")
@@ -307,10 +313,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_export)
 
-    p = sub.add_parser("quickstart", help="train, search, report and export on the embedded digits")
-    p.add_argument("--out", default="results/quickstart")
+    p = sub.add_parser("quickstart", help="train, search, report and export on the embedded digits "
+                       "(or on the experiment given, e.g. search_spaces/digits-dit.yaml)")
+    p.add_argument("config", nargs="?", help="experiment YAML (default: search_spaces/digits.yaml)")
+    p.add_argument("--out", help="default: results/quickstart, or results/quickstart-<name> for a config")
     p.add_argument("--max-loss", type=float, default=0.05,
-                   help="export the cheapest schedule within FID +X of full width on 2,000 held-out images at 95%% "
+                   help="export the cheapest schedule within FID +X of full size on 2,000 held-out images at 95%% "
                    "confidence (default 0.05)")
     p.add_argument("--budget", help="also keep the export within this FLOP budget, e.g. 50%%")
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"])

@@ -13,6 +13,8 @@ import yaml
 
 from .errors import DDSMError
 
+BACKEND_CHOICES = ("auto", "torch", "fused")  # as backends.CHOICES (config imports no model code)
+
 
 @dataclass
 class DataConfig:
@@ -28,9 +30,10 @@ class DataConfig:
 
 
 @dataclass
-class ModelConfig:
-    """The slimmable U-Net supernet: full-width shape and the widths it serves."""
+class UNetConfig:
+    """The slimmable U-Net supernet (`model.kind: unet`): full-width shape and the widths it serves."""
 
+    kind: str = "unet"
     base_channels: int = 32
     channel_mults: tuple[int, ...] = (1, 2, 2)
     num_res_blocks: int = 1
@@ -39,6 +42,40 @@ class ModelConfig:
     group_size: int = 8  # channels per GroupNorm group, kept fixed at every width
     head_dim: int = 16  # channels per attention head, kept fixed at every width
     widths: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25)
+
+    def axes(self) -> dict[str, tuple]:
+        """Return the axes this backbone declares and their choices: the U-Net's width."""
+        return {"width": tuple(sorted(self.widths, reverse=True))}
+
+
+@dataclass
+class DiTConfig:
+    """The slimmable DiT supernet (`model.kind: dit`): adaLN-Zero blocks; width slices attention heads
+    (head dimension fixed) and MLP channels, depth is the number of blocks run."""
+
+    kind: str = "dit"
+    patch_size: int = 2
+    hidden_size: int = 384
+    blocks: int = 12
+    head_dim: int = 64  # channels per attention head, kept fixed at every width
+    mlp_ratio: float = 4.0
+    widths: tuple[float, ...] = (1.0, 0.5)
+    depths: tuple[int, ...] | None = None  # blocks run; default: every depth from half the blocks to all
+    dropout: float = 0.0
+
+    @property
+    def depth_choices(self) -> tuple[int, ...]:
+        """Return the depths this supernet serves, deepest first."""
+        depths = self.depths if self.depths is not None else range((self.blocks + 1) // 2, self.blocks + 1)
+        return tuple(sorted(set(depths), reverse=True))
+
+    def axes(self) -> dict[str, tuple]:
+        """Return the axes this backbone declares and their choices: width and depth."""
+        return {"width": tuple(sorted(self.widths, reverse=True)), "depth": self.depth_choices}
+
+
+ModelConfig = UNetConfig | DiTConfig
+MODEL_KINDS: dict[str, type] = {"unet": UNetConfig, "dit": DiTConfig}
 
 
 @dataclass
@@ -62,8 +99,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.999
-    sandwich_random: int = 1  # random widths per step besides the largest and smallest
-    distill_weight: float = 0.0  # 0 = no in-place distillation; 1 = smaller widths learn only from the largest
+    sandwich_random: int = 1  # random subnets per step besides the largest and smallest
+    distill_weight: float = 0.0  # 0 = no in-place distillation; 1 = smaller subnets learn only from the largest
     checkpoint_every: int = 500
     log_every: int = 50
     seed: int = 0
@@ -76,8 +113,9 @@ class SampleConfig:
     sampler: str = "ddim"  # ddim | ddpm
     steps: int = 50
     eta: float = 0.0
-    grid_size: int = 64  # images in each width's grid written after training
+    grid_size: int = 64  # images in each grid written after training
     batch_size: int = 500
+    backend: str = "auto"  # how static subnets run: auto (the faster here, measured per subnet) | torch | fused
 
 
 @dataclass
@@ -87,8 +125,9 @@ class SearchConfig:
     steps: int = 50  # sampling steps of every candidate schedule
     sampler: str = "ddim"
     eta: float = 0.0
-    widths: tuple[float, ...] | None = None  # width choices; default: every width of the supernet
-    segments: int = 10  # genes: consecutive steps that share one width
+    axes: tuple[str, ...] | None = None  # the axes searched (default: every axis of the supernet); others stay full
+    choices: dict[str, tuple[float, ...]] | None = None  # per axis, the choices searched (default: all)
+    segments: int = 10  # consecutive steps that share one subnet; one gene per searched axis per segment
     budget: float | str | None = None  # max GFLOPs per image, or a share of full width such as "50%"
     algorithm: str = "nsga2"  # nsga2 | nevergrad | random
     population: int = 16
@@ -101,6 +140,7 @@ class SearchConfig:
     seed: int = 0
     workers: int = 2
     batch_size: int = 500
+    backend: str = "auto"  # how the workers run subnets: auto | torch | fused (see sample.backend)
 
 
 @dataclass
@@ -109,7 +149,7 @@ class ExperimentConfig:
 
     name: str = "experiment"
     data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: UNetConfig | DiTConfig = field(default_factory=UNetConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -135,6 +175,11 @@ def _type_name(tp) -> str:
 def _coerce(value, tp, key: str):
     """Check `value` against annotation `tp` and return it in that type, or raise naming `key`."""
     origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType) and set(typing.get_args(tp)) == set(MODEL_KINDS.values()):
+        kind = value.get("kind", "unet") if isinstance(value, dict) else "unet"  # not a mapping: _build says so
+        if kind not in MODEL_KINDS:
+            raise DDSMError(f"{key}.kind: expected {' or '.join(MODEL_KINDS)}, got {kind!r}")
+        return _build(MODEL_KINDS[kind], value, key)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
@@ -147,6 +192,11 @@ def _coerce(value, tp, key: str):
             except DDSMError:
                 pass
         raise DDSMError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
+    if origin is dict:
+        key_tp, value_tp = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise DDSMError(f"{key}: expected a mapping, got {value!r}")
+        return {_coerce(k, key_tp, key): _coerce(v, value_tp, f"{key}.{k}") for k, v in value.items()}
     if origin is tuple:
         (item_tp, _ellipsis) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
@@ -217,22 +267,23 @@ def _check(cond: bool, message: str) -> None:
         raise DDSMError(message)
 
 
-def validate(cfg: ExperimentConfig) -> None:
-    """Raise DDSMError naming the key if values are out of range or inconsistent."""
-    m, d, t, s = cfg.model, cfg.diffusion, cfg.train, cfg.sample
-    _check(cfg.data.kind in ("digits", "cifar10", "folder"), f"data.kind: expected digits, cifar10 or folder, got {cfg.data.kind!r}")
-    _check(cfg.data.limit is None or cfg.data.limit >= 1, "data.limit: must be at least 1")
+def _validate_widths(m) -> None:
+    _check(len(m.widths) > 0, "model.widths: must list at least one width")
+    _check(len(set(m.widths)) == len(m.widths), "model.widths: widths must be distinct")
+    _check(all(0.0 < w <= 1.0 for w in m.widths), "model.widths: every width must be in (0, 1]")
+    _check(max(m.widths) == 1.0, "model.widths: must include 1.0 (the full network)")
+    _check(0.0 <= m.dropout < 1.0, "model.dropout: must be in [0, 1)")
+
+
+def validate_unet(m: UNetConfig) -> None:
+    """Raise DDSMError naming the key if a U-Net config is out of range."""
     _check(m.base_channels > 0 and m.base_channels % 2 == 0,
            "model.base_channels: must be a positive even number (the time embedding has sine and cosine halves)")
     _check(m.group_size >= 1, "model.group_size: must be at least 1 (channels per GroupNorm group)")
     _check(m.head_dim >= 1, "model.head_dim: must be at least 1 (channels per attention head)")
     _check(len(m.channel_mults) > 0 and all(c > 0 for c in m.channel_mults), "model.channel_mults: must be a non-empty list of positive ints")
     _check(m.num_res_blocks >= 1, "model.num_res_blocks: must be at least 1")
-    _check(0.0 <= m.dropout < 1.0, "model.dropout: must be in [0, 1)")
-    _check(len(m.widths) > 0, "model.widths: must list at least one width")
-    _check(len(set(m.widths)) == len(m.widths), "model.widths: widths must be distinct")
-    _check(all(0.0 < w <= 1.0 for w in m.widths), "model.widths: every width must be in (0, 1]")
-    _check(max(m.widths) == 1.0, "model.widths: must include 1.0 (the full network)")
+    _validate_widths(m)
     for w in m.widths:
         for mult in m.channel_mults:
             c = channels_at(m.base_channels * mult, w)
@@ -241,6 +292,40 @@ def validate(cfg: ExperimentConfig) -> None:
                 f"model.widths: width {w} gives {m.base_channels * mult * w:g} channels at a level with "
                 f"{m.base_channels * mult}; it must be a whole multiple of model.group_size={m.group_size}",
             )
+
+
+def validate_dit(m: DiTConfig) -> None:
+    """Raise DDSMError naming the key if a DiT config is out of range."""
+    _check(m.patch_size >= 1, "model.patch_size: must be at least 1")
+    _check(m.head_dim >= 1, "model.head_dim: must be at least 1 (channels per attention head)")
+    _check(m.hidden_size >= 2 and m.hidden_size % 2 == 0,
+           "model.hidden_size: must be a positive even number (the position and time embeddings have sine and "
+           "cosine halves)")
+    _check(m.hidden_size % m.head_dim == 0,
+           f"model.head_dim: {m.head_dim} does not divide model.hidden_size={m.hidden_size}")
+    _check(m.blocks >= 1, "model.blocks: must be at least 1")
+    _check(m.mlp_ratio > 0, "model.mlp_ratio: must be positive")
+    _validate_widths(m)
+    mlp = int(round(m.hidden_size * m.mlp_ratio))
+    for w in m.widths:
+        inner = m.hidden_size * w
+        _check(abs(inner - round(inner)) < 1e-6 and int(round(inner)) % m.head_dim == 0,
+               f"model.widths: width {w} gives {inner:g} attention channels of {m.hidden_size}; it must be a whole "
+               f"number of heads of model.head_dim={m.head_dim}")
+        _check(abs(mlp * w - round(mlp * w)) < 1e-6,
+               f"model.widths: width {w} gives {mlp * w:g} of the {mlp} MLP channels; it must be a whole number")
+    depths = m.depth_choices
+    _check(len(depths) > 0 and all(1 <= d <= m.blocks for d in depths),
+           f"model.depths: every depth must be between 1 and model.blocks={m.blocks}")
+    _check(max(depths) == m.blocks, f"model.depths: must include model.blocks={m.blocks} (the full network)")
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Raise DDSMError naming the key if values are out of range or inconsistent."""
+    m, d, t, s = cfg.model, cfg.diffusion, cfg.train, cfg.sample
+    _check(cfg.data.kind in ("digits", "cifar10", "folder"), f"data.kind: expected digits, cifar10 or folder, got {cfg.data.kind!r}")
+    _check(cfg.data.limit is None or cfg.data.limit >= 1, "data.limit: must be at least 1")
+    (validate_dit if m.kind == "dit" else validate_unet)(m)
     _check(d.timesteps >= 2, "diffusion.timesteps: must be at least 2")
     _check(d.beta_schedule in ("linear", "cosine"), f"diffusion.beta_schedule: expected linear or cosine, got {d.beta_schedule!r}")
     _check(0.0 < d.beta_start < d.beta_end < 1.0, "diffusion.beta_start/beta_end: need 0 < beta_start < beta_end < 1")
@@ -257,6 +342,7 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(s.sampler in ("ddim", "ddpm"), f"sample.sampler: expected ddim or ddpm, got {s.sampler!r}")
     _check(1 <= s.steps <= d.timesteps, f"sample.steps: must be between 1 and diffusion.timesteps={d.timesteps}")
     _check(s.eta >= 0.0, "sample.eta: must be >= 0")
+    _check(s.backend in BACKEND_CHOICES, f"sample.backend: expected {', '.join(BACKEND_CHOICES)}, got {s.backend!r}")
     validate_search(cfg)
 
 
@@ -267,9 +353,15 @@ def validate_search(cfg: ExperimentConfig) -> None:
     _check(1 <= q.steps <= cfg.diffusion.timesteps, f"search.steps: must be between 1 and diffusion.timesteps={cfg.diffusion.timesteps}")
     _check(1 <= q.segments <= q.steps, f"search.segments: must be between 1 and search.steps={q.steps}")
     _check(q.eta >= 0.0, "search.eta: must be >= 0")
-    if q.widths is not None:
-        missing = [w for w in q.widths if w not in cfg.model.widths]
-        _check(not missing and len(q.widths) > 0, f"search.widths: {missing or '[]'} not in model.widths {list(cfg.model.widths)}")
+    axes = cfg.model.axes()
+    for axis in q.axes or ():
+        _check(axis in axes, f"search.axes: {axis!r} is not an axis of the {cfg.model.kind} (axes: {', '.join(axes)})")
+    _check(q.axes is None or len(q.axes) > 0, "search.axes: must name at least one axis")
+    for axis, values in (q.choices or {}).items():
+        _check(axis in axes, f"search.choices: {axis!r} is not an axis of the {cfg.model.kind} (axes: {', '.join(axes)})")
+        missing = [v for v in values if not any(abs(v - c) < 1e-9 for c in axes[axis])]
+        _check(not missing and len(values) > 0,
+               f"search.choices.{axis}: {missing or '[]'} not among the supernet's {axis} choices {list(axes[axis])}")
     _check(q.algorithm in ("nsga2", "nevergrad", "random"), f"search.algorithm: expected nsga2, nevergrad or random, got {q.algorithm!r}")
     _check(q.population >= 2, "search.population: must be at least 2")
     _check(q.generations >= 1, "search.generations: must be at least 1")
@@ -282,6 +374,7 @@ def validate_search(cfg: ExperimentConfig) -> None:
            f"search.drift_space: expected auto, features or pixels, got {q.drift_space!r}")
     _check(q.workers >= 0, "search.workers: must be >= 0 (0 = evaluate in this process, without Ray)")
     _check(q.batch_size >= 1, "search.batch_size: must be at least 1")
+    _check(q.backend in BACKEND_CHOICES, f"search.backend: expected {', '.join(BACKEND_CHOICES)}, got {q.backend!r}")
     if q.budget is not None:
         parse_budget(q.budget, "search.budget")
 

@@ -20,7 +20,7 @@ from .errors import DDSMError
 from .evaluation import evaluate
 from .full_samples import full_size_samples
 from .io import write_atomic
-from .keys import schedule_key
+from .subnet import schedule_key
 from .metrics import seed_for
 from .sampling import PrefixCache, make_denoisers
 from .scoring import FullReference, make_scorer
@@ -48,7 +48,7 @@ class Confirmer:
                            sampler=search["sampler"], eta=float(search["eta"]), cache_dir=cache_dir)
         self.scorer = make_scorer(supernet, metric=self.metric, drift_space=search.get("drift_space", "auto"),
                                   device=device, cache_dir=cache_dir)
-        self.denoisers = make_denoisers(supernet.model, supernet.model.widths, device)
+        self.denoisers = make_denoisers(supernet.model, [supernet.model.full], device)  # others as schedules need them
         self.cache = PrefixCache(boundaries)
         self.steps = int(search["steps"])
         k = self.kwargs
@@ -56,10 +56,13 @@ class Confirmer:
             supernet, n=n, seed_set=HELDOUT_SEEDS, seed=seed_for(HELDOUT_SEEDS), sampler=k["sampler"], eta=k["eta"],
             steps=self.steps, batch_size=k["batch_size"], device=device, denoisers=self.denoisers, cache=self.cache,
             cache_dir=cache_dir))
-        self.full_result = self._evaluate([supernet.model.widths[0]] * self.steps)
+        self.full_result = self._evaluate([supernet.model.full] * self.steps)
 
-    def _evaluate(self, widths) -> dict:
-        return evaluate(self.supernet, widths, scorer=self.scorer, full=self.full, denoisers=self.denoisers,
+    def _evaluate(self, subnets) -> dict:
+        for s in subnets:
+            if s not in self.denoisers:
+                self.denoisers.update(make_denoisers(self.supernet.model, [s], self.device))
+        return evaluate(self.supernet, subnets, scorer=self.scorer, full=self.full, denoisers=self.denoisers,
                         cache=self.cache, keep=True, **self.kwargs)
 
     def loss(self, result: dict) -> dict:
@@ -83,16 +86,16 @@ class Confirmer:
         return {"metric": self.metric, "value": float(value), "low": float(low), "high": float(high),
                 "confidence": self.confidence, "method": method, "samples": self.n, "seed_set": HELDOUT_SEEDS}
 
-    def score(self, widths, *, with_loss: bool = False) -> dict:
+    def score(self, subnets, *, with_loss: bool = False) -> dict:
         """Return a held-out record of a schedule: fid, kid, drift (and its loss against full size)."""
-        result = self._evaluate(widths)
-        return {"schedule": schedule_key(widths), "samples": self.n, "seed_set": HELDOUT_SEEDS,
+        result = self._evaluate(subnets)
+        return {"schedule": schedule_key(subnets), "samples": self.n, "seed_set": HELDOUT_SEEDS,
                 "fid": result["fid"], "kid": result["kid"], "drift": result["drift"],
                 "gflops": result["gflops_per_image"], "loss": self.loss(result) if with_loss else None}
 
-    def confirm(self, widths) -> dict:
+    def confirm(self, subnets) -> dict:
         """Return a held-out record of a schedule with its loss against full size."""
-        return self.score(widths, with_loss=True)
+        return self.score(subnets, with_loss=True)
 
     def full_record(self) -> dict:
         """Return the held-out scores of full size itself."""
@@ -102,10 +105,10 @@ class Confirmer:
 
 
 def confirm_many(confirmer: Confirmer, rows: list, *, progress: bool = False, stop=None) -> list[dict]:
-    """Confirm schedules (rows with `widths`) in order; stop after the first for which `stop(record)` holds."""
+    """Confirm schedules (rows with `subnets`) in order; stop after the first for which `stop(record)` holds."""
     records = []
     for row in tqdm(rows, desc="held-out check", unit="schedule", disable=not progress, leave=False):
-        records.append(confirmer.confirm(list(row["widths"])))
+        records.append(confirmer.confirm(list(row["subnets"])))
         if stop is not None and stop(records[-1]):
             break
     return records

@@ -1,6 +1,6 @@
-"""Noise schedule and the DDIM / ancestral DDPM samplers that run a schedule (one width per step).
+"""Noise schedule and the DDIM / ancestral DDPM samplers that run a schedule (one subnet per step).
 
-A sampler takes one width per sampling step (noisiest step first) and a denoiser for each width. It
+A sampler takes one subnet per sampling step (noisiest step first) and a denoiser for each subnet. It
 loops over steps outermost and over chunks of the batch inside, so the noise drawn for image i never
 depends on the chunk size: the same seed gives the same images at any batch size.
 """
@@ -8,7 +8,7 @@ depends on the chunk size: the same seed gives the same images at any batch size
 from __future__ import annotations
 
 import math
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Hashable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -67,18 +67,18 @@ def _step(x: torch.Tensor, eps: torch.Tensor, a_t: float, a_prev: float, sampler
     return x_prev + sigma * z if sigma > 0 else x_prev
 
 
-def check_schedule(widths: Sequence[float], timesteps: Sequence[int]) -> None:
-    """Raise DDSMError unless there is exactly one width per sampling step."""
-    if len(widths) != len(timesteps):
-        raise DDSMError(f"the schedule has {len(widths)} widths but the sampler runs {len(timesteps)} steps")
+def check_schedule(subnets: Sequence[Hashable], timesteps: Sequence[int]) -> None:
+    """Raise DDSMError unless there is exactly one subnet per sampling step."""
+    if len(subnets) != len(timesteps):
+        raise DDSMError(f"the schedule has {len(subnets)} subnets but the sampler runs {len(timesteps)} steps")
 
 
 @torch.inference_mode()
-def sample_loop(denoisers: Mapping[float, Denoiser], schedule: NoiseSchedule, widths: Sequence[float],
+def sample_loop(denoisers: Mapping[Hashable, Denoiser], schedule: NoiseSchedule, subnets: Sequence[Hashable],
                 timesteps: Sequence[int], x: torch.Tensor, *, sampler: str = "ddim", eta: float = 0.0,
                 generator: torch.Generator | None = None, batch_size: int = 500,
                 callback: Callable[[int, torch.Tensor], None] | None = None, start: int = 0) -> torch.Tensor:
-    """Return images in [-1, 1] after denoising `x` along `timesteps` with one width per step.
+    """Return images in [-1, 1] after denoising `x` along `timesteps` with one subnet per step.
 
     `x` is pure noise, or with `start` = k the latent after the first k steps (resuming a shared
     prefix). Step noise (DDPM, or DDIM with eta > 0) is drawn on the CPU from `generator` for the
@@ -87,19 +87,19 @@ def sample_loop(denoisers: Mapping[float, Denoiser], schedule: NoiseSchedule, wi
     """
     if sampler not in SAMPLERS:
         raise DDSMError(f"unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
-    check_schedule(widths, timesteps)
+    check_schedule(subnets, timesteps)
     stochastic = sampler == "ddpm" or eta > 0
     if stochastic and generator is None:
         raise ValueError("a stochastic sampler needs a generator")
     abar = schedule.alphas_cumprod
     for i in range(start, len(timesteps)):
-        t, width = timesteps[i], widths[i]
+        t, net = timesteps[i], denoisers[subnets[i]]
         a_t = float(abar[t])
         a_prev = float(abar[timesteps[i + 1]]) if i + 1 < len(timesteps) else 1.0
         t_tensor = torch.tensor(t, device=x.device)
         chunks = x.split(batch_size)
         # one chunk: no concatenation copy in the sampling loop
-        eps = denoisers[width](x, t_tensor) if len(chunks) == 1 else torch.cat([denoisers[width](c, t_tensor) for c in chunks])
+        eps = net(x, t_tensor) if len(chunks) == 1 else torch.cat([net(c, t_tensor) for c in chunks])
         z = torch.randn(x.shape, generator=generator).to(x.device) if stochastic and a_prev < 1.0 else None
         x = _step(x, eps, a_t, a_prev, sampler, eta, z)
         if callback is not None:

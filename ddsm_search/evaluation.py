@@ -1,4 +1,4 @@
-"""The evaluate stage: sample a width schedule on a named seed set and score it: FID, KID, FLOPs and time.
+"""The evaluate stage: sample a schedule on a named seed set and score it: FID, KID, FLOPs and time.
 
 Generated images are compared with the supernet's own training images (its `config.data`, all of
 them): the distribution the model learns. Real images the model never saw (the test split) serve for
@@ -21,6 +21,7 @@ from .metrics import FeatureExtractor, ReferenceStats, default_extractor_for, ge
 from .full_samples import full_size_samples
 from .sampling import PrefixCache, generate
 from .scoring import FullReference, Scorer, drift_space_for, score_images
+from .subnet import schedule_key
 
 
 def training_reference(data: DataConfig, extractor: FeatureExtractor, *, cache_dir=None,
@@ -41,7 +42,7 @@ def _check_reference(reference: ReferenceStats, extractor: FeatureExtractor) -> 
         raise ValueError(f"reference statistics were made with {reference.key['extractor']}, not {extractor.key}")
 
 
-def evaluate(supernet: Supernet, widths: Sequence[float], *, n: int, seed_set: str = "search",
+def evaluate(supernet: Supernet, subnets: Sequence, *, n: int, seed_set: str = "search",
              extractor: FeatureExtractor | None = None, device: str = "cpu", batch_size: int = 500, cache_dir=None,
              progress: bool = False, sampler: str | None = None, eta: float | None = None,
              reference: ReferenceStats | None = None, kid: bool = True, denoisers: dict | None = None,
@@ -59,7 +60,7 @@ def evaluate(supernet: Supernet, widths: Sequence[float], *, n: int, seed_set: s
     if not isinstance(n, int) or n < 2:
         raise DDSMError(f"evaluation needs at least 2 images (a covariance), got n={n}")
     seed = seed_for(seed_set)
-    widths = [supernet.model.check_width(w) for w in widths]
+    subnets = [supernet.model.check_subnet(s) for s in subnets]
     sample_cfg = supernet.config.sample
     sampler = sampler or sample_cfg.sampler
     eta = sample_cfg.eta if eta is None else eta
@@ -74,11 +75,11 @@ def evaluate(supernet: Supernet, widths: Sequence[float], *, n: int, seed_set: s
         _check_reference(scorer.reference, scorer.extractor)
     if (drift or keep) and full is None:
         full = FullReference(full_size_samples(supernet, n=n, seed_set=seed_set, seed=seed, sampler=sampler, eta=eta,
-                                               steps=len(widths), batch_size=batch_size, device=device,
+                                               steps=len(subnets), batch_size=batch_size, device=device,
                                                denoisers=denoisers, cache=cache, cache_dir=cache_dir))
 
     started = time.perf_counter()
-    images = generate(supernet.model, supernet.config.diffusion, widths, n=n, seed=seed, sampler=sampler, eta=eta,
+    images = generate(supernet.model, supernet.config.diffusion, subnets, n=n, seed=seed, sampler=sampler, eta=eta,
                       batch_size=batch_size, device=device, progress=progress, denoisers=denoisers, cache=cache)
     seconds = time.perf_counter() - started
     started = time.perf_counter()
@@ -86,7 +87,7 @@ def evaluate(supernet: Supernet, widths: Sequence[float], *, n: int, seed_set: s
     eval_seconds = time.perf_counter() - started
     return {
         **scores,
-        "gflops_per_image": supernet.schedule_flops(widths) / 1e9,
+        "gflops_per_image": supernet.schedule_flops(subnets) / 1e9,
         "seconds": seconds,
         "eval_seconds": eval_seconds,
         "n": n,
@@ -97,8 +98,8 @@ def evaluate(supernet: Supernet, widths: Sequence[float], *, n: int, seed_set: s
         "drift_space": scorer.drift_space if full is not None else None,
         "sampler": sampler,
         "eta": eta,
-        "steps": len(widths),
-        "widths": widths,
+        "steps": len(subnets),
+        "schedule": schedule_key(subnets),
         "supernet": str(supernet.path),
         "supernet_sha256": supernet.sha256,
     }

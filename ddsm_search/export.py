@@ -8,7 +8,6 @@ from pathlib import Path
 from .checkpoint import load_supernet
 from .config import budget_gflops
 from .errors import DDSMError
-from .keys import schedule_key
 from .report import load_run, pick, run_info
 from .schedule import Schedule, save_schedule
 
@@ -98,7 +97,7 @@ def export_schedule(run: str | Path, budget: float | str | None = None, out: str
         records = confirm_many(confirmer, rows, progress=progress)
         chosen = min(records, key=lambda r: (r[metric], r["gflops"]))
     record_heldout(run, records, "export")
-    row = next(r for r in rows if schedule_key(list(r["widths"])) == chosen["schedule"])
+    row = next(r for r in rows if r["schedule"] == chosen["schedule"])
     figures = {
         "budget": None if budget is None else str(budget),
         "max_loss": max_loss,
@@ -108,7 +107,7 @@ def export_schedule(run: str | Path, budget: float | str | None = None, out: str
             "metric": metric,
             "search": {**_scores(row), "samples": int(row["samples"]), "seed_set": row["seed_set"]},
             "heldout": {**_scores(chosen), "samples": n, "seed_set": chosen["seed_set"]},
-            "full_width_heldout": {**_scores(confirmer.full_record()), "samples": n,
+            "full_size_heldout": {**_scores(confirmer.full_record()), "samples": n,
                                    "gflops_per_image": confirmer.full_record()["gflops_per_image"]},
             "loss": chosen["loss"],
             "confirmed": [{"schedule": r["schedule"], "gflops_per_image": r["gflops"], metric: _number(r[metric]),
@@ -117,7 +116,7 @@ def export_schedule(run: str | Path, budget: float | str | None = None, out: str
         },
         "search_run": str(Path(run)),
     }
-    schedule = Schedule(widths=list(row["widths"]), sampler=q["sampler"], eta=float(q["eta"]), extra=figures)
+    schedule = Schedule(subnets=list(row["subnets"]), sampler=q["sampler"], eta=float(q["eta"]), extra=figures)
     label = (str(budget).replace("%", "pct") if budget is not None else "") + \
         ("" if max_loss is None else f"{'_' if budget is not None else ''}maxloss{max_loss:g}")
     path = save_schedule(Path(out) if out else Path(run) / f"schedule_{label}.json", schedule, net)

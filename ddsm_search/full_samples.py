@@ -80,7 +80,7 @@ def full_size_samples(supernet, *, n: int, seed_set: str, seed: int, sampler: st
         images = _read(folder / _stem(key), key)
         if images is not None:
             return images
-    full = [supernet.model.widths[0]] * steps
+    full = [supernet.model.full] * steps
     images = generate(supernet.model, supernet.config.diffusion, full, n=n, seed=seed, sampler=sampler, eta=eta,
                       batch_size=batch_size, device=device, denoisers=denoisers, cache=cache)
     for folder in folders:

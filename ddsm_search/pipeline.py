@@ -1,5 +1,6 @@
-"""The whole pipeline on the embedded digits: train, search, report, export the cheapest schedule that keeps
-full width's quality (confirmed on held-out noise), sample with it against full width."""
+"""The whole pipeline on the embedded digits (or any experiment): train, search, report, export the
+cheapest schedule that keeps full size's quality (confirmed on held-out noise), sample with it against
+full size."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def default_config() -> ExperimentConfig:
     raise DDSMError("quickstart reads search_spaces/digits.yaml: run it from a ddsm-search checkout")
 
 
-MAX_LOSS = 0.05  # FID above full width's on the same 2,000 held-out images, at 95% confidence
+MAX_LOSS = 0.05  # FID above full size's on the same 2,000 held-out images, at 95% confidence
 HELDOUT = 2000
 
 
@@ -30,7 +31,7 @@ def quickstart(out: str | Path = "results/quickstart", *, max_loss: float | None
     """Run train -> search -> report -> export -> sample on digits (or `config`) into `out`; return the figures.
 
     The export is the cheapest schedule of the front whose held-out FID is within `max_loss` of full
-    width's on the same noise at 95% confidence (within `budget` too, if given).
+    size's on the same noise at 95% confidence (within `budget` too, if given).
     """
     from .export import export_schedule
     from .report_stage import write_report
@@ -57,37 +58,37 @@ def quickstart(out: str | Path = "results/quickstart", *, max_loss: float | None
     if (net / META).is_file() and read_meta(net)["step"] >= cfg.train.steps:
         say(f"1/5 supernet already trained in {net}")
     else:
-        say("1/5 training the digits supernet")
+        say(f"1/5 training the {cfg.name} supernet ({cfg.model.kind})")
         train(cfg, net, device=device, resume=(net / META).is_file(), progress=progress)
-    say("2/5 searching per-step width schedules")
+    say(f"2/5 searching per-step schedules over {', '.join(cfg.search.axes or cfg.model.axes())}")
     run_search(cfg, net, run, resume=(run / "run.json").is_file(), progress=progress, device=device)
     say("3/5 writing the report")
     write_report(run, budget=budget or "50%", device=device, progress=progress)
-    goal = " and ".join(([f"within FID +{max_loss:g} of full width"] if max_loss is not None else [])
+    goal = " and ".join(([f"within {cfg.search.metric.upper()} +{max_loss:g} of full size"] if max_loss is not None else [])
                         + ([f"within {budget} of its FLOPs"] if budget is not None else []))
     say(f"4/5 exporting the cheapest schedule {goal}, confirmed on {heldout} held-out images")
     path, exported = export_schedule(run, budget, out / "schedule.json", max_loss=max_loss, device=device,
                                      heldout_samples=heldout, progress=progress)
-    say("5/5 sampling with the exported schedule against full width, same batch and noise")
+    say("5/5 sampling with the exported schedule against full size, same batch and noise")
     from .checkpoint import load_supernet
 
     supernet = load_supernet(net, device)
     schedule = load_schedule(path, supernet)
-    _, seconds, full_seconds, paths = time_against_full(supernet.model, supernet.config.diffusion, schedule.widths, n=n_speed,
+    _, seconds, full_seconds, paths = time_against_full(supernet.model, supernet.config.diffusion, schedule.subnets, n=n_speed,
                                                  seed=0, sampler=schedule.sampler, eta=schedule.eta, device=device)
     quality = exported["quality"]
     m = quality["metric"]  # the run's metric, fid unless the config chose another
     figures = {"schedule": str(path), "flops_share": exported["flops_share"], "metric": m,
-               "heldout": quality["heldout"][m], "full_width_heldout": quality["full_width_heldout"][m],
+               "heldout": quality["heldout"][m], "full_size_heldout": quality["full_size_heldout"][m],
                "loss": quality["loss"],
-               "seconds": seconds, "full_width_seconds": full_seconds, "speedup": full_seconds / seconds,
-               "paths": {repr(w): p for w, p in paths.items()},
+               "seconds": seconds, "full_size_seconds": full_seconds, "speedup": full_seconds / seconds,
+               "paths": {s.key: p for s, p in paths.items()},
                "total_seconds": time.perf_counter() - started}
     loss = quality["loss"]
-    say(f"done: {path} uses {figures['flops_share']:.0%} of full width's FLOPs; held-out {m.upper()} "
-        f"{figures['heldout']:.4g} vs full width {figures['full_width_heldout']:.4g} (loss {loss['value']:+.3g}, "
+    say(f"done: {path} uses {figures['flops_share']:.0%} of full size's FLOPs; held-out {m.upper()} "
+        f"{figures['heldout']:.4g} vs full size {figures['full_size_heldout']:.4g} (loss {loss['value']:+.3g}, "
         f"{loss['confidence']:.0%} interval [{loss['low']:+.3g}, {loss['high']:+.3g}], n={loss['samples']}); "
         f"{n_speed} images in "
-        f"{seconds:.1f} s vs {full_seconds:.1f} s at full width ({figures['speedup']:.2f}x faster; each width on its "
-        f"faster path here: {', '.join(f'{w} {p}' for w, p in figures['paths'].items())})")
+        f"{seconds:.1f} s vs {full_seconds:.1f} s at full size ({figures['speedup']:.2f}x faster; each subnet on its "
+        f"faster path here: {', '.join(f'{s} {p}' for s, p in figures['paths'].items())})")
     return figures

@@ -1,5 +1,5 @@
-"""Report plots as PNG: the front, a schedule's widths per step, hypervolume per generation, and a
-schedule's samples beside full width's from the same noise."""
+"""Report plots as PNG: the front, a schedule's subnet per step (every axis), hypervolume per
+generation, and a schedule's samples beside full size's from the same noise."""
 
 from __future__ import annotations
 
@@ -30,18 +30,24 @@ def _save(fig, path: str | Path) -> Path:
 
 
 def plot_front(table: pd.DataFrame, path: str | Path, metric: str = "fid", chosen: pd.Series | None = None) -> Path:
-    """Write GFLOPs against the metric: all evaluations faint, the front bold, uniform schedules marked."""
+    """Write GFLOPs against the metric: all evaluations faint, the front bold, the uniform schedules of
+    each axis marked (one marker per axis, labelled with the value)."""
     plt = _figure()
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     ax.scatter(table["gflops"], table[metric], s=12, color="0.7", label="evaluated schedules")
     front = table[table["on_front"]].sort_values("gflops")
     ax.plot(front["gflops"], front[metric], "-o", color="C0", lw=2, ms=5, label="Pareto front")
     uniform = table[table["uniform"].notna()].sort_values("gflops")
-    ax.scatter(uniform["gflops"], uniform[metric], marker="s", s=50, facecolors="none", edgecolors="C3", lw=1.5,
-               label="uniform width", zorder=3)
-    for _, row in uniform.iterrows():
-        ax.annotate(f"{row['uniform']:g}", (row["gflops"], row[metric]), textcoords="offset points", xytext=(5, 4),
-                    color="C3", fontsize=8)
+    markers = {"full": ("o", "k"), "width": ("s", "C3"), "depth": ("^", "C4")}
+    for kind, group in uniform.groupby(uniform["uniform"].map(_uniform_kind), sort=False):
+        marker, color = markers.get(kind, ("D", "C5"))
+        ax.scatter(group["gflops"], group[metric], marker=marker, s=50, facecolors="none", edgecolors=color, lw=1.5,
+                   label="full size" if kind == "full" else f"uniform {kind}", zorder=3)
+        for _, row in group.iterrows():
+            if kind != "full":
+                ax.annotate(row["uniform"].split("=", 1)[-1] if kind in markers else row["uniform"],
+                            (row["gflops"], row[metric]), textcoords="offset points", xytext=(5, 4), color=color,
+                            fontsize=8)
     if chosen is not None:
         ax.scatter([chosen["gflops"]], [chosen[metric]], marker="*", s=180, color="C2", zorder=4, label="best within the budget")
     ax.set_xlabel("GFLOPs per image (whole sampling run)")
@@ -73,16 +79,30 @@ def plot_heldout_front(table: pd.DataFrame, path: str | Path, rho: float) -> Pat
     return _save(fig, path)
 
 
-def plot_schedule(widths: Sequence[float], path: str | Path, title: str = "") -> Path:
-    """Write a schedule's width at each sampling step (noisiest step on the left)."""
+def _uniform_kind(label: str) -> str:
+    """Return which axis a uniform schedule's label varies: 'full', an axis name, or 'mixed'."""
+    if label == "full":
+        return "full"
+    axes = [part.split("=")[0] for part in label.split(",")]
+    return axes[0] if len(axes) == 1 else "mixed"
+
+
+def plot_schedule(subnets: Sequence, path: str | Path, title: str = "", space=None) -> Path:
+    """Write a schedule's value of every axis at each sampling step (noisiest step on the left), one
+    panel per axis, each panel's range that axis's choices (from `space`, a SubnetSpace, if given)."""
     plt = _figure()
-    fig, ax = plt.subplots(figsize=(6.4, 2.6))
-    ax.step(np.arange(len(widths)), widths, where="mid", color="C0", lw=2)
-    ax.set_ylim(0, 1.08)
-    ax.set_xlabel("sampling step (noisiest first)")
-    ax.set_ylabel("width")
-    ax.set_title(title, fontsize=9)
-    ax.grid(alpha=0.3)
+    axes = [a for a, _ in subnets[0].items]
+    fig, panels = plt.subplots(len(axes), 1, figsize=(6.4, 1.2 + 1.5 * len(axes)), sharex=True, squeeze=False)
+    steps = np.arange(len(subnets))
+    for ax, axis in zip(panels[:, 0], axes):
+        values = [s[axis] for s in subnets]
+        ax.step(steps, values, where="mid", color="C0" if axis == "width" else "C4", lw=2)
+        top = max(space.choices(axis)) if space is not None else max(values)
+        ax.set_ylim(0, top * 1.08)
+        ax.set_ylabel(axis)
+        ax.grid(alpha=0.3)
+    panels[-1, 0].set_xlabel("sampling step (noisiest first)")
+    panels[0, 0].set_title(title, fontsize=9)
     return _save(fig, path)
 
 
@@ -97,8 +117,8 @@ def plot_hypervolume(generations: pd.DataFrame, path: str | Path) -> Path:
     return _save(fig, path)
 
 
-def plot_grids(images: torch.Tensor, full: torch.Tensor, path: str | Path, titles=("schedule", "full width")) -> Path:
-    """Write a schedule's sample grid beside full width's grid from the same noise."""
+def plot_grids(images: torch.Tensor, full: torch.Tensor, path: str | Path, titles=("schedule", "full size")) -> Path:
+    """Write a schedule's sample grid beside full size's grid from the same noise."""
     plt = _figure()
     fig, axes = plt.subplots(1, 2, figsize=(8, 4.2))
     for ax, imgs, title in zip(axes, (images, full), titles):

@@ -14,7 +14,7 @@ import pandas as pd
 
 from .config import budget_gflops
 from .errors import DDSMError
-from .keys import parse_schedule
+from .subnet import Subnet, parse_schedule
 from .search.results import (EVALUATIONS, GENERATIONS, RUN, front_mask, fully_evaluated, hv_reference,
                              hypervolume as _hypervolume, read_evaluations, read_run_json)
 
@@ -27,20 +27,32 @@ def _run_dir(run: str | Path) -> Path:
 
 
 def run_info(run: str | Path) -> dict:
-    """Return a run's run.json: its supernet, search settings, widths and segments."""
+    """Return a run's run.json: its supernet, search settings, searched axes and segments."""
     return read_run_json(_run_dir(run) / RUN)
 
 
+def uniform_label(subnets: list[Subnet], full: Subnet):
+    """Return what a uniform schedule (one subnet at every step) changes from full size: 'full',
+    'width=0.5', 'depth=4' or 'width=0.5,depth=4'; NaN for a schedule whose subnet changes."""
+    if len(set(subnets)) != 1:
+        return np.nan
+    changed = {a: v for a, v in subnets[0].items if v != full.get(a)}
+    return Subnet.of(**changed).key if changed else "full"
+
+
 def load_run(run: str | Path) -> pd.DataFrame:
-    """Return one row per evaluated schedule, with `widths` (a list), `uniform` (its width if all steps
-    share one, else NaN), `fully_evaluated` (scored on the run's full sample count, not screened out)
-    and `on_front` (True for the non-dominated fully evaluated schedules on GFLOPs and the run's metric)."""
+    """Return one row per evaluated schedule, with `subnets` (one Subnet per step), `uniform` (for a
+    schedule that runs one subnet throughout, what it changes from full size: see `uniform_label`;
+    else NaN), `fully_evaluated` (scored on the run's full sample count, not screened out) and
+    `on_front` (True for the non-dominated fully evaluated schedules on GFLOPs and the run's metric)."""
     path = _run_dir(run)
-    search = run_info(path)["search"]
+    info = run_info(path)
+    search = info["search"]
     metric, samples = search["metric"], int(search["samples"])
+    full = Subnet.parse(info["base"]) if isinstance(info.get("base"), str) else Subnet.of(width=1.0)
     table = read_evaluations(path / EVALUATIONS)
-    table["widths"] = table["schedule"].map(parse_schedule)
-    table["uniform"] = table["widths"].map(lambda w: w[0] if len(set(w)) == 1 else np.nan)
+    table["subnets"] = table["schedule"].map(parse_schedule)
+    table["uniform"] = table["subnets"].map(lambda s: uniform_label(s, full))
     table["fully_evaluated"] = fully_evaluated(table, metric, samples)
     table["on_front"] = front_mask(table, metric, samples)
     table.attrs.update(metric=metric, samples=samples)
@@ -69,7 +81,7 @@ def generations(run: str | Path) -> pd.DataFrame:
 
 
 def hypervolume(table: pd.DataFrame, reference: tuple[float, float] | None = None, metric: str | None = None) -> float:
-    """Return the front's hypervolume in (share of full-width FLOPs, metric); default metric: the run's;
+    """Return the front's hypervolume in (share of full-size FLOPs, metric); default metric: the run's;
     default reference: the runner's (`search.results.hv_reference`), so the figure matches generations.csv."""
     metric = _metric(table, metric)
     samples = int(table.attrs.get("samples", table["samples"].max()))
@@ -87,5 +99,5 @@ def pick(table: pd.DataFrame, budget: float | str, metric: str | None = None) ->
     if fits.empty:
         cheapest = table.loc[table["fully_evaluated"], "gflops"].min()
         raise DDSMError(f"budget {budget} ({limit:.4f} GFLOPs per image) is below the cheapest evaluated schedule "
-                        f"({cheapest:.4f} GFLOPs, {cheapest / full:.0%} of full width)")
+                        f"({cheapest:.4f} GFLOPs, {cheapest / full:.0%} of full size)")
     return fits.sort_values([metric, "gflops"]).iloc[0]

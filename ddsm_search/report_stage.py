@@ -56,15 +56,15 @@ def write_report(run: str | Path, *, budget: str | None = "50%", device: str = "
         print(f"{len(table)} schedules evaluated, {int(table['on_front'].sum())} on the front:")
         print(format_front(table))
     if chosen is not None:
-        widths = list(chosen["widths"])
+        subnets = list(chosen["subnets"])
         title = f"best within {budget}: {chosen['gflops']:.3f} GFLOPs ({chosen['flops_share']:.0%}), {metric.upper()} {chosen[metric]:.3f}"
-        paths.append(plot_schedule(widths, out / "schedule.png", title))
+        paths.append(plot_schedule(subnets, out / "schedule.png", title, net.model.space))
         q = info["search"]
         kwargs = dict(n=n_grid, seed=0, sampler=q["sampler"], eta=float(q["eta"]), device=device)
-        images = generate(net.model, net.config.diffusion, widths, **kwargs)
-        full = generate(net.model, net.config.diffusion, [net.model.widths[0]] * len(widths), **kwargs)
+        images = generate(net.model, net.config.diffusion, subnets, **kwargs)
+        full = generate(net.model, net.config.diffusion, [net.model.full] * len(subnets), **kwargs)
         paths.append(plot_grids(images, full, out / "samples.png",
-                                (f"schedule ({chosen['flops_share']:.0%} of the FLOPs)", "full width, same noise")))
+                                (f"schedule ({chosen['flops_share']:.0%} of the FLOPs)", "full size, same noise")))
     if heldout:
         from .heldout_front import heldout_front
 

@@ -1,4 +1,5 @@
-"""Generate images from a supernet with a width schedule, each width run as a static exported subnet."""
+"""Generate images from a supernet with a schedule (one subnet per step), each subnet run as a static
+exported network."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ from tqdm.auto import tqdm
 from .config import DiffusionConfig
 from .diffusion import NoiseSchedule, check_schedule, sample_loop, sampling_timesteps
 from .errors import DDSMError
-from .nn.unet import SlimUNet
+from .backbones import SlimModel
+from .subnet import Subnet
 
 
 def resolve_device(device: str) -> str:
@@ -27,19 +29,20 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def make_denoisers(model: SlimUNet, widths: Sequence[float], device: str) -> dict[float, torch.nn.Module]:
-    """Return one static subnet per distinct width, in eval mode on `device`.
+def make_denoisers(model: SlimModel, subnets: Sequence, device: str) -> dict[Subnet, torch.nn.Module]:
+    """Return one static network per distinct subnet, in eval mode on `device`.
 
-    Exported subnets hold contiguous, already-sliced weights, so sampling pays no slicing cost and a
-    smaller width is genuinely cheaper.
+    Exported subnets hold contiguous, already-sliced weights (and only the blocks they run), so
+    sampling pays no slicing cost and a smaller subnet is genuinely cheaper.
     """
-    return {w: model.export(w).to(device).eval() for w in sorted({model.check_width(w) for w in widths})}
+    distinct = dict.fromkeys(model.check_subnet(s) for s in subnets)
+    return {s: model.export(s).to(device).eval() for s in distinct}
 
 
 class PrefixCache:
-    """Latents after the first k steps of a schedule, keyed by those k widths, for one sampling setup.
+    """Latents after the first k steps of a schedule, keyed by those k subnets, for one sampling setup.
 
-    Two schedules that start with the same widths, run from the same noise (common random numbers),
+    Two schedules that start with the same subnets, run from the same noise (common random numbers),
     pass through identical latents, so a later schedule can resume from the longest shared prefix.
     The generator state is stored too, so stochastic samplers resume exactly as well. Entries are
     kept at the given step boundaries only, least recently used first out beyond `max_bytes`.
@@ -53,18 +56,18 @@ class PrefixCache:
         self.steps_run = 0
         self.steps_saved = 0
 
-    def longest(self, widths: Sequence[float]) -> tuple[int, tuple[torch.Tensor, torch.Tensor] | None]:
-        """Return (k, (latent, generator state)) for the longest cached prefix of `widths`, or (0, None)."""
+    def longest(self, subnets: Sequence[Subnet]) -> tuple[int, tuple[torch.Tensor, torch.Tensor] | None]:
+        """Return (k, (latent, generator state)) for the longest cached prefix of `subnets`, or (0, None)."""
         for k in sorted(self.boundaries, reverse=True):
-            key = tuple(widths[:k])
-            if k < len(widths) and key in self.entries:
+            key = tuple(subnets[:k])
+            if k < len(subnets) and key in self.entries:
                 self.entries.move_to_end(key)
                 return k, self.entries[key]
         return 0, None
 
-    def store(self, widths: Sequence[float], k: int, x: torch.Tensor, state: torch.Tensor) -> None:
-        """Keep the latent after the first `k` steps of `widths`, if `k` is a boundary."""
-        key = tuple(widths[:k])
+    def store(self, subnets: Sequence[Subnet], k: int, x: torch.Tensor, state: torch.Tensor) -> None:
+        """Keep the latent after the first `k` steps of `subnets`, if `k` is a boundary."""
+        key = tuple(subnets[:k])
         if k not in self.boundaries or key in self.entries:
             return
         x = x.detach().to("cpu", copy=True)
@@ -75,37 +78,37 @@ class PrefixCache:
             self.nbytes -= old.nbytes
 
 
-def generate(model: SlimUNet, diffusion: DiffusionConfig, widths: Sequence[float], *, n: int, seed: int,
+def generate(model: SlimModel, diffusion: DiffusionConfig, subnets: Sequence, *, n: int, seed: int,
              sampler: str = "ddim", eta: float = 0.0, batch_size: int = 500, device: str = "cpu",
              progress: bool = False, denoisers: dict | None = None, cache: PrefixCache | None = None) -> torch.Tensor:
-    """Return `n` images in [-1, 1] (CPU tensor) sampled with one width per step from the seed's noise.
+    """Return `n` images in [-1, 1] (CPU tensor) sampled with one subnet per step from the seed's noise.
 
     A `cache` must only ever see one (model, n, seed, sampler, eta, number of steps) setup.
     """
     if n < 1:
         raise DDSMError(f"the number of images must be at least 1, got {n}")
-    timesteps = sampling_timesteps(diffusion.timesteps, len(widths))
-    check_schedule(widths, timesteps)
-    widths = [model.check_width(w) for w in widths]
-    denoisers = denoisers if denoisers is not None else make_denoisers(model, widths, device)
+    timesteps = sampling_timesteps(diffusion.timesteps, len(subnets))
+    check_schedule(subnets, timesteps)
+    subnets = [model.check_subnet(s) for s in subnets]
+    denoisers = denoisers if denoisers is not None else make_denoisers(model, subnets, device)
     generator = torch.Generator().manual_seed(seed)  # on the CPU: the same images on any device
     x = torch.randn((n, *model.image_shape), generator=generator)
     start = 0
     if cache is not None:
-        start, hit = cache.longest(widths)
+        start, hit = cache.longest(subnets)
         if hit is not None:
             x = hit[0]
             generator.set_state(hit[1])
         cache.steps_saved += start
-        cache.steps_run += len(widths) - start
-    bar = tqdm(total=len(widths), initial=start, desc="sampling", unit="step", disable=not progress, leave=False)
+        cache.steps_run += len(subnets) - start
+    bar = tqdm(total=len(subnets), initial=start, desc="sampling", unit="step", disable=not progress, leave=False)
 
     def after_step(i: int, latent: torch.Tensor) -> None:
         bar.update(1)
         if cache is not None:
-            cache.store(widths, i + 1, latent, generator.get_state())
+            cache.store(subnets, i + 1, latent, generator.get_state())
 
-    out = sample_loop(denoisers, NoiseSchedule(diffusion), widths, timesteps, x.to(device), sampler=sampler, eta=eta,
+    out = sample_loop(denoisers, NoiseSchedule(diffusion), subnets, timesteps, x.to(device), sampler=sampler, eta=eta,
                       generator=generator, batch_size=batch_size, callback=after_step, start=start)
     bar.close()
     return out.cpu()
@@ -123,9 +126,9 @@ def _forward_seconds(net: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, rep
     return best
 
 
-def choose_fastest_paths(denoisers: dict, x: torch.Tensor, repeats: int = 3) -> dict[float, str]:
+def choose_fastest_paths(denoisers: dict, x: torch.Tensor, repeats: int = 3) -> dict[Subnet, str]:
     """Time each subnet on the fused CPU kernel and on torch's layers on `x`, keep each on its faster
-    path (`use_kernel`), and return {width: "fused" | "torch"}.
+    path (`use_kernel`), and return {subnet: "fused" | "torch"}.
 
     Which is faster depends on the CPU and the width (on AVX-512 machines torch's oneDNN layers beat
     the AVX2 kernel at full width, the kernel wins at small widths), so it is measured, not assumed.
@@ -133,39 +136,40 @@ def choose_fastest_paths(denoisers: dict, x: torch.Tensor, repeats: int = 3) -> 
     """
     t = torch.tensor(500, device=x.device)
     paths = {}
-    for width, net in denoisers.items():
+    for subnet, net in denoisers.items():
         with torch.inference_mode():
             runs_fused = getattr(net, "fused_program", lambda _: None)(x) is not None
         if not runs_fused:
-            paths[width] = "torch"
+            paths[subnet] = "torch"
             continue
         fused = _forward_seconds(net, x, t, repeats)
         net.use_kernel = False
         plain = _forward_seconds(net, x, t, repeats)
         net.use_kernel = fused <= plain
-        paths[width] = "fused" if net.use_kernel else "torch"
+        paths[subnet] = "fused" if net.use_kernel else "torch"
     return paths
 
 
-def time_against_full(model: SlimUNet, diffusion: DiffusionConfig, widths: Sequence[float], *, n: int, seed: int,
+def time_against_full(model: SlimModel, diffusion: DiffusionConfig, subnets: Sequence, *, n: int, seed: int,
                       sampler: str = "ddim", eta: float = 0.0, batch_size: int = 500, device: str = "cpu",
-                      progress: bool = False) -> tuple[torch.Tensor, float, float, dict[float, str]]:
-    """Return (the schedule's images, its seconds, full width's seconds, the path each width ran on)
+                      progress: bool = False) -> tuple[torch.Tensor, float, float, dict[Subnet, str]]:
+    """Return (the schedule's images, its seconds, full size's seconds, the path each subnet ran on)
     for the same batch and noise.
 
-    Each width runs on its fastest path on this machine, measured first (`choose_fastest_paths`), so
-    full width's time is that of the fastest full-width path. Subnets are exported and every width
-    warmed up first, so both timings are of sampling alone.
+    Each subnet runs on its fastest path on this machine, measured first (`choose_fastest_paths`), so
+    full size's time is that of the fastest full-size path. Subnets are exported and each warmed up
+    first, so both timings are of sampling alone.
     """
-    full = [max(model.widths)] * len(widths)
-    denoisers = make_denoisers(model, list(widths) + full, device)
+    subnets = [model.check_subnet(s) for s in subnets]
+    full = [model.full] * len(subnets)
+    denoisers = make_denoisers(model, subnets + full, device)
     probe = torch.randn((min(n, batch_size), *model.image_shape), generator=torch.Generator().manual_seed(seed))
     paths = choose_fastest_paths(denoisers, probe.to(device))
-    for w in {*widths, full[0]}:  # warm-up: allocation and kernel choice are not sampling speed
-        generate(model, diffusion, [w], n=min(n, batch_size), seed=seed, batch_size=batch_size, device=device,
+    for s in denoisers:  # warm-up: allocation and kernel choice are not sampling speed
+        generate(model, diffusion, [s], n=min(n, batch_size), seed=seed, batch_size=batch_size, device=device,
                  denoisers=denoisers)
     timings = []
-    for plan in (widths, full):
+    for plan in (subnets, full):
         started = time.perf_counter()
         images = generate(model, diffusion, plan, n=n, seed=seed, sampler=sampler, eta=eta, batch_size=batch_size,
                           device=device, progress=progress, denoisers=denoisers)

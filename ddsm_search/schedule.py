@@ -1,7 +1,11 @@
-"""The deployable schedule: one width per sampling step plus the sampler it was made for, as JSON.
+"""The deployable schedule: one subnet per sampling step, the sampler it was made for and global
+settings, as JSON.
 
-A minimal hand-written schedule is just {"widths": [...]}; files written by ddsm-search also name the
-supernet (path and SHA-256) and the sampler, and loading checks both against the supernet in use.
+Format version 2 lists one subnet per step as an object of axis values ({"width": 0.5, "depth": 6});
+axes left out take their full value. A minimal hand-written schedule is just {"subnets": [...]}.
+Version-1 files ({"widths": [...]}, one width per step) keep loading and sample identically. Files
+written by ddsm-search also name the supernet (path and SHA-256) and the sampler, and loading checks
+both against the supernet in use.
 """
 
 from __future__ import annotations
@@ -15,26 +19,28 @@ from .checkpoint import Supernet
 from .diffusion import SAMPLERS, sampling_timesteps
 from .errors import DDSMError
 from .io import write_json_atomic
+from .subnet import Subnet
 
 FORMAT = "ddsm-search/schedule"
-VERSION = 1
+VERSION = 2
 
 
 @dataclass
 class Schedule:
-    """One width per sampling step (noisiest first) and the sampler that runs them."""
+    """One subnet per sampling step (noisiest first), the sampler that runs them and global settings."""
 
-    widths: list[float]
+    subnets: list[Subnet]
     sampler: str = "ddim"
     eta: float = 0.0
     supernet_sha256: str | None = None
     supernet_path: str | None = None
+    settings: dict = field(default_factory=dict)  # what is not per step (none yet: exit policies, densities)
     extra: dict = field(default_factory=dict)  # figures recorded with the schedule (FLOPs, FID, ...)
 
     @property
     def steps(self) -> int:
         """Return the number of sampling steps."""
-        return len(self.widths)
+        return len(self.subnets)
 
     def to_dict(self, supernet: Supernet) -> dict:
         """Return the self-describing JSON form of this schedule for `supernet`."""
@@ -44,8 +50,10 @@ class Schedule:
             "supernet": {"path": str(supernet.path), "sha256": supernet.sha256},
             "sampler": {"name": self.sampler, "steps": self.steps, "eta": self.eta,
                         "timesteps": sampling_timesteps(supernet.config.diffusion.timesteps, self.steps)},
-            "widths": list(self.widths),
-            "flops_per_image": supernet.schedule_flops(self.widths),
+            "axes": list(supernet.model.space.names),
+            "subnets": [supernet.model.check_subnet(s).as_dict() for s in self.subnets],
+            "settings": dict(self.settings),
+            "flops_per_image": supernet.schedule_flops(self.subnets),
             **self.extra,
         }
 
@@ -58,7 +66,28 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-KNOWN_KEYS = {"format", "version", "supernet", "sampler", "widths", "flops_per_image"}
+KNOWN_KEYS = {"format", "version", "supernet", "sampler", "widths", "axes", "subnets", "settings", "flops_per_image"}
+
+
+def _read_subnets(data: dict, path: Path) -> list[Subnet]:
+    """Return the per-step subnets of a version-2 ('subnets') or version-1 ('widths') schedule."""
+    if data.get("version", VERSION if "subnets" in data else 1) == 1:
+        widths = data.get("widths")
+        if not isinstance(widths, list) or not widths or not all(_is_number(w) for w in widths):
+            raise _fail(path, "'widths' must be a non-empty list of numbers")
+        return [Subnet.of(width=w) for w in widths]
+    subnets = data.get("subnets")
+    if not isinstance(subnets, list) or not subnets:
+        raise _fail(path, "'subnets' must be a non-empty list (one subnet per step)")
+    out = []
+    for i, entry in enumerate(subnets):
+        if not isinstance(entry, dict) or not entry or not all(_is_number(v) and math.isfinite(v) for v in entry.values()):
+            raise _fail(path, f"subnets[{i}]: expected an object of axis values such as {{\"width\": 0.5}}, got {entry!r}")
+        try:
+            out.append(Subnet.of(**entry))
+        except DDSMError as exc:
+            raise _fail(path, f"subnets[{i}]: {exc}") from None
+    return out
 
 
 def load_schedule(path: str | Path, supernet: Supernet | None = None) -> Schedule:
@@ -72,15 +101,18 @@ def load_schedule(path: str | Path, supernet: Supernet | None = None) -> Schedul
         raise _fail(path, "not a text file (expected JSON)") from None
     except json.JSONDecodeError as exc:
         raise _fail(path, f"not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(data, dict) or "widths" not in data:
-        raise _fail(path, "expected a JSON object with a 'widths' list")
+    if not isinstance(data, dict) or ("widths" not in data and "subnets" not in data):
+        raise _fail(path, "expected a JSON object with a 'subnets' list (or a version-1 'widths' list)")
     if "format" in data and data["format"] != FORMAT:
         raise _fail(path, f"format {data['format']!r} is not {FORMAT!r}")
-    if data.get("version", VERSION) != VERSION:
-        raise _fail(path, f"format version {data.get('version')} is not {VERSION}")
-    widths = data["widths"]
-    if not isinstance(widths, list) or not widths or not all(_is_number(w) for w in widths):
-        raise _fail(path, "'widths' must be a non-empty list of numbers")
+    if data.get("version", VERSION) not in (1, VERSION):
+        raise _fail(path, f"format version {data.get('version')!r} is not 1 or {VERSION}")
+    subnets = _read_subnets(data, path)
+    settings = data.get("settings", {})
+    if not isinstance(settings, dict):
+        raise _fail(path, f"'settings' must be an object, got {settings!r}")
+    if settings:
+        raise _fail(path, f"settings {sorted(settings)} are not known to this ddsm-search")
     sampler = data.get("sampler", {})
     supernet_ref = data.get("supernet", {})
     if not isinstance(sampler, dict) or not isinstance(supernet_ref, dict):
@@ -100,11 +132,11 @@ def load_schedule(path: str | Path, supernet: Supernet | None = None) -> Schedul
     for key in ("sha256", "path"):
         if not isinstance(supernet_ref.get(key, ""), str):
             raise _fail(path, f"supernet.{key}: expected text, got {supernet_ref.get(key)!r}")
-    schedule = Schedule(widths=[float(w) for w in widths], sampler=name, eta=float(eta),
+    schedule = Schedule(subnets=subnets, sampler=name, eta=float(eta), settings=settings,
                         supernet_sha256=supernet_ref.get("sha256"), supernet_path=supernet_ref.get("path"),
                         extra={k: v for k, v in data.items() if k not in KNOWN_KEYS})
     if "steps" in sampler and sampler["steps"] != schedule.steps:
-        raise _fail(path, f"the schedule has {schedule.steps} widths but its sampler runs {sampler['steps']} steps")
+        raise _fail(path, f"the schedule has {schedule.steps} subnets but its sampler runs {sampler['steps']} steps")
     if supernet is not None:
         check_against(schedule, supernet, path)
         recorded = {"flops_per_image": data.get("flops_per_image"), "timesteps": sampler.get("timesteps")}
@@ -112,17 +144,20 @@ def load_schedule(path: str | Path, supernet: Supernet | None = None) -> Schedul
         for key, value in recorded.items():
             computed = actual[key] if key == "flops_per_image" else actual["sampler"]["timesteps"]
             if value is not None and value != computed:
-                raise _fail(path, f"its recorded {key} does not match its widths (edited by hand?); re-export it")
+                raise _fail(path, f"its recorded {key} does not match its subnets (edited by hand?); re-export it")
     return schedule
 
 
 def check_against(schedule: Schedule, supernet: Supernet, path: str | Path = "<schedule>") -> None:
-    """Raise DDSMError unless the schedule belongs to `supernet` and uses only its widths."""
+    """Raise DDSMError unless the schedule belongs to `supernet` and uses only its subnets."""
     if schedule.supernet_sha256 is not None and schedule.supernet_sha256 != supernet.sha256:
         raise DDSMError(f"schedule {path} was made for another supernet (hash {schedule.supernet_sha256[:12]}, "
                         f"this one is {supernet.sha256[:12]})")
-    for w in schedule.widths:
-        supernet.model.check_width(w)
+    for i, subnet in enumerate(schedule.subnets):
+        try:
+            supernet.model.check_subnet(subnet)
+        except DDSMError as exc:
+            raise DDSMError(f"schedule {path}: step {i}: {exc}") from None
     sampling_timesteps(supernet.config.diffusion.timesteps, schedule.steps)
 
 

@@ -1,6 +1,7 @@
-"""Supernet training: the sandwich rule, in-place distillation, EMA, gradient clipping and exact resume.
+"""Supernet training: the sandwich rule over every axis, in-place distillation, EMA, gradient clipping
+and exact resume.
 
-Every random draw of a training step (batch, timesteps, noise, flips, widths) comes from one CPU
+Every random draw of a training step (batch, timesteps, noise, flips, subnets) comes from one CPU
 generator whose state is checkpointed, so a run resumed from step k continues exactly as if it had
 never stopped.
 """
@@ -25,16 +26,18 @@ from .diffusion import NoiseSchedule
 from .errors import DDSMError
 from .images import save_grid
 from .io import write_text_atomic
-from .nn.cost import flops_table
-from .nn.unet import SlimUNet
+from .backbones import SlimModel, build_supernet
+from .backbones.cost import flops_table
 from .sampling import generate, resolve_device
+from .subnet import Subnet, SubnetSpace
 
 LOG_FILE = "loss_log.csv"
 
 
-def sandwich_widths(widths: tuple[float, ...], n_random: int, generator: torch.Generator) -> list[float]:
-    """Return the widths trained this step: largest, smallest, then `n_random` drawn from the others."""
-    ordered = sorted(widths, reverse=True)
+def sandwich_subnets(space: SubnetSpace, n_random: int, generator: torch.Generator) -> list[Subnet]:
+    """Return the subnets trained this step: the largest, the smallest, then `n_random` drawn uniformly
+    from all the others (over every axis at once: a random width with a random depth)."""
+    ordered = list(space)  # largest first, smallest last
     chosen = ordered[:1] + ordered[-1:] if len(ordered) > 1 else ordered[:1]
     middle = ordered[1:-1]
     if middle:
@@ -76,7 +79,7 @@ class TrainingRun:
     def __init__(self, cfg: ExperimentConfig, data: ImageData, device: str):
         self.cfg, self.data, self.device = cfg, data, device
         torch.manual_seed(cfg.train.seed)  # initial weights
-        self.model = SlimUNet(cfg.model, data.shape).to(device)
+        self.model = build_supernet(cfg.model, data.shape).to(device)
         self.ema = copy.deepcopy(self.model).requires_grad_(False)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.generator = torch.Generator().manual_seed(cfg.train.seed)
@@ -120,24 +123,25 @@ class TrainingRun:
         x0, t, noise = x0.to(self.device), t.to(self.device), noise.to(self.device)
         return self.schedule.q_sample(x0, t, noise), t, noise
 
-    def train_step(self, widths: list[float] | None = None) -> dict[float, float]:
-        """Run one step on `widths` (default: the sandwich rule's draw); return each width's loss."""
+    def train_step(self, subnets: list | None = None) -> dict[Subnet, float]:
+        """Run one step on `subnets` (default: the sandwich rule's draw); return each subnet's loss."""
         tc = self.cfg.train
         xt, t, noise = self.batch()
-        if widths is None:
-            widths = sandwich_widths(self.model.widths, tc.sandwich_random, self.generator)
+        if subnets is None:
+            subnets = sandwich_subnets(self.model.space, tc.sandwich_random, self.generator)
         self.opt.zero_grad(set_to_none=True)
         losses, teacher = {}, None
-        for width in widths:
-            pred = self.model.set_width(width)(xt, t)
+        for subnet in subnets:
+            subnet = self.model.check_subnet(subnet)
+            pred = self.model.set_subnet(subnet)(xt, t)
             loss = F.mse_loss(pred, noise)
             if teacher is None:
-                teacher = pred.detach()  # the largest width comes first: in-place distillation target
+                teacher = pred.detach()  # the largest subnet comes first: in-place distillation target
             elif tc.distill_weight > 0:
                 loss = (1 - tc.distill_weight) * loss + tc.distill_weight * F.mse_loss(pred, teacher)
             loss.backward()
-            losses[width] = loss.item()
-        self.model.set_width(1.0)
+            losses[subnet] = loss.item()
+        self.model.set_subnet(self.model.full)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
         for group in self.opt.param_groups:
             group["lr"] = learning_rate(self.cfg, self.step)
@@ -153,12 +157,12 @@ def _read_log(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     with open(path, newline="") as fh:
-        return [{"step": int(r["step"]), "width": float(r["width"]), "loss": float(r["loss"])} for r in csv.DictReader(fh)]
+        return [{"step": int(r["step"]), "subnet": r["subnet"], "loss": float(r["loss"])} for r in csv.DictReader(fh)]
 
 
 def _write_log(path: Path, rows: list[dict]) -> None:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["step", "width", "loss"])
+    writer = csv.DictWriter(buf, fieldnames=["step", "subnet", "loss"])
     writer.writeheader()
     writer.writerows(rows)
     write_text_atomic(path, buf.getvalue())
@@ -190,14 +194,19 @@ def _check_resumable(cfg: ExperimentConfig, out: Path, resume: bool) -> dict | N
     return meta
 
 
-def write_sample_grids(model: SlimUNet, cfg: ExperimentConfig, out: Path, device: str, seed: int = 0) -> list[Path]:
-    """Write one PNG grid per width, every grid from the same noise; return their paths."""
+def grid_subnets(space: SubnetSpace) -> list[Subnet]:
+    """Return the subnets shown in sample grids: full size, then each axis's choices with the others full."""
+    return list(dict.fromkeys(s for axis in space.names for s in space.along(axis)))
+
+
+def write_sample_grids(model: SlimModel, cfg: ExperimentConfig, out: Path, device: str, seed: int = 0) -> list[Path]:
+    """Write one PNG grid per subnet of `grid_subnets`, every grid from the same noise; return their paths."""
     paths = []
-    for width in model.widths:
-        images = generate(model, cfg.diffusion, [width] * cfg.sample.steps, n=cfg.sample.grid_size, seed=seed,
+    for subnet in grid_subnets(model.space):
+        images = generate(model, cfg.diffusion, [subnet] * cfg.sample.steps, n=cfg.sample.grid_size, seed=seed,
                           sampler=cfg.sample.sampler, eta=cfg.sample.eta, batch_size=cfg.sample.batch_size,
                           device=device)
-        paths.append(save_grid(out / "samples" / f"width_{width:.2f}.png", images))
+        paths.append(save_grid(out / "samples" / f"{subnet.slug}.png", images))
     return paths
 
 
@@ -227,12 +236,13 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, steps: int | None = Non
                       dataset=key)
 
     while run.step < tc.steps:
-        for width, loss in run.train_step().items():
-            window.setdefault(width, []).append(loss)
+        for subnet, loss in run.train_step().items():
+            window.setdefault(subnet, []).append(loss)
         if run.step % tc.log_every == 0 or run.step == tc.steps:
-            means = {w: sum(v) / len(v) for w, v in window.items()}
-            run.log += [{"step": run.step, "width": w, "loss": round(m, 6)} for w, m in sorted(means.items(), reverse=True)]
-            bar.set_postfix({f"w{w:g}": f"{m:.4f}" for w, m in sorted(means.items(), reverse=True)})
+            means = {s: sum(v) / len(v) for s, v in window.items()}
+            order = [s for s in run.model.space if s in means]  # largest first
+            run.log += [{"step": run.step, "subnet": s.key, "loss": round(means[s], 6)} for s in order]
+            bar.set_postfix({"full": f"{means[order[0]]:.4f}", "smallest": f"{means[order[-1]]:.4f}"})
             window = {}
         if run.step % tc.checkpoint_every == 0 or run.step == tc.steps:
             checkpoint()

@@ -68,7 +68,7 @@ def drift_spread(supernet, search: dict, ns: list[int], sets: list[str], device:
 
     scorer = make_scorer(supernet, metric="fid", device=device, cache_dir=cache_dir)
     steps, sampler, eta = int(search["steps"]), search["sampler"], float(search["eta"])
-    widths = sorted(supernet.model.widths, reverse=True)
+    widths = list(supernet.model.space.choices("width"))
     denoisers = make_denoisers(supernet.model, widths, device)
     rows = []
     for n in ns:
@@ -154,7 +154,7 @@ def main() -> None:
             write_text_atomic(f"{stem}_front_agreement.csv", agreement.to_csv(index=False))
         if args.only_drift:
             return
-    widths = sorted(args.widths or supernet.model.widths, reverse=True)
+    widths = sorted(args.widths or supernet.model.space.choices("width"), reverse=True)
     steps = supernet.config.sample.steps
     extractor = get_extractor(default_extractor_for(supernet.config.data.kind), device)
     reference = training_reference(supernet.config.data, extractor, cache_dir=args.cache_dir)

@@ -1,16 +1,18 @@
-"""Sampling speed against full width: FLOPs ratio and wall-clock ratio, measured side by side in one run.
+"""Sampling speed against full size: FLOPs ratio and wall-clock ratio, measured side by side in one run.
 
-For every uniform width and two mixed schedules, sample a batch with DDIM (50 steps by default) and
-time it; repetitions are interleaved across schedules so drift in machine speed hits all of them
+For the uniform schedules of every axis (each width at full depth, each depth at full width, on a
+DiT), one subnet small on both axes, and mixed schedules, sample a batch with DDIM (50 steps by
+default) and time it; repetitions are interleaved across schedules so drift in machine speed hits all of them
 alike, and the median is reported, with the range of the per-repetition ratios beside it. Weights
 do not change the cost, so without --supernet a supernet with fresh weights is built from --config.
 
-On CPU the whole U-Net runs as one call into the fused kernel (ddsm_search/nn/kernels) where it is
+On CPU the whole U-Net runs as one call into the fused kernel (ddsm_search/backends/fused) where it is
 available, as the sampler does; `--paths fused torch` also times torch's own layers, interleaved, and
 prints how much faster the kernel is.
 
     python scripts/bench_sampling.py                      # digits on CPU, batches 256 and 1000
     python scripts/bench_sampling.py --paths fused torch  # and against torch's layers
+    python scripts/bench_sampling.py --config search_spaces/digits-dit.yaml --paths torch   # the DiT
     python scripts/bench_sampling.py --config search_spaces/cifar10.yaml --device cuda --batches 256 1000
 """
 
@@ -29,22 +31,44 @@ import torch
 
 from ddsm_search.checkpoint import load_supernet
 from ddsm_search.config import load_config
-from ddsm_search.nn import kernels
-from ddsm_search.nn.cost import flops_table
-from ddsm_search.nn.unet import SlimUNet
+from ddsm_search.backends import fused as kernels
+from ddsm_search.backbones import build_supernet
+from ddsm_search.backbones.cost import flops_table
 from ddsm_search.sampling import generate, make_denoisers, resolve_device
+from ddsm_search.subnet import Subnet, SubnetSpace
 
-TOLERANCE = 1.25  # target: wall-clock ratio within 1.25x of the FLOPs ratio (widths >= 0.5, mixed schedules)
+TOLERANCE = 1.25  # target: wall-clock ratio within 1.25x of the FLOPs ratio (width >= 0.5, depth >= half, mixed)
 
 
-def schedules(widths: tuple[float, ...], steps: int) -> dict[str, list[float]]:
-    """Return the schedules to time: each uniform width, then two mixed ones."""
-    out = {f"uniform {w:g}": [w] * steps for w in sorted(widths, reverse=True)}
+def schedules(space: SubnetSpace, steps: int) -> dict[str, list[Subnet]]:
+    """Return the schedules to time: the uniform ones of every axis, one small on every axis, then mixed
+    ones (half the steps on a smaller subnet, and a ramp over each axis's choices)."""
+    full = space.full
+    out = {"full size": [full] * steps}
+    for axis in space.names:
+        for s in space.along(axis)[1:]:
+            out[f"uniform {s.key}"] = [s] * steps
+    if len(space.names) > 1:
+        mid = Subnet(tuple((a, c[len(c) // 2]) for a, c in space.axes))
+        out[f"uniform {mid.key}"] = [mid] * steps
     half = steps // 2
-    out["mixed: 0.5 then 1.0 (halves)"] = [0.5] * half + [1.0] * (steps - half)
-    quarter = [sorted(widths)[min(i * len(widths) // 4, len(widths) - 1)] for i in range(4)]
-    out["mixed: ramp " + " > ".join(f"{w:g}" for w in quarter)] = [quarter[min(4 * i // steps, 3)] for i in range(steps)]
+    for axis in space.names:
+        choices = space.choices(axis)
+        small = full.replace(**{axis: choices[len(choices) // 2]})
+        out[f"mixed: {small.key} then full (halves)"] = [small] * half + [full] * (steps - half)
+        quarter = [choices[::-1][min(i * len(choices) // 4, len(choices) - 1)] for i in range(4)]
+        ramp = [full.replace(**{axis: quarter[min(4 * i // steps, 3)]}) for i in range(steps)]
+        out[f"mixed: {axis} ramp " + " > ".join(map(str, quarter))] = ramp
     return out
+
+
+def judged(space: SubnetSpace, name: str, plan: list[Subnet]) -> bool:
+    """Return True where the target applies: mixed schedules, and every subnet at width >= 0.5 and at
+    least half the full depth."""
+    if name.startswith("mixed"):
+        return True
+    full = space.full
+    return all(s.get("width", 1.0) >= 0.5 and s.get("depth", 1) >= full.get("depth", 1) / 2 for s in plan)
 
 
 def main() -> None:
@@ -72,21 +96,21 @@ def main() -> None:
         shape = (3, 32, 32) if cfg.data.kind == "cifar10" else (1, 8, 8) if cfg.data.kind == "digits" else None
         if shape is None:
             raise SystemExit("--config with data.kind folder needs --supernet (the image shape is not known)")
-        model = SlimUNet(cfg.model, shape).to(device).eval()
+        model = build_supernet(cfg.model, shape).to(device).eval()
         flops = flops_table(cfg.model, shape)
-    plans = schedules(model.widths, args.steps)
-    denoisers = make_denoisers(model, model.widths, device)  # exported once, as a deployed sampler would
+    plans = schedules(model.space, args.steps)
+    denoisers = make_denoisers(model, [s for plan in plans.values() for s in plan], device)  # exported once, as deployed
     print(f"{datetime.date.today()} | {device}: {torch.cuda.get_device_name() if device == 'cuda' else platform.processor() or platform.machine()}"
           f" | torch {torch.__version__} | threads {torch.get_num_threads()} | {cfg.name} {tuple(model.image_shape)}")
 
     def layers(path: str):
         return kernels.disabled() if path == "torch" else contextlib.nullcontext()
 
-    def run(widths: list[float], batch: int) -> None:
-        generate(model, cfg.diffusion, widths, n=batch, seed=0, batch_size=batch, device=device, denoisers=denoisers)
+    def run(subnets: list[Subnet], batch: int) -> None:
+        generate(model, cfg.diffusion, subnets, n=batch, seed=0, batch_size=batch, device=device, denoisers=denoisers)
 
     rows = []
-    full_name = f"uniform {max(model.widths):g}"
+    full_name = "full size"
     for batch in args.batches:
         times: dict[tuple[str, str], list[float]] = {(path, name): [] for path in args.paths for name in plans}
         for path, name in times:  # warm-up: first calls pay for allocation, kernel selection and packing
@@ -98,22 +122,22 @@ def main() -> None:
                     started = time.perf_counter()
                     run(plans[name], batch)
                     times[path, name].append(time.perf_counter() - started)
-        full_flops = flops[max(model.widths)] * args.steps
+        full_flops = flops[model.full] * args.steps
         for path, name in times:
-            widths, full_times = plans[name], times[path, full_name]
+            plan, full_times = plans[name], times[path, full_name]
             seconds, full_time = statistics.median(times[path, name]), statistics.median(full_times)
-            flops_ratio = sum(flops[w] for w in widths) / full_flops
+            flops_ratio = sum(flops[s] for s in plan) / full_flops
             wall_ratio = seconds / full_time
-            # each repetition timed this schedule and full width back to back: their ratios show the noise
+            # each repetition timed this schedule and full size back to back: their ratios show the noise
             paired = [t / f / flops_ratio for t, f in zip(times[path, name], full_times)]
-            judged = name.startswith("mixed") or min(widths) >= 0.5
             row = {"batch": batch, "path": path, "schedule": name,
-                   "GFLOPs/img": round(sum(flops[w] for w in widths) / 1e9, 3),
+                   "GFLOPs/img": round(sum(flops[s] for s in plan) / 1e9, 3),
                    "seconds": round(seconds, 3), "images/s": round(batch / seconds, 1),
                    "flops ratio": round(flops_ratio, 3), "wall ratio": round(wall_ratio, 3),
                    "wall/flops": round(wall_ratio / flops_ratio, 2),
                    "wall/flops per repeat": f"{min(paired):.2f}-{max(paired):.2f}",
-                   "target": ("ok" if wall_ratio <= TOLERANCE * flops_ratio else "MISSED") if judged else "-"}
+                   "target": ("ok" if wall_ratio <= TOLERANCE * flops_ratio else "MISSED")
+                   if judged(model.space, name, plan) else "-"}
             if set(args.paths) == {"fused", "torch"}:
                 row["x faster than torch"] = round(statistics.median(times["torch", name]) / seconds, 2) if path == "fused" else "-"
             rows.append(row)

@@ -20,7 +20,7 @@ import torch
 from ddsm_search.config import load_config
 from ddsm_search.data import ImageData
 from ddsm_search.sampling import resolve_device
-from ddsm_search.training import TrainingRun
+from ddsm_search.training import TrainingRun, grid_subnets
 
 
 def _sync(device: str) -> None:
@@ -29,7 +29,7 @@ def _sync(device: str) -> None:
 
 
 def main() -> None:
-    """Time training steps for the sandwich rule and for each width alone; print the table."""
+    """Time training steps for the sandwich rule and for each subnet of the grids alone; print the table."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="search_spaces/digits.yaml")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per row")
@@ -45,14 +45,14 @@ def main() -> None:
           f" | torch {torch.__version__} | {cfg.name} {shape} batch {cfg.train.batch_size}")
 
     rows = []
-    # the sandwich rule's draw, then one width per step: that width's forward and backward alone
-    for label, widths in [("sandwich", None)] + [(f"width {w:g} only", [w]) for w in run.model.widths]:
+    # the sandwich rule's draw, then one subnet per step: that subnet's forward and backward alone
+    for label, subnets in [("sandwich", None)] + [(f"{s} only", [s]) for s in grid_subnets(run.model.space)]:
         for _ in range(3):
-            run.train_step(widths)
+            run.train_step(subnets)
         _sync(device)
         started = time.perf_counter()
         for _ in range(args.steps):
-            run.train_step(widths)
+            run.train_step(subnets)
         _sync(device)
         seconds = (time.perf_counter() - started) / args.steps
         rows.append({"what": label, "ms/step": round(seconds * 1000, 1), "steps/s": round(1 / seconds, 2),

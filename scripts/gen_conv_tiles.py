@@ -1,11 +1,11 @@
-"""Generate ddsm_search/nn/kernels/conv3x3_tiles.h, the register-tiled micro-kernels of fused.c.
+"""Generate ddsm_search/backends/fused/conv3x3_tiles.h, the register-tiled micro-kernels of fused.c.
 
 Each tile computes PB output pixels x OB*8 output channels over `taps` kernel taps (9 for 3x3, 1 for
 1x1), plus bias and an optional residual; it keeps the accumulators (at most 12 AVX2 registers) in named
 variables; written as arrays, gcc keeps the accumulators on the stack and runs at half the speed.
 A test checks the committed header is this script's output.
 
-    python scripts/gen_conv_tiles.py > ddsm_search/nn/kernels/conv3x3_tiles.h
+    python scripts/gen_conv_tiles.py > ddsm_search/backends/fused/conv3x3_tiles.h
 """
 
 from __future__ import annotations

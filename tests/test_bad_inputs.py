@@ -50,10 +50,23 @@ def _edit_meta(net: Path, change, *, rehash: bool) -> None:
 
 
 def _schedule(tmp: Path, **fields) -> str:
+    """A schedule file of format version 2 (one subnet per step), with `fields` set."""
+    data = {"subnets": [{"width": 1.0}] * 5, **fields}
+    path = tmp / "schedule.json"
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
+def _schedule_v1(tmp: Path, **fields) -> str:
+    """A schedule file of format version 1 (one width per step), with `fields` set."""
     data = {"widths": [1.0] * 5, **fields}
     path = tmp / "schedule.json"
     path.write_text(json.dumps(data))
     return str(path)
+
+
+def _sample(n, t, *flags):
+    return ["sample", str(n), *flags, "--out", str(t / "g.png")]
 
 
 # each case: (id, build(tmp, supernet, run) -> argv, the text the error line must contain); `run()` returns a
@@ -81,17 +94,55 @@ CASES = [
     ("evaluate --eta nan", lambda t, n, r: ["evaluate", str(n), "--width", "1", "--eta", "nan"], "--eta"),
     ("binary schedule", lambda t, n, r: ["sample", str(n), "--schedule", _binary(t / "s.json"),
                                          "--out", str(t / "g.png")], "not a text file"),
-    ("schedule eta text", lambda t, n, r: ["sample", str(n), "--schedule", _schedule(t, sampler={"eta": "abc"}),
-                                           "--out", str(t / "g.png")], "sampler.eta"),
-    ("schedule eta null", lambda t, n, r: ["sample", str(n), "--schedule", _schedule(t, sampler={"eta": None}),
-                                           "--out", str(t / "g.png")], "sampler.eta"),
-    ("schedule sampler null", lambda t, n, r: ["sample", str(n), "--schedule", _schedule(t, sampler=None),
-                                               "--out", str(t / "g.png")], "must be objects"),
-    ("schedule widths null", lambda t, n, r: ["sample", str(n), "--schedule", _schedule(t, widths=None),
-                                              "--out", str(t / "g.png")], "'widths'"),
-    ("schedule steps text", lambda t, n, r: ["sample", str(n), "--schedule",
-                                             _schedule(t, sampler={"steps": "five"}), "--out", str(t / "g.png")],
-     "sampler.steps"),
+    *[case for version, make in (("", _schedule), (" (version 1)", _schedule_v1)) for case in [
+        (f"schedule eta text{version}", lambda t, n, r, make=make: _sample(
+            n, t, "--schedule", make(t, sampler={"eta": "abc"})), "sampler.eta"),
+        (f"schedule eta null{version}", lambda t, n, r, make=make: _sample(
+            n, t, "--schedule", make(t, sampler={"eta": None})), "sampler.eta"),
+        (f"schedule sampler null{version}", lambda t, n, r, make=make: _sample(
+            n, t, "--schedule", make(t, sampler=None)), "must be objects"),
+        (f"schedule steps text{version}", lambda t, n, r, make=make: _sample(
+            n, t, "--schedule", make(t, sampler={"steps": "five"})), "sampler.steps"),
+        (f"schedule format version 3{version}", lambda t, n, r, make=make: _sample(
+            n, t, "--schedule", make(t, version=3)), "format version 3"),
+    ]],
+    ("schedule widths null", lambda t, n, r: _sample(n, t, "--schedule", _schedule_v1(t, widths=None)), "'widths'"),
+    ("schedule widths text", lambda t, n, r: _sample(n, t, "--schedule", _schedule_v1(t, widths=[1.0, "x"])),
+     "'widths'"),
+    ("schedule subnets null", lambda t, n, r: _sample(n, t, "--schedule", _schedule(t, subnets=None)), "'subnets'"),
+    ("schedule subnets empty", lambda t, n, r: _sample(n, t, "--schedule", _schedule(t, subnets=[])), "'subnets'"),
+    ("schedule subnet a bare number", lambda t, n, r: _sample(n, t, "--schedule", _schedule(t, subnets=[1.0] * 5)),
+     "subnets[0]: expected an object of axis values"),
+    ("schedule subnet value text", lambda t, n, r: _sample(
+        n, t, "--schedule", _schedule(t, subnets=[{"width": 1.0}] * 4 + [{"width": "half"}])), "subnets[4]"),
+    ("schedule subnet unknown axis", lambda t, n, r: _sample(
+        n, t, "--schedule", _schedule(t, subnets=[{"colour": 1.0}] * 5)), "subnets[0]: unknown axis 'colour'"),
+    ("schedule subnet axis the supernet lacks", lambda t, n, r: _sample(
+        n, t, "--schedule", _schedule(t, subnets=[{"width": 1.0, "depth": 2}] * 5)),
+     "step 0: this supernet has no axis 'depth'"),
+    ("schedule subnet width not in the supernet", lambda t, n, r: _sample(
+        n, t, "--schedule", _schedule(t, subnets=[{"width": 1.0}] * 3 + [{"width": 0.3}] * 2)),
+     "step 3: width 0.3 is not in the supernet"),
+    ("schedule unknown settings", lambda t, n, r: _sample(
+        n, t, "--schedule", _schedule(t, settings={"exit": 0.5})), "settings ['exit'] are not known"),
+    ("schedule settings not an object", lambda t, n, r: _sample(n, t, "--schedule", _schedule(t, settings=[1])),
+     "'settings' must be an object"),
+    ("sample --subnet unknown axis", lambda t, n, r: _sample(n, t, "--subnet", "colour=1"), "is not a subnet"),
+    ("sample --subnet axis the supernet lacks", lambda t, n, r: _sample(n, t, "--subnet", "depth=2"),
+     "this supernet has no axis 'depth'"),
+    ("sample --subnet not a number", lambda t, n, r: _sample(n, t, "--subnet", "width=abc"), "is not a number"),
+    ("sample --subnet nan", lambda t, n, r: _sample(n, t, "--subnet", "width=nan"), "must be a finite float"),
+    ("sample --subnet no value", lambda t, n, r: _sample(n, t, "--subnet", "width"), "is not a subnet"),
+    ("sample --subnet not in the supernet", lambda t, n, r: _sample(n, t, "--subnet", "width=0.3"),
+     "width 0.3 is not in the supernet (width choices: 1.0, 0.75, 0.5)"),
+    ("sample --width not in the supernet", lambda t, n, r: _sample(n, t, "--width", "0.3"),
+     "width 0.3 is not in the supernet (width choices: 1.0, 0.75, 0.5)"),
+    ("sample --subnet and --width", lambda t, n, r: _sample(n, t, "--subnet", "width=1", "--width", "1"),
+     "not allowed with argument"),
+    ("evaluate --subnet not in the supernet", lambda t, n, r: ["evaluate", str(n), "--subnet", "width=0.3",
+                                                               "--json", str(t / "r.json")], "width 0.3 is not in"),
+    ("evaluate --subnet not a number", lambda t, n, r: ["evaluate", str(n), "--subnet", "width=x",
+                                                        "--json", str(t / "r.json")], "is not a number"),
     ("meta.json edited (hash)", lambda t, n, r: ["sample", _meta_edited(n, t, rehash=False, hashed=True), "--width", "1",
                                                  "--out", str(t / "g.png")], "meta_sha256"),
     ("meta.json edited (no hash, wrong shape)", lambda t, n, r: ["sample", _meta_edited(n, t, rehash=False),
@@ -99,8 +150,14 @@ CASES = [
      "does not fit the model"),
     ("meta.json missing field", lambda t, n, r: ["sample", _meta_dropped(n, t, "image_shape"), "--width", "1",
                                                  "--out", str(t / "g.png")], "image_shape"),
-    ("meta.json FLOPs of another width", lambda t, n, r: ["sample", _meta_flops(n, t), "--width", "1",
-                                                          "--out", str(t / "g.png")], "FLOPs table"),
+    *[(f"meta.json FLOPs {what}", lambda t, n, r, entry=entry: ["sample", _meta_flops(n, t, entry), "--width", "1",
+                                                                "--out", str(t / "g.png")], "FLOPs table")
+      for what, entry in [("of another width", {"width=0.3": 1}), ("of another width (version-1 key)", {"0.3": 1}),
+                          ("of an axis the supernet lacks", {"width=1.0,depth=2": 1}),
+                          ("under a key that is no subnet", {"wide": 1}),
+                          ("not a whole number", {"width=1.0": 1.5})]],
+    ("meta.json FLOPs of a width missing", lambda t, n, r: ["sample", _meta_flops(n, t, drop="width=0.5"), "--width",
+                                                            "1", "--out", str(t / "g.png")], "lacks subnets width=0.5"),
     ("data.limit 1 at evaluate", lambda t, n, r: ["evaluate", _limit_one(n, t), "--width", "1", "--n", "4"],
      "data.limit"),
     ("data.limit 1 at search", lambda t, n, r: ["search", _config(t, search=SEARCH), "--supernet", _limit_one(n, t),
@@ -155,9 +212,16 @@ def _meta_dropped(net: Path, tmp: Path, field: str) -> str:
     return str(copy)
 
 
-def _meta_flops(net: Path, tmp: Path) -> str:
+def _meta_flops(net: Path, tmp: Path, entry: dict | None = None, drop: str | None = None) -> str:
     copy = _copy_supernet(net, tmp)
-    _edit_meta(copy, lambda m: m["flops_per_image"].update({"0.3": 1}), rehash=True)
+
+    def change(meta):
+        assert meta["version"] == 2 and "width=1.0" in meta["flops_per_image"]
+        meta["flops_per_image"].update(entry or {})
+        if drop:
+            del meta["flops_per_image"][drop]
+
+    _edit_meta(copy, change, rehash=True)
     return str(copy)
 
 

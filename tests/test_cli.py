@@ -30,15 +30,20 @@ def _fails(capsys, argv, match):
 
 def test_train_writes_checkpoint_and_grids(supernet_dir):
     meta = json.loads((supernet_dir / "meta.json").read_text())
-    assert meta["step"] == 3 and meta["widths"] == [1.0, 0.75, 0.5]
+    assert meta["step"] == 3 and meta["version"] == 2 and meta["axes"] == {"width": [1.0, 0.75, 0.5]}
     assert sorted(p.name for p in (supernet_dir / "samples").glob("*.png")) == [
-        "width_0.50.png", "width_0.75.png", "width_1.00.png"]
+        "width-0.5.png", "width-0.75.png", "width-1.0.png"]
+
+
+def _images(npz):
+    with np.load(npz) as data:
+        return data["images"].copy(), list(data["subnets"])
 
 
 def test_sample_width_png_and_npz(supernet_dir, tmp_path, capsys):
     png, npz = tmp_path / "grid.png", tmp_path / "imgs.npz"
     assert main(["sample", str(supernet_dir), "--width", "0.5", "--n", "6", "--out", str(png), "--quiet"]) == 0
-    assert png.stat().st_size > 0 and "of full width" in capsys.readouterr().out
+    assert png.stat().st_size > 0 and "of full size" in capsys.readouterr().out
     assert main(["sample", str(supernet_dir), "--width", "0.5", "--n", "6", "--out", str(npz), "--quiet"]) == 0
     with np.load(npz) as data:
         assert data["images"].shape == (6, 8, 8, 1) and data["images"].dtype == np.uint8
@@ -48,13 +53,31 @@ def test_sample_width_png_and_npz(supernet_dir, tmp_path, capsys):
         assert np.array_equal(first, data["images"]), "the same seed must give the same images"
 
 
+def test_subnet_flag_equals_the_width_shorthand(supernet_dir, tmp_path):
+    by_width, by_subnet, full = tmp_path / "w.npz", tmp_path / "s.npz", tmp_path / "f.npz"
+    assert main(["sample", str(supernet_dir), "--width", "0.5", "--n", "6", "--out", str(by_width), "--quiet"]) == 0
+    assert main(["sample", str(supernet_dir), "--subnet", "width=0.5", "--n", "6", "--out", str(by_subnet),
+                 "--quiet"]) == 0
+    (images, subnets), (same, same_subnets) = _images(by_width), _images(by_subnet)
+    assert np.array_equal(images, same) and subnets == same_subnets == ["width=0.5"] * 5
+    assert main(["sample", str(supernet_dir), "--subnet", "width=1.0", "--n", "6", "--out", str(full), "--quiet"]) == 0
+    assert not np.array_equal(images, _images(full)[0]), "a different subnet gives different images"
+
+
 def test_sample_schedule_file(supernet_dir, tmp_path):
     schedule = tmp_path / "s.json"
-    schedule.write_text(json.dumps({"widths": [0.5, 0.5, 0.75, 1.0, 1.0]}))
+    schedule.write_text(json.dumps({"widths": [0.5, 0.5, 0.75, 1.0, 1.0]}))  # version 1: one width per step
     out = tmp_path / "s.npz"
     assert main(["sample", str(supernet_dir), "--schedule", str(schedule), "--n", "3", "--out", str(out), "--quiet"]) == 0
-    with np.load(out) as data:
-        assert list(data["widths"]) == [0.5, 0.5, 0.75, 1.0, 1.0]
+    images, subnets = _images(out)
+    assert subnets == ["width=0.5", "width=0.5", "width=0.75", "width=1.0", "width=1.0"]
+    version2 = tmp_path / "s2.json"
+    version2.write_text(json.dumps({"subnets": [{"width": w} for w in (0.5, 0.5, 0.75, 1.0, 1.0)]}))
+    out2 = tmp_path / "s2.npz"
+    assert main(["sample", str(supernet_dir), "--schedule", str(version2), "--n", "3", "--out", str(out2),
+                 "--quiet"]) == 0
+    same, same_subnets = _images(out2)
+    assert np.array_equal(same, images) and same_subnets == subnets, "both formats sample the same images"
 
 
 def test_bad_train_inputs(tmp_path, capsys):
@@ -80,17 +103,23 @@ def test_bad_sample_inputs(supernet_dir, tmp_path, capsys):
     _fails(capsys, ["sample", str(tmp_path / "missing"), "--width", "1", "--out", str(out)], "supernet directory not found")
     _fails(capsys, ["sample", str(tmp_path), "--width", "1", "--out", str(out)], "not a supernet directory")
     _fails(capsys, base + ["--width", "0.3"], "width 0.3 is not in the supernet")
+    _fails(capsys, base + ["--subnet", "width=0.3"], "width 0.3 is not in the supernet")
     _fails(capsys, ["sample", str(supernet_dir), "--width", "1", "--out", str(tmp_path / "x.jpg")], "--out must end in")
-    _fails(capsys, base, "one of the arguments --width --schedule is required")
+    _fails(capsys, base, "one of the arguments --subnet --width --schedule is required")
+    _fails(capsys, base + ["--width", "1", "--subnet", "width=1"], "not allowed with argument")
     schedule = tmp_path / "s.json"
-    schedule.write_text(json.dumps({"widths": [1.0, 0.3]}))
-    _fails(capsys, base + ["--schedule", str(schedule)], "width 0.3 is not in the supernet")
-    schedule.write_text(json.dumps({"widths": [1.0, 0.5], "sampler": {"steps": 3}}))
-    _fails(capsys, base + ["--schedule", str(schedule)], "2 widths but its sampler runs 3 steps")
-    schedule.write_text(json.dumps({"widths": [1.0, 0.5]}))
-    _fails(capsys, base + ["--schedule", str(schedule), "--steps", "50"], "2 widths but --steps asks for 50")
-    schedule.write_text(json.dumps({"widths": [1.0], "supernet": {"sha256": "0" * 64}}))
-    _fails(capsys, base + ["--schedule", str(schedule)], "made for another supernet")
+    # each schedule case in format version 2 ("subnets") and in version 1 ("widths")
+    for steps in (lambda ws: {"subnets": [{"width": w} for w in ws]}, lambda ws: {"widths": ws}):
+        schedule.write_text(json.dumps(steps([1.0, 0.3])))
+        _fails(capsys, base + ["--schedule", str(schedule)], "width 0.3 is not in the supernet")
+        schedule.write_text(json.dumps({**steps([1.0, 0.5]), "sampler": {"steps": 3}}))
+        _fails(capsys, base + ["--schedule", str(schedule)], "2 subnets but its sampler runs 3 steps")
+        schedule.write_text(json.dumps(steps([1.0, 0.5])))
+        _fails(capsys, base + ["--schedule", str(schedule), "--steps", "50"], "2 subnets but --steps asks for 50")
+        schedule.write_text(json.dumps({**steps([1.0]), "supernet": {"sha256": "0" * 64}}))
+        _fails(capsys, base + ["--schedule", str(schedule)], "made for another supernet")
+    schedule.write_text(json.dumps({"subnets": [{"width": 1.0}, {"depth": 2}]}))
+    _fails(capsys, base + ["--schedule", str(schedule)], "step 1: this supernet has no axis 'depth'")
     schedule.write_text("{not json")
     _fails(capsys, base + ["--schedule", str(schedule)], "not valid JSON")
     assert not out.exists(), "nothing may be written when the input is bad"

@@ -5,10 +5,11 @@ from __future__ import annotations
 import torch
 
 from ddsm_search.config import config_from_dict
-from ddsm_search.nn.cost import count_flops, flops_table
-from ddsm_search.nn.slim import SlimConv2d
-from ddsm_search.nn.unet import AttnBlock
-from ddsm_search.nn.slim import SlimKit
+from ddsm_search.backbones.cost import count_flops, flops_table
+from ddsm_search.backbones.slim import SlimConv2d
+from ddsm_search.backbones.unet import AttnBlock
+from ddsm_search.backbones.slim import SlimKit
+from ddsm_search.subnet import Subnet
 from tests.conftest import tiny_dict
 
 
@@ -30,7 +31,8 @@ def test_attention_is_counted():
 def test_flops_table_grows_with_width():
     cfg = config_from_dict(tiny_dict())
     table = flops_table(cfg.model, (1, 8, 8))
-    assert sorted(table) == [0.5, 0.75, 1.0]
-    assert table[0.5] < table[0.75] < table[1.0]
+    w = {x: Subnet.of(width=x) for x in (1.0, 0.75, 0.5)}
+    assert set(table) == set(w.values()) and list(table) == [w[1.0], w[0.75], w[0.5]]  # largest first
+    assert table[w[0.5]] < table[w[0.75]] < table[w[1.0]]
     # channels scale by w, so the conv-dominated cost scales by about w^2
-    assert 0.2 < table[0.5] / table[1.0] < 0.35
+    assert 0.2 < table[w[0.5]] / table[w[1.0]] < 0.35

@@ -10,6 +10,7 @@ import torch
 from ddsm_search.config import DiffusionConfig
 from ddsm_search.diffusion import NoiseSchedule, sample_loop, sampling_timesteps
 from ddsm_search.errors import DDSMError
+from ddsm_search.subnet import Subnet
 
 
 def _oracle(schedule: NoiseSchedule, x0: torch.Tensor):
@@ -57,13 +58,15 @@ def _noisy_denoiser(x, t):
     return torch.tanh(x) * 0.5
 
 
-def test_each_step_uses_its_own_width():
+def test_each_step_uses_its_own_subnet():
     s = NoiseSchedule(DiffusionConfig(timesteps=100))
     seen = []
-    denoisers = {w: (lambda w: lambda x, t: seen.append((w, int(t))) or torch.zeros_like(x))(w) for w in (1.0, 0.5)}
+    full, half, shallow = Subnet.of(width=1.0, depth=4), Subnet.of(width=0.5, depth=4), Subnet.of(width=1.0, depth=2)
+    denoisers = {k: (lambda k: lambda x, t: seen.append((k, int(t))) or torch.zeros_like(x))(k)
+                 for k in (full, half, shallow)}
     ts = sampling_timesteps(100, 4)
-    sample_loop(denoisers, s, [0.5, 0.5, 1.0, 1.0], ts, torch.randn(2, 1, 2, 2))
-    assert seen == [(0.5, ts[0]), (0.5, ts[1]), (1.0, ts[2]), (1.0, ts[3])]
+    sample_loop(denoisers, s, [half, half, shallow, full], ts, torch.randn(2, 1, 2, 2))
+    assert seen == [(half, ts[0]), (half, ts[1]), (shallow, ts[2]), (full, ts[3])]
 
 
 def test_stochastic_sampling_is_seeded_and_batch_size_invariant():
@@ -82,7 +85,7 @@ def test_stochastic_sampling_is_seeded_and_batch_size_invariant():
 
 def test_schedule_length_must_match_steps():
     s = NoiseSchedule(DiffusionConfig(timesteps=100))
-    with pytest.raises(DDSMError, match="3 widths but the sampler runs 4 steps"):
+    with pytest.raises(DDSMError, match="3 subnets but the sampler runs 4 steps"):
         sample_loop({1.0: _noisy_denoiser}, s, [1.0] * 3, sampling_timesteps(100, 4), torch.randn(1, 1, 2, 2))
     with pytest.raises(DDSMError, match="unknown sampler"):
         sample_loop({1.0: _noisy_denoiser}, s, [1.0], [5], torch.randn(1, 1, 2, 2), sampler="euler")
@@ -90,7 +93,7 @@ def test_schedule_length_must_match_steps():
 
 def test_prefix_cache_gives_the_same_images_as_sampling_from_scratch():
     from ddsm_search.config import config_from_dict
-    from ddsm_search.nn.unet import SlimUNet
+    from ddsm_search.backbones.unet import SlimUNet
     from ddsm_search.sampling import PrefixCache, generate
     from tests.conftest import tiny_dict
 
@@ -99,8 +102,9 @@ def test_prefix_cache_gives_the_same_images_as_sampling_from_scratch():
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.2)
-    first = [0.5, 0.5, 1.0, 1.0, 0.75, 0.75]
-    second = [0.5, 0.5, 1.0, 1.0, 1.0, 1.0]  # shares the first 4 steps
+    w = {x: Subnet.of(width=x) for x in (1.0, 0.75, 0.5)}
+    first = [w[0.5], w[0.5], w[1.0], w[1.0], w[0.75], w[0.75]]
+    second = [w[0.5], w[0.5], w[1.0], w[1.0], w[1.0], w[1.0]]  # shares the first 4 steps
     for sampler, eta in [("ddim", 0.0), ("ddpm", 0.0)]:
         cache = PrefixCache(boundaries=[2, 4])
         kwargs = dict(n=5, seed=7, sampler=sampler, eta=eta)

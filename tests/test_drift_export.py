@@ -17,7 +17,10 @@ from ddsm_search.evaluation import evaluate
 from ddsm_search.export import export_schedule
 from ddsm_search.full_samples import FOLDER
 from ddsm_search.search.runner import run_search
+from ddsm_search.subnet import Subnet
 from tests.conftest import tiny_dict
+
+FULL, HALF = Subnet.of(width=1.0), Subnet.of(width=0.5)
 
 SEARCH = {"steps": 6, "segments": 3, "population": 6, "generations": 2, "samples": 40, "workers": 0, "batch_size": 40}
 
@@ -34,14 +37,14 @@ def run(tiny_supernet, tmp_path_factory):
 def test_full_size_has_no_drift_and_its_samples_are_kept_beside_the_supernet(tiny_supernet, tmp_path):
     supernet = load_supernet(tiny_supernet)
     kwargs = dict(n=12, seed_set="search/3", cache_dir=str(tmp_path), drift=True)
-    full = evaluate(supernet, [1.0] * 5, **kwargs)
+    full = evaluate(supernet, [FULL] * 5, **kwargs)
     assert full["drift"] == 0.0 and full["drift_space"] == "features"
-    half = evaluate(supernet, [0.5] * 5, **kwargs)
+    half = evaluate(supernet, [HALF] * 5, **kwargs)
     assert half["drift"] > 0
     kept = sorted((tiny_supernet / FOLDER).glob("search-3-n12-*"))
     assert [p.suffix for p in kept] == [".json", ".safetensors"]
     kept[1].write_bytes(kept[1].read_bytes()[:-8] + b"\0" * 8)  # damaged: made again, never used
-    assert evaluate(supernet, [0.5] * 5, **kwargs)["drift"] == half["drift"]
+    assert evaluate(supernet, [HALF] * 5, **kwargs)["drift"] == half["drift"]
 
 
 def test_drift_search_ranks_by_drift_and_records_every_metric(tiny_supernet, tmp_path):
@@ -49,8 +52,8 @@ def test_drift_search_ranks_by_drift_and_records_every_metric(tiny_supernet, tmp
     files = run_search(cfg, tiny_supernet, tmp_path / "run", progress=False, cache_dir=str(tmp_path / "c"))
     table = report.load_run(tmp_path / "run")
     assert table.attrs["metric"] == "drift" and np.isfinite(table[["fid", "kid", "drift"]].to_numpy()).all()
-    assert table.loc[table["uniform"] == 1.0, "drift"].item() == 0.0, "full width is its own reference"
-    assert report.pick(table, "100%")["uniform"] == 1.0
+    assert table.loc[table["uniform"] == "full", "drift"].item() == 0.0, "full size is its own reference"
+    assert report.pick(table, "100%")["uniform"] == "full"
     assert len(files.rows) == len(table)
 
 
@@ -77,9 +80,11 @@ def test_full_size_is_within_zero_of_itself(run, tiny_supernet):
     search = report.run_info(run)["search"]
     for metric in ("fid", "drift"):
         confirmer = Confirmer(load_supernet(tiny_supernet), {**search, "metric": metric}, n=40)
-        loss = confirmer.confirm([1.0] * 6)["loss"]
+        record = confirmer.confirm([FULL] * 6)
+        loss = record["loss"]
         assert loss["value"] == loss["low"] == loss["high"] == 0.0, (metric, loss)
-        assert confirmer.confirm([0.5] * 6)["loss"]["high"] != 0.0
+        assert record["schedule"] == "width=1.0*6"
+        assert confirmer.confirm([HALF] * 6)["loss"]["high"] != 0.0
 
 
 def test_a_budget_confirms_its_best_candidates_before_choosing(run, tmp_path):
@@ -169,4 +174,4 @@ def test_offline_rgb_folder_search_with_drift_and_export(tmp_path, monkeypatch, 
 def test_evaluate_cli_reports_drift(tiny_supernet, capsys):
     assert main(["evaluate", str(tiny_supernet), "--width", "0.5", "--n", "8", "--drift", "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "drift" in out and "from full width (features)" in out and "FID" in out
+    assert "drift" in out and "from full size (features)" in out and "FID" in out

@@ -19,6 +19,9 @@ from ddsm_search.errors import DDSMError
 from ddsm_search.evaluation import evaluate, noise_floor, training_reference
 from ddsm_search.metrics import get_extractor, seed_for
 from ddsm_search.sampling import PrefixCache, generate
+from ddsm_search.subnet import Subnet, schedule_key
+
+W = {w: Subnet.of(width=w) for w in (1.0, 0.75, 0.5)}
 
 
 @pytest.fixture(scope="module")
@@ -42,15 +45,17 @@ def _cache(monkeypatch, tmp_path_factory):
     monkeypatch.setenv("DDSM_SEARCH_CACHE", str(tmp_path_factory.getbasetemp() / "cli-cache"))
 
 
-def _score(scoring, widths, **kw):
+def _score(scoring, subnets, **kw):
     supernet, extractor, reference, _ = scoring
-    return evaluate(supernet, widths, extractor=extractor, reference=reference, **{"n": 40, **kw})
+    return evaluate(supernet, subnets, extractor=extractor, reference=reference, **{"n": 40, **kw})
 
 
 def test_evaluate_result(scoring):
     supernet = scoring[0]
-    result = _score(scoring, [0.5] * 5)
-    assert result["gflops_per_image"] == pytest.approx(supernet.schedule_flops([0.5] * 5) / 1e9)
+    result = _score(scoring, [W[0.5]] * 5)
+    assert result["gflops_per_image"] == pytest.approx(supernet.schedule_flops([W[0.5]] * 5) / 1e9)
+    assert result["gflops_per_image"] == pytest.approx(5 * supernet.flops[W[0.5]] / 1e9)
+    assert result["schedule"] == "width=0.5*5" and result["steps"] == 5 and "widths" not in result
     assert result["n"] == 40 and result["seed_set"] == "search" and result["extractor"] == "digits-cnn"
     assert result["fid"] > 0 and np.isfinite(result["kid"]) and result["kid_std"] >= 0
     assert result["seconds"] > 0 and result["eval_seconds"] > 0 and result["reference"].startswith("digits-train/train/")
@@ -58,37 +63,43 @@ def test_evaluate_result(scoring):
 
 
 def test_common_random_numbers(scoring):
-    widths = [1.0, 1.0, 0.75, 0.5, 0.5]
-    first, again = _score(scoring, widths), _score(scoring, widths)
+    subnets = [W[1.0], W[1.0], W[0.75], W[0.5], W[0.5]]
+    first, again = _score(scoring, subnets), _score(scoring, subnets)
     assert (first["fid"], first["kid"]) == (again["fid"], again["kid"]), "the same seed set must give the same scores"
-    other = _score(scoring, widths, seed_set="search/1")
-    heldout = _score(scoring, widths, seed_set="heldout")
+    assert first["schedule"] == schedule_key(subnets) == "width=1.0*2 width=0.75 width=0.5*2"
+    as_widths = _score(scoring, [1.0, 1.0, 0.75, 0.5, 0.5])  # bare numbers are widths
+    assert (as_widths["fid"], as_widths["schedule"]) == (first["fid"], first["schedule"])
+    other = _score(scoring, subnets, seed_set="search/1")
+    heldout = _score(scoring, subnets, seed_set="heldout")
     assert len({first["fid"], other["fid"], heldout["fid"]}) == 3
     # one generator draws all n images' noise: the first k images are the same at any n and batch size
     supernet = scoring[0]
-    small = generate(supernet.model, supernet.config.diffusion, widths, n=3, seed=seed_for("search"))
-    large = generate(supernet.model, supernet.config.diffusion, widths, n=7, seed=seed_for("search"), batch_size=2)
+    small = generate(supernet.model, supernet.config.diffusion, subnets, n=3, seed=seed_for("search"))
+    large = generate(supernet.model, supernet.config.diffusion, subnets, n=7, seed=seed_for("search"), batch_size=2)
     assert torch.allclose(small, large[:3], atol=1e-5)
 
 
 def test_prefix_cache_passes_through(scoring):
     cache = PrefixCache(boundaries=[2])
-    plain = _score(scoring, [1.0, 1.0, 0.5, 0.5, 0.5])
-    _score(scoring, [1.0, 1.0, 0.75, 0.75, 0.75], cache=cache)
-    resumed = _score(scoring, [1.0, 1.0, 0.5, 0.5, 0.5], cache=cache)
+    plain = _score(scoring, [W[1.0]] * 2 + [W[0.5]] * 3)
+    _score(scoring, [W[1.0]] * 2 + [W[0.75]] * 3, cache=cache)
+    resumed = _score(scoring, [W[1.0]] * 2 + [W[0.5]] * 3, cache=cache)
     assert cache.steps_saved == 2 and resumed["fid"] == pytest.approx(plain["fid"], rel=1e-6)
 
 
 def test_evaluate_defaults_and_errors(scoring):
     supernet, _, _, cache = scoring
-    result = evaluate(supernet, [1.0] * 5, n=10, cache_dir=cache)  # default extractor, cached reference
+    result = evaluate(supernet, [W[1.0]] * 5, n=10, cache_dir=cache)  # default extractor, cached reference
     assert result["extractor"] == "digits-cnn"
-    with pytest.raises(DDSMError, match="width 0.3 is not in the supernet"):
-        _score(scoring, [0.3] * 5)
+    for bad in (0.3, Subnet.of(width=0.3), "width=0.3"):
+        with pytest.raises(DDSMError, match="width 0.3 is not in the supernet"):
+            _score(scoring, [bad] * 5)
+    with pytest.raises(DDSMError, match="this supernet has no axis 'depth'"):
+        _score(scoring, [Subnet.of(width=1.0, depth=2)] * 5)
     with pytest.raises(DDSMError, match="at least 2 images"):
-        _score(scoring, [1.0] * 5, n=1)
+        _score(scoring, [W[1.0]] * 5, n=1)
     with pytest.raises(DDSMError, match="unknown seed set 'train'"):
-        _score(scoring, [1.0] * 5, seed_set="train")
+        _score(scoring, [W[1.0]] * 5, seed_set="train")
 
 
 def test_noise_floor(scoring):
@@ -126,9 +137,17 @@ def test_cli_evaluate(supernet_dir, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "FID" in printed and "KID" in printed and "GFLOPs per image" in printed and "sampling" in printed
     result = json.loads(out.read_text())
-    assert {"fid", "kid", "kid_std", "gflops_per_image", "seconds", "eval_seconds", "n", "seed_set"} <= set(result)
+    assert {"fid", "kid", "kid_std", "gflops_per_image", "seconds", "eval_seconds", "n", "seed_set", "schedule"} <= set(result)
+    assert result["schedule"] == "width=0.75*5"
+    same = tmp_path / "same.json"
+    assert main(base + ["--subnet", "width=0.75", "--json", str(same)]) == 0
+    capsys.readouterr()
+    assert (json.loads(same.read_text())["fid"], json.loads(same.read_text())["schedule"]) == (result["fid"], result["schedule"])
     schedule = tmp_path / "s.json"
     schedule.write_text(json.dumps({"widths": [0.5, 0.5, 0.75, 1.0, 1.0]}))
+    assert main(base + ["--schedule", str(schedule), "--seeds", "heldout"]) == 0
+    assert "seeds heldout" in capsys.readouterr().out
+    schedule.write_text(json.dumps({"subnets": [{"width": w} for w in (0.5, 0.5, 0.75, 1.0, 1.0)]}))
     assert main(base + ["--schedule", str(schedule), "--seeds", "heldout"]) == 0
     assert "seeds heldout" in capsys.readouterr().out
 
@@ -145,15 +164,20 @@ def test_cli_evaluate_bad_inputs(supernet_dir, tmp_path, capsys, monkeypatch):
     base = ["evaluate", str(supernet_dir), "--n", "8", "--quiet", "--json", str(out)]
     _fails(capsys, ["evaluate", str(tmp_path / "missing"), "--width", "1", "--json", str(out)], "supernet directory not found")
     _fails(capsys, base + ["--width", "0.3"], "width 0.3 is not in the supernet")
+    _fails(capsys, base + ["--subnet", "width=0.3"], "width 0.3 is not in the supernet")
+    _fails(capsys, base + ["--subnet", "width=half"], "is not a number")
+    _fails(capsys, base + ["--subnet", "depth=2"], "this supernet has no axis 'depth'")
     _fails(capsys, base + ["--width", "1", "--seeds", "train"], "unknown seed set 'train'")
     _fails(capsys, base + ["--width", "1", "--n", "1"], "--n must be at least 2")
     _fails(capsys, base + ["--width", "1", "--n", "0"], "--n")
     _fails(capsys, base + ["--width", "1", "--extractor", "vgg"], "invalid choice: 'vgg'")
-    _fails(capsys, base, "one of the arguments --width --schedule is required")
+    _fails(capsys, base, "one of the arguments --subnet --width --schedule is required")
     _fails(capsys, ["evaluate", str(supernet_dir), "--width", "1", "--json", str(tmp_path / "r.txt")], "--json must end in .json")
     monkeypatch.setenv("DDSM_INCEPTION_WEIGHTS", str(tmp_path / "nowhere" / "inception-2015-12-05.pt"))
     _fails(capsys, base + ["--width", "1", "--extractor", "inception"], "Inception weights not found")
     schedule = tmp_path / "s.json"
     schedule.write_text(json.dumps({"widths": [1.0, 0.5]}))
-    _fails(capsys, base + ["--schedule", str(schedule), "--steps", "5"], "2 widths but --steps asks for 5")
+    _fails(capsys, base + ["--schedule", str(schedule), "--steps", "5"], "2 subnets but --steps asks for 5")
+    schedule.write_text(json.dumps({"subnets": [{"width": 1.0}, {"width": 0.5}]}))
+    _fails(capsys, base + ["--schedule", str(schedule), "--steps", "5"], "2 subnets but --steps asks for 5")
     assert not out.exists() and not list(tmp_path.glob(".r.json*")), "nothing may be written when the input is bad"

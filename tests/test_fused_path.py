@@ -14,16 +14,18 @@ import yaml
 from ddsm_search.checkpoint import load_supernet
 from ddsm_search.cli import main
 from ddsm_search.config import config_from_dict
-from ddsm_search.nn import kernels
-from ddsm_search.nn.kernels import graph
+from ddsm_search.backends import fused as kernels
+from ddsm_search.backends.fused import graph
 from ddsm_search.sampling import PrefixCache, generate, make_denoisers
 from ddsm_search.search.runner import run_search
+from ddsm_search.subnet import Subnet
 from tests.conftest import tiny_dict
 
 FUSED = {"model": {"base_channels": 16, "channel_mults": [1, 2], "group_size": 8, "head_dim": 8, "widths": [1.0, 0.5],
                    "attention_resolutions": [4]}}
 SEARCH = {"steps": 6, "segments": 3, "population": 6, "generations": 2, "samples": 40, "workers": 0, "batch_size": 40}
-MIXED = [0.5, 0.5, 1.0, 1.0, 0.5, 1.0]
+FULL, HALF = Subnet.of(width=1.0), Subnet.of(width=0.5)
+MIXED = [HALF, HALF, FULL, FULL, HALF, FULL]
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +60,10 @@ def test_every_exported_subnet_runs_on_the_kernel(fused_supernet):
     model = load_supernet(fused_supernet).model
     x = torch.randn(3, *model.image_shape)
     with torch.inference_mode():
-        for width, net in make_denoisers(model, model.widths, "cpu").items():
-            assert net.fused_program(x) is not None, f"width {width} fell back to torch's layers"
+        denoisers = make_denoisers(model, list(model.space), "cpu")
+        assert list(denoisers) == [FULL, HALF]
+        for subnet, net in denoisers.items():
+            assert net.fused_program(x) is not None, f"subnet {subnet} fell back to torch's layers"
 
 
 def test_sampling_on_the_kernel_matches_torch_layers(fused_supernet, kernel_calls):
@@ -76,7 +80,7 @@ def test_sampling_on_the_kernel_matches_torch_layers(fused_supernet, kernel_call
 @pytest.mark.parametrize("sampler,eta", [("ddim", 0.0), ("ddpm", 0.0), ("ddim", 1.0)])
 def test_prefix_cache_is_bit_identical_on_the_kernel(fused_supernet, kernel_calls, sampler, eta):
     supernet = load_supernet(fused_supernet)
-    second = MIXED[:4] + [1.0, 0.5]  # shares the first 4 steps
+    second = MIXED[:4] + [FULL, HALF]  # shares the first 4 steps
     cache = PrefixCache(boundaries=[2, 4])
     kwargs = dict(n=6, seed=7, sampler=sampler, eta=eta)
     generate(supernet.model, supernet.config.diffusion, MIXED, cache=cache, **kwargs)
@@ -101,32 +105,32 @@ def test_search_on_the_kernel_scores_as_torch_layers_do(fused_supernet, kernel_c
                                rtol=1e-3, atol=1e-4)
 
 
-def test_each_width_keeps_the_path_measured_faster(fused_supernet, kernel_calls, monkeypatch):
+def test_each_subnet_keeps_the_path_measured_faster(fused_supernet, kernel_calls, monkeypatch):
     from ddsm_search import sampling
 
     model = load_supernet(fused_supernet).model
-    denoisers = make_denoisers(model, model.widths, "cpu")
+    denoisers = make_denoisers(model, list(model.space), "cpu")
     # a machine where torch's layers win at full width and the kernel at 0.5 (as measured on AVX-512)
-    fake = {(1.0, True): 2.0, (1.0, False): 1.0, (0.5, True): 1.0, (0.5, False): 3.0}
-    by_net = {id(net): width for width, net in denoisers.items()}
+    fake = {(FULL, True): 2.0, (FULL, False): 1.0, (HALF, True): 1.0, (HALF, False): 3.0}
+    by_net = {id(net): subnet for subnet, net in denoisers.items()}
     monkeypatch.setattr(sampling, "_forward_seconds",
                         lambda net, x, t, repeats: fake[(by_net[id(net)], bool(net.use_kernel))])
     x = torch.randn(4, *model.image_shape)
-    assert sampling.choose_fastest_paths(denoisers, x) == {1.0: "torch", 0.5: "fused"}
+    assert sampling.choose_fastest_paths(denoisers, x) == {FULL: "torch", HALF: "fused"}
     with torch.inference_mode():
-        assert denoisers[1.0].fused_program(x) is None and denoisers[0.5].fused_program(x) is not None
+        assert denoisers[FULL].fused_program(x) is None and denoisers[HALF].fused_program(x) is not None
         before = kernel_calls["n"]
-        denoisers[1.0](x, torch.tensor(3))
+        denoisers[FULL](x, torch.tensor(3))
         assert kernel_calls["n"] == before, "a subnet kept on torch's layers never calls the kernel"
-        denoisers[0.5](x, torch.tensor(3))
+        denoisers[HALF](x, torch.tensor(3))
         assert kernel_calls["n"] == before + 1
 
 
-def test_speed_comparison_reports_each_widths_path(fused_supernet):
+def test_speed_comparison_reports_each_subnets_path(fused_supernet):
     from ddsm_search.sampling import time_against_full
 
     supernet = load_supernet(fused_supernet)
     images, seconds, full_seconds, paths = time_against_full(supernet.model, supernet.config.diffusion, MIXED, n=8,
                                                              seed=0, batch_size=8)
     assert images.shape == (8, *supernet.model.image_shape) and seconds > 0 and full_seconds > 0
-    assert set(paths) == {1.0, 0.5} and set(paths.values()) <= {"fused", "torch"}
+    assert set(paths) == {FULL, HALF} and set(paths.values()) <= {"fused", "torch"}

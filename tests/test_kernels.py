@@ -15,10 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ddsm_search.config import config_from_dict
-from ddsm_search.nn import kernels
-from ddsm_search.nn.kernels import graph as graph_module
-from ddsm_search.nn.kernels.graph import Graph, Unsupported
-from ddsm_search.nn.unet import SlimUNet
+from ddsm_search.backends import fused as kernels
+from ddsm_search.backends.fused import graph as graph_module
+from ddsm_search.backends.fused.graph import Graph, Unsupported
+from ddsm_search.backbones.unet import SlimUNet
+from ddsm_search.subnet import Subnet
 from tests.conftest import tiny_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -183,8 +184,9 @@ def test_unet_program_matches_torch_layers_at_every_width(attention):
     # channel counts that are multiples of 8 at every width, so the whole network is one program
     net = _random_net(attention_resolutions=attention)
     x, t = torch.randn(6, 1, 8, 8), torch.tensor([0, 10, 40, 60, 80, 99])
-    for width in net.widths:
-        for model in (net.set_width(width), net.export(width).eval()):  # the supernet and its static export
+    assert len(net.space) == 4
+    for subnet in net.space:
+        for model in (net.set_subnet(subnet), net.export(subnet).eval()):  # the supernet and its static export
             with torch.inference_mode():
                 assert model.fused_program(x) is not None, "the whole network should run as one program"
                 for xs, ts in ((x, t), (x[:1], t[3])):  # timesteps per image, and one for a batch of one
@@ -298,15 +300,15 @@ def test_networks_the_kernel_cannot_run_keep_torch_layers():
     with torch.inference_mode():
         assert odd.fused_program(torch.randn(1, 1, 8, 8)) is None  # 12 and 6 channels: not multiples of 8
         assert odd(torch.randn(1, 1, 8, 8), torch.tensor(3)).shape == (1, 1, 8, 8)
-    wide = _random_net(base_channels=64).set_width(1.0)  # 128-channel 3x3 layers: torch's layers are faster
+    wide = _random_net(base_channels=64).set_subnet(Subnet.of(width=1.0))  # 128-channel 3x3 layers: torch's layers are faster
     with torch.inference_mode():
         assert wide.fused_program(torch.randn(1, 1, 8, 8)) is None
         if kernels.available():
-            assert wide.set_width(0.5).fused_program(torch.randn(1, 1, 8, 8)) is not None
+            assert wide.set_subnet(Subnet.of(width=0.5)).fused_program(torch.randn(1, 1, 8, 8)) is not None
 
 
 def test_generated_tiles_header_is_current():
-    header = ROOT / "ddsm_search" / "nn" / "kernels" / "conv3x3_tiles.h"
+    header = ROOT / "ddsm_search" / "backends" / "fused" / "conv3x3_tiles.h"
     generated = subprocess.run([sys.executable, str(ROOT / "scripts" / "gen_conv_tiles.py")], capture_output=True,
                                text=True, check=True).stdout
     assert generated == header.read_text(), "run scripts/gen_conv_tiles.py > " + str(header.relative_to(ROOT))
@@ -316,8 +318,8 @@ def _fresh_process(env_extra: dict, tmp_path: Path) -> subprocess.CompletedProce
     """Run a tiny supernet forward in a new process with `env_extra`; print the kernel's status."""
     code = ("import warnings, torch\n"
             "from ddsm_search.config import config_from_dict\n"
-            "from ddsm_search.nn import kernels\n"
-            "from ddsm_search.nn.unet import SlimUNet\n"
+            "from ddsm_search.backends import fused as kernels\n"
+            "from ddsm_search.backbones.unet import SlimUNet\n"
             "from tests.conftest import tiny_dict\n"
             "cfg = config_from_dict(tiny_dict(model={'base_channels': 32, 'group_size': 8, 'head_dim': 8}))\n"
             "net = SlimUNet(cfg.model, (1, 8, 8)).eval()\n"

@@ -20,6 +20,7 @@ import pytest
 from ddsm_search.config import config_from_dict
 from ddsm_search.errors import DDSMError
 from ddsm_search.search.results import front_of
+from ddsm_search.subnet import Subnet, schedule_key
 from tests.conftest import tiny_dict
 
 ray = pytest.importorskip("ray")
@@ -50,27 +51,32 @@ class StandIn:
     def ping(self) -> str:
         return ray.get_runtime_context().get_node_id()
 
-    def evaluate(self, widths: list[float], samples: int) -> dict:
-        key = _key(widths)
+    def evaluate(self, subnets: list[Subnet], samples: int) -> dict:
+        key = _key(subnets)
         if key in self.poison:
             os._exit(1)  # as an evaluation that crashes the process (out of memory, a segfault) would
         if self.fail:
             raise DDSMError(self.fail)
         if self.bug:
             raise ValueError(self.bug)
-        time.sleep(self.slow if widths[0] == 0.5 else self.delay)
-        return {"fid": sum(widths) * samples, "pid": os.getpid()}
+        time.sleep(self.slow if subnets[0]["width"] == 0.5 else self.delay)
+        return {"fid": _widths(subnets) * samples, "pid": os.getpid()}
 
 
-def _key(widths) -> str:
-    return " ".join(f"{w:g}" for w in widths)
+def _key(subnets) -> str:
+    return schedule_key(subnets)
+
+
+def _widths(subnets) -> float:
+    return sum(s["width"] for s in subnets)
 
 
 def _jobs(count: int = 8) -> list:
-    """`count` distinct schedules; sorted, the first half starts with width 0.5."""
-    grid = [[a, b, c] for a in (0.5, 1.0) for b in (0.5, 0.75, 1.0) for c in (0.5, 0.75, 1.0)]
+    """`count` distinct schedules (one subnet per step); sorted, the first half starts with width 0.5."""
+    grid = [[Subnet.of(width=w) for w in (a, b, c)]
+            for a in (0.5, 1.0) for b in (0.5, 0.75, 1.0) for c in (0.5, 0.75, 1.0)]
     picked = grid[:count // 2] + grid[-(count - count // 2):]
-    return [(_key(w), w) for w in reversed(picked)]  # handed over unsorted: the pool sorts
+    return [(_key(s), s) for s in reversed(picked)]  # handed over unsorted: the pool sorts
 
 
 def _pool(cluster, workers: int = 2, **kw) -> RayPool:
@@ -113,7 +119,7 @@ def node(cluster):
 
 
 def test_worker_ddsm_error_reaches_the_caller_as_its_one_line(cluster, node):
-    message = "width 0.3 is not one of the supernet's widths 1, 0.75, 0.5"
+    message = "width 0.3 is not in the supernet (width choices: 1.0, 0.75, 0.5)"
     pool = _pool(cluster, args={"fail": message})
     try:
         with pytest.raises(DDSMError) as info:
@@ -145,9 +151,10 @@ def test_idle_worker_steals_the_far_end_of_a_slow_block(cluster, node):
         got = list(pool.run(jobs, 10))
     finally:
         pool.close()
-    ordered = sorted(widths for _, widths in jobs)
+    ordered = sorted(subnets for _, subnets in jobs)
+    assert all(s[0]["width"] == 0.5 for s in ordered[:4]) and all(s[0]["width"] == 1.0 for s in ordered[4:])
     assert sorted(key for key, _, _ in got) == sorted(key for key, _ in jobs), "each job once"
-    assert all(result["fid"] == sum(dict(jobs)[key]) * 10 for key, result, _ in got)
+    assert all(result["fid"] == _widths(dict(jobs)[key]) * 10 for key, result, _ in got)
     slow_block = [_key(w) for w in ordered[:4]]  # dealt to one actor: the schedules that start with 0.5
     by = {key: worker for key, _, worker in got}
     owner = by[slow_block[0]]
@@ -158,7 +165,7 @@ def test_idle_worker_steals_the_far_end_of_a_slow_block(cluster, node):
 
 def test_poison_schedule_is_named_instead_of_killing_every_worker(cluster, node):
     jobs = _jobs(6)
-    poison = sorted(widths for _, widths in jobs)[1]
+    poison = sorted(subnets for _, subnets in jobs)[1]
     pool = _pool(cluster, args={"poison": (_key(poison),), "delay": 0.05})
     got = []
     started = time.monotonic()

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from ddsm_search import report
 from ddsm_search.checkpoint import load_supernet
@@ -17,6 +18,7 @@ from ddsm_search.export import export_schedule
 from ddsm_search.pipeline import quickstart
 from ddsm_search.schedule import load_schedule
 from ddsm_search.search.runner import run_search
+from ddsm_search.subnet import Subnet, SubnetSpace, schedule_key
 from tests.conftest import tiny_dict
 
 SEARCH = {"steps": 6, "segments": 3, "population": 6, "generations": 2, "samples": 40, "workers": 0, "batch_size": 40}
@@ -33,13 +35,18 @@ def run(tiny_supernet, tmp_path_factory):
 
 def test_dataframe_front_matches_an_independent_check(run):
     table = report.load_run(run)
-    assert table["schedule"].is_unique and {"widths", "uniform", "on_front"} <= set(table.columns)
+    assert table["schedule"].is_unique and {"subnets", "uniform", "on_front"} <= set(table.columns)
+    assert (table["subnets"].map(schedule_key) == table["schedule"]).all(), "keys are canonical schedule keys"
+    assert table["subnets"].map(len).eq(6).all()
     points = table[["gflops", "fid"]].to_numpy()
     brute = [not any((q <= p).all() and (q < p).any() for q in points) for p in points]
     assert table["on_front"].tolist() == brute
     front = report.front(table)
     assert front["gflops"].is_monotonic_increasing and len(front) == sum(brute)
-    assert set(table["uniform"].dropna()) == {1.0, 0.75, 0.5}
+    assert set(table["uniform"].dropna()) == {"full", "width=0.75", "width=0.5"}
+    assert (table["uniform"].isna() == (table["subnets"].map(lambda s: len(set(s))) > 1)).all()
+    full = table.loc[table["uniform"] == "full"].iloc[0]
+    assert full["schedule"] == "width=1.0*6" and full["flops_share"] == pytest.approx(1.0)
     assert report.hypervolume(table) > 0
 
 
@@ -47,7 +54,7 @@ def test_pick_is_the_lowest_fid_within_budget(run):
     table = report.load_run(run)
     for budget in ("60%", "100%", f"{table['gflops'].median():.6f}"):
         chosen = report.pick(table, budget)
-        limit = report.budget_gflops(budget, float(table.loc[table["uniform"] == 1.0, "gflops"].iloc[0]))
+        limit = report.budget_gflops(budget, float(table.loc[table["uniform"] == "full", "gflops"].iloc[0]))
         fits = table[table["gflops"] <= limit * (1 + 1e-9)]
         assert chosen["fid"] == fits["fid"].min() and chosen["gflops"] <= limit * (1 + 1e-9)
     with pytest.raises(DDSMError, match="below the cheapest evaluated schedule"):
@@ -58,33 +65,40 @@ def test_pick_is_the_lowest_fid_within_budget(run):
 
 def test_export_writes_a_self_describing_checked_schedule(run, tmp_path):
     path, data = export_schedule(run, "70%", tmp_path / "s.json", heldout_samples=40)
-    assert data["format"] == "ddsm-search/schedule" and data["version"] == 1
-    assert len(data["widths"]) == data["sampler"]["steps"] == len(data["sampler"]["timesteps"]) == 6
+    assert data["format"] == "ddsm-search/schedule" and data["version"] == 2
+    assert data["axes"] == ["width"] and data["settings"] == {} and "widths" not in data
+    assert all(set(s) == {"width"} for s in data["subnets"])
+    assert len(data["subnets"]) == data["sampler"]["steps"] == len(data["sampler"]["timesteps"]) == 6
     assert data["flops_share"] <= 0.7 + 1e-9 and data["supernet"]["sha256"]
     q = data["quality"]
     assert q["search"]["seed_set"] == "search" and q["heldout"]["seed_set"] == "heldout"
-    assert np.isfinite(q["heldout"]["fid"]) and np.isfinite(q["full_width_heldout"]["fid"])
+    assert np.isfinite(q["heldout"]["fid"]) and np.isfinite(q["full_size_heldout"]["fid"])
     supernet = load_supernet(data["supernet"]["path"])
     schedule = load_schedule(path, supernet)
-    assert schedule.widths == data["widths"] and schedule.extra["quality"] == q
+    assert schedule.subnets == [Subnet.of(**s) for s in data["subnets"]] and schedule.extra["quality"] == q
+    assert data["flops_per_image"] == supernet.schedule_flops(schedule.subnets)
 
 
 def test_tampered_or_mismatched_schedules_are_refused(run, tmp_path):
     path, data = export_schedule(run, "100%", tmp_path / "s.json", heldout_samples=40)
     supernet = load_supernet(data["supernet"]["path"])
-    edited = dict(data, widths=[0.5] * 6)
+    edited = dict(data, subnets=[{"width": 0.5}] * 6)
     (tmp_path / "edited.json").write_text(json.dumps(edited))
-    if edited["widths"] != data["widths"]:
-        with pytest.raises(DDSMError, match="does not match its widths"):
+    if edited["subnets"] != data["subnets"]:
+        with pytest.raises(DDSMError, match="does not match its subnets"):
             load_schedule(tmp_path / "edited.json", supernet)
     other = dict(data, supernet={"path": "x", "sha256": "f" * 64})
     (tmp_path / "other.json").write_text(json.dumps(other))
     with pytest.raises(DDSMError, match="made for another supernet"):
         load_schedule(tmp_path / "other.json", supernet)
-    bad_width = dict(data, widths=[0.3] * 6)
+    bad_width = dict(data, subnets=[{"width": 0.3}] * 6)
     (tmp_path / "w.json").write_text(json.dumps(bad_width))
     with pytest.raises(DDSMError, match="width 0.3 is not in the supernet"):
         load_schedule(tmp_path / "w.json", supernet)
+    version_1 = {k: v for k, v in data.items() if k not in ("subnets", "axes", "settings")}
+    (tmp_path / "v1.json").write_text(json.dumps(dict(version_1, version=1, widths=[0.3] * 6)))
+    with pytest.raises(DDSMError, match="width 0.3 is not in the supernet"):
+        load_schedule(tmp_path / "v1.json", supernet)
 
 
 def test_cli_report_export_and_sample(run, tmp_path, capsys):
@@ -97,7 +111,7 @@ def test_cli_report_export_and_sample(run, tmp_path, capsys):
     assert "held-out noise" in capsys.readouterr().out
     net = json.loads(out.read_text())["supernet"]["path"]
     assert main(["sample", net, "--schedule", str(out), "--n", "20", "--out", str(tmp_path / "g.png"), "--quiet"]) == 0
-    assert "faster" not in capsys.readouterr().out, "full width is timed only when asked"
+    assert "faster" not in capsys.readouterr().out, "full size is timed only when asked"
     assert main(["sample", net, "--schedule", str(out), "--n", "20", "--out", str(tmp_path / "g.png"), "--quiet",
                  "--compare"]) == 0
     assert "faster" in capsys.readouterr().out
@@ -116,9 +130,62 @@ def test_quickstart_runs_the_whole_pipeline(tmp_path):
     assert (tmp_path / "qs" / "search" / "report" / "front.png").is_file()
     assert figures["flops_share"] <= 0.8 + 1e-9 and figures["speedup"] > 0
     assert figures["loss"]["high"] <= 0.05 and figures["loss"]["samples"] == 40
+    assert figures["full_size_seconds"] > 0 and np.isfinite(figures["full_size_heldout"])
+    assert "width=1.0" in figures["paths"] and set(figures["paths"]) <= {"width=1.0", "width=0.75", "width=0.5"}
+    assert set(figures["paths"].values()) <= {"fused", "torch"}
     pd.read_csv(tmp_path / "qs" / "search" / "evaluations.csv")
 
 
 def test_quickstart_refuses_a_bad_budget_before_any_work(tmp_path, capsys):
     assert main(["quickstart", "--out", str(tmp_path / "qs"), "--budget", "half"]) == 2
     assert "--budget" in capsys.readouterr().err and not (tmp_path / "qs").exists()
+
+
+def test_version_1_schedules_load_and_sample_as_version_2_ones(tiny_supernet, tmp_path):
+    from ddsm_search.sampling import generate
+    from ddsm_search.schedule import FORMAT, Schedule, save_schedule
+
+    supernet = load_supernet(tiny_supernet)
+    widths = [0.5, 0.5, 0.75, 1.0, 1.0]
+    subnets = [Subnet.of(width=w) for w in widths]
+    v2 = save_schedule(tmp_path / "v2.json", Schedule(subnets=subnets, sampler="ddim", eta=0.5), supernet)
+    written = json.loads(v2.read_text())
+    assert written["version"] == 2 and written["subnets"] == [{"width": w} for w in widths]
+    bare = tmp_path / "bare.json"  # a hand-written version-1 schedule
+    bare.write_text(json.dumps({"widths": widths, "sampler": {"eta": 0.5}}))
+    full = tmp_path / "full.json"  # as ddsm-search wrote them: format, version 1, the supernet's hash
+    full.write_text(json.dumps({"format": FORMAT, "version": 1,
+                                "supernet": {"path": str(supernet.path), "sha256": supernet.sha256},
+                                "sampler": {"name": "ddim", "steps": 5, "eta": 0.5,
+                                            "timesteps": written["sampler"]["timesteps"]},
+                                "widths": widths, "flops_per_image": written["flops_per_image"]}))
+    loaded = {path.name: load_schedule(path, supernet) for path in (v2, bare, full)}
+    kwargs = dict(n=6, seed=3)
+    want = generate(supernet.model, supernet.config.diffusion, subnets, sampler="ddim", eta=0.5, **kwargs)
+    for name, schedule in loaded.items():
+        assert schedule.subnets == subnets and (schedule.sampler, schedule.eta) == ("ddim", 0.5), name
+        got = generate(supernet.model, supernet.config.diffusion, schedule.subnets, sampler=schedule.sampler,
+                       eta=schedule.eta, **kwargs)
+        assert torch.equal(got, want), name
+    other = generate(supernet.model, supernet.config.diffusion, subnets[::-1], sampler="ddim", eta=0.5, **kwargs)
+    assert not torch.equal(other, want)
+    stale = json.loads(full.read_text())
+    stale["flops_per_image"] += 1
+    full.write_text(json.dumps(stale))
+    with pytest.raises(DDSMError, match="does not match its subnets"):
+        load_schedule(full, supernet)
+
+
+def test_uniform_labels_and_a_two_axis_schedule_plot(tmp_path):
+    from ddsm_search.plots import plot_schedule
+
+    full = Subnet.of(width=1.0, depth=4)
+    assert report.uniform_label([full] * 3, full) == "full"
+    assert report.uniform_label([full.replace(width=0.5)] * 3, full) == "width=0.5"
+    assert report.uniform_label([full.replace(depth=2)] * 3, full) == "depth=2"
+    assert report.uniform_label([Subnet.of(width=0.5, depth=2)] * 3, full) == "width=0.5,depth=2"
+    assert np.isnan(report.uniform_label([full, full.replace(depth=2)], full))
+    space = SubnetSpace.of({"width": [1.0, 0.5], "depth": [4, 2]})
+    schedule = [Subnet.of(width=0.5, depth=2)] * 3 + [full] * 3
+    assert plot_schedule(schedule, tmp_path / "s.png", "two axes", space).stat().st_size > 1000
+    assert plot_schedule([Subnet.of(width=0.5)] * 4, tmp_path / "w.png").stat().st_size > 1000

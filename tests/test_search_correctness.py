@@ -1,6 +1,8 @@
-"""The search where it used to break: exact width keys, small spaces, one-step schedules, screened resume."""
+"""The search where it used to break: exact subnet keys, small spaces, one-step schedules, screened resume."""
 
 from __future__ import annotations
+
+import json
 
 import pandas as pd
 import pytest
@@ -12,6 +14,7 @@ from ddsm_search.config import config_from_dict
 from ddsm_search.errors import DDSMError
 from ddsm_search.search import pool as pool_module
 from ddsm_search.search.runner import run_search
+from ddsm_search.subnet import parse_schedule
 from tests.conftest import tiny_dict
 
 SEARCH = {"steps": 6, "segments": 3, "population": 6, "generations": 3, "samples": 40, "workers": 0, "batch_size": 40}
@@ -38,9 +41,14 @@ def test_widths_of_any_precision_train_sample_search_and_export(tmp_path, capsys
     env = ["--quiet"]
     assert main(["train", str(config), "--out", str(net), "--steps", "2"] + env) == 0
     assert main(["sample", str(net), "--width", "0.6666666667", "--n", "4", "--out", str(tmp_path / "g.png")] + env) == 0
+    assert main(["sample", str(net), "--subnet", "width=0.6666666667", "--n", "4", "--out", str(tmp_path / "g.png")]
+                + env) == 0
+    meta = json.loads((net / "meta.json").read_text())
+    assert meta["axes"] == {"width": widths} and set(meta["flops_per_image"]) == {f"width={w!r}" for w in widths}
     assert main(["search", str(config), "--supernet", str(net), "--out", str(run)] + env) == 0
     table = report.load_run(run)
-    assert {w for ws in table["widths"] for w in ws} <= set(widths), "keys read back to the exact widths"
+    assert {s["width"] for ss in table["subnets"] for s in ss} <= set(widths), "keys read back to the exact widths"
+    assert any("width=0.6666666667" in key or "width=0.3333333333" in key for key in table["schedule"])
     assert main(["export", str(run), "--budget", "100%", "--out", str(tmp_path / "s.json"), "--n", "8"] + env) == 0
     assert main(["sample", str(net), "--schedule", str(tmp_path / "s.json"), "--n", "4",
                  "--out", str(tmp_path / "s.png")] + env) == 0
@@ -48,7 +56,8 @@ def test_widths_of_any_precision_train_sample_search_and_export(tmp_path, capsys
 
 
 @pytest.mark.parametrize("search", [
-    {"steps": 2, "segments": 2, "population": 9, "generations": 3, "widths": [1.0, 0.75, 0.5]},  # 9 schedules
+    {"steps": 2, "segments": 2, "population": 9, "generations": 3, "choices": {"width": [1.0, 0.75, 0.5]}},  # 9
+    {"steps": 2, "segments": 2, "population": 9, "generations": 3, "axes": ["width"]},  # the same 9 schedules
     {"steps": 1, "segments": 1, "population": 2, "generations": 4},  # 3 schedules, one-step keys
 ])
 def test_nsga2_ends_cleanly_when_the_space_is_exhausted(tiny_supernet, tmp_path, capsys, search):
@@ -66,12 +75,12 @@ def test_one_step_schedule_keys_stay_text_through_resume_and_report(tiny_superne
     search = {"steps": 1, "segments": 1, "population": 2, "generations": 1}
     first = _search(tiny_supernet, tmp_path / "run", tmp_path / "c", **search)
     keys = set(first.rows)
-    assert keys <= {"1.0", "0.75", "0.5"}
+    assert keys <= {"width=1.0", "width=0.75", "width=0.5"}
     resumed = run_search(_cfg(**search), tiny_supernet, tmp_path / "run", resume=True, progress=False,
                          cache_dir=str(tmp_path / "c"))
     assert set(resumed.rows) == keys, "a resumed run reads its keys back as text and repeats nothing"
     table = report.load_run(tmp_path / "run")
-    assert table["schedule"].map(type).eq(str).all() and table["widths"].map(len).eq(1).all()
+    assert table["schedule"].map(type).eq(str).all() and table["subnets"].map(len).eq(1).all()
     assert report.pick(table, "100%")["schedule"] in keys
 
 
@@ -86,9 +95,10 @@ class _SyntheticEvaluator:
     def __init__(self, *args, **kwargs):
         pass
 
-    def evaluate(self, widths, samples=None):
+    def evaluate(self, subnets, samples=None):
         import zlib
 
+        widths = [s["width"] for s in subnets]
         quality = sum((1 - w) * (i + 1) for i, w in enumerate(widths))  # late steps matter most
         jitter = (zlib.crc32(repr((widths, samples)).encode()) % 1000) / 1000 - 0.5
         fid = quality + 4 * jitter / samples ** 0.5
@@ -171,3 +181,43 @@ def test_a_moved_supernet_is_accepted_by_hash_for_report_export_and_resume(tiny_
     assert main(["search", str(config), "--supernet", str(moved), "--out", str(run), "--resume", "--quiet"]) == 0
     assert json.loads((run / "run.json").read_text())["supernet"]["path"] == str(moved.resolve())
     capsys.readouterr()
+
+
+def test_search_choices_restrict_the_space_and_run_json_records_them(tiny_supernet, tmp_path):
+    search = {"steps": 2, "segments": 2, "population": 4, "generations": 1, "choices": {"width": [1.0, 0.5]}}
+    files = _search(tiny_supernet, tmp_path / "run", tmp_path / "c", **search)
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["axes"] == {"width": [1.0, 0.5]} and info["base"] == "width=1.0" and "widths" not in info
+    table = report.load_run(tmp_path / "run")
+    assert len(files.rows) == 4 and {s["width"] for ss in table["subnets"] for s in ss} == {1.0, 0.5}
+    with pytest.raises(DDSMError, match=r"search.choices.width: \[0.3\] not among the supernet's width choices"):
+        _search(tiny_supernet, tmp_path / "bad", tmp_path / "c", choices={"width": [1.0, 0.3]})
+    with pytest.raises(DDSMError, match="search.axes: 'depth' is not an axis of the unet"):
+        _search(tiny_supernet, tmp_path / "bad", tmp_path / "c", axes=["depth"])
+    with pytest.raises(DDSMError, match="search.choices: 'depth' is not an axis of the unet"):
+        _search(tiny_supernet, tmp_path / "bad", tmp_path / "c", choices={"depth": [2]})
+    assert not (tmp_path / "bad").exists()
+
+
+def test_runs_with_version_1_width_keys_still_load(tiny_supernet, tmp_path):
+    import shutil
+
+    search = {"steps": 2, "segments": 2, "population": 4, "generations": 1}
+    _search(tiny_supernet, tmp_path / "run", tmp_path / "c", **search)
+    new = report.load_run(tmp_path / "run")
+    old = tmp_path / "old"
+    shutil.copytree(tmp_path / "run", old)
+    for name in ("evaluations.csv", "front.csv"):  # keys as version 1 wrote them: ':g' widths, spaces between
+        table = pd.read_csv(old / name, dtype={"schedule": str, "genome": str})
+        table["schedule"] = table["schedule"].map(
+            lambda key: " ".join(f"{s['width']:g}" for s in parse_schedule(key)))
+        table.to_csv(old / name, index=False)
+    info = json.loads((old / "run.json").read_text())
+    info["widths"] = info.pop("axes")["width"]
+    del info["base"]
+    (old / "run.json").write_text(json.dumps(info))
+    assert "1 1" in (old / "evaluations.csv").read_text()
+    loaded = report.load_run(old)
+    pd.testing.assert_frame_equal(loaded[["schedule", "uniform", "on_front", "gflops", "fid"]],
+                                  new[["schedule", "uniform", "on_front", "gflops", "fid"]])
+    assert loaded["subnets"].tolist() == new["subnets"].tolist()

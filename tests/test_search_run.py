@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -45,7 +46,10 @@ def test_front_is_the_non_dominated_set_and_nothing_is_evaluated_twice(supernet,
     table = pd.read_csv(tmp_path / "run" / "evaluations.csv")
     assert table["schedule"].is_unique, "a schedule must never be evaluated twice"
     assert len(table) == len(files.rows) >= 6
-    assert {"1.0 1.0 1.0 1.0 1.0 1.0", "0.75 0.75 0.75 0.75 0.75 0.75", "0.5 0.5 0.5 0.5 0.5 0.5"} <= set(table["schedule"])
+    assert {"width=1.0*6", "width=0.75*6", "width=0.5*6"} <= set(table["schedule"])
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["axes"] == {"width": [1.0, 0.75, 0.5]} and info["base"] == "width=1.0" and "widths" not in info
+    assert info["segments"] == [[0, 2], [2, 4], [4, 6]]
     front = pd.read_csv(tmp_path / "run" / "front.csv")
     mask = pareto_mask(table[["gflops", "fid"]].to_numpy())
     assert set(front["schedule"]) == set(table.loc[mask, "schedule"])

@@ -9,11 +9,18 @@ import pandas as pd
 import pytest
 
 from ddsm_search.errors import DDSMError
-from ddsm_search.search.algorithms import initial_population, make_algorithm
+from ddsm_search.search.algorithms import gene_bounds, initial_population, make_algorithm
 from ddsm_search.search.results import front_of, hypervolume, pareto_mask
 from ddsm_search.search.space import SearchSpace
+from ddsm_search.subnet import Subnet, SubnetSpace
 
-SPACE = SearchSpace((1.0, 0.75, 0.5, 0.25), steps=10, segments=4)
+SPACE = SearchSpace.of(SubnetSpace.of({"width": [1.0, 0.75, 0.5, 0.25]}), steps=10, segments=4)
+# two axes with different numbers of choices: width genes have 3 choices, depth genes 2
+TWO_AXES = SearchSpace.of(SubnetSpace.of({"width": [1.0, 0.5, 0.25], "depth": [4, 2]}), steps=7, segments=3)
+
+
+def W(width):
+    return Subnet.of(width=width)
 
 
 def test_genome_round_trip():
@@ -23,26 +30,107 @@ def test_genome_round_trip():
         assert len(schedule) == 10
         assert SPACE.encode(schedule) == genome
     assert SPACE.bounds == [(0, 2), (2, 5), (5, 8), (8, 10)]
-    assert SPACE.decode((3, 2, 1, 0)) == [0.25] * 2 + [0.5] * 3 + [0.75] * 3 + [1.0] * 2
+    assert SPACE.decode((3, 2, 1, 0)) == [W(0.25)] * 2 + [W(0.5)] * 3 + [W(0.75)] * 3 + [W(1.0)] * 2
+    assert SPACE.n_genes == 4 and SPACE.gene_choices == [4] * 4 and SPACE.size == 4 ** 4
+    assert SPACE.uniform() == [(i,) * 4 for i in range(4)]
 
 
 def test_genome_errors():
-    with pytest.raises(DDSMError, match="several widths"):
-        SPACE.encode([1.0, 0.5] + [1.0] * 8)
+    with pytest.raises(DDSMError, match="several subnets"):
+        SPACE.encode([W(1.0), W(0.5)] + [W(1.0)] * 8)
     with pytest.raises(DDSMError, match="not a search choice"):
-        SPACE.encode([0.3] * 10)
+        SPACE.encode([W(0.3)] * 10)
     with pytest.raises(DDSMError, match="does not fit"):
         SPACE.decode((0, 0, 0))
+    with pytest.raises(DDSMError, match="does not fit"):
+        SPACE.decode((0, 0, 0, 4))
     with pytest.raises(DDSMError, match="search.segments"):
-        SearchSpace((1.0,), steps=5, segments=6)
+        SearchSpace.of(SubnetSpace.of({"width": [1.0]}), steps=5, segments=6)
+
+
+def test_genome_round_trip_over_two_axes():
+    space = SearchSpace.of(SubnetSpace.of({"width": [1.0, 0.5, 0.25], "depth": [4, 3, 2]}), steps=10, segments=4)
+    assert space.axes == ("width", "depth") and space.n_genes == 8 and space.size == 3 ** 8
+    rng = np.random.default_rng(0)
+    genomes = space.random(200, rng)
+    assert len(set(genomes)) > 150
+    for genome in genomes + space.uniform():
+        schedule = space.decode(genome)
+        assert len(schedule) == 10 and all(s in space.searched.members for s in schedule)
+        assert space.encode(schedule) == genome
+    # axis-major: the 4 width genes, then the 4 depth genes; segments (0, 2), (2, 5), (5, 8), (8, 10)
+    full = Subnet.of(width=1.0, depth=4)
+    assert space.decode((2, 1, 0, 0, 0, 0, 0, 2)) == (
+        [full.replace(width=0.25)] * 2 + [full.replace(width=0.5)] * 3 + [full] * 3 + [full.replace(depth=2)] * 2)
+    assert space.decode((0, 1, 0, 1, 2, 0, 1, 2)) == (
+        [full.replace(depth=2)] * 2 + [full.replace(width=0.5)] * 3 + [full.replace(depth=3)] * 3
+        + [Subnet.of(width=0.5, depth=2)] * 2)
+    with pytest.raises(DDSMError, match="depth 5 is not a search choice"):
+        space.encode([Subnet.of(width=1.0, depth=5)] * 10)
+
+
+def test_uniform_holds_the_uniform_schedules_of_every_axis():
+    space = SearchSpace.of(SubnetSpace.of({"width": [1.0, 0.5, 0.25], "depth": [4, 3, 2]}), steps=6, segments=3)
+    full = Subnet.of(width=1.0, depth=4)
+    schedules = [space.decode(g) for g in space.uniform()]
+    want = [[full] * 6] + [[full.replace(width=w)] * 6 for w in (0.5, 0.25)] + \
+        [[full.replace(depth=d)] * 6 for d in (3, 2)]
+    assert schedules == want, "full size once, then each axis's choices with the other axes full"
+    assert len(set(space.uniform())) == len(space.uniform())
+
+
+def test_every_choice_of_every_gene_is_equally_likely():
+    rng = np.random.default_rng(7)
+    n = 30000
+    genomes = np.array(TWO_AXES.random(n, rng))
+    assert genomes.shape == (n, TWO_AXES.n_genes) and TWO_AXES.gene_choices == [3, 3, 3, 2, 2, 2]
+    # chi-square against uniform, per gene; the 99.9% points: 13.8 for 2 degrees of freedom, 10.8 for 1
+    limit = {3: 13.8, 2: 10.8}
+    for gene, choices in enumerate(TWO_AXES.gene_choices):
+        counts = np.bincount(genomes[:, gene], minlength=choices)
+        assert len(counts) == choices, f"gene {gene} took a value outside its {choices} choices"
+        expected = n / choices
+        chi2 = float(((counts - expected) ** 2 / expected).sum())
+        assert chi2 < limit[choices], (gene, counts.tolist(), chi2)
+
+
+def test_nsga2_asks_only_valid_genomes_when_axes_have_different_numbers_of_choices():
+    low, high = gene_bounds(np.asarray(TWO_AXES.gene_choices))
+    assert low.tolist() == [-0.5] * 6 and high.tolist() == [2.5] * 3 + [1.5] * 3
+    assert gene_bounds(4) == (-0.5, 3.5)
+
+    def cost(genome):
+        return sum(s["width"] ** 2 * s["depth"] for s in TWO_AXES.decode(genome))
+
+    def quality(genome):
+        return sum((4 - s["depth"]) + (1 - s["width"]) * (1 + i) for i, s in enumerate(TWO_AXES.decode(genome)))
+
+    def run():
+        algo = make_algorithm("nsga2", TWO_AXES, 8, 5, lambda g: True)
+        asked = []
+        for _ in range(6):
+            genomes = algo.ask()
+            asked += genomes
+            algo.tell(genomes, [(cost(g), quality(g)) for g in genomes])
+        return asked
+
+    asked = run()
+    assert asked == run(), "seeded"
+    counts = TWO_AXES.gene_choices
+    assert all(len(g) == 6 and all(0 <= v < n for v, n in zip(g, counts)) for g in asked), \
+        "every gene within its own axis's choices"
+    for g in asked:
+        TWO_AXES.decode(g)  # raises on an invalid genome
+    widths = {v for g in asked for v in g[:3]}
+    assert widths == {0, 1, 2}, "the width genes reach their third choice (not clipped to depth's two)"
 
 
 def _cost(genome):
-    return sum(w * w for w in SPACE.decode(genome))
+    return sum(s["width"] ** 2 for s in SPACE.decode(genome))
 
 
 def _quality(genome):  # a toy objective: full width matters more on late (low-noise) steps
-    return sum((1 - w) * (1 + i) for i, w in enumerate(SPACE.decode(genome)))
+    return sum((1 - s["width"]) * (1 + i) for i, s in enumerate(SPACE.decode(genome)))
 
 
 def test_initial_population_holds_uniform_schedules_within_budget():
@@ -120,11 +208,12 @@ def test_hypervolume_of_a_known_front():
 
 
 def test_brute_force_small_space_front_matches():
-    space = SearchSpace((1.0, 0.5), steps=4, segments=4)
+    space = SearchSpace.of(SubnetSpace.of({"width": [1.0, 0.5]}), steps=4, segments=4)
     genomes = list(itertools.product(range(2), repeat=4))
+    widths = {g: [s["width"] for s in space.decode(g)] for g in genomes}
     table = pd.DataFrame({"schedule": [str(g) for g in genomes],
-                          "gflops": [sum(w * w for w in space.decode(g)) for g in genomes],
-                          "fid": [sum((1 - w) * (i + 1) for i, w in enumerate(space.decode(g))) for g in genomes]})
+                          "gflops": [sum(w * w for w in widths[g]) for g in genomes],
+                          "fid": [sum((1 - w) * (i + 1) for i, w in enumerate(widths[g])) for g in genomes]})
     table["flops_share"] = table["gflops"] / 4
     table["samples"] = 100
     front = front_of(table, "fid", 100)

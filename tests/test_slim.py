@@ -9,9 +9,10 @@ from torch import nn
 
 from ddsm_search.config import config_from_dict
 from ddsm_search.errors import DDSMError
-from ddsm_search.nn.slim import SlimConv2d, SlimGroupNorm, SlimLinear, slim_layers
-from ddsm_search.nn import kernels
-from ddsm_search.nn.unet import SlimUNet
+from ddsm_search.backbones.slim import SlimConv2d, SlimGroupNorm, SlimLinear, slim_layers
+from ddsm_search.backends import fused as kernels
+from ddsm_search.backbones.unet import SlimUNet
+from ddsm_search.subnet import Subnet, SubnetSpace
 from tests.conftest import tiny_dict
 
 
@@ -68,11 +69,16 @@ def _randomised(net: nn.Module) -> nn.Module:
 def test_exported_subnet_matches_supernet(width):
     cfg = config_from_dict(tiny_dict())
     net = _randomised(SlimUNet(cfg.model, (1, 8, 8))).eval()
+    subnet = Subnet.of(width=width)
     x, t = torch.randn(5, 1, 8, 8), torch.tensor([0, 10, 50, 80, 99])
     with torch.no_grad():
-        want = net.set_width(width)(x, t)
-        static = net.export(width).eval()
+        want = net.set_subnet(subnet)(x, t)
+        assert net.subnet == subnet
+        static = net.export(subnet).eval()
         got = static(x, t)
+        # a key, a mapping and a bare width name the same subnet
+        for same in (subnet.key, {"width": width}, width):
+            torch.testing.assert_close(net.export(same).eval()(x, t), got, rtol=0, atol=0)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     assert not list(slim_layers(static)), "the export must hold plain torch layers only"
     n_static = sum(p.numel() for p in static.parameters())
@@ -83,7 +89,7 @@ def test_inference_path_matches_autograd_path():
     # without autograd torch's path overwrites activations in place; the result must not change, and
     # the input must not be touched (the fused kernel's path is compared in test_kernels.py)
     cfg = config_from_dict(tiny_dict())
-    net = _randomised(SlimUNet(cfg.model, (1, 8, 8))).eval().set_width(0.5)
+    net = _randomised(SlimUNet(cfg.model, (1, 8, 8))).eval().set_subnet(Subnet.of(width=0.5))
     x, t = torch.randn(3, 1, 8, 8), torch.tensor([0, 40, 99])
     x_before = x.clone()
     trained = net(x, t)
@@ -105,8 +111,15 @@ def test_attention_heads_follow_fixed_head_dim():
 def test_unknown_width_and_bad_head_dim_are_errors():
     cfg = config_from_dict(tiny_dict())
     net = SlimUNet(cfg.model, (1, 8, 8))
-    with pytest.raises(DDSMError, match="width 0.3 is not in the supernet"):
-        net.set_width(0.3)
+    assert net.space == SubnetSpace.of({"width": [1.0, 0.75, 0.5]}) and net.full == net.subnet == Subnet.of(width=1.0)
+    for bad in (0.3, "width=0.3", {"width": 0.3}, Subnet.of(width=0.3)):
+        with pytest.raises(DDSMError, match=r"width 0.3 is not in the supernet \(width choices: 1.0, 0.75, 0.5\)"):
+            net.set_subnet(bad)
+        with pytest.raises(DDSMError, match="width 0.3 is not in the supernet"):
+            net.export(bad)
+    with pytest.raises(DDSMError, match="this supernet has no axis 'depth'"):
+        net.check_subnet({"width": 1.0, "depth": 2})
+    assert net.subnet == Subnet.of(width=1.0), "a refused subnet changes nothing"
     bad = config_from_dict(tiny_dict(model={"head_dim": 16}))
     with pytest.raises(DDSMError, match="model.head_dim"):
         SlimUNet(bad.model, (1, 8, 8))

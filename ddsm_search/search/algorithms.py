@@ -26,9 +26,11 @@ ALGORITHMS = ("nsga2", "nevergrad", "random")
 INFEASIBLE = 1e12  # stands in for +inf where a library needs finite numbers
 
 
-def gene_bounds(n_choices: int) -> tuple[float, float]:
-    """Return the real interval a gene of `n_choices` choices is searched on: every choice gets length 1."""
-    return -0.5, n_choices - 0.5
+def gene_bounds(n_choices) -> tuple:
+    """Return the real interval a gene of `n_choices` choices is searched on: every choice gets length 1
+    (an array of choice counts gives arrays of bounds, one per gene)."""
+    n = np.asarray(n_choices, dtype=float)
+    return n * 0 - 0.5, n - 0.5
 
 
 def gene_index(value: float, n_choices: int) -> int:
@@ -87,13 +89,15 @@ class RandomSearch:
         """Random search learns nothing."""
 
 
-def _gene_repair(n_choices: int):
+def _gene_repair(gene_choices: Sequence[int]):
     """Return a pymoo Repair that rounds real genes to their choices (see `gene_index`)."""
     from pymoo.core.repair import Repair
 
+    top = np.asarray(gene_choices, dtype=float) - 1
+
     class GeneRepair(Repair):
         def _do(self, problem, X, **kwargs):
-            return np.clip(np.floor(np.asarray(X, dtype=float) + 0.5), 0, n_choices - 1)
+            return np.clip(np.floor(np.asarray(X, dtype=float) + 0.5), 0, top)
 
     return GeneRepair()
 
@@ -110,13 +114,13 @@ class NSGA2Search:
 
         self.feasible = feasible
         start = initial_population(space, population, np.random.default_rng(seed), feasible)
-        low, high = gene_bounds(space.n_choices)
+        low, high = gene_bounds(space.gene_choices)
         problem = Problem(n_var=space.n_genes, n_obj=2, n_ieq_constr=1, xl=low, xu=high, vtype=int)
         self.algorithm = NSGA2(
             pop_size=len(start),
             sampling=np.array(start, dtype=float),
-            crossover=SBX(prob=0.9, eta=15, vtype=float, repair=_gene_repair(space.n_choices)),
-            mutation=PM(eta=20, vtype=float, repair=_gene_repair(space.n_choices)),
+            crossover=SBX(prob=0.9, eta=15, vtype=float, repair=_gene_repair(space.gene_choices)),
+            mutation=PM(eta=20, vtype=float, repair=_gene_repair(space.gene_choices)),
             eliminate_duplicates=True,
         )
         # pymoo: termination goes to setup(), not to NSGA2(...); the runner decides when to stop
@@ -147,8 +151,8 @@ class NevergradSearch:
     def __init__(self, space: SearchSpace, population: int, seed: int, feasible: Callable[[Genome], bool]):
         import nevergrad as ng  # slow to import (seconds): only when chosen
 
-        self.population, self.feasible, self.n_choices = population, feasible, space.n_choices
-        low, high = gene_bounds(space.n_choices)
+        self.population, self.feasible, self.gene_choices = population, feasible, space.gene_choices
+        low, high = gene_bounds(space.gene_choices)
         param = ng.p.Array(shape=(space.n_genes,), lower=low, upper=high)
         param.random_state = np.random.RandomState(seed)
         self.optimizer = ng.optimizers.DE(parametrization=param, budget=None, num_workers=population)
@@ -159,7 +163,7 @@ class NevergradSearch:
     def ask(self) -> list[Genome]:
         """Return the next generation's genomes."""
         self.pending = [self.optimizer.ask() for _ in range(self.population)]
-        return [tuple(gene_index(v, self.n_choices) for v in c.value) for c in self.pending]
+        return [tuple(gene_index(v, n) for v, n in zip(c.value, self.gene_choices)) for c in self.pending]
 
     def tell(self, genomes: Sequence[Genome], objectives: Sequence[tuple[float, float]]) -> None:
         """Tell nevergrad each candidate's [GFLOPs, FID]."""
@@ -174,7 +178,8 @@ def make_algorithm(name: str, space: SearchSpace, population: int, seed: int,
         raise DDSMError(f"--population must be at least 2, got {population}")
     if population > space.size:
         raise DDSMError(f"search.population: {population} is more than the {space.size} schedules of the space "
-                        f"({space.n_choices} widths in {space.n_genes} segments)")
+                        f"({' x '.join(f'{len(space.searched.choices(a))} {a}s' for a in space.axes)} in "
+                        f"{space.segments} segments)")
     classes = {"nsga2": NSGA2Search, "nevergrad": NevergradSearch, "random": RandomSearch}
     if name not in classes:
         raise DDSMError(f"unknown algorithm {name!r} (choose from {', '.join(ALGORITHMS)})")

@@ -45,13 +45,13 @@ class Evaluator:
         self.device = device
         self.supernet = load_supernet(supernet_dir, device)
         model = self.supernet.model
-        self.denoisers = make_denoisers(model, model.widths, device)
+        q = self.search
+        space = SearchSpace.of(model.space, q.steps, q.segments, q.axes, q.choices)
+        self.denoisers = make_denoisers(model, [model.full, *space.subnets()], device)
         self.scorer = make_scorer(self.supernet, metric=self.search.metric, drift_space=self.search.drift_space,
                                   device=device, cache_dir=cache_dir)
         self.cache_dir = cache_dir
         self.full: dict[int, FullReference] = {}  # per sample count: the full-size images drift is measured from
-        widths = self.search.widths or model.widths
-        space = SearchSpace(tuple(widths), self.search.steps, self.search.segments)
         boundaries = [start for start, _ in space.bounds[1:]]
         # cached latents belong to one sample count: one cache for full evaluations, one for screens
         self.caches = {n: PrefixCache(boundaries) for n in {self.search.samples, self.search.screen_samples} if n}
@@ -62,7 +62,7 @@ class Evaluator:
 
         return ray.get_runtime_context().get_node_id()
 
-    def evaluate(self, widths: list[float], samples: int | None = None) -> dict:
+    def evaluate(self, subnets: list, samples: int | None = None) -> dict:
         """Return fid, kid, samples, seed_set, seconds and the denoising steps run and saved."""
         marker = os.environ.get(FAULT_ENV)
         if marker and not os.path.exists(marker):
@@ -79,7 +79,7 @@ class Evaluator:
                 steps=q.steps, batch_size=q.batch_size, device=self.device, denoisers=self.denoisers,
                 cache=cache, cache_dir=self.cache_dir))
         run_before, saved_before = cache.steps_run, cache.steps_saved
-        result = evaluate(self.supernet, widths, n=n, seed_set=SEARCH_SEEDS, scorer=self.scorer, full=self.full[n],
+        result = evaluate(self.supernet, subnets, n=n, seed_set=SEARCH_SEEDS, scorer=self.scorer, full=self.full[n],
                           device=self.device, batch_size=q.batch_size, sampler=q.sampler, eta=q.eta,
                           denoisers=self.denoisers, cache=cache)
         return {"fid": result["fid"], "kid": result["kid"], "drift": result["drift"], "samples": result["n"],

@@ -27,7 +27,7 @@ from typing import Callable, Iterator, Sequence
 
 from ..errors import DDSMError
 
-Job = tuple[str, list[float]]  # (schedule key, widths)
+Job = tuple[str, list]  # (schedule key, one subnet per step)
 
 
 def check_address(address: str, timeout: float = 5.0) -> None:
@@ -56,8 +56,8 @@ class LocalPool:
 
     def run(self, jobs: Sequence[Job], samples: int) -> Iterator[tuple[str, dict, int]]:
         """Yield (key, result, worker index) for each job scored on `samples` images, in order."""
-        for key, widths in jobs:
-            yield key, self.evaluator.evaluate(widths, samples), 0
+        for key, subnets in jobs:
+            yield key, self.evaluator.evaluate(subnets, samples), 0
 
     def close(self) -> None:
         """Nothing to release."""
@@ -82,7 +82,7 @@ class RayPool:
         candidate: a DDSMError names it rather than letting it kill more workers.
     max_restarts: how often Ray restarts each actor (-1: without limit).
     actor_class: what runs on each actor (for tests); built as actor_class(**evaluator_args, threads=...),
-        with evaluate(widths, samples) -> dict and ping() -> its node id. The default is the Evaluator.
+        with evaluate(subnets, samples) -> dict and ping() -> its node id. The default is the Evaluator.
     actor_options: more Ray options for the actors, e.g. {"resources": {...}} to place them.
     ping_interval: seconds between pings of an actor that Ray is restarting.
     """

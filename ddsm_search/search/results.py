@@ -14,7 +14,7 @@ import pandas as pd
 
 from ..errors import DDSMError
 from ..io import write_atomic, write_json_atomic
-from ..keys import canonical_schedule_key
+from ..subnet import canonical_schedule_key
 
 EVALUATIONS, GENERATIONS, FRONT, RUN = "evaluations.csv", "generations.csv", "front.csv", "run.json"
 COLUMNS = ["schedule", "genome", "gflops", "flops_share", "fid", "kid", "drift", "samples", "seed_set", "generation",
@@ -119,7 +119,7 @@ def front_of(table: pd.DataFrame, metric: str, samples: int) -> pd.DataFrame:
 
 
 def hv_reference(table: pd.DataFrame, metric: str, samples: int) -> tuple[float, float]:
-    """Return the hypervolume reference point: (1.05 of full-width FLOPs, a little worse than the worst
+    """Return the hypervolume reference point: (1.05 of full-size FLOPs, a little worse than the worst
     fully evaluated score of the first generation, which every algorithm shares).
 
     "A little worse" is 10% of the score's size or of its spread, whichever is larger, so the point
@@ -135,7 +135,7 @@ def hv_reference(table: pd.DataFrame, metric: str, samples: int) -> tuple[float,
 
 
 def hypervolume(front: pd.DataFrame, reference: tuple[float, float], metric: str) -> float:
-    """Return the hypervolume of the front in (share of full-width FLOPs, metric) below `reference`."""
+    """Return the hypervolume of the front in (share of full-size FLOPs, metric) below `reference`."""
     from pymoo.indicators.hv import HV
 
     pts = front[["flops_share", metric]].to_numpy(dtype=float)

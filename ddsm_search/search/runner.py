@@ -21,7 +21,7 @@ from ..config import ExperimentConfig, SearchConfig, budget_gflops, validate_sea
 from ..errors import DDSMError
 from .algorithms import make_algorithm
 from .pool import LocalPool, RayPool
-from ..keys import schedule_key
+from ..subnet import schedule_key
 from .results import RunFiles, front_of, hv_reference, hypervolume
 from .space import SearchSpace
 
@@ -29,8 +29,8 @@ from .space import SearchSpace
 def _run_info(q: SearchConfig, supernet, space: SearchSpace) -> dict:
     info = {"format": "ddsm-search/search-run", "version": 1,
             "supernet": {"path": str(supernet.path.resolve()), "sha256": supernet.sha256},
-            "search": {k: v for k, v in asdict(q).items() if k not in ("generations", "workers")},
-            "widths": list(space.widths), "segments": [list(b) for b in space.bounds]}
+            "search": {k: v for k, v in asdict(q).items() if k not in ("generations", "workers", "backend")},
+            "axes": space.searched.to_json(), "base": space.base.key, "segments": [list(b) for b in space.bounds]}
     return json.loads(json.dumps(info))  # as it reads back from run.json (tuples become lists)
 
 
@@ -60,14 +60,14 @@ def run_search(cfg: ExperimentConfig, supernet_dir: str | Path, out_dir: str | P
     supernet = load_supernet(supernet_dir)
     # the supernet's own diffusion settings, not the YAML's, decide which sampler steps exist
     validate_search(replace(supernet.config, search=q))
-    widths = tuple(supernet.model.check_width(w) for w in (q.widths or supernet.model.widths))
-    space = SearchSpace(widths, q.steps, q.segments)
-    full = supernet.flops[supernet.model.widths[0]] * q.steps
+    space = SearchSpace.of(supernet.model.space, q.steps, q.segments, q.axes, q.choices)
+    full = supernet.full_flops * q.steps
     limit = None if q.budget is None else budget_gflops(q.budget, full / 1e9) * 1e9  # FLOPs per image
-    cheapest = supernet.schedule_flops([min(widths)] * q.steps)
+    smallest = min(space.subnets(), key=supernet.flops.__getitem__)
+    cheapest = supernet.flops[smallest] * q.steps
     if limit is not None and cheapest > limit:
         raise DDSMError(f"budget {q.budget} ({limit / 1e9:.4f} GFLOPs per image) is below the cheapest schedule "
-                        f"({cheapest / 1e9:.4f} GFLOPs, all steps at width {min(widths)!r})")
+                        f"({cheapest / 1e9:.4f} GFLOPs, all steps at {smallest.key})")
 
     def flops_of(genome) -> float:
         return supernet.schedule_flops(space.decode(genome))
@@ -152,16 +152,16 @@ class _Loop:
         q = self.q
         bar = tqdm(total=len(todo), desc=f"generation {gen + 1}/{q.generations}", unit="eval",
                    disable=not self.progress, leave=False)
-        jobs = [(key, widths) for key, (widths, _) in todo.items()]
+        jobs = [(key, subnets) for key, (subnets, _) in todo.items()]
         screens: dict[str, dict] = {}
         if q.screen_samples:
             screens = {key: result for key, result, _ in self.pool.run(jobs, q.screen_samples)}
             promising = {key for key in screens if self._promising(todo[key][1], screens[key], gen)}
-            for key, (widths, genome) in todo.items():
+            for key, (_, genome) in todo.items():
                 if key not in promising:  # its screen is its record: dominated by more than the noise margin
                     self.files.add(self._row(key, genome, screens[key], gen, -1, screens[key][q.metric]))
                     bar.update(1)
-            jobs = [(key, widths) for key, widths in jobs if key in promising]
+            jobs = [(key, subnets) for key, subnets in jobs if key in promising]
         for key, result, worker in self.pool.run(jobs, q.samples):
             screen_score = screens[key][q.metric] if key in screens else math.nan
             self.files.add(self._row(key, todo[key][1], result, gen, worker, screen_score))

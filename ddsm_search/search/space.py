@@ -1,7 +1,8 @@
-"""The search space: a genome of width indices, one per segment of consecutive sampling steps.
+"""The search space: a genome of choice indices, one gene per searched axis per segment of steps.
 
-A genome is a tuple of integers indexing `widths`; segment i covers a fixed run of sampling steps
-(noisiest first), so a schedule of 50 steps can be searched with, say, 10 genes. Encoding and
+Segment i covers a fixed run of consecutive sampling steps (noisiest first); on it every searched
+axis has one gene, an index into that axis's choices (largest first). Axes that are not searched stay
+at their full value. The genome is axis-major: all width genes, then all depth genes. Encoding and
 decoding are exact for every schedule that is constant on each segment.
 """
 
@@ -13,24 +14,42 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import DDSMError
+from ..subnet import Subnet, SubnetSpace
 
 Genome = tuple[int, ...]
 
 
 @dataclass(frozen=True)
 class SearchSpace:
-    """Width choices, sampling steps and segments (consecutive steps that share one width)."""
+    """The searched axes and their choices, the sampling steps, and the segments of steps."""
 
-    widths: tuple[float, ...]  # choices, largest first
+    searched: SubnetSpace  # the axes searched, each with its choices (largest first)
+    base: Subnet  # every axis of the supernet at the value it keeps when not searched (full)
     steps: int
     segments: int
 
     def __post_init__(self):
-        if not self.widths:
-            raise DDSMError("search.widths: needs at least one width")
+        if not self.searched.axes:
+            raise DDSMError("search.axes: needs at least one axis")
         if not 1 <= self.segments <= self.steps:
             raise DDSMError(f"search.segments: must be between 1 and the {self.steps} sampling steps, got {self.segments}")
-        object.__setattr__(self, "widths", tuple(sorted(self.widths, reverse=True)))
+
+    @classmethod
+    def of(cls, supernet_space: SubnetSpace, steps: int, segments: int, axes: Sequence[str] | None = None,
+           choices: dict | None = None) -> "SearchSpace":
+        """Return the space searching `axes` (default: all of the supernet's) with `choices` (default: all)."""
+        axes = list(axes) if axes is not None else list(supernet_space.names)
+        picked = {}
+        for axis in axes:
+            mine = supernet_space.choices(axis)
+            wanted = (choices or {}).get(axis)
+            picked[axis] = mine if wanted is None else [supernet_space.check({axis: v})[axis] for v in wanted]
+        return cls(SubnetSpace.of(picked), supernet_space.full, steps, segments)
+
+    @property
+    def axes(self) -> tuple[str, ...]:
+        """Return the searched axes."""
+        return self.searched.names
 
     @property
     def bounds(self) -> list[tuple[int, int]]:
@@ -39,48 +58,73 @@ class SearchSpace:
         return [(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
 
     @property
+    def gene_choices(self) -> list[int]:
+        """Return the number of choices of each gene, in genome order."""
+        return [len(self.searched.choices(a)) for a in self.axes for _ in range(self.segments)]
+
+    @property
     def n_genes(self) -> int:
         """Return the genome length."""
-        return self.segments
+        return len(self.axes) * self.segments
 
     @property
     def size(self) -> int:
         """Return the number of distinct schedules (genomes) in the space."""
-        return self.n_choices ** self.n_genes
+        return int(np.prod([float(n) for n in self.gene_choices])) if self.n_genes < 60 else 2**62
 
-    @property
-    def n_choices(self) -> int:
-        """Return the number of width choices per gene."""
-        return len(self.widths)
+    def subnets(self) -> list[Subnet]:
+        """Return every subnet a schedule of this space can run, largest first."""
+        return [self.subnet(s.as_dict()) for s in self.searched]
 
-    def decode(self, genome: Sequence[int]) -> list[float]:
-        """Return the schedule (one width per sampling step) a genome stands for."""
-        if len(genome) != self.segments or not all(0 <= int(g) < self.n_choices for g in genome):
-            raise DDSMError(f"genome {tuple(genome)} does not fit {self.segments} genes of {self.n_choices} choices")
-        schedule: list[float] = []
-        for gene, (start, stop) in zip(genome, self.bounds):
-            schedule += [self.widths[int(gene)]] * (stop - start)
+    def subnet(self, values: dict) -> Subnet:
+        """Return the supernet's subnet with the searched axes at `values` and the others at base."""
+        return self.base.replace(**values)
+
+    def decode(self, genome: Sequence[int]) -> list[Subnet]:
+        """Return the schedule (one subnet per sampling step) a genome stands for."""
+        counts = self.gene_choices
+        if len(genome) != self.n_genes or not all(0 <= int(g) < n for g, n in zip(genome, counts)):
+            raise DDSMError(f"genome {tuple(genome)} does not fit {self.n_genes} genes with {counts} choices")
+        schedule: list[Subnet] = []
+        for seg, (start, stop) in enumerate(self.bounds):
+            values = {a: self.searched.choices(a)[int(genome[k * self.segments + seg])] for k, a in enumerate(self.axes)}
+            schedule += [self.subnet(values)] * (stop - start)
         return schedule
 
-    def encode(self, schedule: Sequence[float]) -> Genome:
-        """Return the genome of a schedule that is constant on every segment."""
+    def encode(self, schedule: Sequence[Subnet]) -> Genome:
+        """Return the genome of a schedule that is constant on every segment and keeps unsearched axes at base."""
         if len(schedule) != self.steps:
-            raise DDSMError(f"the schedule has {len(schedule)} widths but the search samples {self.steps} steps")
-        genome = []
-        for start, stop in self.bounds:
-            seg = set(schedule[start:stop])
-            if len(seg) != 1:
-                raise DDSMError(f"steps {start}..{stop - 1} use several widths {sorted(seg)}; one segment has one width")
-            width = seg.pop()
-            if width not in self.widths:
-                raise DDSMError(f"width {width:g} is not a search choice ({', '.join(f'{w:g}' for w in self.widths)})")
-            genome.append(self.widths.index(width))
+            raise DDSMError(f"the schedule has {len(schedule)} subnets but the search samples {self.steps} steps")
+        genome = [0] * self.n_genes
+        for seg, (start, stop) in enumerate(self.bounds):
+            distinct = set(schedule[start:stop])
+            if len(distinct) != 1:
+                raise DDSMError(f"steps {start}..{stop - 1} use several subnets "
+                                f"({', '.join(sorted(s.key for s in distinct))}); one segment has one subnet")
+            subnet = distinct.pop()
+            for axis, value in subnet.items:
+                if axis in self.axes:
+                    choices = self.searched.choices(axis)
+                    if value not in choices:
+                        raise DDSMError(f"{axis} {value!r} is not a search choice ({', '.join(map(repr, choices))})")
+                    genome[self.axes.index(axis) * self.segments + seg] = choices.index(value)
+                elif value != self.base[axis]:
+                    raise DDSMError(f"{axis} is not searched here and stays at {self.base[axis]!r}, not {value!r}")
         return tuple(genome)
 
     def uniform(self) -> list[Genome]:
-        """Return the genomes of the uniform schedules (all-1.0, all-0.75, ...)."""
-        return [(i,) * self.segments for i in range(self.n_choices)]
+        """Return the genomes of the uniform schedules of every axis: each choice of one axis at every
+        step, the other searched axes at their largest (full size first, once)."""
+        out: list[Genome] = []
+        for k, axis in enumerate(self.axes):
+            for i in range(len(self.searched.choices(axis))):
+                genome = [0] * self.n_genes
+                genome[k * self.segments:(k + 1) * self.segments] = [i] * self.segments
+                if tuple(genome) not in out:
+                    out.append(tuple(genome))
+        return out
 
     def random(self, n: int, rng: np.random.Generator) -> list[Genome]:
-        """Return `n` random genomes."""
-        return [tuple(int(g) for g in row) for row in rng.integers(0, self.n_choices, (n, self.segments))]
+        """Return `n` random genomes (every choice of a gene equally likely)."""
+        rows = rng.integers(0, np.asarray(self.gene_choices), (n, self.n_genes))
+        return [tuple(int(g) for g in row) for row in rows]

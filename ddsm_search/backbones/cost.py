@@ -6,6 +6,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..config import ModelConfig
+from ..subnet import Subnet
 
 
 def count_flops(module: torch.nn.Module, *inputs: torch.Tensor) -> int:
@@ -16,20 +17,21 @@ def count_flops(module: torch.nn.Module, *inputs: torch.Tensor) -> int:
     return int(counter.get_total_flops())
 
 
-def flops_table(cfg: ModelConfig, image_shape: tuple[int, int, int]) -> dict[float, int]:
-    """Return FLOPs per image of the supernet at each width, measured on the meta device.
+def flops_table(cfg: ModelConfig, image_shape: tuple[int, int, int]) -> dict[Subnet, int]:
+    """Return FLOPs per image of the supernet at each of its subnets, measured on the meta device.
 
     Meta tensors carry shapes only, so this costs no memory even for large models, and on meta the
     attention kernel is counted (the CPU fused kernel is not registered with the flop counter).
     """
-    from .unet import SlimUNet  # local import: unet imports this module's siblings
+    from . import build_supernet
 
     with torch.device("meta"):
-        net = SlimUNet(cfg, image_shape)
+        net = build_supernet(cfg, image_shape)
         x = torch.empty(1, *image_shape)
         t = torch.zeros(1)
     table = {}
-    for width in net.widths:
-        net.set_width(width)
-        table[width] = count_flops(net, x, t)
+    for subnet in net.space:
+        net.set_subnet(subnet)
+        table[subnet] = count_flops(net, x, t)
+    net.set_subnet(net.full)
     return table

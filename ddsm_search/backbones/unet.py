@@ -9,10 +9,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import UNetConfig
 from ..errors import DDSMError
-from . import kernels
-from .kernels.graph import Graph, Program, Slot, Unsupported
+from ..subnet import Subnet, SubnetSpace
+from . import register
+from .base import SlimModel
+from ..backends import fused as kernels
+from ..backends.fused.graph import Graph, Program, Slot, Unsupported
 from .slim import Channels, SlimKit, StaticKit, slim_layers
 
 
@@ -113,7 +116,7 @@ class Upsample(nn.Module):
         return g.conv(self.conv, x, upsample=True)
 
 
-def check_image_shape(cfg: ModelConfig, image_shape: tuple[int, int, int]) -> None:
+def check_image_shape(cfg: UNetConfig, image_shape: tuple[int, int, int]) -> None:
     """Raise DDSMError unless every level of the U-Net can halve the images exactly."""
     _, height, width = image_shape
     halvings = len(cfg.channel_mults) - 1
@@ -131,7 +134,7 @@ class UNet(nn.Module):
 
     use_kernel = True
 
-    def __init__(self, cfg: ModelConfig, image_shape: tuple[int, int, int], kit):
+    def __init__(self, cfg: UNetConfig, image_shape: tuple[int, int, int], kit):
         """Build the network; 4-D weights and activations use channels-last, which ran 15-25% faster
         than NCHW for these small convolutions with oneDNN on CPU."""
         check_image_shape(cfg, image_shape)
@@ -244,7 +247,7 @@ class UNet(nn.Module):
         if entry is None:
             entry = _PROGRAMS[self] = ([m._parameters for m in self.modules() if m._parameters], {})
         layers, cache = entry
-        key = (x.shape[2], x.shape[3], getattr(self, "width", None),
+        key = (x.shape[2], x.shape[3], getattr(self, "subnet", None),
                *[(id(p), p.data_ptr(), -1 if p.is_inference() else p._version)
                  for params in layers for p in params.values() if p is not None])
         if key not in cache:
@@ -262,39 +265,30 @@ class UNet(nn.Module):
 _PROGRAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-class SlimUNet(UNet):
+@register("unet")
+class SlimUNet(UNet, SlimModel):
     """The supernet: one set of weights, a working denoiser at every width in `cfg.widths`."""
 
-    def __init__(self, cfg: ModelConfig, image_shape: tuple[int, int, int]):
+    def __init__(self, cfg: UNetConfig, image_shape: tuple[int, int, int]):
         super().__init__(cfg, image_shape, SlimKit(cfg.group_size))
-        self.widths = tuple(sorted(cfg.widths, reverse=True))
-        self.width = 1.0
+        self.space = SubnetSpace.of(cfg.axes())
+        self.subnet = self.space.full
         for block in self.modules():
             if isinstance(block, AttnBlock):
-                for w in self.widths:
+                for w in self.space.choices("width"):
                     c = block.proj.active_out(w)[0]
                     if c % cfg.head_dim:
                         raise DDSMError(f"model.head_dim: {cfg.head_dim} does not divide the {c} channels of an "
-                                        f"attention layer at width {w:g}")
+                                        f"attention layer at width {w!r}")
 
-    def check_width(self, width: float) -> float:
-        """Return `width` as a float if the supernet has it, else raise DDSMError."""
-        for w in self.widths:
-            if abs(float(width) - w) < 1e-9:
-                return w
-        raise DDSMError(f"width {width:g} is not in the supernet (widths: {', '.join(f'{w:g}' for w in self.widths)})")
-
-    def set_width(self, width: float) -> "SlimUNet":
-        """Make every layer run at `width`; return self."""
-        width = self.check_width(width)
-        self.width = width
+    def apply_subnet(self, subnet: Subnet) -> None:
+        """Make every slimmable layer run at the subnet's width."""
         for _, layer in slim_layers(self):
-            layer.width = width
-        return self
+            layer.width = subnet["width"]
 
-    def export(self, width: float) -> UNet:
-        """Return a plain static U-Net (torch layers only) equal to the supernet at `width`."""
-        width = self.check_width(width)
+    def export(self, subnet) -> UNet:
+        """Return a plain static U-Net (torch layers only) equal to the supernet at `subnet`."""
+        width = self.check_subnet(subnet)["width"]
         static = UNet(self.cfg, self.image_shape, StaticKit(self.cfg.group_size, width))
         state = {}
         for name, layer in slim_layers(self):

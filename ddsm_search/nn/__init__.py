@@ -1,1 +1,0 @@
-"""Building blocks: slimmable layers, the slimmable U-Net supernet and its cost."""
