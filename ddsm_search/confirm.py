@@ -48,7 +48,9 @@ class Confirmer:
                            sampler=search["sampler"], eta=float(search["eta"]), cache_dir=cache_dir)
         self.scorer = make_scorer(supernet, metric=self.metric, drift_space=search.get("drift_space", "auto"),
                                   device=device, cache_dir=cache_dir)
-        self.denoisers = make_denoisers(supernet.model, [supernet.model.full], device)  # others as schedules need them
+        # the search's backend choice is not part of its settings: "auto" picks the faster here
+        self.backend = search.get("backend", "auto")
+        self.denoisers = self._denoisers([supernet.model.full])
         self.cache = PrefixCache(boundaries)
         self.steps = int(search["steps"])
         k = self.kwargs
@@ -58,10 +60,14 @@ class Confirmer:
             cache_dir=cache_dir))
         self.full_result = self._evaluate([supernet.model.full] * self.steps)
 
+    def _denoisers(self, subnets) -> dict:
+        return make_denoisers(self.supernet.model, subnets, self.device, self.backend,
+                              min(self.n, self.kwargs["batch_size"]))
+
     def _evaluate(self, subnets) -> dict:
-        for s in subnets:
-            if s not in self.denoisers:
-                self.denoisers.update(make_denoisers(self.supernet.model, [s], self.device))
+        missing = [s for s in dict.fromkeys(subnets) if s not in self.denoisers]
+        if missing:  # exported as the schedules need them
+            self.denoisers.update(self._denoisers(missing))
         return evaluate(self.supernet, subnets, scorer=self.scorer, full=self.full, denoisers=self.denoisers,
                         cache=self.cache, keep=True, **self.kwargs)
 

@@ -19,7 +19,7 @@ from .data import SPLITS, dataset_key, load_dataset
 from .errors import DDSMError
 from .metrics import FeatureExtractor, ReferenceStats, default_extractor_for, get_extractor, reference_stats, seed_for
 from .full_samples import full_size_samples
-from .sampling import PrefixCache, generate
+from .sampling import PrefixCache, generate, make_denoisers
 from .scoring import FullReference, Scorer, drift_space_for, score_images
 from .subnet import schedule_key
 
@@ -47,7 +47,7 @@ def evaluate(supernet: Supernet, subnets: Sequence, *, n: int, seed_set: str = "
              progress: bool = False, sampler: str | None = None, eta: float | None = None,
              reference: ReferenceStats | None = None, kid: bool = True, denoisers: dict | None = None,
              cache: PrefixCache | None = None, scorer: Scorer | None = None, drift: bool = False,
-             full: FullReference | None = None, keep: bool = False) -> dict:
+             full: FullReference | None = None, keep: bool = False, backend: str = "torch") -> dict:
     """Return FID, KID (mean and spread), drift, GFLOPs per image and timings of a schedule on a named seed set.
 
     Every schedule scored on the same seed set starts from the same noise (common random numbers).
@@ -73,6 +73,9 @@ def evaluate(supernet: Supernet, subnets: Sequence, *, n: int, seed_set: str = "
         scorer = Scorer(extractor, reference, extractor if space == "features" else None)
     if scorer.extractor is not None:
         _check_reference(scorer.reference, scorer.extractor)
+    if denoisers is None:  # exported once for the full-size samples and the schedule
+        denoisers = make_denoisers(supernet.model, [supernet.model.full, *subnets], device, backend,
+                                   min(n, batch_size))
     if (drift or keep) and full is None:
         full = FullReference(full_size_samples(supernet, n=n, seed_set=seed_set, seed=seed, sampler=sampler, eta=eta,
                                                steps=len(subnets), batch_size=batch_size, device=device,

@@ -74,13 +74,21 @@ def full_size_samples(supernet, *, n: int, seed_set: str, seed: int, sampler: st
                       cache_dir=None) -> torch.Tensor:
     """Return the full-size model's `n` images on a seed set (CPU float tensor in [-1, 1]), from disk
     if made before, else sampled now and kept (beside the supernet, or in the cache directory)."""
-    key = _key(supernet, n=n, seed_set=seed_set, sampler=sampler, eta=eta, steps=steps)
+    from .backends import backend_of
+    from .sampling import make_denoisers
+
+    full = [supernet.model.full] * steps
+    if denoisers is None:
+        denoisers = make_denoisers(supernet.model, full[:1], device)
+    # the backend is part of what made the images: another one differs in the last bits, and drift of
+    # full size from itself must be exactly 0
+    key = {**_key(supernet, n=n, seed_set=seed_set, sampler=sampler, eta=eta, steps=steps),
+           "backend": backend_of(denoisers[supernet.model.full])}
     folders = _folders(supernet, cache_dir)
     for folder in folders:
         images = _read(folder / _stem(key), key)
         if images is not None:
             return images
-    full = [supernet.model.full] * steps
     images = generate(supernet.model, supernet.config.diffusion, full, n=n, seed=seed, sampler=sampler, eta=eta,
                       batch_size=batch_size, device=device, denoisers=denoisers, cache=cache)
     for folder in folders:

@@ -3,7 +3,6 @@ exported network."""
 
 from __future__ import annotations
 
-import math
 import time
 from collections import OrderedDict
 from typing import Sequence
@@ -29,14 +28,26 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def make_denoisers(model: SlimModel, subnets: Sequence, device: str) -> dict[Subnet, torch.nn.Module]:
-    """Return one static network per distinct subnet, in eval mode on `device`.
+def make_denoisers(model: SlimModel, subnets: Sequence, device: str, backend: str | dict = "torch",
+                   batch_size: int | None = None) -> dict:
+    """Return one denoiser per distinct subnet: its static network, in eval mode on `device`, run on
+    `backend` (torch | fused | auto: the faster here at `batch_size` images, see backends.choice; or
+    {subnet key: backend}, a choice made before, e.g. by a search's driver for all its workers).
 
     Exported subnets hold contiguous, already-sliced weights (and only the blocks they run), so
     sampling pays no slicing cost and a smaller subnet is genuinely cheaper.
     """
+    from .backends.choice import choose
+
     distinct = dict.fromkeys(model.check_subnet(s) for s in subnets)
-    return {s: model.export(s).to(device).eval() for s in distinct}
+    nets = {s: model.export(s).to(device).eval() for s in distinct}
+    if isinstance(backend, dict):
+        from .backends import wrap
+
+        return {s: wrap(net, backend.get(s.key, "torch")) for s, net in nets.items()}
+    if backend == "torch":
+        return nets
+    return choose(nets, model.image_shape, batch_size or 500, backend, device)
 
 
 class PrefixCache:
@@ -80,17 +91,20 @@ class PrefixCache:
 
 def generate(model: SlimModel, diffusion: DiffusionConfig, subnets: Sequence, *, n: int, seed: int,
              sampler: str = "ddim", eta: float = 0.0, batch_size: int = 500, device: str = "cpu",
-             progress: bool = False, denoisers: dict | None = None, cache: PrefixCache | None = None) -> torch.Tensor:
+             progress: bool = False, denoisers: dict | None = None, cache: PrefixCache | None = None,
+             backend: str = "torch") -> torch.Tensor:
     """Return `n` images in [-1, 1] (CPU tensor) sampled with one subnet per step from the seed's noise.
 
-    A `cache` must only ever see one (model, n, seed, sampler, eta, number of steps) setup.
+    Subnets run on `backend` unless `denoisers` are given. A `cache` must only ever see one (model, n,
+    seed, sampler, eta, number of steps) setup.
     """
     if n < 1:
         raise DDSMError(f"the number of images must be at least 1, got {n}")
     timesteps = sampling_timesteps(diffusion.timesteps, len(subnets))
     check_schedule(subnets, timesteps)
     subnets = [model.check_subnet(s) for s in subnets]
-    denoisers = denoisers if denoisers is not None else make_denoisers(model, subnets, device)
+    if denoisers is None:
+        denoisers = make_denoisers(model, subnets, device, backend, min(n, batch_size))
     generator = torch.Generator().manual_seed(seed)  # on the CPU: the same images on any device
     x = torch.randn((n, *model.image_shape), generator=generator)
     start = 0
@@ -114,57 +128,22 @@ def generate(model: SlimModel, diffusion: DiffusionConfig, subnets: Sequence, *,
     return out.cpu()
 
 
-def _forward_seconds(net: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, repeats: int) -> float:
-    """Return the fastest of `repeats` timed forward passes (after one untimed warm-up)."""
-    with torch.inference_mode():
-        net(x, t)
-        best = math.inf
-        for _ in range(repeats):
-            started = time.perf_counter()
-            net(x, t)
-            best = min(best, time.perf_counter() - started)
-    return best
-
-
-def choose_fastest_paths(denoisers: dict, x: torch.Tensor, repeats: int = 3) -> dict[Subnet, str]:
-    """Time each subnet on the fused CPU kernel and on torch's layers on `x`, keep each on its faster
-    path (`use_kernel`), and return {subnet: "fused" | "torch"}.
-
-    Which is faster depends on the CPU and the width (on AVX-512 machines torch's oneDNN layers beat
-    the AVX2 kernel at full width, the kernel wins at small widths), so it is measured, not assumed.
-    Subnets the kernel cannot run, and every subnet off the CPU, report "torch" untimed.
-    """
-    t = torch.tensor(500, device=x.device)
-    paths = {}
-    for subnet, net in denoisers.items():
-        with torch.inference_mode():
-            runs_fused = getattr(net, "fused_program", lambda _: None)(x) is not None
-        if not runs_fused:
-            paths[subnet] = "torch"
-            continue
-        fused = _forward_seconds(net, x, t, repeats)
-        net.use_kernel = False
-        plain = _forward_seconds(net, x, t, repeats)
-        net.use_kernel = fused <= plain
-        paths[subnet] = "fused" if net.use_kernel else "torch"
-    return paths
-
-
 def time_against_full(model: SlimModel, diffusion: DiffusionConfig, subnets: Sequence, *, n: int, seed: int,
                       sampler: str = "ddim", eta: float = 0.0, batch_size: int = 500, device: str = "cpu",
-                      progress: bool = False) -> tuple[torch.Tensor, float, float, dict[Subnet, str]]:
-    """Return (the schedule's images, its seconds, full size's seconds, the path each subnet ran on)
+                      progress: bool = False, backend: str = "auto") -> tuple[torch.Tensor, float, float, dict]:
+    """Return (the schedule's images, its seconds, full size's seconds, {subnet: the backend it ran on})
     for the same batch and noise.
 
-    Each subnet runs on its fastest path on this machine, measured first (`choose_fastest_paths`), so
+    With backend "auto" each subnet runs on the faster backend on this machine, measured first, so
     full size's time is that of the fastest full-size path. Subnets are exported and each warmed up
     first, so both timings are of sampling alone.
     """
+    from .backends import backend_of
+
     subnets = [model.check_subnet(s) for s in subnets]
     full = [model.full] * len(subnets)
-    denoisers = make_denoisers(model, subnets + full, device)
-    probe = torch.randn((min(n, batch_size), *model.image_shape), generator=torch.Generator().manual_seed(seed))
-    paths = choose_fastest_paths(denoisers, probe.to(device))
+    denoisers = make_denoisers(model, subnets + full, device, backend, min(n, batch_size))
+    paths = {s: backend_of(d) for s, d in denoisers.items()}
     for s in denoisers:  # warm-up: allocation and kernel choice are not sampling speed
         generate(model, diffusion, [s], n=min(n, batch_size), seed=seed, batch_size=batch_size, device=device,
                  denoisers=denoisers)

@@ -6,9 +6,9 @@ default) and time it; repetitions are interleaved across schedules so drift in m
 alike, and the median is reported, with the range of the per-repetition ratios beside it. Weights
 do not change the cost, so without --supernet a supernet with fresh weights is built from --config.
 
-On CPU the whole U-Net runs as one call into the fused kernel (ddsm_search/backends/fused) where it is
-available, as the sampler does; `--paths fused torch` also times torch's own layers, interleaved, and
-prints how much faster the kernel is.
+`--paths fused` (the default) runs the U-Net on the fused CPU kernel backend (ddsm_search/backends/fused)
+where it can; `--paths fused torch` also times torch's own layers, interleaved, and prints how much
+faster the kernel is. A DiT runs on torch's layers: `--paths torch`.
 
     python scripts/bench_sampling.py                      # digits on CPU, batches 256 and 1000
     python scripts/bench_sampling.py --paths fused torch  # and against torch's layers
@@ -19,7 +19,6 @@ prints how much faster the kernel is.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
 import platform
 import statistics
@@ -99,29 +98,28 @@ def main() -> None:
         model = build_supernet(cfg.model, shape).to(device).eval()
         flops = flops_table(cfg.model, shape)
     plans = schedules(model.space, args.steps)
-    denoisers = make_denoisers(model, [s for plan in plans.values() for s in plan], device)  # exported once, as deployed
+    # exported once per backend, as a deployed sampler would: "fused" runs the kernel where it can
+    denoisers = {path: make_denoisers(model, [s for plan in plans.values() for s in plan], device, backend=path)
+                 for path in args.paths}
     print(f"{datetime.date.today()} | {device}: {torch.cuda.get_device_name() if device == 'cuda' else platform.processor() or platform.machine()}"
           f" | torch {torch.__version__} | threads {torch.get_num_threads()} | {cfg.name} {tuple(model.image_shape)}")
 
-    def layers(path: str):
-        return kernels.disabled() if path == "torch" else contextlib.nullcontext()
 
-    def run(subnets: list[Subnet], batch: int) -> None:
-        generate(model, cfg.diffusion, subnets, n=batch, seed=0, batch_size=batch, device=device, denoisers=denoisers)
+    def run(subnets: list[Subnet], batch: int, path: str) -> None:
+        generate(model, cfg.diffusion, subnets, n=batch, seed=0, batch_size=batch, device=device,
+                 denoisers=denoisers[path])
 
     rows = []
     full_name = "full size"
     for batch in args.batches:
         times: dict[tuple[str, str], list[float]] = {(path, name): [] for path in args.paths for name in plans}
         for path, name in times:  # warm-up: first calls pay for allocation, kernel selection and packing
-            with layers(path):
-                run(plans[name][:2], batch)
+            run(plans[name][:2], batch, path)
         for _ in range(args.repeats):
             for path, name in times:
-                with layers(path):
-                    started = time.perf_counter()
-                    run(plans[name], batch)
-                    times[path, name].append(time.perf_counter() - started)
+                started = time.perf_counter()
+                run(plans[name], batch, path)
+                times[path, name].append(time.perf_counter() - started)
         full_flops = flops[model.full] * args.steps
         for path, name in times:
             plan, full_times = plans[name], times[path, full_name]

@@ -31,14 +31,17 @@ import pandas as pd
 
 from ddsm_search.checkpoint import load_supernet
 from ddsm_search.config import load_config
+from ddsm_search.errors import DDSMError
 from ddsm_search.search.results import front_of, hypervolume, read_evaluations
 from ddsm_search.search.runner import run_search
 
 
-def _run(cfg, supernet, out: Path, **search) -> tuple[pd.DataFrame, pd.DataFrame, float]:
-    shutil.rmtree(out, ignore_errors=True)
+def _run(cfg, supernet, out: Path, reuse: bool = False, **search) -> tuple[pd.DataFrame, pd.DataFrame, float]:
+    """Run one search into `out` (or, with `reuse`, read the finished one there); return its tables and seconds."""
     started = time.perf_counter()
-    run_search(replace(cfg, search=replace(cfg.search, **search)), supernet, out, progress=False)
+    if not (reuse and (out / "generations.csv").is_file()):
+        shutil.rmtree(out, ignore_errors=True)
+        run_search(replace(cfg, search=replace(cfg.search, **search)), supernet, out, progress=False)
     seconds = time.perf_counter() - started
     return read_evaluations(out / "evaluations.csv"), pd.read_csv(out / "generations.csv"), seconds
 
@@ -58,6 +61,7 @@ def main() -> None:
                         help="default: axes on a supernet with several axes, else algorithms")
     parser.add_argument("--at", default="50%", help="with --compare axes: the FLOPs budget of the held-out check")
     parser.add_argument("--heldout", type=int, default=1000, help="with --compare axes: held-out images")
+    parser.add_argument("--reuse", action="store_true", help="read finished runs in --out instead of searching again")
     args = parser.parse_args()
 
     cfg = load_config(args.config)
@@ -83,7 +87,7 @@ def compare_axes(cfg, args, base: dict, root: Path, axes: tuple[str, ...]) -> No
 
     metric = cfg.search.metric
     plans = {" x ".join(axes): list(axes), **{f"{a} only": [a] for a in axes}}
-    runs = {name: _run(cfg, args.supernet, root / name.replace(" ", "_"), algorithm="nsga2", workers=0,
+    runs = {name: _run(cfg, args.supernet, root / name.replace(" ", "_"), args.reuse, algorithm="nsga2", workers=0,
                        axes=tuple(searched), **base) for name, searched in plans.items()}
     everything = pd.concat([t for t, _, _ in runs.values()])
     worst = float(everything[metric].max())
@@ -97,19 +101,23 @@ def compare_axes(cfg, args, base: dict, root: Path, axes: tuple[str, ...]) -> No
     for name, (table, gens, seconds) in runs.items():
         run_table = load_run(root / name.replace(" ", "_"))
         front = front_of(table, metric, args.samples)
-        chosen = pick(run_table, args.at, metric)
+        row = {"searched": name, "asked": int(gens["asked"].sum()), "evaluated": len(table),
+               "hypervolume": round(hypervolume(front, reference, metric), 4), "front size": len(front),
+               f"best {metric.upper()}": round(float(table[metric].min()), 3), "seconds": round(seconds, 1)}
+        try:
+            chosen = pick(run_table, args.at, metric)
+        except DDSMError as exc:  # this axis alone cannot go that low (e.g. depths >= half the blocks)
+            row[f"pick within {args.at}"] = f"none: {exc}"
+            rows.append(row)
+            continue
         held = confirmer.confirm(list(chosen["subnets"]))
-        rows.append({"searched": name, "asked": int(gens["asked"].sum()), "evaluated": len(table),
-                     "hypervolume": round(hypervolume(front, reference, metric), 4), "front size": len(front),
-                     f"best {metric.upper()}": round(float(table[metric].min()), 3),
-                     f"pick within {args.at}": chosen["schedule"], "its flops share": f"{chosen['flops_share']:.0%}",
-                     f"search {metric.upper()}": round(float(chosen[metric]), 3),
-                     f"held-out {metric.upper()}": round(float(held[metric]), 3),
-                     "loss vs full [95%]": f"{held['loss']['value']:+.3f} [{held['loss']['low']:+.3f}, "
-                                           f"{held['loss']['high']:+.3f}]",
-                     "seconds": round(seconds, 1)})
-    print(f"
-axes searched (NSGA-II, in-process; common hypervolume reference (flops share {reference[0]}, "
+        row.update({f"pick within {args.at}": chosen["schedule"], "its flops share": f"{chosen['flops_share']:.0%}",
+                    f"search {metric.upper()}": round(float(chosen[metric]), 3),
+                    f"held-out {metric.upper()}": round(float(held[metric]), 3),
+                    "loss vs full [95%]": f"{held['loss']['value']:+.3f} [{held['loss']['low']:+.3f}, "
+                                          f"{held['loss']['high']:+.3f}]"})
+        rows.append(row)
+    print(f"\naxes searched (NSGA-II, in-process; common hypervolume reference (flops share {reference[0]}, "
           f"{metric.upper()} {reference[1]:.3f}); held-out: n={args.heldout}, full size "
           f"{metric.upper()} {float(full[metric]):.3f}):")
     with pd.option_context("display.width", 250, "display.max_columns", 20, "display.max_colwidth", 80):

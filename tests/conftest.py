@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import pytest
 import torch
 
@@ -16,6 +19,12 @@ TINY = {
     "train": {"steps": 6, "batch_size": 16, "lr": 0.002, "warmup_steps": 2, "checkpoint_every": 3, "log_every": 1},
     "sample": {"steps": 5, "grid_size": 4},
 }
+
+
+def pytest_configure(config):
+    """Keep the suite's caches (reference statistics, full-size samples, backend timings, the built
+    kernel) in a folder of its own, not in the user's ~/.cache."""
+    os.environ.setdefault("DDSM_SEARCH_CACHE", tempfile.mkdtemp(prefix="ddsm-search-tests-"))
 
 
 def tiny_dict(**sections) -> dict:

@@ -1,4 +1,5 @@
-"""Sampling, the prefix cache and the search on the CPU production path: the fused kernel.
+"""Sampling, the prefix cache and the search on the fused-kernel backend, and the per-machine choice
+between it and torch's layers.
 
 The shared tiny supernet has channel counts the kernel cannot run (6 at width 0.75), so it always
 samples with torch's layers. This supernet's channels are whole multiples of 8 at every width, so its
@@ -16,6 +17,8 @@ from ddsm_search.cli import main
 from ddsm_search.config import config_from_dict
 from ddsm_search.backends import fused as kernels
 from ddsm_search.backends.fused import graph
+from ddsm_search.backends import backend_of, runs_fused
+from ddsm_search.backends import choice
 from ddsm_search.sampling import PrefixCache, generate, make_denoisers
 from ddsm_search.search.runner import run_search
 from ddsm_search.subnet import Subnet
@@ -60,20 +63,23 @@ def test_every_exported_subnet_runs_on_the_kernel(fused_supernet):
     model = load_supernet(fused_supernet).model
     x = torch.randn(3, *model.image_shape)
     with torch.inference_mode():
-        denoisers = make_denoisers(model, list(model.space), "cpu")
+        denoisers = make_denoisers(model, list(model.space), "cpu", backend="fused")
         assert list(denoisers) == [FULL, HALF]
         for subnet, net in denoisers.items():
-            assert net.fused_program(x) is not None, f"subnet {subnet} fell back to torch's layers"
+            assert runs_fused(net, x), f"subnet {subnet} fell back to torch's layers"
 
 
 def test_sampling_on_the_kernel_matches_torch_layers(fused_supernet, kernel_calls):
     supernet = load_supernet(fused_supernet)
     kwargs = dict(n=12, seed=3, batch_size=5)
-    fused = generate(supernet.model, supernet.config.diffusion, MIXED, **kwargs)
+    fused = generate(supernet.model, supernet.config.diffusion, MIXED, backend="fused", **kwargs)
     assert kernel_calls["n"] == len(MIXED) * 3, "every step of every chunk runs on the kernel"
-    with kernels.disabled():
-        plain = generate(supernet.model, supernet.config.diffusion, MIXED, **kwargs)
+    plain = generate(supernet.model, supernet.config.diffusion, MIXED, **kwargs)  # torch's layers, the default
     assert kernel_calls["n"] == len(MIXED) * 3
+    with kernels.disabled():  # where the kernel is not available, the fused backend runs torch's layers
+        fallback = generate(supernet.model, supernet.config.diffusion, MIXED, backend="fused", **kwargs)
+    assert kernel_calls["n"] == len(MIXED) * 3
+    torch.testing.assert_close(fallback, plain, rtol=0, atol=0)
     torch.testing.assert_close(fused, plain, rtol=0, atol=1e-4)  # float rounding only, not bit for bit
 
 
@@ -82,7 +88,7 @@ def test_prefix_cache_is_bit_identical_on_the_kernel(fused_supernet, kernel_call
     supernet = load_supernet(fused_supernet)
     second = MIXED[:4] + [FULL, HALF]  # shares the first 4 steps
     cache = PrefixCache(boundaries=[2, 4])
-    kwargs = dict(n=6, seed=7, sampler=sampler, eta=eta)
+    kwargs = dict(n=6, seed=7, sampler=sampler, eta=eta, backend="fused")
     generate(supernet.model, supernet.config.diffusion, MIXED, cache=cache, **kwargs)
     cached = generate(supernet.model, supernet.config.diffusion, second, cache=cache, **kwargs)
     fresh = generate(supernet.model, supernet.config.diffusion, second, **kwargs)
@@ -91,13 +97,12 @@ def test_prefix_cache_is_bit_identical_on_the_kernel(fused_supernet, kernel_call
 
 
 def test_search_on_the_kernel_scores_as_torch_layers_do(fused_supernet, kernel_calls, tmp_path):
-    cfg = config_from_dict(tiny_dict(**FUSED, search=SEARCH))
+    cfg = config_from_dict(tiny_dict(**FUSED, search={**SEARCH, "backend": "fused"}))
     fused = run_search(cfg, fused_supernet, tmp_path / "fused", progress=False, cache_dir=str(tmp_path / "c"))
     assert kernel_calls["n"] > 0, "the search's evaluations must run on the kernel"
     runs = kernel_calls["n"]
-    with kernels.disabled():
-        plain = run_search(cfg, fused_supernet, tmp_path / "plain", progress=False, cache_dir=str(tmp_path / "c"),
-                           generations=1)
+    plain = run_search(cfg, fused_supernet, tmp_path / "plain", progress=False, cache_dir=str(tmp_path / "c"),
+                       generations=1, backend="torch")
     assert kernel_calls["n"] == runs
     first = fused.table().merge(plain.table(), on="schedule", suffixes=("_fused", "_plain"))
     assert len(first) == len(plain.rows) > 0  # the shared first generation
@@ -105,25 +110,52 @@ def test_search_on_the_kernel_scores_as_torch_layers_do(fused_supernet, kernel_c
                                rtol=1e-3, atol=1e-4)
 
 
-def test_each_subnet_keeps_the_path_measured_faster(fused_supernet, kernel_calls, monkeypatch):
-    from ddsm_search import sampling
-
+def test_auto_keeps_each_subnet_on_the_backend_measured_faster(fused_supernet, kernel_calls, monkeypatch, tmp_path):
     model = load_supernet(fused_supernet).model
-    denoisers = make_denoisers(model, list(model.space), "cpu")
+    nets = {s: model.export(s).eval() for s in model.space}
     # a machine where torch's layers win at full width and the kernel at 0.5 (as measured on AVX-512)
-    fake = {(FULL, True): 2.0, (FULL, False): 1.0, (HALF, True): 1.0, (HALF, False): 3.0}
-    by_net = {id(net): subnet for subnet, net in denoisers.items()}
-    monkeypatch.setattr(sampling, "_forward_seconds",
-                        lambda net, x, t, repeats: fake[(by_net[id(net)], bool(net.use_kernel))])
+    fake = {(FULL, "fused"): 2.0, (FULL, "torch"): 1.0, (HALF, "fused"): 1.0, (HALF, "torch"): 3.0}
+    by_net = {id(net): subnet for subnet, net in nets.items()}
+    timed = []
+
+    def seconds(denoiser, x, repeats):
+        net = getattr(denoiser, "net", denoiser)
+        timed.append((by_net[id(net)], backend_of(denoiser), x.shape[0]))
+        return fake[timed[-1][:2]]
+
+    monkeypatch.setattr(choice, "_seconds", seconds)
+    cache = choice.ChoiceCache(tmp_path)
+    chosen = choice.choose(nets, model.image_shape, 4, "auto", cache=cache)
+    assert {s: backend_of(d) for s, d in chosen.items()} == {FULL: "torch", HALF: "fused"}
+    assert sorted(timed) == sorted([(FULL, "fused", 4), (FULL, "torch", 4), (HALF, "fused", 4), (HALF, "torch", 4)])
     x = torch.randn(4, *model.image_shape)
-    assert sampling.choose_fastest_paths(denoisers, x) == {FULL: "torch", HALF: "fused"}
     with torch.inference_mode():
-        assert denoisers[FULL].fused_program(x) is None and denoisers[HALF].fused_program(x) is not None
         before = kernel_calls["n"]
-        denoisers[FULL](x, torch.tensor(3))
+        chosen[FULL](x, torch.tensor(3))
         assert kernel_calls["n"] == before, "a subnet kept on torch's layers never calls the kernel"
-        denoisers[HALF](x, torch.tensor(3))
+        chosen[HALF](x, torch.tensor(3))
         assert kernel_calls["n"] == before + 1
+    # kept per machine: a second choice (another process, the same cache folder) measures nothing
+    timed.clear()
+    again = choice.choose(nets, model.image_shape, 4, "auto", cache=choice.ChoiceCache(tmp_path))
+    assert timed == [] and {s: backend_of(d) for s, d in again.items()} == {FULL: "torch", HALF: "fused"}
+    assert cache.path.parent == tmp_path / "backends" and cache.path.is_file()
+    # another batch size is another measurement
+    choice.choose(nets, model.image_shape, 8, "auto", cache=choice.ChoiceCache(tmp_path))
+    assert {b for _, _, b in timed} == {8}
+    # a damaged cache file is measured again, not trusted
+    cache.path.write_text("{not json")
+    timed.clear()
+    choice.choose(nets, model.image_shape, 4, "auto", cache=choice.ChoiceCache(tmp_path))
+    assert len(timed) == 4
+
+
+def test_networks_the_kernel_cannot_run_stay_on_torch(tiny_supernet):
+    """The shared tiny supernet (6 channels at width 0.75) and any DiT keep torch's layers under auto."""
+    model = load_supernet(tiny_supernet).model
+    denoisers = make_denoisers(model, list(model.space), "cpu", backend="auto", batch_size=4)
+    x = torch.randn(4, *model.image_shape)
+    assert not any(runs_fused(d, x) for s, d in denoisers.items() if s["width"] == 0.75)
 
 
 def test_speed_comparison_reports_each_subnets_path(fused_supernet):
@@ -131,6 +163,6 @@ def test_speed_comparison_reports_each_subnets_path(fused_supernet):
 
     supernet = load_supernet(fused_supernet)
     images, seconds, full_seconds, paths = time_against_full(supernet.model, supernet.config.diffusion, MIXED, n=8,
-                                                             seed=0, batch_size=8)
+                                                             seed=0, batch_size=8, backend="auto")
     assert images.shape == (8, *supernet.model.image_shape) and seconds > 0 and full_seconds > 0
     assert set(paths) == {FULL, HALF} and set(paths.values()) <= {"fused", "torch"}

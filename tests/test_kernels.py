@@ -18,6 +18,7 @@ from ddsm_search.config import config_from_dict
 from ddsm_search.backends import fused as kernels
 from ddsm_search.backends.fused import graph as graph_module
 from ddsm_search.backends.fused.graph import Graph, Unsupported
+from ddsm_search.backends.fused.unet_graph import FusedDenoiser, fused_program, unet_to_graph
 from ddsm_search.backbones.unet import SlimUNet
 from ddsm_search.subnet import Subnet
 from tests.conftest import tiny_dict
@@ -188,43 +189,44 @@ def test_unet_program_matches_torch_layers_at_every_width(attention):
     for subnet in net.space:
         for model in (net.set_subnet(subnet), net.export(subnet).eval()):  # the supernet and its static export
             with torch.inference_mode():
-                assert model.fused_program(x) is not None, "the whole network should run as one program"
+                assert fused_program(model, x) is not None, "the whole network should run as one program"
                 for xs, ts in ((x, t), (x[:1], t[3])):  # timesteps per image, and one for a batch of one
-                    fused = model(xs, ts)
+                    fused = FusedDenoiser(model)(xs, ts)
                     with kernels.disabled():
-                        assert model.fused_program(xs) is None
-                        plain = model(xs, ts)
+                        assert fused_program(model, xs) is None
+                    plain = model(xs, ts)  # torch's layers: the U-Net's own forward
                     torch.testing.assert_close(fused, plain, rtol=1e-4, atol=1e-5)
 
 
 @needs_kernel
 def test_program_follows_weight_updates_and_copies():
     net, x, t = _random_net(), torch.randn(2, 1, 8, 8), torch.tensor([5, 50])
+    run = FusedDenoiser(net)
     with torch.no_grad():
-        before = net(x, t)
-        first = net.fused_program(x)
+        before = run(x, t)
+        first = fused_program(net, x)
+        assert first is not None
         net.conv_out.bias.add_(1.0)  # an optimizer step or load_state_dict: the version counter moves
-        after = net(x, t)
-        assert net.fused_program(x) is not first, "a weight update builds a new program"
+        after = run(x, t)
+        assert fused_program(net, x) is not first, "a weight update builds a new program"
         torch.testing.assert_close(after, before + 1.0, rtol=1e-5, atol=1e-5)
         twin = copy.deepcopy(net)  # programs live outside the module: copying and pickling still work
-        torch.testing.assert_close(twin(x, t), after, rtol=0, atol=0)
+        torch.testing.assert_close(FusedDenoiser(twin)(x, t), after, rtol=0, atol=0)
         assert pickle.loads(pickle.dumps(net)).training is False
 
 
 @needs_kernel
 def test_scale_shift_rows_kept_per_timestep_follow_the_weights():
     net, x = _random_net(), torch.randn(3, 1, 8, 8)
+    run = FusedDenoiser(net)
     with torch.no_grad():
         for step in (5, 50, 5, 50.0):  # a sampler's timesteps, each repeated across runs
-            with kernels.disabled():
-                want = net(x, torch.tensor(step))
-            torch.testing.assert_close(net(x, torch.tensor(step)), want, rtol=1e-4, atol=1e-5)
-        assert len(net.fused_program(x)._mods) == 2, "one set of rows per timestep"
+            want = net(x, torch.tensor(step))
+            torch.testing.assert_close(run(x, torch.tensor(step)), want, rtol=1e-4, atol=1e-5)
+        assert len(fused_program(net, x)._mods) == 2, "one set of rows per timestep"
         net.down[0][0].emb.bias.add_(0.5)  # the rows for t = 5 are stale now
-        with kernels.disabled():
-            want = net(x, torch.tensor(5))
-        torch.testing.assert_close(net(x, torch.tensor(5)), want, rtol=1e-4, atol=1e-5)
+        want = net(x, torch.tensor(5))
+        torch.testing.assert_close(run(x, torch.tensor(5)), want, rtol=1e-4, atol=1e-5)
 
 
 @needs_kernel
@@ -237,7 +239,7 @@ def test_arena_regions_are_reused_but_never_shared_while_live(monkeypatch):
         return captured["result"]
 
     monkeypatch.setattr(graph_module, "_layout", spy)
-    program = _random_net(attention_resolutions=[4]).to_graph(8, 8)
+    program = unet_to_graph(_random_net(attention_resolutions=[4]), 8, 8)
     graph, (offsets, arena) = captured["graph"], captured["result"]
     assert arena == program.arena
     first, last = {}, {}
@@ -292,19 +294,19 @@ def test_networks_the_kernel_cannot_run_keep_torch_layers():
     x = torch.randn(2, 1, 6, 6)  # 6 -> 3 -> a stride-2 layer on an odd size
     with torch.inference_mode():
         if kernels.available():
-            assert net.fused_program(torch.randn(2, 1, 7, 7)) is None
-        assert net(x, torch.tensor([1, 2])).shape == (2, 1, 6, 6)
-    assert net.fused_program(x) is None, "autograd on: training keeps torch's layers"
+            assert fused_program(net, torch.randn(2, 1, 7, 7)) is None
+        assert FusedDenoiser(net)(x, torch.tensor([1, 2])).shape == (2, 1, 6, 6)
+    assert fused_program(net, x) is None, "autograd on: training keeps torch's layers"
     odd = SlimUNet(config_from_dict(tiny_dict(model={"base_channels": 12, "group_size": 3, "head_dim": 3,
                                                      "widths": [1.0, 0.5]})).model, (1, 8, 8)).eval()
     with torch.inference_mode():
-        assert odd.fused_program(torch.randn(1, 1, 8, 8)) is None  # 12 and 6 channels: not multiples of 8
-        assert odd(torch.randn(1, 1, 8, 8), torch.tensor(3)).shape == (1, 1, 8, 8)
+        assert fused_program(odd, torch.randn(1, 1, 8, 8)) is None  # 12 and 6 channels: not multiples of 8
+        assert FusedDenoiser(odd)(torch.randn(1, 1, 8, 8), torch.tensor(3)).shape == (1, 1, 8, 8)
     wide = _random_net(base_channels=64).set_subnet(Subnet.of(width=1.0))  # 128-channel 3x3 layers: torch's layers are faster
     with torch.inference_mode():
-        assert wide.fused_program(torch.randn(1, 1, 8, 8)) is None
+        assert fused_program(wide, torch.randn(1, 1, 8, 8)) is None
         if kernels.available():
-            assert wide.set_subnet(Subnet.of(width=0.5)).fused_program(torch.randn(1, 1, 8, 8)) is not None
+            assert fused_program(wide.set_subnet(Subnet.of(width=0.5)), torch.randn(1, 1, 8, 8)) is not None
 
 
 def test_generated_tiles_header_is_current():
@@ -320,11 +322,12 @@ def _fresh_process(env_extra: dict, tmp_path: Path) -> subprocess.CompletedProce
             "from ddsm_search.config import config_from_dict\n"
             "from ddsm_search.backends import fused as kernels\n"
             "from ddsm_search.backbones.unet import SlimUNet\n"
+            "from ddsm_search.backends.fused.unet_graph import FusedDenoiser\n"
             "from tests.conftest import tiny_dict\n"
             "cfg = config_from_dict(tiny_dict(model={'base_channels': 32, 'group_size': 8, 'head_dim': 8}))\n"
             "net = SlimUNet(cfg.model, (1, 8, 8)).eval()\n"
             "with torch.inference_mode():\n"
-            "    out = net(torch.randn(2, 1, 8, 8), torch.tensor([3, 50]))\n"
+            "    out = FusedDenoiser(net)(torch.randn(2, 1, 8, 8), torch.tensor([3, 50]))\n"
             "print('available', kernels.available(), '|', kernels.why_unavailable(), '|', tuple(out.shape))\n")
     env = {**os.environ, "DDSM_SEARCH_CACHE": str(tmp_path / "cache"), **env_extra}
     return subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)

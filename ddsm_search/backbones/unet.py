@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -14,8 +13,6 @@ from ..errors import DDSMError
 from ..subnet import Subnet, SubnetSpace
 from . import register
 from .base import SlimModel
-from ..backends import fused as kernels
-from ..backends.fused.graph import Graph, Program, Slot, Unsupported
 from .slim import Channels, SlimKit, StaticKit, slim_layers
 
 
@@ -54,15 +51,6 @@ class ResBlock(nn.Module):
         h = self.conv2(self.dropout(F.silu(h, inplace=inplace)))
         return h.add_(self.skip(x)) if inplace else self.skip(x) + h  # never add into x: it may be a skip
 
-    def to_graph(self, g: Graph, x: Slot, x2: Slot | None = None) -> Slot:
-        """Add the block to a fused-kernel graph (its input cat(x, x2)); return its output. The
-        concatenation, each GroupNorm with its scale/shift and SiLU, and the residual branch are
-        folded into the two convolutions."""
-        h = g.conv(self.conv1, x, x2, norm=self.norm1)
-        mod = g.mod(self.emb)
-        if isinstance(self.skip, nn.Identity):
-            return g.conv(self.conv2, h, norm=self.norm2, mod=mod, res=x)
-        return g.conv(self.conv2, h, norm=self.norm2, mod=mod, skip=self.skip, skip_in=(x, x2))
 
 
 class AttnBlock(nn.Module):
@@ -82,10 +70,6 @@ class AttnBlock(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v)
         return x + self.proj(out.transpose(-1, -2).reshape(b, c, hgt, wid))
 
-    def to_graph(self, g: Graph, x: Slot) -> Slot:
-        """Add the block to a fused-kernel graph; return its output."""
-        qkv = g.conv(self.qkv, x, norm=self.norm, act=False)
-        return g.conv(self.proj, g.attention(qkv, self.head_dim), res=x)
 
 
 class Downsample(nn.Module):
@@ -98,8 +82,6 @@ class Downsample(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
 
-    def to_graph(self, g: Graph, x: Slot) -> Slot:
-        return g.conv(self.conv, x)
 
 
 class Upsample(nn.Module):
@@ -112,8 +94,6 @@ class Upsample(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
 
-    def to_graph(self, g: Graph, x: Slot) -> Slot:
-        return g.conv(self.conv, x, upsample=True)
 
 
 def check_image_shape(cfg: UNetConfig, image_shape: tuple[int, int, int]) -> None:
@@ -126,13 +106,8 @@ def check_image_shape(cfg: UNetConfig, image_shape: tuple[int, int, int]) -> Non
 
 
 class UNet(nn.Module):
-    """A U-Net epsilon-predictor; its layers come from `kit` (slimmable or static at one width).
-
-    `use_kernel = False` on an instance keeps it on torch's layers even where the fused CPU kernel
-    could run it (`sampling.choose_fastest_paths` sets it per subnet by measurement).
-    """
-
-    use_kernel = True
+    """A U-Net epsilon-predictor on torch's layers; its layers come from `kit` (slimmable, or static at
+    one width). The fused CPU kernel runs it as a backend (`backends.fused.unet_graph`)."""
 
     def __init__(self, cfg: UNetConfig, image_shape: tuple[int, int, int], kit):
         """Build the network; 4-D weights and activations use channels-last, which ran 15-25% faster
@@ -188,10 +163,6 @@ class UNet(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Return predicted noise for images x (B, C, H, W) at timesteps t: (B,) or a scalar for all."""
         t = torch.as_tensor(t, device=x.device)
-        program = self.fused_program(x)
-        if program is not None:  # one timestep for the batch: its scale/shift rows are kept per timestep
-            return program.run(x, lambda: self.time_mlp(timestep_embedding(t, self.emb_in).to(x.dtype)),
-                               emb_key=t.item() if t.numel() == 1 else None)
         emb = self.time_mlp(timestep_embedding(t, self.emb_in).to(x.dtype))
         h = self.conv_in(x.contiguous(memory_format=torch.channels_last))
         hs = [h]
@@ -206,63 +177,6 @@ class UNet(nn.Module):
             else:
                 h = self._run(stage, torch.cat([h, hs.pop()], dim=1), emb)
         return self.conv_out(F.silu(self.norm_out(h), inplace=not torch.is_grad_enabled()))
-
-    @staticmethod
-    def _stage_graph(g: Graph, stage: nn.Module, h: Slot, skip: Slot | None = None) -> Slot:
-        if isinstance(stage, nn.ModuleList):
-            h = stage[0].to_graph(g, h, skip)  # the first block concatenates the skip
-            for block in stage[1:]:
-                h = block.to_graph(g, h)
-            return h
-        return stage.to_graph(g, h)
-
-    def to_graph(self, height: int, width: int) -> Program:
-        """Return the network at its current width as one fused-kernel program for (C, height, width)
-        images, the layers as in `forward`; raise Unsupported if the kernel cannot run a layer."""
-        g = Graph()
-        h = g.conv(self.conv_in, g.input(self.image_shape[0], height, width))
-        hs = [h]
-        for stage in self.down:
-            h = self._stage_graph(g, stage, h)
-            hs.append(h)
-        for block in self.mid:
-            h = block.to_graph(g, h)
-        for stage in self.up:
-            h = stage.to_graph(g, h) if isinstance(stage, Upsample) else self._stage_graph(g, stage, h, hs.pop())
-        return g.compile(g.conv(self.conv_out, h, norm=self.norm_out, pad_out=True), self.image_shape[0])
-
-    def fused_program(self, x: torch.Tensor) -> Program | None:
-        """Return the fused CPU program that runs this network on `x`, or None where torch's layers
-        must: autograd on, not float32 on CPU, dropout active, or the kernel unavailable or unable.
-
-        Programs are cached per input size, width and weights: each parameter's identity, storage and
-        version counter, read through the layers found at the first call (walking the module tree on
-        every call cost more than the whole forward of a small batch). So an optimizer step,
-        load_state_dict or .to() is seen; replacing a whole layer afterwards is not, nor an in-place
-        change to weights created under torch.inference_mode() (they have no version counter)."""
-        if (not self.use_kernel or torch.is_grad_enabled() or x.device.type != "cpu" or x.dtype != torch.float32
-                or x.dim() != 4 or self.training and self.cfg.dropout > 0 or not kernels.available()):
-            return None
-        entry = _PROGRAMS.get(self)
-        if entry is None:
-            entry = _PROGRAMS[self] = ([m._parameters for m in self.modules() if m._parameters], {})
-        layers, cache = entry
-        key = (x.shape[2], x.shape[3], getattr(self, "subnet", None),
-               *[(id(p), p.data_ptr(), -1 if p.is_inference() else p._version)
-                 for params in layers for p in params.values() if p is not None])
-        if key not in cache:
-            if len(cache) >= 4:  # other sizes, widths or weights
-                cache.clear()
-            try:
-                cache[key] = self.to_graph(x.shape[2], x.shape[3])
-            except Unsupported:
-                cache[key] = None
-        return cache[key]
-
-
-# per network: its layers' parameter dicts and its programs; outside the modules, so that copying or
-# pickling a network never meets ctypes
-_PROGRAMS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @register("unet")

@@ -20,23 +20,31 @@ SEARCH_SEEDS = "search"  # the search only ever sees this seed set; winners are 
 FAULT_ENV = "DDSM_SEARCH_KILL_WORKER_ONCE"
 
 
-def prepare_reference(supernet_dir: str, search: dict, device: str = "cpu", cache_dir: str | None = None) -> None:
-    """Compute (or find on disk) the reference statistics and the full-size samples once, before the
-    workers start, so that they all read the same ones; and fail here, before anything is written, if
-    the run's metric cannot be measured (a missing Inception file)."""
+def prepare_reference(supernet_dir: str, search: dict, device: str = "cpu", cache_dir: str | None = None) -> dict:
+    """Choose each subnet's backend, and compute (or find on disk) the reference statistics and the
+    full-size samples, once, before the workers start, so that they all use the same ones; fail here,
+    before anything is written, if the run's metric cannot be measured (a missing Inception file).
+    Return the choice, {subnet key: backend}, for the workers."""
+    from ..backends import backend_of
+
     q = SearchConfig(**search)
     supernet = load_supernet(supernet_dir, device)
+    model = supernet.model
+    space = SearchSpace.of(model.space, q.steps, q.segments, q.axes, q.choices)
+    denoisers = make_denoisers(model, [model.full, *space.subnets()], device, q.backend, min(q.samples, q.batch_size))
     make_scorer(supernet, metric=q.metric, drift_space=q.drift_space, device=device, cache_dir=cache_dir)
     for n in {q.samples, q.screen_samples} - {None}:
         full_size_samples(supernet, n=n, seed_set=SEARCH_SEEDS, seed=seed_for(SEARCH_SEEDS), sampler=q.sampler,
-                          eta=q.eta, steps=q.steps, batch_size=q.batch_size, device=device, cache_dir=cache_dir)
+                          eta=q.eta, steps=q.steps, batch_size=q.batch_size, device=device, denoisers=denoisers,
+                          cache_dir=cache_dir)
+    return {s.key: backend_of(d) for s, d in denoisers.items()}
 
 
 class Evaluator:
     """Scores schedules (FID, KID, drift) on the search seed set, reusing latents of shared prefixes."""
 
     def __init__(self, supernet_dir: str, search: dict, device: str = "cpu", cache_dir: str | None = None,
-                 threads: int | None = None):
+                 threads: int | None = None, backends: dict | None = None):
         import torch
 
         if threads:
@@ -47,7 +55,9 @@ class Evaluator:
         model = self.supernet.model
         q = self.search
         space = SearchSpace.of(model.space, q.steps, q.segments, q.axes, q.choices)
-        self.denoisers = make_denoisers(model, [model.full, *space.subnets()], device)
+        # the driver's choice of backends (prepare_reference), so every worker runs each subnet alike
+        self.denoisers = make_denoisers(model, [model.full, *space.subnets()], device,
+                                        backends if backends is not None else q.backend, min(q.samples, q.batch_size))
         self.scorer = make_scorer(self.supernet, metric=self.search.metric, drift_space=self.search.drift_space,
                                   device=device, cache_dir=cache_dir)
         self.cache_dir = cache_dir

@@ -93,7 +93,8 @@ def run_search(cfg: ExperimentConfig, supernet_dir: str | Path, out_dir: str | P
     evaluator_args = {"supernet_dir": str(supernet.path), "search": asdict(q), "device": device, "cache_dir": cache_dir}
     from .evaluator import Evaluator, prepare_reference
 
-    prepare_reference(**evaluator_args)  # once, before the workers start, so they all read the same cache
+    # once, before the workers start, so they all read the same cache and run each subnet on the same backend
+    evaluator_args["backends"] = prepare_reference(**evaluator_args)
     # the pool before run.json: a cluster that cannot be reached leaves no half-started run behind
     pool = (LocalPool(lambda: Evaluator(**evaluator_args)) if q.workers == 0
             else RayPool(q.workers, evaluator_args, address, wait_for_workers=wait_for_workers))
