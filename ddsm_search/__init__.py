@@ -5,6 +5,7 @@ The Python API, loaded on first use (so `import ddsm_search` stays light):
     import ddsm_search as ds
     table = ds.load_run("results/digits-search")   # one row per schedule, `on_front` marks the front
     ds.front(table); ds.hypervolume(table); ds.pick(table, "50%")
+    ds.Subnet.parse("width=0.5,depth=4")            # what one step runs
 """
 
 from importlib import import_module
@@ -18,6 +19,7 @@ _API = {
     "export_schedule": "export", "load_schedule": "schedule", "save_schedule": "schedule", "Schedule": "schedule",
     "load_supernet": "checkpoint", "load_config": "config", "train": "training", "generate": "sampling",
     "evaluate": "evaluation", "run_search": "search.runner", "quickstart": "pipeline", "DDSMError": "errors",
+    "Subnet": "subnet", "SubnetSpace": "subnet", "build_supernet": "backbones",
 }
 # No submodule may share a name with a public function: importing `ddsm_search.train` would bind the
 # module as the package attribute `train` and hide the function (tests/test_api.py checks this).

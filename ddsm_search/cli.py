@@ -255,7 +255,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output .png (grid) or .npz (uint8 images)")
     p.add_argument("--compare", action="store_true",
-                   help="also time full size on the same batch and noise and print the speed-up")
+                   help="also time full size on the same batch and noise (median of 3 turns each) and print "
+                   "the speed-up")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("evaluate", help="FID/KID, GFLOPs and wall time of one subnet or a schedule")
