@@ -33,6 +33,13 @@ def _eta(text: str) -> float:
     return value
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
 def _seconds(text: str) -> float:
     value = float(text)
     if not math.isfinite(value) or value < 0:
@@ -87,6 +94,22 @@ def cmd_sample(args: argparse.Namespace) -> int:
                   progress=not args.quiet, backend=args.backend or supernet.config.sample.backend)
     gflops = supernet.schedule_flops(subnets) / 1e9
     full = supernet.full_flops * len(subnets) / 1e9
+    if args.exit_threshold is not None:  # AdaDiff's dynamic exit: FLOPs are those executed, per image
+        from .exit_stage import ExecutedFlops, describe, exit_denoisers
+
+        if args.compare:
+            raise DDSMError("--exit-threshold and --compare cannot be combined yet")
+        record = ExecutedFlops()
+        kwargs.pop("backend")
+        started = time.perf_counter()
+        images = generate(supernet.model, supernet.config.diffusion, subnets, **kwargs,
+                          denoisers=exit_denoisers(supernet, subnets, args.exit_threshold, device, record))
+        seconds = time.perf_counter() - started
+        save_images(out, images, subnets=[s.key for s in subnets], seed=args.seed)
+        print(f"wrote {args.n} images to {out} with dynamic exit at certainty {args.exit_threshold:g}: "
+              f"{describe(record.per_image(args.n), full * 1e9)} (the static schedule: {gflops:.4f}), "
+              f"{seconds:.2f} s")
+        return 0
     if args.compare:  # what a schedule buys: measured against full size on the same batch and noise
         images, seconds, full_seconds, paths = time_against_full(supernet.model, supernet.config.diffusion, subnets,
                                                                  **kwargs)
@@ -99,6 +122,17 @@ def cmd_sample(args: argparse.Namespace) -> int:
         timing = f"{time.perf_counter() - started:.2f} s"
     save_images(out, images, subnets=[s.key for s in subnets], seed=args.seed)
     print(f"wrote {args.n} images to {out}: {gflops:.3f} GFLOPs per image ({gflops / full:.0%} of full size), {timing}")
+    return 0
+
+
+def cmd_finetune_exit(args: argparse.Namespace) -> int:
+    """Train AdaDiff certainty heads on a DiT supernet (its weights frozen) and keep them beside it."""
+    from .exit_stage import finetune_exit
+    from .sampling import resolve_device
+
+    path = finetune_exit(args.supernet, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                         device=resolve_device(args.device), progress=not args.quiet)
+    print(f"exit heads written beside the supernet: {path}")
     return 0
 
 
@@ -254,10 +288,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=_positive, default=64, help="number of images (default 64)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output .png (grid) or .npz (uint8 images)")
+    p.add_argument("--exit-threshold", type=_finite, metavar="T",
+                   help="DiT with exit heads (finetune-exit): each image leaves a step at the first depth choice "
+                   "whose certainty reaches T; prints the FLOPs executed per image")
     p.add_argument("--compare", action="store_true",
                    help="also time full size on the same batch and noise (median of 3 turns each) and print "
                    "the speed-up")
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("finetune-exit", help="train AdaDiff certainty heads on a DiT supernet (frozen), for "
+                       "sample --exit-threshold")
+    p.add_argument("supernet", help="a DiT supernet directory written by 'train'")
+    p.add_argument("--steps", type=_positive, default=500)
+    p.add_argument("--batch-size", type=_positive, default=64)
+    p.add_argument("--lr", type=_finite, default=1e-3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_finetune_exit)
 
     p = sub.add_parser("evaluate", help="FID/KID, GFLOPs and wall time of one subnet or a schedule")
     _add_sampling_args(p)

@@ -98,8 +98,11 @@ def adadiff_loss(eps_list: list[torch.Tensor], u_list: list[torch.Tensor], noise
 class DynamicExitDenoiser:
     """A denoiser (x, t) -> eps that stops each image at the first block whose certainty >= threshold."""
 
-    def __init__(self, dit, heads: CertaintyHeads, threshold: float):
+    def __init__(self, dit, heads: CertaintyHeads, threshold: float, exits=None):
+        """`exits`: the depths an image may leave at (default: after every block). A supernet's exits
+        are its depth choices, the only depths the sandwich rule trained the final layer after."""
         self.dit, self.heads, self.threshold = dit, heads, float(threshold)
+        self.exits = sorted(set(exits)) if exits is not None else list(range(1, dit.depth + 1))
         self.last_depths: torch.Tensor | None = None
         self.last_flops: torch.Tensor | None = None
         self._costs_for, self._costs = None, None
@@ -127,8 +130,9 @@ class DynamicExitDenoiser:
     def flops_at(self, depths: torch.Tensor) -> torch.Tensor:
         """Return executed FLOPs per image (float64, CPU) of images that exited after `depths` blocks."""
         cost, d = self.unit_flops, depths.double().cpu()
-        # a head runs after every block an image passes except the last block, which exits unconditionally
-        heads_run = d.clamp(max=self.dit.depth - 1)
+        # a head runs at every exit an image reaches except after the last block, which exits unconditionally
+        points = torch.tensor([e for e in self.exits if e < self.dit.depth], dtype=torch.float64)
+        heads_run = (points[None, :] <= d[:, None]).sum(1).double()
         return cost["stem"] + d * cost["block"] + heads_run * cost["head"] + cost["final"]
 
     @torch.no_grad()
@@ -145,6 +149,8 @@ class DynamicExitDenoiser:
             if i == len(blocks) - 1:  # the last block always exits: its head need not run
                 out[rows] = _exit(dit, h, c)
                 break
+            if i + 1 not in self.exits:
+                continue
             done = self.heads(i, h, c) >= self.threshold  # per image, not a batch mean as AdaDiff
             if done.all():
                 out[rows], depths[rows] = _exit(dit, h, c), i + 1
