@@ -25,26 +25,21 @@ def _positive(text: str) -> int:
     return value
 
 
-def _eta(text: str) -> float:
-    """Return DDIM's eta: a finite number >= 0 (nan would silently turn every image to zeros)."""
-    value = float(text)
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
+def _number(what: str = "a finite number", at_least: float | None = None):
+    """Return an argparse type: a finite float (nan would silently turn every image to zeros), at
+    least `at_least` if given."""
+    def parse(text: str) -> float:
+        value = float(text)
+        if not math.isfinite(value) or (at_least is not None and value < at_least):
+            bound = "" if at_least is None else f" >= {at_least:g}"
+            raise argparse.ArgumentTypeError(f"must be {what}{bound}, got {text}")
+        return value
+    return parse
 
 
-def _finite(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
-    return value
-
-
-def _seconds(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text}")
-    return value
+_eta = _number(at_least=0)  # DDIM's eta
+_finite = _number()
+_seconds = _number("a number of seconds", at_least=0)
 
 
 def cmd_train(args: argparse.Namespace) -> int:

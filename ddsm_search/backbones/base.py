@@ -8,9 +8,12 @@ returns a plain torch network with only that subnet's weights, equal to the supe
 
 from __future__ import annotations
 
+from typing import Callable
+
 from torch import nn
 
 from ..subnet import Subnet, SubnetSpace
+from .slim import slim_layers
 
 
 class SlimModel(nn.Module):
@@ -42,3 +45,18 @@ class SlimModel(nn.Module):
     def export(self, subnet) -> nn.Module:
         """Return a plain static network (torch layers only) equal to the supernet at `subnet`."""
         raise NotImplementedError
+
+    def set_width(self, width: float) -> None:
+        """Make every slimmable layer run at `width` (part of `apply_subnet`)."""
+        for _, layer in slim_layers(self):
+            layer.width = width
+
+    def load_into(self, static: nn.Module, width: float, keep: Callable[[str], bool] = lambda name: True) -> nn.Module:
+        """Load the slim layers' weights at `width` (those whose name `keep` accepts) into the static
+        network, strictly (every weight is a slim layer's: none missing, none extra); return it on the
+        supernet's device, in the supernet's train/eval mode."""
+        state = {f"{name}.{key}": value.detach().clone()
+                 for name, layer in slim_layers(self) if keep(name)
+                 for key, value in layer.sliced_state(width).items()}
+        static.load_state_dict(state, strict=True)
+        return static.to(next(self.parameters()).device).train(self.training)

@@ -17,7 +17,7 @@ from ..errors import DDSMError
 from ..subnet import Subnet, SubnetSpace
 from . import register
 from .base import SlimModel
-from .slim import SlimKit, StaticKit, slim_layers
+from .slim import SlimKit, StaticKit
 from .unet import timestep_embedding
 
 FREQ_SIZE = 256  # sinusoidal timestep features fed to the time embedder, as in DiT
@@ -198,8 +198,7 @@ class SlimDiT(DiT, SlimModel):
 
     def apply_subnet(self, subnet: Subnet) -> None:
         """Make every slimmable layer run at the subnet's width, and run its number of blocks."""
-        for _, layer in slim_layers(self):
-            layer.width = subnet["width"]
+        self.set_width(subnet["width"])
         self.depth = subnet["depth"]
 
     def export(self, subnet) -> DiT:
@@ -207,13 +206,8 @@ class SlimDiT(DiT, SlimModel):
         subnet = self.check_subnet(subnet)
         width, depth = subnet["width"], subnet["depth"]
         static = DiT(self.cfg, self.image_shape, StaticKit(1, width), depth=depth)
-        state = {}
-        for name, layer in slim_layers(self):
+
+        def runs(name: str) -> bool:  # not the blocks the subnet does not run
             parts = name.split(".")
-            if parts[0] == "blocks" and int(parts[1]) >= depth:
-                continue  # a block the subnet does not run
-            for key, value in layer.sliced_state(width).items():
-                state[f"{name}.{key}"] = value.detach().clone()
-        static.load_state_dict(state, strict=True)  # every weight is a slim layer's: none missing, none extra
-        static.to(next(self.parameters()).device)
-        return static.train(self.training)
+            return parts[0] != "blocks" or int(parts[1]) < depth
+        return self.load_into(static, width, runs)

@@ -13,7 +13,7 @@ from ..errors import DDSMError
 from ..subnet import Subnet, SubnetSpace
 from . import register
 from .base import SlimModel
-from .slim import Channels, SlimKit, StaticKit, slim_layers
+from .slim import Channels, SlimKit, StaticKit
 
 
 def timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -197,18 +197,10 @@ class SlimUNet(UNet, SlimModel):
 
     def apply_subnet(self, subnet: Subnet) -> None:
         """Make every slimmable layer run at the subnet's width."""
-        for _, layer in slim_layers(self):
-            layer.width = subnet["width"]
+        self.set_width(subnet["width"])
 
     def export(self, subnet) -> UNet:
         """Return a plain static U-Net (torch layers only) equal to the supernet at `subnet`."""
         width = self.check_subnet(subnet)["width"]
-        static = UNet(self.cfg, self.image_shape, StaticKit(self.cfg.group_size, width))
-        state = {}
-        for name, layer in slim_layers(self):
-            for key, value in layer.sliced_state(width).items():
-                state[f"{name}.{key}"] = value.detach().clone()
-        missing, unexpected = static.load_state_dict(state, strict=False)
-        assert not missing and not unexpected, (missing, unexpected)  # every weight is a slim layer's
-        static.to(next(self.parameters()).device, memory_format=torch.channels_last)
-        return static.train(self.training)
+        static = self.load_into(UNet(self.cfg, self.image_shape, StaticKit(self.cfg.group_size, width)), width)
+        return static.to(memory_format=torch.channels_last)

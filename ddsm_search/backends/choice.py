@@ -26,18 +26,17 @@ from . import BACKENDS, CHOICES, runs_fused, supports, wrap
 
 def machine_key() -> str:
     """Return a short name of this machine's CPU, vector extensions, torch version and threads."""
-    model, flags = platform.processor() or platform.machine(), ""
+    model = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and model in ("", platform.machine()):
+            if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                have = set(line.split(":", 1)[1].split())
-                flags = ",".join(f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_tile") if f in have)
                 break
     except OSError:
         pass
-    text = f"{model}|{flags}|torch {torch.__version__}|threads {torch.get_num_threads()}"
+    # torch's own reading of the vector extensions its kernels use (DEFAULT, AVX2, AVX512, ...)
+    text = (f"{model}|{torch.backends.cpu.get_cpu_capability()}|torch {torch.__version__}|"
+            f"threads {torch.get_num_threads()}")
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

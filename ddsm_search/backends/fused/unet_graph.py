@@ -14,6 +14,7 @@ import weakref
 import torch
 from torch import nn
 
+from ...backbones.unet import AttnBlock, Downsample, ResBlock, Upsample, timestep_embedding
 from . import available
 from .graph import Graph, Program, Slot, Unsupported
 
@@ -32,8 +33,6 @@ def _attention(g: Graph, block, x: Slot) -> Slot:
 
 
 def _block(g: Graph, block, x: Slot, x2: Slot | None = None) -> Slot:
-    from ...backbones.unet import AttnBlock, Downsample, ResBlock, Upsample
-
     if isinstance(block, ResBlock):
         return _resblock(g, block, x, x2)
     if isinstance(block, AttnBlock):
@@ -57,8 +56,6 @@ def _stage(g: Graph, stage: nn.Module, h: Slot, skip: Slot | None = None) -> Slo
 def unet_to_graph(net, height: int, width: int) -> Program:
     """Return the U-Net at its current width as one program for (C, height, width) images; raise
     Unsupported if the kernel cannot run one of its layers."""
-    from ...backbones.unet import Upsample
-
     g = Graph()
     h = g.conv(net.conv_in, g.input(net.image_shape[0], height, width))
     hs = [h]
@@ -116,8 +113,6 @@ class FusedDenoiser:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Return the predicted noise, as `net(x, t)` does."""
-        from ...backbones.unet import timestep_embedding
-
         net = self.net
         t = torch.as_tensor(t, device=x.device)
         program = fused_program(net, x)
