@@ -66,11 +66,22 @@ def _schedule_subnets(args: argparse.Namespace, supernet) -> tuple[list, str, fl
             raise DDSMError(f"the schedule has {schedule.steps} subnets but --steps asks for {args.steps}")
         sampler = args.sampler or schedule.sampler
         eta = args.eta if args.eta is not None else schedule.eta
-        return [supernet.model.check_subnet(s) for s in schedule.subnets], sampler, eta
+        subnets = [supernet.model.check_subnet(s) for s in schedule.subnets]
+        return subnets, sampler, eta, _exit_policy(args, len(subnets), schedule.exit)
     # --width 0.5 is shorthand for --subnet width=0.5 (every other axis at its full value)
     subnet = supernet.model.check_subnet(args.subnet if args.subnet is not None else args.width)
     steps = args.steps or cfg.steps
-    return [subnet] * steps, args.sampler or cfg.sampler, args.eta if args.eta is not None else cfg.eta
+    return ([subnet] * steps, args.sampler or cfg.sampler, args.eta if args.eta is not None else cfg.eta,
+            _exit_policy(args, steps, None))
+
+
+def _exit_policy(args: argparse.Namespace, steps: int, policy):
+    """Return the exit policy to sample with: --exit-threshold (every step) over the schedule's own."""
+    from .exit_policy import ExitPolicy
+
+    if args.exit_threshold is not None:
+        return ExitPolicy.of(args.exit_threshold, steps)
+    return policy if policy is not None and policy.dynamic else None
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
@@ -84,39 +95,38 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise DDSMError(f"--out must end in {' or '.join(OUTPUT_SUFFIXES)}, got {out.name}")
     device = resolve_device(args.device)
     supernet = load_supernet(args.supernet, device)
-    subnets, sampler, eta = _schedule_subnets(args, supernet)
+    subnets, sampler, eta, exit = _schedule_subnets(args, supernet)
     kwargs = dict(n=args.n, seed=args.seed, sampler=sampler, eta=eta, batch_size=args.batch_size, device=device,
                   progress=not args.quiet, backend=args.backend or supernet.config.sample.backend)
     gflops = supernet.schedule_flops(subnets) / 1e9
     full = supernet.full_flops * len(subnets) / 1e9
-    if args.exit_threshold is not None:  # AdaDiff's dynamic exit: FLOPs are those executed, per image
-        from .exit_stage import ExecutedFlops, describe, exit_denoisers
+    cost = f"{gflops:.3f} GFLOPs per image ({gflops / full:.0%} of full size)"
+    record = None
+    if exit is not None:  # AdaDiff's dynamic exit: FLOPs are those executed, per image
+        from .exit_policy import ExitRecord
+        from .exit_stage import describe, executed, load_exit_heads
 
-        if args.compare:
-            raise DDSMError("--exit-threshold and --compare cannot be combined yet")
-        record = ExecutedFlops()
-        kwargs.pop("backend")
-        started = time.perf_counter()
-        images = generate(supernet.model, supernet.config.diffusion, subnets, **kwargs,
-                          denoisers=exit_denoisers(supernet, subnets, args.exit_threshold, device, record))
-        seconds = time.perf_counter() - started
-        save_images(out, images, subnets=[s.key for s in subnets], seed=args.seed)
-        print(f"wrote {args.n} images to {out} with dynamic exit at certainty {args.exit_threshold:g}: "
-              f"{describe(record.per_image(args.n), full * 1e9)} (the static schedule: {gflops:.4f}), "
-              f"{seconds:.2f} s")
-        return 0
+        record = ExitRecord()
+        kwargs.update(exit=exit, heads=load_exit_heads(supernet, device), record=record)
     if args.compare:  # what a schedule buys: measured against full size on the same batch and noise
         images, seconds, full_seconds, paths = time_against_full(supernet.model, supernet.config.diffusion, subnets,
                                                                  **kwargs)
-        chosen = ", ".join(f"{s} {p}" for s, p in paths.items())
+        from .exit_policy import step_label
+
+        chosen = ", ".join(f"{step_label(s)} {p}" for s, p in paths.items())
         timing = (f"{seconds:.2f} s against {full_seconds:.2f} s at full size on the same batch and noise: "
                   f"{full_seconds / seconds:.2f}x faster (backends: {chosen})")
     else:
         started = time.perf_counter()
         images = generate(supernet.model, supernet.config.diffusion, subnets, **kwargs)
         timing = f"{time.perf_counter() - started:.2f} s"
+    if record is not None:
+        done = executed(supernet, subnets, record, args.n)
+        depth = done["depth_per_step"]["mean"]
+        cost = (f"exit policy {exit.key}: {describe(done['per_image'], full * 1e9)} (the static schedule: "
+                f"{gflops:.3f}); mean depth per step {min(depth):.2f}-{max(depth):.2f}")
     save_images(out, images, subnets=[s.key for s in subnets], seed=args.seed)
-    print(f"wrote {args.n} images to {out}: {gflops:.3f} GFLOPs per image ({gflops / full:.0%} of full size), {timing}")
+    print(f"wrote {args.n} images to {out}: {cost}, {timing}")
     return 0
 
 
@@ -147,7 +157,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     seed_for(args.seeds)  # a bad seed set fails before anything slow runs
     device = resolve_device(args.device)
     supernet = load_supernet(args.supernet, device)
-    subnets, sampler, eta = _schedule_subnets(args, supernet)
+    subnets, sampler, eta, exit = _schedule_subnets(args, supernet)
+    heads = None
+    if exit is not None:  # a dynamic exit: FLOPs per image are those executed, measured while sampling
+        from .exit_stage import load_exit_heads
+
+        heads = load_exit_heads(supernet, device)
     if args.drift and args.extractor is None:  # FID and KID where their extractor loads; drift in any case
         from .scoring import make_scorer
 
@@ -162,13 +177,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                         extractor if features else None)
     result = evaluate(supernet, subnets, n=args.n, seed_set=args.seeds, scorer=scorer, device=device,
                       batch_size=args.batch_size, sampler=sampler, eta=eta, progress=not args.quiet, drift=args.drift,
-                      backend=args.backend or supernet.config.sample.backend)
+                      backend=args.backend or supernet.config.sample.backend, exit=exit, heads=heads)
     full = supernet.full_flops * len(subnets) / 1e9
     fid = (f"FID {result['fid']:.4f}  KID {result['kid']:.5f} (+/- {result['kid_std']:.5f} over subsets)  "
            if result["extractor"] else "FID/KID n/a (no extractor here)  ")
     drift = f"drift {result['drift']:.4f} from full size ({result['drift_space']})  " if args.drift else ""
-    print(f"{fid}{drift}{result['gflops_per_image']:.4f} GFLOPs per image ({result['gflops_per_image'] / full:.0%} of "
-          f"full size)  sampling {result['seconds']:.2f} s, scoring {result['eval_seconds']:.2f} s  "
+    spread = (f" +/- {result['executed']['flops_per_image']['sd'] / 1e9:.4f} executed, exit policy {exit.key}"
+              if result["executed"] else "")
+    print(f"{fid}{drift}{result['gflops_per_image']:.4f}{spread} GFLOPs per image "
+          f"({result['gflops_per_image'] / full:.0%} of full size)  sampling {result['seconds']:.2f} s, scoring {result['eval_seconds']:.2f} s  "
           f"[n={result['n']}, seeds {result['seed_set']}, {result['extractor'] or 'pixels'}]")
     if args.json:
         write_json_atomic(args.json, result)
@@ -261,6 +278,10 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="how subnets run: torch's layers, the fused CPU kernel (U-Net), or auto: the faster here, "
                    "measured per subnet and batch size and remembered per machine (default: the config's "
                    "sample.backend, auto)")
+    p.add_argument("--exit-threshold", type=_finite, metavar="T",
+                   help="DiT with exit heads (finetune-exit): at every step each image leaves at the first depth "
+                   "choice whose certainty reaches T (overrides a schedule's own exit policy); FLOPs are then "
+                   "those executed per image")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -283,9 +304,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=_positive, default=64, help="number of images (default 64)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output .png (grid) or .npz (uint8 images)")
-    p.add_argument("--exit-threshold", type=_finite, metavar="T",
-                   help="DiT with exit heads (finetune-exit): each image leaves a step at the first depth choice "
-                   "whose certainty reaches T; prints the FLOPs executed per image")
     p.add_argument("--compare", action="store_true",
                    help="also time full size on the same batch and noise (median of 3 turns each) and print "
                    "the speed-up")

@@ -128,6 +128,9 @@ class SearchConfig:
     axes: tuple[str, ...] | None = None  # the axes searched (default: every axis of the supernet); others stay full
     choices: dict[str, tuple[float, ...]] | None = None  # per axis, the choices searched (default: all)
     segments: int = 10  # consecutive steps that share one subnet; one gene per searched axis per segment
+    # AdaDiff's dynamic exit (a DiT with exit heads): one more gene per segment, its certainty threshold,
+    # "off" (static) or one of these; the depth gene is then the exit's cap. FLOPs are those executed.
+    exit_thresholds: tuple[float, ...] | None = None
     budget: float | str | None = None  # max GFLOPs per image, or a share of full width such as "50%"
     algorithm: str = "nsga2"  # nsga2 | nevergrad | random
     population: int = 16
@@ -362,6 +365,12 @@ def validate_search(cfg: ExperimentConfig) -> None:
         missing = [v for v in values if not any(abs(v - c) < 1e-9 for c in axes[axis])]
         _check(not missing and len(values) > 0,
                f"search.choices.{axis}: {missing or '[]'} not among the supernet's {axis} choices {list(axes[axis])}")
+    if q.exit_thresholds is not None:
+        _check(cfg.model.kind == "dit", f"search.exit_thresholds: early exit needs a DiT (model.kind: dit), "
+                                        f"not a {cfg.model.kind}")
+        _check(len(q.exit_thresholds) > 0 and all(math.isfinite(t) and 0 <= t <= 1 for t in q.exit_thresholds)
+               and len(set(q.exit_thresholds)) == len(q.exit_thresholds),
+               f"search.exit_thresholds: expected distinct certainties in [0, 1], got {list(q.exit_thresholds)}")
     _check(q.algorithm in ("nsga2", "nevergrad", "random"), f"search.algorithm: expected nsga2, nevergrad or random, got {q.algorithm!r}")
     _check(q.population >= 2, "search.population: must be at least 2")
     _check(q.generations >= 1, "search.generations: must be at least 1")

@@ -20,7 +20,7 @@ from .errors import DDSMError
 from .evaluation import evaluate
 from .full_samples import full_size_samples
 from .io import write_atomic
-from .subnet import schedule_key
+from .exit_policy import plan_key
 from .metrics import seed_for
 from .sampling import PrefixCache, make_denoisers
 from .scoring import FullReference, make_scorer
@@ -50,6 +50,11 @@ class Confirmer:
                                   device=device, cache_dir=cache_dir)
         # the search's backend choice is not part of its settings: "auto" picks the faster here
         self.backend = search.get("backend", "auto")
+        self.heads = None
+        if search.get("exit_thresholds"):  # a search over exit policies: its schedules need the heads
+            from .exit_stage import load_exit_heads
+
+            self.heads = load_exit_heads(supernet, device)
         self.denoisers = self._denoisers([supernet.model.full])
         self.cache = PrefixCache(boundaries)
         self.steps = int(search["steps"])
@@ -64,12 +69,17 @@ class Confirmer:
         return make_denoisers(self.supernet.model, subnets, self.device, self.backend,
                               min(self.n, self.kwargs["batch_size"]))
 
-    def _evaluate(self, subnets) -> dict:
+    def result(self, subnets, exit=None) -> dict:
+        """Return the full held-out evaluation of a schedule (features and executed FLOPs included)."""
+        return self._evaluate(subnets, exit)
+
+    def _evaluate(self, subnets, exit=None) -> dict:
         missing = [s for s in dict.fromkeys(subnets) if s not in self.denoisers]
         if missing:  # exported as the schedules need them
             self.denoisers.update(self._denoisers(missing))
+        # dynamic steps are made by evaluate (torch, with the heads) and kept in the same map
         return evaluate(self.supernet, subnets, scorer=self.scorer, full=self.full, denoisers=self.denoisers,
-                        cache=self.cache, keep=True, **self.kwargs)
+                        cache=self.cache, keep=True, exit=exit, heads=self.heads, **self.kwargs)
 
     def loss(self, result: dict) -> dict:
         """Return the loss of an evaluated schedule against full size: value, low, high, method."""
@@ -92,16 +102,19 @@ class Confirmer:
         return {"metric": self.metric, "value": float(value), "low": float(low), "high": float(high),
                 "confidence": self.confidence, "method": method, "samples": self.n, "seed_set": HELDOUT_SEEDS}
 
-    def score(self, subnets, *, with_loss: bool = False) -> dict:
-        """Return a held-out record of a schedule: fid, kid, drift (and its loss against full size)."""
-        result = self._evaluate(subnets)
-        return {"schedule": schedule_key(subnets), "samples": self.n, "seed_set": HELDOUT_SEEDS,
+    def score(self, subnets, exit=None, *, with_loss: bool = False) -> dict:
+        """Return a held-out record of a schedule (with its exit policy, if any): fid, kid, drift, GFLOPs
+        (executed, for a dynamic one, with `executed`: their spread and the depth per step), and its
+        loss against full size."""
+        result = self._evaluate(subnets, exit)
+        return {"schedule": plan_key(subnets, exit), "samples": self.n, "seed_set": HELDOUT_SEEDS,
                 "fid": result["fid"], "kid": result["kid"], "drift": result["drift"],
-                "gflops": result["gflops_per_image"], "loss": self.loss(result) if with_loss else None}
+                "gflops": result["gflops_per_image"], "executed": result["executed"],
+                "loss": self.loss(result) if with_loss else None}
 
-    def confirm(self, subnets) -> dict:
+    def confirm(self, subnets, exit=None) -> dict:
         """Return a held-out record of a schedule with its loss against full size."""
-        return self.score(subnets, with_loss=True)
+        return self.score(subnets, exit, with_loss=True)
 
     def full_record(self) -> dict:
         """Return the held-out scores of full size itself."""
@@ -114,7 +127,7 @@ def confirm_many(confirmer: Confirmer, rows: list, *, progress: bool = False, st
     """Confirm schedules (rows with `subnets`) in order; stop after the first for which `stop(record)` holds."""
     records = []
     for row in tqdm(rows, desc="held-out check", unit="schedule", disable=not progress, leave=False):
-        records.append(confirmer.confirm(list(row["subnets"])))
+        records.append(confirmer.confirm(list(row["subnets"]), row.get("exit")))
         if stop is not None and stop(records[-1]):
             break
     return records

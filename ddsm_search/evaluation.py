@@ -21,7 +21,7 @@ from .metrics import FeatureExtractor, ReferenceStats, default_extractor_for, ge
 from .full_samples import full_size_samples
 from .sampling import PrefixCache, generate, make_denoisers
 from .scoring import FullReference, Scorer, drift_space_for, score_images
-from .subnet import schedule_key
+from .exit_policy import ExitPolicy, ExitRecord, plan_key, step_keys
 
 
 def training_reference(data: DataConfig, extractor: FeatureExtractor, *, cache_dir=None,
@@ -47,7 +47,8 @@ def evaluate(supernet: Supernet, subnets: Sequence, *, n: int, seed_set: str = "
              progress: bool = False, sampler: str | None = None, eta: float | None = None,
              reference: ReferenceStats | None = None, kid: bool = True, denoisers: dict | None = None,
              cache: PrefixCache | None = None, scorer: Scorer | None = None, drift: bool = False,
-             full: FullReference | None = None, keep: bool = False, backend: str = "torch") -> dict:
+             full: FullReference | None = None, keep: bool = False, backend: str = "torch",
+             exit: ExitPolicy | None = None, heads=None) -> dict:
     """Return FID, KID (mean and spread), drift, GFLOPs per image and timings of a schedule on a named seed set.
 
     Every schedule scored on the same seed set starts from the same noise (common random numbers).
@@ -56,6 +57,10 @@ def evaluate(supernet: Supernet, subnets: Sequence, *, n: int, seed_set: str = "
     schedule prefix. With `drift` (or a `full` reference given), drift from the full-size images of the
     same noise is measured too (they are made once and kept beside the supernet); with `keep`, the
     per-image values that confidence intervals need come back as well (`features`, `drift_values`).
+
+    With a dynamic `exit` policy (and the supernet's certainty `heads`, or `denoisers` made for its
+    steps), GFLOPs per image are those executed, measured while sampling (mean; `executed` holds
+    their spread and the depth each step ran).
     """
     if not isinstance(n, int) or n < 2:
         raise DDSMError(f"evaluation needs at least 2 images (a covariance), got n={n}")
@@ -73,24 +78,37 @@ def evaluate(supernet: Supernet, subnets: Sequence, *, n: int, seed_set: str = "
         scorer = Scorer(extractor, reference, extractor if space == "features" else None)
     if scorer.extractor is not None:
         _check_reference(scorer.reference, scorer.extractor)
+    steps = step_keys(subnets, exit)
     if denoisers is None:  # exported once for the full-size samples and the schedule
-        denoisers = make_denoisers(supernet.model, [supernet.model.full, *subnets], device, backend,
-                                   min(n, batch_size))
+        denoisers = make_denoisers(supernet.model, [supernet.model.full, *steps], device, backend,
+                                   min(n, batch_size), heads=heads)
+    missing = [k for k in dict.fromkeys(steps) if k not in denoisers]
+    if missing:  # dynamic steps (or subnets) first seen here: made once, kept in the caller's map
+        denoisers.update(make_denoisers(supernet.model, missing, device, backend, min(n, batch_size), heads=heads))
     if (drift or keep) and full is None:
         full = FullReference(full_size_samples(supernet, n=n, seed_set=seed_set, seed=seed, sampler=sampler, eta=eta,
                                                steps=len(subnets), batch_size=batch_size, device=device,
                                                denoisers=denoisers, cache=cache, cache_dir=cache_dir))
 
+    record = ExitRecord() if steps != subnets else None
     started = time.perf_counter()
     images = generate(supernet.model, supernet.config.diffusion, subnets, n=n, seed=seed, sampler=sampler, eta=eta,
-                      batch_size=batch_size, device=device, progress=progress, denoisers=denoisers, cache=cache)
+                      batch_size=batch_size, device=device, progress=progress, denoisers=denoisers, cache=cache,
+                      exit=exit, record=record)
     seconds = time.perf_counter() - started
+    done = None
+    if record is not None:
+        from .exit_stage import executed
+
+        done = executed(supernet, subnets, record, n)
+        done.pop("per_image")
     started = time.perf_counter()
     scores = score_images(scorer, images, full=full, batch_size=batch_size, kid=kid, keep=keep)
     eval_seconds = time.perf_counter() - started
     return {
         **scores,
-        "gflops_per_image": supernet.schedule_flops(subnets) / 1e9,
+        "gflops_per_image": (done["flops_per_image"]["mean"] if done else supernet.schedule_flops(subnets)) / 1e9,
+        "executed": done,
         "seconds": seconds,
         "eval_seconds": eval_seconds,
         "n": n,
@@ -102,7 +120,7 @@ def evaluate(supernet: Supernet, subnets: Sequence, *, n: int, seed_set: str = "
         "sampler": sampler,
         "eta": eta,
         "steps": len(subnets),
-        "schedule": schedule_key(subnets),
+        "schedule": plan_key(subnets, exit),
         "supernet": str(supernet.path),
         "supernet_sha256": supernet.sha256,
     }

@@ -127,45 +127,24 @@ def load_exit_heads(supernet: Supernet, device: str = "cpu"):
     return heads.to(device).eval()
 
 
-class ExecutedFlops:
-    """Per-image FLOPs actually executed by dynamic-exit denoisers during one sampling run."""
-
-    def __init__(self):
-        self.calls: list[torch.Tensor] = []
-
-    def per_image(self, n: int) -> torch.Tensor:
-        """Return the FLOPs each of the n images executed (the calls run step by step, chunks in order)."""
-        flat = torch.cat(self.calls) if self.calls else torch.zeros(0, dtype=torch.float64)
-        if flat.numel() % n:
-            raise ValueError("the recorded calls do not cover whole steps of n images")
-        return flat.view(-1, n).sum(0)
+def heads_sha256(supernet: Supernet) -> str:
+    """Return the SHA-256 of the exit heads kept beside `supernet` (checked), for a schedule to name them."""
+    load_exit_heads(supernet)
+    return json.loads((Path(supernet.path) / HEADS_META).read_text())["sha256"]
 
 
-def exit_denoisers(supernet: Supernet, subnets, threshold: float, device: str = "cpu",
-                   record: ExecutedFlops | None = None) -> dict:
-    """Return {subnet: denoiser} that exit per image at the supernet's depth choices when the certainty
-    passes `threshold`, each recording the FLOPs it executed into `record`."""
-    from .backbones.exit_heads import DynamicExitDenoiser
-    from .sampling import make_denoisers
-
-    heads = load_exit_heads(supernet, device)
-    exits = supernet.model.space.choices("depth")
-    out = {}
-    for subnet, net in make_denoisers(supernet.model, subnets, device).items():
-        dynamic = DynamicExitDenoiser(net, heads, threshold, exits=[d for d in exits if d <= subnet["depth"]])
-
-        def run(x, t, dynamic=dynamic):
-            eps = dynamic(x, t)
-            if record is not None:
-                record.calls.append(dynamic.last_flops)
-            return eps
-        out[subnet] = run
-    return out
+def executed(supernet: Supernet, subnets, record, n: int) -> dict:
+    """Return what a schedule executed per image over a sampling run of n images whose dynamic steps
+    wrote `record`: FLOPs per image (mean, sd, min, max; heads included) and depth per step (mean, sd)."""
+    subnets = [supernet.model.check_subnet(s) for s in subnets]
+    flops = record.per_image([supernet.flops[s] for s in subnets], n)
+    depths = record.depth_per_step([s.get("depth", 0) for s in subnets], n)
+    return {"flops_per_image": {"mean": float(flops.mean()), "sd": float(flops.std(unbiased=False)),
+                                "min": float(flops.min()), "max": float(flops.max()), "images": n},
+            "depth_per_step": depths, "per_image": flops}
 
 
 def describe(flops: torch.Tensor, full: float) -> str:
     """Return 'mean +/- sd GFLOPs per image (share of full size)' for executed FLOPs."""
     return (f"{flops.mean() / 1e9:.4f} +/- {flops.std(unbiased=False) / 1e9:.4f} GFLOPs executed per image "
             f"({float(flops.mean()) / full:.0%} of full size)")
-
-

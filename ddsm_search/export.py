@@ -84,9 +84,16 @@ def export_schedule(run: str | Path, budget: float | str | None = None, out: str
     n = heldout_samples or max(4 * int(q["samples"]), 1000)
     confirmer = Confirmer(net, q, n=n, confidence=confidence, device=device, cache_dir=cache_dir,
                           boundaries=[start for start, _ in info["segments"][1:]])
+    full_gflops = float((table["gflops"] / table["flops_share"]).iloc[0])
+    limit = None if budget is None else budget_gflops(budget, full_gflops) * (1 + 1e-9)
+
+    def fits(record: dict) -> bool:  # a dynamic schedule's FLOPs on held-out noise are measured anew
+        return limit is None or record["gflops"] <= limit
+
     if max_loss is not None:
-        records = confirm_many(confirmer, rows, progress=progress, stop=lambda r: r["loss"]["high"] <= max_loss)
-        passed = [r for r in records if r["loss"]["high"] <= max_loss]
+        records = confirm_many(confirmer, rows, progress=progress,
+                               stop=lambda r: r["loss"]["high"] <= max_loss and fits(r))
+        passed = [r for r in records if r["loss"]["high"] <= max_loss and fits(r)]
         if not passed:
             closest = min(records, key=lambda r: r["loss"]["high"])
             raise DDSMError(f"no schedule of the front is within {metric.upper()} {max_loss:g} of full size at "
@@ -95,14 +102,19 @@ def export_schedule(run: str | Path, budget: float | str | None = None, out: str
         chosen = passed[0]
     else:
         records = confirm_many(confirmer, rows, progress=progress)
-        chosen = min(records, key=lambda r: (r[metric], r["gflops"]))
+        within = [r for r in records if fits(r)]
+        if not within:
+            raise DDSMError(f"every candidate within budget {budget} executed more FLOPs on {n} held-out images "
+                            f"than the budget allows (dynamic exit); try a larger budget")
+        chosen = min(within, key=lambda r: (r[metric], r["gflops"]))
     record_heldout(run, records, "export")
     row = next(r for r in rows if r["schedule"] == chosen["schedule"])
     figures = {
         "budget": None if budget is None else str(budget),
         "max_loss": max_loss,
-        "gflops_per_image": float(row["gflops"]),
-        "flops_share": float(row["flops_share"]),
+        # held out: for a static schedule the FLOPs table's; for a dynamic one those executed there
+        "gflops_per_image": float(chosen["gflops"]),
+        "flops_share": float(chosen["gflops"]) / full_gflops,
         "quality": {
             "metric": metric,
             "search": {**_scores(row), "samples": int(row["samples"]), "seed_set": row["seed_set"]},
@@ -116,7 +128,10 @@ def export_schedule(run: str | Path, budget: float | str | None = None, out: str
         },
         "search_run": str(Path(run)),
     }
-    schedule = Schedule(subnets=list(row["subnets"]), sampler=q["sampler"], eta=float(q["eta"]), extra=figures)
+    if chosen["executed"] is not None:
+        figures["executed"] = {**chosen["executed"], "samples": n, "seed_set": chosen["seed_set"]}
+    schedule = Schedule(subnets=list(row["subnets"]), sampler=q["sampler"], eta=float(q["eta"]), exit=row["exit"],
+                        extra=figures)
     label = (str(budget).replace("%", "pct") if budget is not None else "") + \
         ("" if max_loss is None else f"{'_' if budget is not None else ''}maxloss{max_loss:g}")
     path = save_schedule(Path(out) if out else Path(run) / f"schedule_{label}.json", schedule, net)

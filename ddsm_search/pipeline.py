@@ -33,6 +33,7 @@ def quickstart(out: str | Path = "results/quickstart", *, max_loss: float | None
     The export is the cheapest schedule of the front whose held-out FID is within `max_loss` of full
     size's on the same noise at 95% confidence (within `budget` too, if given).
     """
+    from .exit_policy import step_label
     from .export import export_schedule
     from .report_stage import write_report
     from .sampling import time_against_full
@@ -74,15 +75,21 @@ def quickstart(out: str | Path = "results/quickstart", *, max_loss: float | None
 
     supernet = load_supernet(net, device)
     schedule = load_schedule(path, supernet)
-    _, seconds, full_seconds, paths = time_against_full(supernet.model, supernet.config.diffusion, schedule.subnets, n=n_speed,
-                                                 seed=0, sampler=schedule.sampler, eta=schedule.eta, device=device)
+    heads = None
+    if schedule.exit is not None:  # a dynamic exit policy: timed with its heads, exiting per image
+        from .exit_stage import load_exit_heads
+
+        heads = load_exit_heads(supernet, device)
+    _, seconds, full_seconds, paths = time_against_full(supernet.model, supernet.config.diffusion, schedule.subnets,
+                                                        n=n_speed, seed=0, sampler=schedule.sampler, eta=schedule.eta,
+                                                        device=device, exit=schedule.exit, heads=heads)
     quality = exported["quality"]
     m = quality["metric"]  # the run's metric, fid unless the config chose another
     figures = {"schedule": str(path), "flops_share": exported["flops_share"], "metric": m,
                "heldout": quality["heldout"][m], "full_size_heldout": quality["full_size_heldout"][m],
                "loss": quality["loss"],
                "seconds": seconds, "full_size_seconds": full_seconds, "speedup": full_seconds / seconds,
-               "paths": {s.key: p for s, p in paths.items()},
+               "paths": {step_label(s): p for s, p in paths.items()},
                "total_seconds": time.perf_counter() - started}
     loss = quality["loss"]
     say(f"done: {path} uses {figures['flops_share']:.0%} of full size's FLOPs; held-out {m.upper()} "

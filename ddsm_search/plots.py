@@ -38,11 +38,12 @@ def plot_front(table: pd.DataFrame, path: str | Path, metric: str = "fid", chose
     front = table[table["on_front"]].sort_values("gflops")
     ax.plot(front["gflops"], front[metric], "-o", color="C0", lw=2, ms=5, label="Pareto front")
     uniform = table[table["uniform"].notna()].sort_values("gflops")
-    markers = {"full": ("o", "k"), "width": ("s", "C3"), "depth": ("^", "C4")}
+    markers = {"full": ("o", "k"), "width": ("s", "C3"), "depth": ("^", "C4"), "exit": ("v", "C1")}
     for kind, group in uniform.groupby(uniform["uniform"].map(_uniform_kind), sort=False):
         marker, color = markers.get(kind, ("D", "C5"))
         ax.scatter(group["gflops"], group[metric], marker=marker, s=50, facecolors="none", edgecolors=color, lw=1.5,
-                   label="full size" if kind == "full" else f"uniform {kind}", zorder=3)
+                   label="full size" if kind == "full" else
+                   ("dynamic exit at full size" if kind == "exit" else f"uniform {kind}"), zorder=3)
         for _, row in group.iterrows():
             if kind != "full":
                 ax.annotate(row["uniform"].split("=", 1)[-1] if kind in markers else row["uniform"],
@@ -87,16 +88,35 @@ def _uniform_kind(label: str) -> str:
     return axes[0] if len(axes) == 1 else "mixed"
 
 
-def plot_schedule(subnets: Sequence, path: str | Path, title: str = "", space=None) -> Path:
+def plot_schedule(subnets: Sequence, path: str | Path, title: str = "", space=None, exit=None,
+                  depth: dict | None = None) -> Path:
     """Write a schedule's value of every axis at each sampling step (noisiest step on the left), one
-    panel per axis, each panel's range that axis's choices (from `space`, a SubnetSpace, if given)."""
+    panel per axis, each panel's range that axis's choices (from `space`, a SubnetSpace, if given).
+
+    With an `exit` policy (exit_policy.ExitPolicy), a panel of its thresholds, and `depth` ({"mean":
+    [...], "sd": [...]} per step, measured while sampling) drawn in the depth panel: the depth each step
+    executed, its mean over images and a band of one standard deviation, under the subnet's cap.
+    """
     plt = _figure()
-    axes = [a for a, _ in subnets[0].items]
+    axes = [a for a, _ in subnets[0].items] + (["exit threshold"] if exit is not None else [])
     fig, panels = plt.subplots(len(axes), 1, figsize=(6.4, 1.2 + 1.5 * len(axes)), sharex=True, squeeze=False)
     steps = np.arange(len(subnets))
     for ax, axis in zip(panels[:, 0], axes):
+        if axis == "exit threshold":
+            values = [np.nan if t is None else t for t in exit.thresholds]
+            ax.step(steps, values, where="mid", color="C1", lw=2)
+            ax.set_ylim(0, 1.05)
+            ax.set_ylabel("exit\nthreshold")
+            ax.grid(alpha=0.3)
+            continue
         values = [s[axis] for s in subnets]
-        ax.step(steps, values, where="mid", color="C0" if axis == "width" else "C4", lw=2)
+        label = "depth cap" if axis == "depth" and depth is not None else None
+        ax.step(steps, values, where="mid", color="C0" if axis == "width" else "C4", lw=2, label=label)
+        if axis == "depth" and depth is not None:
+            mean, sd = np.asarray(depth["mean"], dtype=float), np.asarray(depth["sd"], dtype=float)
+            ax.plot(steps, mean, "-", color="C1", lw=1.5, label="executed depth (mean over images)")
+            ax.fill_between(steps, mean - sd, mean + sd, color="C1", alpha=0.25, lw=0, label="+/- 1 sd")
+            ax.legend(fontsize=7, loc="lower right")
         top = max(space.choices(axis)) if space is not None else max(values)
         ax.set_ylim(0, top * 1.08)
         ax.set_ylabel(axis)

@@ -14,7 +14,8 @@ import pandas as pd
 
 from .config import budget_gflops
 from .errors import DDSMError
-from .subnet import Subnet, parse_schedule
+from .exit_policy import ExitPolicy, parse_plan
+from .subnet import Subnet
 from .search.results import (EVALUATIONS, GENERATIONS, RUN, front_mask, fully_evaluated, hv_reference,
                              hypervolume as _hypervolume, read_evaluations, read_run_json)
 
@@ -31,17 +32,21 @@ def run_info(run: str | Path) -> dict:
     return read_run_json(_run_dir(run) / RUN)
 
 
-def uniform_label(subnets: list[Subnet], full: Subnet):
-    """Return what a uniform schedule (one subnet at every step) changes from full size: 'full',
-    'width=0.5', 'depth=4' or 'width=0.5,depth=4'; NaN for a schedule whose subnet changes."""
-    if len(set(subnets)) != 1:
+def uniform_label(subnets: list[Subnet], full: Subnet, exit: ExitPolicy | None = None):
+    """Return what a uniform schedule (one subnet at every step, one exit threshold if any) changes from
+    full size: 'full', 'width=0.5', 'depth=4', 'width=0.5,depth=4' or 'exit=0.8'; NaN for a schedule
+    whose subnet or threshold changes."""
+    if len(set(subnets)) != 1 or (exit is not None and len(set(exit.thresholds)) != 1):
         return np.nan
     changed = {a: v for a, v in subnets[0].items if v != full.get(a)}
-    return Subnet.of(**changed).key if changed else "full"
+    parts = ([Subnet.of(**changed).key] if changed else []) + ([f"exit={exit.thresholds[0]!r}"] if exit else [])
+    return ",".join(parts) if parts else "full"
 
 
 def load_run(run: str | Path) -> pd.DataFrame:
-    """Return one row per evaluated schedule, with `subnets` (one Subnet per step), `uniform` (for a
+    """Return one row per evaluated schedule, with `subnets` (one Subnet per step), `exit` (its exit
+    policy, None for a static schedule; `gflops` are then those executed, `gflops_sd` their spread over
+    images), `uniform` (for a
     schedule that runs one subnet throughout, what it changes from full size: see `uniform_label`;
     else NaN), `fully_evaluated` (scored on the run's full sample count, not screened out) and
     `on_front` (True for the non-dominated fully evaluated schedules on GFLOPs and the run's metric)."""
@@ -51,8 +56,10 @@ def load_run(run: str | Path) -> pd.DataFrame:
     metric, samples = search["metric"], int(search["samples"])
     full = Subnet.parse(info["base"]) if isinstance(info.get("base"), str) else Subnet.of(width=1.0)
     table = read_evaluations(path / EVALUATIONS)
-    table["subnets"] = table["schedule"].map(parse_schedule)
-    table["uniform"] = table["subnets"].map(lambda s: uniform_label(s, full))
+    plans = table["schedule"].map(parse_plan)
+    table["subnets"] = plans.map(lambda p: p[0])
+    table["exit"] = plans.map(lambda p: p[1])
+    table["uniform"] = [uniform_label(s, full, e) for s, e in zip(table["subnets"], table["exit"])]
     table["fully_evaluated"] = fully_evaluated(table, metric, samples)
     table["on_front"] = front_mask(table, metric, samples)
     table.attrs.update(metric=metric, samples=samples)

@@ -56,12 +56,23 @@ def write_report(run: str | Path, *, budget: str | None = "50%", device: str = "
         print(f"{len(table)} schedules evaluated, {int(table['on_front'].sum())} on the front:")
         print(format_front(table))
     if chosen is not None:
-        subnets = list(chosen["subnets"])
+        subnets, exit = list(chosen["subnets"]), chosen["exit"]
         title = f"best within {budget}: {chosen['gflops']:.3f} GFLOPs ({chosen['flops_share']:.0%}), {metric.upper()} {chosen[metric]:.3f}"
-        paths.append(plot_schedule(subnets, out / "schedule.png", title, net.model.space))
         q = info["search"]
         kwargs = dict(n=n_grid, seed=0, sampler=q["sampler"], eta=float(q["eta"]), device=device)
-        images = generate(net.model, net.config.diffusion, subnets, **kwargs)
+        depth = None
+        if exit is not None:  # the depth each step executed, on the same images as the grid
+            from .exit_policy import ExitRecord
+            from .exit_stage import executed, load_exit_heads
+
+            record = ExitRecord()
+            images = generate(net.model, net.config.diffusion, subnets, **kwargs, exit=exit,
+                              heads=load_exit_heads(net, device), record=record)
+            depth = executed(net, subnets, record, n_grid)["depth_per_step"]
+            title += f"\nexecuted depth over {n_grid} images (mean, sd)"
+        else:
+            images = generate(net.model, net.config.diffusion, subnets, **kwargs)
+        paths.append(plot_schedule(subnets, out / "schedule.png", title, net.model.space, exit, depth))
         full = generate(net.model, net.config.diffusion, [net.model.full] * len(subnets), **kwargs)
         paths.append(plot_grids(images, full, out / "samples.png",
                                 (f"schedule ({chosen['flops_share']:.0%} of the FLOPs)", "full size, same noise")))

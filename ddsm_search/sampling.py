@@ -14,7 +14,7 @@ from .config import DiffusionConfig
 from .diffusion import NoiseSchedule, check_schedule, sample_loop, sampling_timesteps
 from .errors import DDSMError
 from .backbones import SlimModel
-from .subnet import Subnet
+from .exit_policy import ExitPolicy, ExitRecord, step_keys
 
 
 def resolve_device(device: str) -> str:
@@ -29,25 +29,44 @@ def resolve_device(device: str) -> str:
 
 
 def make_denoisers(model: SlimModel, subnets: Sequence, device: str, backend: str | dict = "torch",
-                   batch_size: int | None = None) -> dict:
-    """Return one denoiser per distinct subnet: its static network, in eval mode on `device`, run on
+                   batch_size: int | None = None, heads=None) -> dict:
+    """Return one denoiser per distinct step: its static network, in eval mode on `device`, run on
     `backend` (torch | fused | auto: the faster here at `batch_size` images, see backends.choice; or
     {subnet key: backend}, a choice made before, e.g. by a search's driver for all its workers).
+
+    A step may also be (subnet, threshold), a step of a dynamic exit policy (exit_policy.step_keys):
+    it runs the subnet's exported network on torch with the certainty `heads` (exit_stage.load_exit_heads),
+    each image leaving at the first of the supernet's depth choices, up to the subnet's, whose
+    certainty reaches the threshold.
 
     Exported subnets hold contiguous, already-sliced weights (and only the blocks they run), so
     sampling pays no slicing cost and a smaller subnet is genuinely cheaper.
     """
     from .backends.choice import choose
 
-    distinct = dict.fromkeys(model.check_subnet(s) for s in subnets)
+    steps = list(dict.fromkeys(subnets))
+    dynamic = [k for k in steps if isinstance(k, tuple)]
+    distinct = dict.fromkeys(model.check_subnet(s) for s in steps if not isinstance(s, tuple))
     nets = {s: model.export(s).to(device).eval() for s in distinct}
     if isinstance(backend, dict):
         from .backends import wrap
 
-        return {s: wrap(net, backend.get(s.key, "torch")) for s, net in nets.items()}
-    if backend == "torch":
-        return nets
-    return choose(nets, model.image_shape, batch_size or 500, backend, device)
+        out = {s: wrap(net, backend.get(s.key, "torch")) for s, net in nets.items()}
+    elif backend == "torch" or not nets:
+        out = nets
+    else:
+        out = choose(nets, model.image_shape, batch_size or 500, backend, device)
+    if dynamic:
+        from .backbones.exit_heads import DynamicExitDenoiser
+
+        if heads is None:
+            raise DDSMError("a schedule with an exit policy needs the supernet's exit heads (finetune-exit)")
+        exits = model.space.choices("depth")
+        for subnet, threshold in dynamic:
+            subnet = model.check_subnet(subnet)
+            out[(subnet, threshold)] = DynamicExitDenoiser(model.export(subnet).to(device).eval(), heads, threshold,
+                                                           exits=[d for d in exits if d <= subnet["depth"]])
+    return out
 
 
 class PrefixCache:
@@ -67,8 +86,9 @@ class PrefixCache:
         self.steps_run = 0
         self.steps_saved = 0
 
-    def longest(self, subnets: Sequence[Subnet]) -> tuple[int, tuple[torch.Tensor, torch.Tensor] | None]:
-        """Return (k, (latent, generator state)) for the longest cached prefix of `subnets`, or (0, None)."""
+    def longest(self, subnets: Sequence) -> tuple[int, tuple | None]:
+        """Return (k, (latent, generator state, what an exit record holds of those steps)) for the longest
+        cached prefix of `subnets` (the steps' keys: subnets, or (subnet, threshold)), or (0, None)."""
         for k in sorted(self.boundaries, reverse=True):
             key = tuple(subnets[:k])
             if k < len(subnets) and key in self.entries:
@@ -76,53 +96,70 @@ class PrefixCache:
                 return k, self.entries[key]
         return 0, None
 
-    def store(self, subnets: Sequence[Subnet], k: int, x: torch.Tensor, state: torch.Tensor) -> None:
-        """Keep the latent after the first `k` steps of `subnets`, if `k` is a boundary."""
+    def store(self, subnets: Sequence, k: int, x: torch.Tensor, state: torch.Tensor, record=None) -> None:
+        """Keep the latent after the first `k` steps of `subnets`, if `k` is a boundary (with `record`'s
+        depths and FLOPs of those steps, so that a run resumed from it accounts for them)."""
         key = tuple(subnets[:k])
         if k not in self.boundaries or key in self.entries:
             return
         x = x.detach().to("cpu", copy=True)
-        self.entries[key] = (x, state)
+        self.entries[key] = (x, state, record.prefix(k) if record is not None else {})
         self.nbytes += x.nbytes
         while self.nbytes > self.max_bytes and len(self.entries) > 1:
-            _, (old, _) = self.entries.popitem(last=False)
+            _, (old, _, _) = self.entries.popitem(last=False)
             self.nbytes -= old.nbytes
 
 
 def generate(model: SlimModel, diffusion: DiffusionConfig, subnets: Sequence, *, n: int, seed: int,
              sampler: str = "ddim", eta: float = 0.0, batch_size: int = 500, device: str = "cpu",
              progress: bool = False, denoisers: dict | None = None, cache: PrefixCache | None = None,
-             backend: str = "torch") -> torch.Tensor:
+             backend: str = "torch", exit: ExitPolicy | None = None, heads=None,
+             record: ExitRecord | None = None) -> torch.Tensor:
     """Return `n` images in [-1, 1] (CPU tensor) sampled with one subnet per step from the seed's noise.
 
-    Subnets run on `backend` unless `denoisers` are given. A `cache` must only ever see one (model, n,
-    seed, sampler, eta, number of steps) setup.
+    Subnets run on `backend` unless `denoisers` are given. With an `exit` policy, its dynamic steps
+    exit per image with the certainty `heads` (or denoisers made for them by `make_denoisers`), and
+    `record` receives each dynamic step's depths and FLOPs per image. A `cache` must only ever see
+    one (model, n, seed, sampler, eta, number of steps) setup.
     """
     if n < 1:
         raise DDSMError(f"the number of images must be at least 1, got {n}")
     timesteps = sampling_timesteps(diffusion.timesteps, len(subnets))
     check_schedule(subnets, timesteps)
     subnets = [model.check_subnet(s) for s in subnets]
+    steps = step_keys(subnets, exit)
+    if record is None and steps != subnets:  # so that cached prefixes always carry what their steps executed
+        record = ExitRecord()
     if denoisers is None:
-        denoisers = make_denoisers(model, subnets, device, backend, min(n, batch_size))
+        denoisers = make_denoisers(model, steps, device, backend, min(n, batch_size), heads=heads)
+    missing = [k for k in dict.fromkeys(steps) if k not in denoisers]
+    if missing:
+        raise DDSMError(f"no denoiser for step {missing[0]!r}: make the denoisers for this schedule's steps")
     generator = torch.Generator().manual_seed(seed)  # on the CPU: the same images on any device
     x = torch.randn((n, *model.image_shape), generator=generator)
     start = 0
     if cache is not None:
-        start, hit = cache.longest(subnets)
+        start, hit = cache.longest(steps)
         if hit is not None:
             x = hit[0]
             generator.set_state(hit[1])
+            if record is not None:
+                record.restore(hit[2])
         cache.steps_saved += start
         cache.steps_run += len(subnets) - start
     bar = tqdm(total=len(subnets), initial=start, desc="sampling", unit="step", disable=not progress, leave=False)
 
     def after_step(i: int, latent: torch.Tensor) -> None:
         bar.update(1)
+        drain = getattr(denoisers[steps[i]], "drain", None)
+        if drain is not None:  # a dynamic step: what each image executed
+            depths, flops = drain()
+            if record is not None:
+                record.add(i, depths, flops)
         if cache is not None:
-            cache.store(subnets, i + 1, latent, generator.get_state())
+            cache.store(steps, i + 1, latent, generator.get_state(), record)
 
-    out = sample_loop(denoisers, NoiseSchedule(diffusion), subnets, timesteps, x.to(device), sampler=sampler, eta=eta,
+    out = sample_loop(denoisers, NoiseSchedule(diffusion), steps, timesteps, x.to(device), sampler=sampler, eta=eta,
                       generator=generator, batch_size=batch_size, callback=after_step, start=start)
     bar.close()
     return out.cpu()
@@ -130,15 +167,17 @@ def generate(model: SlimModel, diffusion: DiffusionConfig, subnets: Sequence, *,
 
 def time_against_full(model: SlimModel, diffusion: DiffusionConfig, subnets: Sequence, *, n: int, seed: int,
                       sampler: str = "ddim", eta: float = 0.0, batch_size: int = 500, device: str = "cpu",
-                      progress: bool = False, backend: str = "auto",
-                      repeats: int = 3) -> tuple[torch.Tensor, float, float, dict]:
-    """Return (the schedule's images, its seconds, full size's seconds, {subnet: the backend it ran on})
+                      progress: bool = False, backend: str = "auto", repeats: int = 3,
+                      exit: ExitPolicy | None = None, heads=None,
+                      record: ExitRecord | None = None) -> tuple[torch.Tensor, float, float, dict]:
+    """Return (the schedule's images, its seconds, full size's seconds, {step: the backend it ran on})
     for the same batch and noise, each time the median of `repeats` runs, schedule and full size taking
     turns (a single pair of runs on a shared 2-core machine gave speed-ups from 1.26x to 1.65x).
 
     With backend "auto" each subnet runs on the faster backend on this machine, measured first, so
     full size's time is that of the fastest full-size path. Subnets are exported and each warmed up
-    first, so both timings are of sampling alone.
+    first, so both timings are of sampling alone. With an `exit` policy its dynamic steps exit per
+    image (torch), and `record` gets what they executed in the first timed run.
     """
     import statistics
 
@@ -148,17 +187,21 @@ def time_against_full(model: SlimModel, diffusion: DiffusionConfig, subnets: Seq
         raise DDSMError(f"repeats must be at least 1, got {repeats}")
     subnets = [model.check_subnet(s) for s in subnets]
     full = [model.full] * len(subnets)
-    denoisers = make_denoisers(model, subnets + full, device, backend, min(n, batch_size))
-    paths = {s: backend_of(d) for s, d in denoisers.items()}
+    steps = step_keys(subnets, exit)
+    denoisers = make_denoisers(model, steps + full, device, backend, min(n, batch_size), heads=heads)
+    paths = {s: "torch" if isinstance(s, tuple) else backend_of(d) for s, d in denoisers.items()}
     for s in denoisers:  # warm-up: allocation and kernel choice are not sampling speed
-        generate(model, diffusion, [s], n=min(n, batch_size), seed=seed, batch_size=batch_size, device=device,
-                 denoisers=denoisers)
+        warm = ExitPolicy((s[1],)) if isinstance(s, tuple) else None
+        generate(model, diffusion, [s[0] if warm else s], n=min(n, batch_size), seed=seed, batch_size=batch_size,
+                 device=device, denoisers=denoisers, exit=warm)
     images, seconds = None, {"schedule": [], "full": []}
     for i in range(repeats):
         for name, plan in (("schedule", subnets), ("full", full)):
+            mine = record if name == "schedule" and i == 0 else None
             started = time.perf_counter()
             out = generate(model, diffusion, plan, n=n, seed=seed, sampler=sampler, eta=eta, batch_size=batch_size,
-                           device=device, progress=progress and i == 0, denoisers=denoisers)
+                           device=device, progress=progress and i == 0, denoisers=denoisers,
+                           exit=exit if name == "schedule" else None, record=mine)
             if device == "cuda":
                 torch.cuda.synchronize()
             seconds[name].append(time.perf_counter() - started)

@@ -6,6 +6,12 @@ axes left out take their full value. A minimal hand-written schedule is just {"s
 Version-1 files ({"widths": [...]}, one width per step) keep loading and sample identically. Files
 written by ddsm-search also name the supernet (path and SHA-256) and the sampler, and loading checks
 both against the supernet in use.
+
+`settings` holds what is not a subnet: the exit policy (AdaDiff's dynamic early exit on a DiT with
+exit heads), {"exit": {"thresholds": [one per step, null = no exit], "heads_sha256": ...}} or, by
+hand, {"exit": {"threshold": 0.8}} for every step. `flops_per_image` is always the static cost of the
+subnets (a dynamic step's depth is its cap); what a dynamic schedule executed, measured while
+sampling, is recorded beside it (`executed`: FLOPs per image with their spread, depth per step).
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from pathlib import Path
 from .checkpoint import Supernet
 from .diffusion import SAMPLERS, sampling_timesteps
 from .errors import DDSMError
+from .exit_policy import ExitPolicy
 from .io import write_json_atomic
 from .subnet import Subnet
 
@@ -34,7 +41,9 @@ class Schedule:
     eta: float = 0.0
     supernet_sha256: str | None = None
     supernet_path: str | None = None
-    settings: dict = field(default_factory=dict)  # what is not per step (none yet: exit policies, densities)
+    exit: ExitPolicy | None = None  # a dynamic early exit's threshold per step (DiT with exit heads)
+    exit_heads: str | None = None  # the SHA-256 of the heads the exit policy was made with
+    settings: dict = field(default_factory=dict)  # other settings that are not per step (none known yet)
     extra: dict = field(default_factory=dict)  # figures recorded with the schedule (FLOPs, FID, ...)
 
     @property
@@ -52,10 +61,20 @@ class Schedule:
                         "timesteps": sampling_timesteps(supernet.config.diffusion.timesteps, self.steps)},
             "axes": list(supernet.model.space.names),
             "subnets": [supernet.model.check_subnet(s).as_dict() for s in self.subnets],
-            "settings": dict(self.settings),
+            "settings": {**self.settings, **self._exit_settings(supernet)},
             "flops_per_image": supernet.schedule_flops(self.subnets),
             **self.extra,
         }
+
+
+    def _exit_settings(self, supernet: Supernet) -> dict:
+        if self.exit is None or not self.exit.dynamic:
+            return {}
+        from .exit_stage import heads_sha256
+
+        if self.exit.steps != self.steps:
+            raise DDSMError(f"the exit policy has {self.exit.steps} thresholds for {self.steps} steps")
+        return {"exit": {"thresholds": self.exit.to_json(), "heads_sha256": self.exit_heads or heads_sha256(supernet)}}
 
 
 def _fail(path: Path, message: str) -> DDSMError:
@@ -111,8 +130,10 @@ def load_schedule(path: str | Path, supernet: Supernet | None = None) -> Schedul
     settings = data.get("settings", {})
     if not isinstance(settings, dict):
         raise _fail(path, f"'settings' must be an object, got {settings!r}")
-    if settings:
-        raise _fail(path, f"settings {sorted(settings)} are not known to this ddsm-search")
+    unknown = sorted(set(settings) - {"exit"})
+    if unknown:
+        raise _fail(path, f"settings {unknown} are not known to this ddsm-search")
+    exit, heads = _read_exit(settings.get("exit"), len(subnets), path)
     sampler = data.get("sampler", {})
     supernet_ref = data.get("supernet", {})
     if not isinstance(sampler, dict) or not isinstance(supernet_ref, dict):
@@ -132,7 +153,7 @@ def load_schedule(path: str | Path, supernet: Supernet | None = None) -> Schedul
     for key in ("sha256", "path"):
         if not isinstance(supernet_ref.get(key, ""), str):
             raise _fail(path, f"supernet.{key}: expected text, got {supernet_ref.get(key)!r}")
-    schedule = Schedule(subnets=subnets, sampler=name, eta=float(eta), settings=settings,
+    schedule = Schedule(subnets=subnets, sampler=name, eta=float(eta), exit=exit, exit_heads=heads,
                         supernet_sha256=supernet_ref.get("sha256"), supernet_path=supernet_ref.get("path"),
                         extra={k: v for k, v in data.items() if k not in KNOWN_KEYS})
     if "steps" in sampler and sampler["steps"] != schedule.steps:
@@ -148,8 +169,30 @@ def load_schedule(path: str | Path, supernet: Supernet | None = None) -> Schedul
     return schedule
 
 
+def _read_exit(value, steps: int, path: Path) -> tuple[ExitPolicy | None, str | None]:
+    """Return the exit policy and heads hash of settings.exit (None, None if there is none)."""
+    if value is None:
+        return None, None
+    if not isinstance(value, dict) or not ({"threshold", "thresholds"} & set(value)):
+        raise _fail(path, "settings.exit: expected {\"thresholds\": [one per step]} or {\"threshold\": T}")
+    unknown = sorted(set(value) - {"threshold", "thresholds", "heads_sha256"})
+    if unknown or {"threshold", "thresholds"} <= set(value):
+        raise _fail(path, f"settings.exit: unknown or conflicting keys {unknown or ['threshold', 'thresholds']}")
+    heads = value.get("heads_sha256")
+    if heads is not None and not isinstance(heads, str):
+        raise _fail(path, f"settings.exit.heads_sha256: expected text, got {heads!r}")
+    given = value["thresholds"] if "thresholds" in value else value["threshold"]
+    if "thresholds" in value and not isinstance(given, list):
+        raise _fail(path, f"settings.exit.thresholds: expected a list (one per step), got {given!r}")
+    try:
+        return ExitPolicy.of(given, steps), heads
+    except DDSMError as exc:
+        raise _fail(path, f"settings.exit: {exc}") from None
+
+
 def check_against(schedule: Schedule, supernet: Supernet, path: str | Path = "<schedule>") -> None:
-    """Raise DDSMError unless the schedule belongs to `supernet` and uses only its subnets."""
+    """Raise DDSMError unless the schedule belongs to `supernet` and uses only its subnets (and, with an
+    exit policy, the supernet has the exit heads it was made with)."""
     if schedule.supernet_sha256 is not None and schedule.supernet_sha256 != supernet.sha256:
         raise DDSMError(f"schedule {path} was made for another supernet (hash {schedule.supernet_sha256[:12]}, "
                         f"this one is {supernet.sha256[:12]})")
@@ -159,6 +202,18 @@ def check_against(schedule: Schedule, supernet: Supernet, path: str | Path = "<s
         except DDSMError as exc:
             raise DDSMError(f"schedule {path}: step {i}: {exc}") from None
     sampling_timesteps(supernet.config.diffusion.timesteps, schedule.steps)
+    if schedule.exit is not None and schedule.exit.dynamic:
+        from .exit_stage import heads_sha256
+
+        if schedule.exit.steps != schedule.steps:
+            raise DDSMError(f"schedule {path}: {schedule.exit.steps} exit thresholds for {schedule.steps} steps")
+        try:
+            current = heads_sha256(supernet)
+        except DDSMError as exc:
+            raise DDSMError(f"schedule {path} has an exit policy: {exc}") from None
+        if schedule.exit_heads is not None and schedule.exit_heads != current:
+            raise DDSMError(f"schedule {path}: its exit policy was made with other exit heads than those beside "
+                            f"{supernet.path} (run the search again, or put its heads back)")
 
 
 def save_schedule(path: str | Path, schedule: Schedule, supernet: Supernet) -> Path:

@@ -124,7 +124,14 @@ CASES = [
         n, t, "--schedule", _schedule(t, subnets=[{"width": 1.0}] * 3 + [{"width": 0.3}] * 2)),
      "step 3: width 0.3 is not in the supernet"),
     ("schedule unknown settings", lambda t, n, r: _sample(
-        n, t, "--schedule", _schedule(t, settings={"exit": 0.5})), "settings ['exit'] are not known"),
+        n, t, "--schedule", _schedule(t, settings={"density": 0.5})), "settings ['density'] are not known"),
+    ("schedule exit policy not an object", lambda t, n, r: _sample(
+        n, t, "--schedule", _schedule(t, settings={"exit": 0.5})), "settings.exit: expected"),
+    ("schedule exit policy on a U-Net", lambda t, n, r: _sample(
+        n, t, "--schedule", _schedule(t, settings={"exit": {"threshold": 0.5}})), "early exit needs a DiT"),
+    ("schedule exit thresholds per step miscounted", lambda t, n, r: _sample(
+        n, t, "--schedule", _schedule(t, settings={"exit": {"thresholds": [0.5, None]}})),
+     "2 thresholds but the schedule has"),
     ("schedule settings not an object", lambda t, n, r: _sample(n, t, "--schedule", _schedule(t, settings=[1])),
      "'settings' must be an object"),
     ("sample --subnet unknown axis", lambda t, n, r: _sample(n, t, "--subnet", "colour=1"), "is not a subnet"),

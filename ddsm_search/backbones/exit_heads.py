@@ -105,6 +105,7 @@ class DynamicExitDenoiser:
         self.exits = sorted(set(exits)) if exits is not None else list(range(1, dit.depth + 1))
         self.last_depths: torch.Tensor | None = None
         self.last_flops: torch.Tensor | None = None
+        self._log: list[tuple[torch.Tensor, torch.Tensor]] = []  # (depths, FLOPs) of every call since drain()
         self._costs_for, self._costs = None, None
         self.unit_flops  # measure now, before anyone wraps the modules
 
@@ -163,4 +164,13 @@ class DynamicExitDenoiser:
                 rows, h = rows[stay], h[stay]
                 c = c[stay] if c.shape[0] > 1 else c
         self.last_depths, self.last_flops = depths, self.flops_at(depths)
+        self._log.append((depths.cpu(), self.last_flops))
         return out
+
+    def drain(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the depths and executed FLOPs per image of every call since the last drain, in call
+        order (a sampling step split into chunks gives its images in order), and forget them."""
+        log, self._log = self._log, []
+        if not log:
+            return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64)
+        return torch.cat([d for d, _ in log]), torch.cat([f for _, f in log])

@@ -30,7 +30,11 @@ def prepare_reference(supernet_dir: str, search: dict, device: str = "cpu", cach
     q = SearchConfig(**search)
     supernet = load_supernet(supernet_dir, device)
     model = supernet.model
-    space = SearchSpace.of(model.space, q.steps, q.segments, q.axes, q.choices)
+    space = SearchSpace.of_search(model.space, q)
+    if space.thresholds:  # fail now, before anything is written, if the supernet has no exit heads
+        from ..exit_stage import load_exit_heads
+
+        load_exit_heads(supernet, device)
     denoisers = make_denoisers(model, [model.full, *space.subnets()], device, q.backend, min(q.samples, q.batch_size))
     make_scorer(supernet, metric=q.metric, drift_space=q.drift_space, device=device, cache_dir=cache_dir)
     for n in {q.samples, q.screen_samples} - {None}:
@@ -54,7 +58,12 @@ class Evaluator:
         self.supernet = load_supernet(supernet_dir, device)
         model = self.supernet.model
         q = self.search
-        space = SearchSpace.of(model.space, q.steps, q.segments, q.axes, q.choices)
+        space = SearchSpace.of_search(model.space, q)
+        self.heads = None
+        if space.thresholds:
+            from ..exit_stage import load_exit_heads
+
+            self.heads = load_exit_heads(self.supernet, device)
         # the driver's choice of backends (prepare_reference), so every worker runs each subnet alike
         self.denoisers = make_denoisers(model, [model.full, *space.subnets()], device,
                                         backends if backends is not None else q.backend, min(q.samples, q.batch_size))
@@ -72,8 +81,11 @@ class Evaluator:
 
         return ray.get_runtime_context().get_node_id()
 
-    def evaluate(self, subnets: list, samples: int | None = None) -> dict:
-        """Return fid, kid, samples, seed_set, seconds and the denoising steps run and saved."""
+    def evaluate(self, plan, samples: int | None = None) -> dict:
+        """Return fid, kid, samples, seed_set, seconds, the denoising steps run and saved and, for a
+        dynamic schedule, the executed GFLOPs per image (mean and spread) of a plan: a list of subnets
+        or (subnets, exit policy)."""
+        subnets, exit = (plan, None) if not isinstance(plan, tuple) else plan
         marker = os.environ.get(FAULT_ENV)
         if marker and not os.path.exists(marker):
             open(marker, "w").close()
@@ -91,8 +103,9 @@ class Evaluator:
         run_before, saved_before = cache.steps_run, cache.steps_saved
         result = evaluate(self.supernet, subnets, n=n, seed_set=SEARCH_SEEDS, scorer=self.scorer, full=self.full[n],
                           device=self.device, batch_size=q.batch_size, sampler=q.sampler, eta=q.eta,
-                          denoisers=self.denoisers, cache=cache)
-        return {"fid": result["fid"], "kid": result["kid"], "drift": result["drift"], "samples": result["n"],
+                          denoisers=self.denoisers, cache=cache, exit=exit, heads=self.heads)
+        spread = result["executed"]["flops_per_image"]["sd"] / 1e9 if result["executed"] else 0.0
+        return {"gflops": result["gflops_per_image"], "gflops_sd": spread, "fid": result["fid"], "kid": result["kid"], "drift": result["drift"], "samples": result["n"],
                 "seed_set": SEARCH_SEEDS,
                 "seconds": round(result["seconds"] + result["eval_seconds"], 3),
                 "steps_run": cache.steps_run - run_before, "steps_saved": cache.steps_saved - saved_before}

@@ -27,7 +27,7 @@ from typing import Callable, Iterator, Sequence
 
 from ..errors import DDSMError
 
-Job = tuple[str, list]  # (schedule key, one subnet per step)
+Job = tuple[str, object]  # (schedule key, one subnet per step, or (subnets, exit policy))
 
 
 def check_address(address: str, timeout: float = 5.0) -> None:
@@ -56,11 +56,19 @@ class LocalPool:
 
     def run(self, jobs: Sequence[Job], samples: int) -> Iterator[tuple[str, dict, int]]:
         """Yield (key, result, worker index) for each job scored on `samples` images, in order."""
-        for key, subnets in jobs:
-            yield key, self.evaluator.evaluate(subnets, samples), 0
+        for key, plan in jobs:
+            yield key, self.evaluator.evaluate(plan, samples), 0
 
     def close(self) -> None:
         """Nothing to release."""
+
+
+def _sort_key(plan) -> tuple:
+    """Order plans (subnets, or (subnets, exit policy)) so that schedules sharing a prefix are neighbours."""
+    subnets, exit = (plan, None) if not isinstance(plan, tuple) else plan
+    steps = [(s, -1.0) for s in subnets] if exit is None else \
+        [(s, -1.0 if t is None else t) for s, t in zip(subnets, exit.thresholds)]
+    return tuple(steps)
 
 
 _WAITING, _LIVE, _GONE = "waiting", "live", "gone"  # an actor's state, as this pool last heard from it
@@ -141,7 +149,7 @@ class RayPool:
         from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 
         ray, n = self.ray, len(self.actors)
-        order = sorted(range(len(jobs)), key=lambda job: jobs[job][1])  # neighbours share prefixes
+        order = sorted(range(len(jobs)), key=lambda job: _sort_key(jobs[job][1]))  # neighbours share prefixes
         usable = [i for i in range(n) if self.state[i] != _GONE] or list(range(n))
         queues = [deque() for _ in range(n)]  # per actor: its block of job indices, in order
         for b, index in enumerate(usable):

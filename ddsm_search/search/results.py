@@ -14,10 +14,10 @@ import pandas as pd
 
 from ..errors import DDSMError
 from ..io import write_atomic, write_json_atomic
-from ..subnet import canonical_schedule_key
+from ..exit_policy import canonical_plan_key
 
 EVALUATIONS, GENERATIONS, FRONT, RUN = "evaluations.csv", "generations.csv", "front.csv", "run.json"
-COLUMNS = ["schedule", "genome", "gflops", "flops_share", "fid", "kid", "drift", "samples", "seed_set", "generation",
+COLUMNS = ["schedule", "genome", "gflops", "gflops_sd", "flops_share", "fid", "kid", "drift", "samples", "seed_set", "generation",
            "worker", "seconds", "steps_run", "steps_saved", "screen_score"]
 
 
@@ -34,10 +34,13 @@ def read_evaluations(path: Path) -> pd.DataFrame:
     if "drift" not in frame.columns:  # runs written before drift existed
         frame.insert(frame.columns.get_loc("kid") + 1 if "kid" in frame.columns else len(frame.columns), "drift",
                      float("nan"))
+    if "gflops_sd" not in frame.columns:  # runs written before dynamic exit: every schedule static
+        frame.insert(frame.columns.get_loc("gflops") + 1 if "gflops" in frame.columns else len(frame.columns),
+                     "gflops_sd", 0.0)
     missing = set(COLUMNS) - set(frame.columns)
     if missing:
         raise DDSMError(f"{path} lacks columns {sorted(missing)}")
-    frame["schedule"] = frame["schedule"].map(canonical_schedule_key)
+    frame["schedule"] = frame["schedule"].map(canonical_plan_key)
     return frame
 
 

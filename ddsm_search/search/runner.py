@@ -21,7 +21,7 @@ from ..config import ExperimentConfig, SearchConfig, budget_gflops, validate_sea
 from ..errors import DDSMError
 from .algorithms import make_algorithm
 from .pool import LocalPool, RayPool
-from ..subnet import schedule_key
+from ..exit_policy import plan_key
 from .results import RunFiles, front_of, hv_reference, hypervolume
 from .space import SearchSpace
 
@@ -60,7 +60,7 @@ def run_search(cfg: ExperimentConfig, supernet_dir: str | Path, out_dir: str | P
     supernet = load_supernet(supernet_dir)
     # the supernet's own diffusion settings, not the YAML's, decide which sampler steps exist
     validate_search(replace(supernet.config, search=q))
-    space = SearchSpace.of(supernet.model.space, q.steps, q.segments, q.axes, q.choices)
+    space = SearchSpace.of_search(supernet.model.space, q)
     full = supernet.full_flops * q.steps
     limit = None if q.budget is None else budget_gflops(q.budget, full / 1e9) * 1e9  # FLOPs per image
     smallest = min(space.subnets(), key=supernet.flops.__getitem__)
@@ -70,7 +70,13 @@ def run_search(cfg: ExperimentConfig, supernet_dir: str | Path, out_dir: str | P
                         f"({cheapest / 1e9:.4f} GFLOPs, all steps at {smallest.key})")
 
     def flops_of(genome) -> float:
-        return supernet.schedule_flops(space.decode(genome))
+        """Return a schedule's FLOPs per image; for a dynamic one (exit policy), a lower bound known before
+        sampling (every image leaving at the shallowest depth, no heads): what it executes is measured."""
+        subnets, exit = space.plan(genome)
+        if exit is not None:
+            shallowest = min(supernet.model.space.choices("depth"))
+            subnets = [s if t is None else s.replace(depth=shallowest) for s, t in zip(subnets, exit.thresholds)]
+        return supernet.schedule_flops(subnets)
 
     def feasible(genome) -> bool:
         return limit is None or flops_of(genome) <= limit
@@ -98,7 +104,7 @@ def run_search(cfg: ExperimentConfig, supernet_dir: str | Path, out_dir: str | P
     # the pool before run.json: a cluster that cannot be reached leaves no half-started run behind
     pool = (LocalPool(lambda: Evaluator(**evaluator_args)) if q.workers == 0
             else RayPool(q.workers, evaluator_args, address, wait_for_workers=wait_for_workers))
-    loop = _Loop(q, space, files, pool, flops_of, feasible, full, progress)
+    loop = _Loop(q, space, files, pool, flops_of, feasible, full, progress, limit)
     try:
         files.write_run(info)  # on resume: the supernet's current path, if it moved (same hash)
         for gen in range(q.generations):
@@ -120,15 +126,16 @@ class _Loop:
     """One search's generation loop: evaluate what is new, tell the algorithm, record the front."""
 
     def __init__(self, q: SearchConfig, space: SearchSpace, files: RunFiles, pool, flops_of, feasible, full: float,
-                 progress: bool):
-        self.q, self.space, self.files, self.pool = q, space, files, pool
+                 progress: bool, limit: float | None = None):
+        self.q, self.space, self.files, self.pool, self.limit = q, space, files, pool, limit
         self.flops_of, self.feasible, self.full, self.progress = flops_of, feasible, full, progress
         self.reference = None
 
     def _row(self, key: str, genome, result: dict, gen: int, worker: int, screen_score: float) -> dict:
-        flops = self.flops_of(genome)
+        # executed, for a dynamic schedule (the evaluator measures it); the FLOPs table's otherwise
+        flops = result["gflops"] * 1e9 if "gflops" in result else self.flops_of(genome)
         return {"schedule": key, "genome": " ".join(map(str, genome)), "gflops": flops / 1e9,
-                "flops_share": flops / self.full, "fid": result["fid"], "kid": result["kid"], "drift": result["drift"],
+                "gflops_sd": result.get("gflops_sd", 0.0), "flops_share": flops / self.full, "fid": result["fid"], "kid": result["kid"], "drift": result["drift"],
                 "samples": result["samples"], "seed_set": result["seed_set"], "generation": gen, "worker": worker,
                 "seconds": result["seconds"], "steps_run": result["steps_run"], "steps_saved": result["steps_saved"],
                 "screen_score": screen_score}
@@ -153,7 +160,7 @@ class _Loop:
         q = self.q
         bar = tqdm(total=len(todo), desc=f"generation {gen + 1}/{q.generations}", unit="eval",
                    disable=not self.progress, leave=False)
-        jobs = [(key, subnets) for key, (subnets, _) in todo.items()]
+        jobs = [(key, plan) for key, (plan, _) in todo.items()]
         screens: dict[str, dict] = {}
         if q.screen_samples:
             screens = {key: result for key, result, _ in self.pool.run(jobs, q.screen_samples)}
@@ -162,7 +169,7 @@ class _Loop:
                 if key not in promising:  # its screen is its record: dominated by more than the noise margin
                     self.files.add(self._row(key, genome, screens[key], gen, -1, screens[key][q.metric]))
                     bar.update(1)
-            jobs = [(key, subnets) for key, subnets in jobs if key in promising]
+            jobs = [(key, plan) for key, plan in jobs if key in promising]
         for key, result, worker in self.pool.run(jobs, q.samples):
             screen_score = screens[key][q.metric] if key in screens else math.nan
             self.files.add(self._row(key, todo[key][1], result, gen, worker, screen_score))
@@ -180,15 +187,18 @@ class _Loop:
             return False
         todo = {}
         for g in genomes:
-            key = schedule_key(self.space.decode(g))
+            subnets, exit = self.space.plan(g)
+            key = plan_key(subnets, exit)
             if self.feasible(g) and key not in self.files.rows:
-                todo[key] = (self.space.decode(g), g)
+                todo[key] = (subnets if exit is None else (subnets, exit), g)
         self._evaluate(todo, gen)
         objectives = []
         for g in genomes:
-            row = self.files.rows.get(schedule_key(self.space.decode(g)))
-            value = float(row[q.metric]) if row is not None and self.feasible(g) else math.inf
-            objectives.append((self.flops_of(g) / 1e9, value))
+            row = self.files.rows.get(plan_key(*self.space.plan(g)))
+            # a dynamic schedule's FLOPs are known once sampled: over the budget, it is infeasible
+            fits = row is not None and self.feasible(g) and (self.limit is None or row["gflops"] * 1e9 <= self.limit)
+            gflops = float(row["gflops"]) if row is not None else self.flops_of(g) / 1e9
+            objectives.append((gflops, float(row[q.metric]) if fits else math.inf))
         algorithm.tell(genomes, objectives)
         table = self.files.table()
         full_rows = table[table["samples"] == q.samples]  # screened-out rows have fewer samples: not comparable

@@ -2,8 +2,11 @@
 
 Segment i covers a fixed run of consecutive sampling steps (noisiest first); on it every searched
 axis has one gene, an index into that axis's choices (largest first). Axes that are not searched stay
-at their full value. The genome is axis-major: all width genes, then all depth genes. Encoding and
-decoding are exact for every schedule that is constant on each segment.
+at their full value. The genome is axis-major: all width genes, then all depth genes. With exit
+thresholds (AdaDiff's dynamic exit on a DiT), one more gene per segment follows: 0 is "off" (the
+static subnet), i > 0 the i-th threshold, highest (most blocks run) first; the depth gene is then the
+cap the exit may not pass. Encoding and decoding are exact for every schedule (and exit policy) that
+is constant on each segment.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import DDSMError
+from ..exit_policy import ExitPolicy
 from ..subnet import Subnet, SubnetSpace
 
 Genome = tuple[int, ...]
@@ -27,8 +31,13 @@ class SearchSpace:
     base: Subnet  # every axis of the supernet at the value it keeps when not searched (full)
     steps: int
     segments: int
+    thresholds: tuple[float, ...] = ()  # exit thresholds searched per segment, highest first (none: static)
+    exit_depths: tuple[int, ...] = ()  # the supernet's depth choices: where an image may exit
 
     def __post_init__(self):
+        object.__setattr__(self, "thresholds", tuple(sorted({float(t) for t in self.thresholds}, reverse=True)))
+        if self.thresholds and "depth" not in self.base.as_dict():
+            raise DDSMError("search.exit_thresholds: early exit needs a supernet with a depth axis (a DiT)")
         if not self.searched.axes:
             raise DDSMError("search.axes: needs at least one axis")
         if not 1 <= self.segments <= self.steps:
@@ -36,15 +45,23 @@ class SearchSpace:
 
     @classmethod
     def of(cls, supernet_space: SubnetSpace, steps: int, segments: int, axes: Sequence[str] | None = None,
-           choices: dict | None = None) -> "SearchSpace":
-        """Return the space searching `axes` (default: all of the supernet's) with `choices` (default: all)."""
+           choices: dict | None = None, exit_thresholds: Sequence[float] | None = None) -> "SearchSpace":
+        """Return the space searching `axes` (default: all of the supernet's) with `choices` (default: all),
+        and an exit threshold per segment if `exit_thresholds` are given."""
         axes = list(axes) if axes is not None else list(supernet_space.names)
         picked = {}
         for axis in axes:
             mine = supernet_space.choices(axis)
             wanted = (choices or {}).get(axis)
             picked[axis] = mine if wanted is None else [supernet_space.check({axis: v})[axis] for v in wanted]
-        return cls(SubnetSpace.of(picked), supernet_space.full, steps, segments)
+        depths = supernet_space.choices("depth") if "depth" in supernet_space.names else ()
+        return cls(SubnetSpace.of(picked), supernet_space.full, steps, segments, tuple(exit_thresholds or ()),
+                   tuple(depths))
+
+    @classmethod
+    def of_search(cls, supernet_space: SubnetSpace, q) -> "SearchSpace":
+        """Return the space a SearchConfig describes."""
+        return cls.of(supernet_space, q.steps, q.segments, q.axes, q.choices, q.exit_thresholds)
 
     @property
     def axes(self) -> tuple[str, ...]:
@@ -60,12 +77,13 @@ class SearchSpace:
     @property
     def gene_choices(self) -> list[int]:
         """Return the number of choices of each gene, in genome order."""
-        return [len(self.searched.choices(a)) for a in self.axes for _ in range(self.segments)]
+        exit = [len(self.thresholds) + 1] * self.segments if self.thresholds else []
+        return [len(self.searched.choices(a)) for a in self.axes for _ in range(self.segments)] + exit
 
     @property
     def n_genes(self) -> int:
         """Return the genome length."""
-        return len(self.axes) * self.segments
+        return (len(self.axes) + bool(self.thresholds)) * self.segments
 
     @property
     def size(self) -> int:
@@ -80,22 +98,58 @@ class SearchSpace:
         """Return the supernet's subnet with the searched axes at `values` and the others at base."""
         return self.base.replace(**values)
 
-    def decode(self, genome: Sequence[int]) -> list[Subnet]:
-        """Return the schedule (one subnet per sampling step) a genome stands for."""
+    def _check(self, genome: Sequence[int]) -> None:
         counts = self.gene_choices
         if len(genome) != self.n_genes or not all(0 <= int(g) < n for g, n in zip(genome, counts)):
             raise DDSMError(f"genome {tuple(genome)} does not fit {self.n_genes} genes with {counts} choices")
+
+    def exit(self, genome: Sequence[int]) -> ExitPolicy | None:
+        """Return the exit policy a genome stands for (None if every segment is static). A segment whose
+        depth cap is the supernet's shallowest depth is static whatever its gene: several genomes then
+        stand for one schedule, which the search evaluates once (by its key)."""
+        self._check(genome)
+        if not self.thresholds:
+            return None
+        genes, subnets = genome[len(self.axes) * self.segments:], self.decode(genome)
+        shallowest = min(self.exit_depths, default=0)
+        per_step: list[float | None] = []
+        for gene, (start, stop) in zip(genes, self.bounds):
+            # a cap at the shallowest depth leaves nowhere to exit before it: the static subnet, one key
+            static = int(gene) == 0 or subnets[start]["depth"] <= shallowest
+            per_step += [None if static else self.thresholds[int(gene) - 1]] * (stop - start)
+        policy = ExitPolicy(tuple(per_step))
+        return policy if policy.dynamic else None
+
+    def plan(self, genome: Sequence[int]) -> tuple[list[Subnet], ExitPolicy | None]:
+        """Return (the subnets per step, the exit policy or None) a genome stands for."""
+        return self.decode(genome), self.exit(genome)
+
+    def decode(self, genome: Sequence[int]) -> list[Subnet]:
+        """Return the schedule (one subnet per sampling step) a genome stands for."""
+        self._check(genome)
         schedule: list[Subnet] = []
         for seg, (start, stop) in enumerate(self.bounds):
             values = {a: self.searched.choices(a)[int(genome[k * self.segments + seg])] for k, a in enumerate(self.axes)}
             schedule += [self.subnet(values)] * (stop - start)
         return schedule
 
-    def encode(self, schedule: Sequence[Subnet]) -> Genome:
-        """Return the genome of a schedule that is constant on every segment and keeps unsearched axes at base."""
+    def encode(self, schedule: Sequence[Subnet], exit: ExitPolicy | None = None) -> Genome:
+        """Return the genome of a schedule (and exit policy) that is constant on every segment and keeps
+        unsearched axes at base."""
         if len(schedule) != self.steps:
             raise DDSMError(f"the schedule has {len(schedule)} subnets but the search samples {self.steps} steps")
         genome = [0] * self.n_genes
+        if exit is not None and exit.dynamic:
+            if not self.thresholds:
+                raise DDSMError("this search space has no exit thresholds (search.exit_thresholds)")
+            for seg, (start, stop) in enumerate(self.bounds):
+                distinct = set(exit.thresholds[start:stop])
+                if len(distinct) != 1:
+                    raise DDSMError(f"steps {start}..{stop - 1} use several exit thresholds; one segment has one")
+                t = distinct.pop()
+                if t is not None and t not in self.thresholds:
+                    raise DDSMError(f"exit threshold {t!r} is not a search choice ({', '.join(map(repr, self.thresholds))})")
+                genome[len(self.axes) * self.segments + seg] = 0 if t is None else self.thresholds.index(t) + 1
         for seg, (start, stop) in enumerate(self.bounds):
             distinct = set(schedule[start:stop])
             if len(distinct) != 1:
@@ -114,7 +168,8 @@ class SearchSpace:
 
     def uniform(self) -> list[Genome]:
         """Return the genomes of the uniform schedules of every axis: each choice of one axis at every
-        step, the other searched axes at their largest (full size first, once)."""
+        step, the other searched axes at their largest (full size first, once); then, with exit
+        thresholds, full size with each threshold at every step."""
         out: list[Genome] = []
         for k, axis in enumerate(self.axes):
             for i in range(len(self.searched.choices(axis))):
@@ -122,6 +177,10 @@ class SearchSpace:
                 genome[k * self.segments:(k + 1) * self.segments] = [i] * self.segments
                 if tuple(genome) not in out:
                     out.append(tuple(genome))
+        for i in range(1, len(self.thresholds) + 1):  # the threshold sweep at full size
+            genome = [0] * self.n_genes
+            genome[len(self.axes) * self.segments:] = [i] * self.segments
+            out.append(tuple(genome))
         return out
 
     def random(self, n: int, rng: np.random.Generator) -> list[Genome]:
