@@ -56,7 +56,9 @@ def main() -> None:
               "exit_thresholds": args.thresholds, "backend": "auto"}
     confirmer = Confirmer(supernet, search, n=args.n)
     full_flops = supernet.full_flops * args.steps
-    print(f"{datetime.date.today()} | {platform.machine()} {platform.processor()} | {supernet.config.name}: "
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor()) if Path("/proc/cpuinfo").is_file() else platform.processor()
+    print(f"{datetime.date.today()} | {platform.machine()} {cpu} | {supernet.config.name}: "
           f"n={args.n} held-out images, {args.steps} DDIM steps")
 
     plans = [("dynamic exit", f"threshold {t:g}", [model.full] * args.steps, ExitPolicy.of(t, args.steps))
