@@ -42,6 +42,24 @@ class UNetConfig:
     group_size: int = 8  # channels per GroupNorm group, kept fixed at every width
     head_dim: int = 16  # channels per attention head, kept fixed at every width
     widths: tuple[float, ...] = (1.0, 0.75, 0.5, 0.25)
+    # Options that an imported diffusers UNet2DModel needs (ddsm_search.imports); the defaults are this
+    # U-Net's own design, and give bit-identical outputs and the same parameters as before they existed.
+    norm_groups: int | None = None  # if set, each GroupNorm has this many groups at full width (diffusers'
+    #   norm_num_groups), and its full-width channels per group then stay fixed at every width, so a group
+    #   is never split; None: model.group_size channels per group everywhere
+    norm_eps: float = 1e-5
+    attn_heads: int | None = None  # if set, every attention layer keeps this many heads and their head
+    #   dimension shrinks with the width (diffusers' attention_head_dim: null is one head); None: head_dim fixed
+    time_conditioning: str = "scale_shift"  # scale_shift: norm2(h) * (1 + scale) + shift; additive: norm2(h + emb)
+    emb_act: bool = False  # SiLU on the time embedding before each block's projection (diffusers does)
+    flip_sin_to_cos: bool = True  # timestep features [cos, sin]; False: [sin, cos]
+    freq_shift: float = 0.0  # frequencies exp(-ln(10000) i / (half - freq_shift)), i < half = base_channels / 2
+    up_attention_resolutions: tuple[int, ...] | None = None  # the decoder's, if not attention_resolutions
+    mid_attention: bool = True  # the middle block's attention (diffusers' add_attention)
+    mid_attn_norm: bool = True  # its GroupNorm (diffusers' mid block has none with scale_shift)
+    mid_scale: float = 1.0  # the middle block's residual outputs are divided by this (mid_block_scale_factor)
+    downsample_padding: int = 1  # 1: padding 1 all round; 0: pad right and bottom by 1 (diffusers' 0)
+    center_input: bool = False  # x -> 2x - 1 before the first convolution (center_input_sample)
 
     def axes(self) -> dict[str, tuple]:
         """Return the axes this backbone declares and their choices: the U-Net's width."""
@@ -101,6 +119,13 @@ class TrainConfig:
     ema_decay: float = 0.999
     sandwich_random: int = 1  # random subnets per step besides the largest and smallest
     distill_weight: float = 0.0  # 0 = no in-place distillation; 1 = smaller subnets learn only from the largest
+    # Fine-tuning a supernet that exists (e.g. from import-diffusers): its weights start the run at step
+    # 0 (same model section), and with teacher "frozen" every subnet, full size included, is distilled
+    # (distill_weight) towards that model's own full-size outputs on the same inputs, as DDSM-style
+    # fine-tuning of a pretrained model wants; "inplace" (default) distils from the largest subnet.
+    init_from: str | None = None
+    init_sha256: str | None = None  # the init supernet's hash (filled in by train; a resume must match it)
+    teacher: str = "inplace"  # inplace | frozen (needs init_from)
     checkpoint_every: int = 500
     log_every: int = 50
     seed: int = 0
@@ -286,14 +311,29 @@ def validate_unet(m: UNetConfig) -> None:
     _check(m.head_dim >= 1, "model.head_dim: must be at least 1 (channels per attention head)")
     _check(len(m.channel_mults) > 0 and all(c > 0 for c in m.channel_mults), "model.channel_mults: must be a non-empty list of positive ints")
     _check(m.num_res_blocks >= 1, "model.num_res_blocks: must be at least 1")
+    _check(m.norm_groups is None or m.norm_groups >= 1, "model.norm_groups: must be at least 1 (or null)")
+    _check(m.norm_eps > 0, "model.norm_eps: must be positive")
+    _check(m.attn_heads is None or m.attn_heads >= 1, "model.attn_heads: must be at least 1 (or null)")
+    _check(m.time_conditioning in ("scale_shift", "additive"),
+           f"model.time_conditioning: expected scale_shift or additive, got {m.time_conditioning!r}")
+    _check(m.freq_shift < m.base_channels // 2, "model.freq_shift: must be below model.base_channels / 2")
+    _check(m.mid_scale > 0, "model.mid_scale: must be positive")
+    _check(m.downsample_padding in (0, 1), f"model.downsample_padding: expected 0 or 1, got {m.downsample_padding}")
     _validate_widths(m)
     for w in m.widths:
         for mult in m.channel_mults:
-            c = channels_at(m.base_channels * mult, w)
+            full = m.base_channels * mult
+            c = channels_at(full, w)
+            if m.norm_groups is None:
+                group, key = m.group_size, f"model.group_size={m.group_size}"
+            else:
+                _check(full % m.norm_groups == 0, f"model.norm_groups: {m.norm_groups} groups do not divide the "
+                                                  f"{full} channels of a level")
+                group, key = full // m.norm_groups, f"its {full // m.norm_groups} channels per group (model.norm_groups)"
             _check(
-                abs(c - m.base_channels * mult * w) < 1e-6 and c % m.group_size == 0,
-                f"model.widths: width {w} gives {m.base_channels * mult * w:g} channels at a level with "
-                f"{m.base_channels * mult}; it must be a whole multiple of model.group_size={m.group_size}",
+                abs(c - full * w) < 1e-6 and c % group == 0,
+                f"model.widths: width {w} gives {full * w:g} channels at a level with {full}; it must be a whole "
+                f"multiple of {key}",
             )
 
 
@@ -341,6 +381,9 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(0.0 <= t.ema_decay < 1.0, "train.ema_decay: must be in [0, 1)")
     _check(t.sandwich_random >= 0, "train.sandwich_random: must be >= 0")
     _check(0.0 <= t.distill_weight <= 1.0, "train.distill_weight: must be in [0, 1]")
+    _check(t.teacher in ("inplace", "frozen"), f"train.teacher: expected inplace or frozen, got {t.teacher!r}")
+    _check(t.teacher != "frozen" or t.init_from is not None,
+           "train.teacher: frozen distils from the model given by train.init_from; set it")
     _check(t.checkpoint_every >= 1 and t.log_every >= 1, "train.checkpoint_every/log_every: must be at least 1")
     _check(s.sampler in ("ddim", "ddpm"), f"sample.sampler: expected ddim or ddpm, got {s.sampler!r}")
     _check(1 <= s.steps <= d.timesteps, f"sample.steps: must be between 1 and diffusion.timesteps={d.timesteps}")

@@ -86,6 +86,13 @@ class TrainingRun:
         self.schedule = NoiseSchedule(cfg.diffusion)
         self.step = 0
         self.log: list[dict] = []
+        self.teacher = None  # with train.teacher "frozen": the init model, frozen, at full size
+        if cfg.train.init_from is not None:
+            start = load_init(cfg, data.shape, device)
+            self.model.load_state_dict(start.state_dict())
+            self.ema.load_state_dict(start.state_dict())
+            if cfg.train.teacher == "frozen":
+                self.teacher = start.set_subnet(start.full).requires_grad_(False).eval()
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Return everything besides the EMA weights that resuming needs, as named tensors."""
@@ -131,11 +138,17 @@ class TrainingRun:
             subnets = sandwich_subnets(self.model.space, tc.sandwich_random, self.generator)
         self.opt.zero_grad(set_to_none=True)
         losses, teacher = {}, None
+        if self.teacher is not None:  # distil every subnet, full size too, towards the frozen init model
+            with torch.no_grad():
+                teacher = self.teacher(xt, t)
         for subnet in subnets:
             subnet = self.model.check_subnet(subnet)
             pred = self.model.set_subnet(subnet)(xt, t)
             loss = F.mse_loss(pred, noise)
-            if teacher is None:
+            if self.teacher is not None:
+                if tc.distill_weight > 0:
+                    loss = (1 - tc.distill_weight) * loss + tc.distill_weight * F.mse_loss(pred, teacher)
+            elif teacher is None:
                 teacher = pred.detach()  # the largest subnet comes first: in-place distillation target
             elif tc.distill_weight > 0:
                 loss = (1 - tc.distill_weight) * loss + tc.distill_weight * F.mse_loss(pred, teacher)
@@ -151,6 +164,32 @@ class TrainingRun:
             torch._foreach_lerp_(list(self.ema.parameters()), list(self.model.parameters()), 1 - decay)
         self.step += 1
         return losses
+
+
+def load_init(cfg: ExperimentConfig, shape, device: str) -> SlimModel:
+    """Return the supernet that train.init_from names (its EMA weights), checked against this run's
+    model section and, if given, train.init_sha256."""
+    from .checkpoint import load_supernet
+
+    init = load_supernet(cfg.train.init_from, device)
+    if cfg.train.init_sha256 is not None and init.sha256 != cfg.train.init_sha256:
+        raise DDSMError(f"train.init_from: {cfg.train.init_from} is not the supernet this run started from "
+                        f"(hash {init.sha256[:12]}, the run's {cfg.train.init_sha256[:12]})")
+    if init.config.model != cfg.model or tuple(init.model.image_shape) != tuple(shape):
+        raise DDSMError(f"train.init_from: the supernet in {cfg.train.init_from} has another model section or "
+                        f"image shape than this experiment (take the model section of its meta.json config)")
+    return init.model
+
+
+def pin_init(cfg: ExperimentConfig) -> ExperimentConfig:
+    """Return `cfg` with train.init_sha256 set to the hash of the train.init_from supernet (if any), so
+    the checkpoint records what it started from and a resume from another init is refused."""
+    tc = cfg.train
+    if tc.init_from is None or tc.init_sha256 is not None:
+        return cfg
+    from .checkpoint import load_supernet
+
+    return replace(cfg, train=replace(tc, init_sha256=load_supernet(tc.init_from).sha256))
 
 
 def _read_log(path: Path) -> list[dict]:
@@ -174,6 +213,17 @@ def load_training_data(cfg: ExperimentConfig) -> ImageData:
     return load_dataset(d.kind, d.path, split=d.split, image_size=d.image_size, channels=d.channels, limit=d.limit)
 
 
+def _with_defaults(saved: dict, search: dict) -> dict:
+    """Return a checkpoint's config with the keys added since it was written at their defaults (which
+    reproduce what it was trained as), so that only real differences refuse a resume."""
+    from .config import config_from_dict
+
+    try:
+        return supernet_config(config_from_dict({**saved, "search": search}).to_dict())
+    except DDSMError:
+        return saved
+
+
 def _check_resumable(cfg: ExperimentConfig, out: Path, resume: bool) -> dict | None:
     from .checkpoint import read_meta
 
@@ -185,7 +235,7 @@ def _check_resumable(cfg: ExperimentConfig, out: Path, resume: bool) -> dict | N
     if not resume:
         raise DDSMError(f"{out} already holds a checkpoint at step {meta['step']}; pass --resume to continue "
                         "or choose another --out")
-    saved = supernet_config(meta["config"])
+    saved = _with_defaults(supernet_config(meta["config"]), cfg.to_dict()["search"])
     mine = supernet_config(cfg.to_dict())
     saved["train"] = {**saved["train"], "steps": mine["train"]["steps"]}  # the target may be extended
     if saved != mine:
@@ -217,7 +267,11 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, steps: int | None = Non
         if steps < 1:
             raise DDSMError(f"--steps must be at least 1, got {steps}")
         cfg = replace(cfg, train=replace(cfg.train, steps=steps))
+    from .config import validate
+
+    validate(cfg)  # a config built in Python gets the checks a YAML file gets
     out = Path(out_dir)
+    cfg = pin_init(cfg)
     _check_resumable(cfg, out, resume)
     device = resolve_device(device)
     data = data if data is not None else load_training_data(cfg)

@@ -113,9 +113,9 @@ class SlimGroupNorm(_Slim, nn.GroupNorm):
     one channel and the layer has silently become InstanceNorm.
     """
 
-    def __init__(self, channels: Channels, group_size: int):
+    def __init__(self, channels: Channels, group_size: int, eps: float = 1e-5):
         total = sum(_segments(channels))
-        nn.GroupNorm.__init__(self, total // group_size, total)
+        nn.GroupNorm.__init__(self, total // group_size, total, eps=eps)
         self._init_segments(channels, channels, True, True)
         self.group_size = group_size
 
@@ -126,11 +126,17 @@ class SlimGroupNorm(_Slim, nn.GroupNorm):
         return F.group_norm(x, x.shape[1] // self.group_size, self.sliced_weight(), self.sliced_bias(), self.eps)
 
 
+def group_size_of(channels: Channels, group_size: int, norm_groups: int | None) -> int:
+    """Return the channels per group of a GroupNorm over `channels` at full width: `group_size`, or with
+    a fixed group count at full width (`norm_groups`, as diffusers' norm_num_groups) its full-width share."""
+    return group_size if norm_groups is None else sum(_segments(channels)) // norm_groups
+
+
 class SlimKit:
     """Builds slimmable layers: the supernet."""
 
-    def __init__(self, group_size: int):
-        self.group_size = group_size
+    def __init__(self, group_size: int, norm_groups: int | None = None, eps: float = 1e-5):
+        self.group_size, self.norm_groups, self.eps = group_size, norm_groups, eps
 
     def conv(self, in_ch: Channels, out_ch: Channels, kernel_size: int, stride: int = 1, padding: int = 0,
              slim_in: bool = True, slim_out: bool = True) -> nn.Module:
@@ -143,14 +149,14 @@ class SlimKit:
 
     def norm(self, channels: Channels) -> nn.Module:
         """Return a slimmable GroupNorm with fixed channels per group."""
-        return SlimGroupNorm(channels, self.group_size)
+        return SlimGroupNorm(channels, group_size_of(channels, self.group_size, self.norm_groups), self.eps)
 
 
 class StaticKit:
     """Builds plain torch layers with the channel counts of one width: an exported subnet."""
 
-    def __init__(self, group_size: int, width: float):
-        self.group_size, self.width = group_size, width
+    def __init__(self, group_size: int, width: float, norm_groups: int | None = None, eps: float = 1e-5):
+        self.group_size, self.width, self.norm_groups, self.eps = group_size, width, norm_groups, eps
 
     def _n(self, channels: Channels, slim: bool) -> int:
         return sum(_active(_segments(channels), slim, self.width))
@@ -167,7 +173,7 @@ class StaticKit:
     def norm(self, channels: Channels) -> nn.Module:
         """Return a plain GroupNorm at this kit's width, channels per group fixed."""
         n = self._n(channels, True)
-        return nn.GroupNorm(n // self.group_size, n)
+        return nn.GroupNorm(n // group_size_of(channels, self.group_size, self.norm_groups), n, eps=self.eps)
 
 
 def slim_layers(module: nn.Module):

@@ -29,8 +29,11 @@ def supports(name: str, net) -> bool:
     if name == "fused":
         from ..backbones.unet import UNet
         from .fused import available
+        from .fused.unet_graph import untranslatable
 
-        return isinstance(net, UNet) and available()
+        # a U-Net with options the kernel does not translate (some imported diffusers models) is not
+        # its kind of network: "auto" then keeps torch's layers without timing the kernel's fallback
+        return isinstance(net, UNet) and available() and untranslatable(net) is None
     raise DDSMError(f"unknown backend {name!r} (choose from {', '.join(CHOICES)})")
 
 

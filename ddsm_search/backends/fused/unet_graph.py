@@ -14,9 +14,28 @@ import weakref
 import torch
 from torch import nn
 
-from ...backbones.unet import AttnBlock, Downsample, ResBlock, Upsample, timestep_embedding
+from ...backbones.unet import AttnBlock, Downsample, ResBlock, Upsample
 from . import available
 from .graph import Graph, Program, Slot, Unsupported
+
+
+def untranslatable(net) -> str | None:
+    """Return why the kernel cannot run this U-Net's kind of network at all, or None if it may.
+
+    The options of an imported diffusers model that it translates: a fixed GroupNorm group count and
+    the norms' eps (read from each layer), SiLU on the time embedding and the timestep features (both in
+    `UNet.time_embedding`, which feeds the kernel), a fixed number of heads, centred inputs. The others
+    change the arithmetic of its fused layers and keep torch's layers."""
+    cfg = net.cfg
+    if cfg.time_conditioning != "scale_shift":
+        return f"{cfg.time_conditioning} time conditioning (the kernel applies scale/shift after the norm)"
+    if cfg.mid_attention and not cfg.mid_attn_norm:
+        return "an attention layer without GroupNorm"
+    if cfg.mid_scale != 1.0:
+        return "a scaled middle block (mid_scale)"
+    if cfg.downsample_padding != 1:
+        return "downsampling padded on the right and bottom only"
+    return None
 
 
 def _resblock(g: Graph, block, x: Slot, x2: Slot | None = None) -> Slot:
@@ -29,7 +48,7 @@ def _resblock(g: Graph, block, x: Slot, x2: Slot | None = None) -> Slot:
 
 def _attention(g: Graph, block, x: Slot) -> Slot:
     qkv = g.conv(block.qkv, x, norm=block.norm, act=False)
-    return g.conv(block.proj, g.attention(qkv, block.head_dim), res=x)
+    return g.conv(block.proj, g.attention(qkv, block.head_size(qkv.channels // 3)), res=x)
 
 
 def _block(g: Graph, block, x: Slot, x2: Slot | None = None) -> Slot:
@@ -56,6 +75,9 @@ def _stage(g: Graph, stage: nn.Module, h: Slot, skip: Slot | None = None) -> Slo
 def unet_to_graph(net, height: int, width: int) -> Program:
     """Return the U-Net at its current width as one program for (C, height, width) images; raise
     Unsupported if the kernel cannot run one of its layers."""
+    why = untranslatable(net)
+    if why is not None:
+        raise Unsupported(why)
     g = Graph()
     h = g.conv(net.conv_in, g.input(net.image_shape[0], height, width))
     hs = [h]
@@ -118,9 +140,10 @@ class FusedDenoiser:
         program = fused_program(net, x)
         if program is None:
             return net(x, t)
+        if net.cfg.center_input:
+            x = 2 * x - 1.0
         # one timestep for the batch: its scale/shift rows are kept per timestep
-        return program.run(x, lambda: net.time_mlp(timestep_embedding(t, net.emb_in).to(x.dtype)),
-                           emb_key=t.item() if t.numel() == 1 else None)
+        return program.run(x, lambda: net.time_embedding(t, x.dtype), emb_key=t.item() if t.numel() == 1 else None)
 
     def runs_fused(self, x: torch.Tensor) -> bool:
         """Return whether a batch like `x` would run on the kernel (not on torch's fallback)."""
