@@ -20,6 +20,9 @@ _API = {
     "load_supernet": "checkpoint", "load_config": "config", "train": "training", "generate": "sampling",
     "evaluate": "evaluation", "run_search": "search.runner", "quickstart": "pipeline", "DDSMError": "errors",
     "Subnet": "subnet", "SubnetSpace": "subnet", "build_supernet": "backbones",
+    "ExitPolicy": "exit_policy", "finetune_exit": "exit_stage",
+    "import_diffusers": "imports.diffusers_unet", "reorder_by_importance": "imports.importance",
+    "find_stages": "stages", "interval_cluster": "stages",
 }
 # No submodule may share a name with a public function: importing `ddsm_search.train` would bind the
 # module as the package attribute `train` and hide the function (tests/test_api.py checks this).

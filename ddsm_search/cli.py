@@ -380,6 +380,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_export)
 
+    from .imports.command import add_import_parser
+    from .stages_command import add_stages_parser
+
+    add_import_parser(sub)  # import-diffusers
+    add_stages_parser(sub)
+
     p = sub.add_parser("quickstart", help="train, search, report and export on the embedded digits "
                        "(or on the experiment given, e.g. search_spaces/digits-dit.yaml)")
     p.add_argument("config", nargs="?", help="experiment YAML (default: search_spaces/digits.yaml)")
