@@ -42,13 +42,31 @@ class Supernet:
     sha256: str
     dataset: str
 
+    def step_subnets(self, subnets) -> list[Subnet]:
+        """Return the subnet each step of a schedule runs (a multi-stage supernet: with the stage of the
+        step's timestep under this supernet's sampler timesteps)."""
+        from .diffusion import sampling_timesteps
+
+        subnets = list(subnets)
+        staged = self.model.num_stages > 1 and subnets
+        timesteps = sampling_timesteps(self.config.diffusion.timesteps, len(subnets)) if staged else None
+        return self.model.step_subnets(subnets, timesteps)
+
     def schedule_flops(self, subnets) -> int:
         """Return the FLOPs per image of a schedule: the sum over its steps."""
-        return sum(self.flops[self.model.check_subnet(s)] for s in subnets)
+        return sum(self.flops[s] for s in self.step_subnets(subnets))
+
+    def full_schedule_flops(self, steps: int) -> int:
+        """Return the FLOPs per image of full size over `steps` sampling steps."""
+        return self.schedule_flops([self.model.full] * steps)
 
     @property
     def full_flops(self) -> int:
-        """Return the FLOPs per image of one step of the full-size subnet."""
+        """Return the FLOPs per image of one step of the full-size subnet (a multi-stage supernet's
+        depends on the step's stage: see full_schedule_flops)."""
+        if self.model.full not in self.flops:
+            raise DDSMError("full size costs a different amount at each stage of this supernet: use "
+                            "full_schedule_flops(steps)")
         return self.flops[self.model.full]
 
 

@@ -66,12 +66,13 @@ def _schedule_subnets(args: argparse.Namespace, supernet) -> tuple[list, str, fl
             raise DDSMError(f"the schedule has {schedule.steps} subnets but --steps asks for {args.steps}")
         sampler = args.sampler or schedule.sampler
         eta = args.eta if args.eta is not None else schedule.eta
-        subnets = [supernet.model.check_subnet(s) for s in schedule.subnets]
+        subnets = supernet.step_subnets(schedule.subnets)
         return subnets, sampler, eta, _exit_policy(args, len(subnets), schedule.exit)
     # --width 0.5 is shorthand for --subnet width=0.5 (every other axis at its full value)
     subnet = supernet.model.check_subnet(args.subnet if args.subnet is not None else args.width)
     steps = args.steps or cfg.steps
-    return ([subnet] * steps, args.sampler or cfg.sampler, args.eta if args.eta is not None else cfg.eta,
+    subnets = supernet.step_subnets([subnet] * steps)  # a multi-stage supernet: each step's stage from its t
+    return (subnets, args.sampler or cfg.sampler, args.eta if args.eta is not None else cfg.eta,
             _exit_policy(args, steps, None))
 
 
@@ -98,8 +99,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     subnets, sampler, eta, exit = _schedule_subnets(args, supernet)
     kwargs = dict(n=args.n, seed=args.seed, sampler=sampler, eta=eta, batch_size=args.batch_size, device=device,
                   progress=not args.quiet, backend=args.backend or supernet.config.sample.backend)
+    from .finetune_command import sampling_weights
+
+    kwargs["weights"] = sampling_weights(args, supernet, exit)  # a schedule's fine-tuned group weights, if any
     gflops = supernet.schedule_flops(subnets) / 1e9
-    full = supernet.full_flops * len(subnets) / 1e9
+    full = supernet.full_schedule_flops(len(subnets)) / 1e9
     cost = f"{gflops:.3f} GFLOPs per image ({gflops / full:.0%} of full size)"
     record = None
     if exit is not None:  # AdaDiff's dynamic exit: FLOPs are those executed, per image
@@ -158,6 +162,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     supernet = load_supernet(args.supernet, device)
     subnets, sampler, eta, exit = _schedule_subnets(args, supernet)
+    from .finetune_command import refuse_weights
+
+    refuse_weights(args, "evaluate", supernet)
     heads = None
     if exit is not None:  # a dynamic exit: FLOPs per image are those executed, measured while sampling
         from .exit_stage import load_exit_heads
@@ -178,7 +185,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     result = evaluate(supernet, subnets, n=args.n, seed_set=args.seeds, scorer=scorer, device=device,
                       batch_size=args.batch_size, sampler=sampler, eta=eta, progress=not args.quiet, drift=args.drift,
                       backend=args.backend or supernet.config.sample.backend, exit=exit, heads=heads)
-    full = supernet.full_flops * len(subnets) / 1e9
+    full = supernet.full_schedule_flops(len(subnets)) / 1e9
     fid = (f"FID {result['fid']:.4f}  KID {result['kid']:.5f} (+/- {result['kid_std']:.5f} over subsets)  "
            if result["extractor"] else "FID/KID n/a (no extractor here)  ")
     drift = f"drift {result['drift']:.4f} from full size ({result['drift_space']})  " if args.drift else ""
@@ -382,9 +389,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .imports.command import add_import_parser
     from .stages_command import add_stages_parser
+    from .finetune_command import add_finetune_parser
 
     add_import_parser(sub)  # import-diffusers
     add_stages_parser(sub)
+    add_finetune_parser(sub)  # finetune: per-group fine-tuned weights of a schedule
 
     p = sub.add_parser("quickstart", help="train, search, report and export on the embedded digits "
                        "(or on the experiment given, e.g. search_spaces/digits-dit.yaml)")

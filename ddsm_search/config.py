@@ -92,8 +92,61 @@ class DiTConfig:
         return {"width": tuple(sorted(self.widths, reverse=True)), "depth": self.depth_choices}
 
 
-ModelConfig = UNetConfig | DiTConfig
-MODEL_KINDS: dict[str, type] = {"unet": UNetConfig, "dit": DiTConfig}
+@dataclass
+class DecoderConfig:
+    """One decoder of the multi-stage U-Net: its own base channels and the widths it serves."""
+
+    channels: int = 32  # base channels: its level l has channels * model.channel_mults[l]
+    widths: tuple[float, ...] | None = None  # its widths, relative to its own channels (default: model.widths)
+
+
+def _default_decoders() -> tuple[DecoderConfig, ...]:
+    return (DecoderConfig(48), DecoderConfig(32), DecoderConfig(16))
+
+
+@dataclass
+class MultiStageConfig:
+    """The multi-stage U-Net (`model.kind: multistage`; arXiv 2312.09181): one shared encoder at full
+    width (the U-Net's conv_in, down path and middle block) and one slimmable decoder (up path, norm_out,
+    conv_out) per stage of timesteps. Stage k runs t in [stage_boundaries[k-1], stage_boundaries[k])
+    (stage 0: least noise; the paper's decoders go 192, 128, 16 channels from low to high noise)."""
+
+    kind: str = "multistage"
+    base_channels: int = 32  # the encoder's
+    channel_mults: tuple[int, ...] = (1, 2, 2)  # of the encoder and of every decoder
+    num_res_blocks: int = 1
+    attention_resolutions: tuple[int, ...] = ()
+    dropout: float = 0.0
+    group_size: int = 8  # channels per GroupNorm group, kept fixed at every width
+    head_dim: int = 16  # channels per attention head, kept fixed at every width
+    widths: tuple[float, ...] = (1.0, 0.5)  # the widths of every decoder that lists none of its own
+    decoders: tuple[DecoderConfig, ...] = field(default_factory=_default_decoders)  # one per stage, low noise first
+    # K - 1 increasing timesteps where stages change (`ddsm-search stages` prints them as boundary_timesteps);
+    # default (null): K equal spans of diffusion.timesteps, filled in when the config is read
+    stage_boundaries: tuple[int, ...] | None = None
+
+    def decoder_widths(self, stage: int) -> tuple[float, ...]:
+        """Return the widths the decoder of `stage` serves, largest first."""
+        own = self.decoders[stage].widths
+        return tuple(sorted(self.widths if own is None else own, reverse=True))
+
+    def axes(self) -> dict[str, tuple]:
+        """Return the axes this backbone declares: the stage (which each step's timestep decides) and the
+        widths every decoder serves (what a subnet that leaves the stage to the step, or a search gene,
+        may name; a decoder's other widths are named with their stage, e.g. stage=0,width=0.25)."""
+        common = set(self.decoder_widths(0))
+        for k in range(1, len(self.decoders)):
+            common &= set(self.decoder_widths(k))
+        return {"stage": tuple(range(len(self.decoders) - 1, -1, -1)), "width": tuple(sorted(common, reverse=True))}
+
+
+def equal_stage_boundaries(stages: int, timesteps: int) -> tuple[int, ...]:
+    """Return the K - 1 timesteps that split 0..timesteps-1 into `stages` spans of (nearly) equal length."""
+    return tuple(int(round(k * timesteps / stages)) for k in range(1, stages))
+
+
+ModelConfig = UNetConfig | DiTConfig | MultiStageConfig
+MODEL_KINDS: dict[str, type] = {"unet": UNetConfig, "dit": DiTConfig, "multistage": MultiStageConfig}
 
 
 @dataclass
@@ -156,6 +209,9 @@ class SearchConfig:
     # AdaDiff's dynamic exit (a DiT with exit heads): one more gene per segment, its certainty threshold,
     # "off" (static) or one of these; the depth gene is then the exit's cap. FLOPs are those executed.
     exit_thresholds: tuple[float, ...] | None = None
+    # Step-Adaptive Training's prior (step_groups.prior_schedule with K SNR groups) joins the first
+    # generation beside the uniform schedules
+    seed_prior: int | None = None
     budget: float | str | None = None  # max GFLOPs per image, or a share of full width such as "50%"
     algorithm: str = "nsga2"  # nsga2 | nevergrad | random
     population: int = 16
@@ -177,7 +233,7 @@ class ExperimentConfig:
 
     name: str = "experiment"
     data: DataConfig = field(default_factory=DataConfig)
-    model: UNetConfig | DiTConfig = field(default_factory=UNetConfig)
+    model: UNetConfig | DiTConfig | MultiStageConfig = field(default_factory=UNetConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -260,6 +316,10 @@ def _build(cls, data, prefix: str):
 def config_from_dict(data: dict) -> ExperimentConfig:
     """Return a validated ExperimentConfig built from plain data."""
     cfg = _build(ExperimentConfig, data, "")
+    m = cfg.model
+    T = cfg.diffusion.timesteps
+    if isinstance(m, MultiStageConfig) and m.stage_boundaries is None and 1 <= len(m.decoders) <= T:
+        cfg.model = dataclasses.replace(m, stage_boundaries=equal_stage_boundaries(len(m.decoders), T))
     validate(cfg)
     return cfg
 
@@ -363,12 +423,63 @@ def validate_dit(m: DiTConfig) -> None:
     _check(max(depths) == m.blocks, f"model.depths: must include model.blocks={m.blocks} (the full network)")
 
 
+def _validate_width_list(widths, key: str) -> None:
+    _check(len(widths) > 0, f"{key}: must list at least one width")
+    _check(len(set(widths)) == len(widths), f"{key}: widths must be distinct")
+    _check(all(0.0 < w <= 1.0 for w in widths), f"{key}: every width must be in (0, 1]")
+    _check(max(widths) == 1.0, f"{key}: must include 1.0 (the full network)")
+
+
+def validate_multistage(m: MultiStageConfig, timesteps: int) -> None:
+    """Raise DDSMError naming the key if a multi-stage U-Net config is out of range or inconsistent."""
+    _check(m.base_channels > 0 and m.base_channels % 2 == 0,
+           "model.base_channels: must be a positive even number (the time embedding has sine and cosine halves)")
+    _check(m.group_size >= 1, "model.group_size: must be at least 1 (channels per GroupNorm group)")
+    _check(m.head_dim >= 1, "model.head_dim: must be at least 1 (channels per attention head)")
+    _check(len(m.channel_mults) > 0 and all(c > 0 for c in m.channel_mults),
+           "model.channel_mults: must be a non-empty list of positive ints")
+    _check(m.num_res_blocks >= 1, "model.num_res_blocks: must be at least 1")
+    _check(0.0 <= m.dropout < 1.0, "model.dropout: must be in [0, 1)")
+    _validate_width_list(m.widths, "model.widths")
+    for mult in m.channel_mults:  # the encoder runs at full width only
+        _check(m.base_channels * mult % m.group_size == 0,
+               f"model.base_channels: the encoder's level of {m.base_channels * mult} channels is not a whole "
+               f"multiple of model.group_size={m.group_size}")
+    k = len(m.decoders)
+    _check(k >= 1, "model.decoders: must list at least one decoder (one per stage, low noise first)")
+    _check(k <= timesteps, f"model.decoders: {k} stages need at least {k} diffusion.timesteps, not {timesteps}")
+    for i, dec in enumerate(m.decoders):
+        key = f"model.decoders[{i}]"
+        _check(dec.channels >= 1, f"{key}.channels: must be at least 1")
+        if dec.widths is not None:
+            _validate_width_list(dec.widths, f"{key}.widths")
+        for w in m.decoder_widths(i):
+            for mult in m.channel_mults:
+                full = dec.channels * mult
+                c = channels_at(full, w)
+                _check(abs(c - full * w) < 1e-6 and c % m.group_size == 0,
+                       f"{key}.widths: width {w} gives {full * w:g} channels at a level with {full}; it must be a "
+                       f"whole multiple of model.group_size={m.group_size}")
+    b = m.stage_boundaries
+    if b is None:  # filled in by config_from_dict; a config built in code may leave it to the backbone
+        return
+    _check(len(b) == k - 1, f"model.stage_boundaries: {k} decoders need {k - 1} boundaries (the timesteps where "
+                            f"stages change), got {len(b)}")
+    _check(all(x < y for x, y in zip(b, b[1:])), f"model.stage_boundaries: must be strictly increasing, got {list(b)}")
+    _check(all(1 <= x <= timesteps - 1 for x in b),
+           f"model.stage_boundaries: every boundary must be a timestep between 1 and {timesteps - 1} "
+           f"(diffusion.timesteps={timesteps}), got {list(b)}")
+
+
 def validate(cfg: ExperimentConfig) -> None:
     """Raise DDSMError naming the key if values are out of range or inconsistent."""
     m, d, t, s = cfg.model, cfg.diffusion, cfg.train, cfg.sample
     _check(cfg.data.kind in ("digits", "cifar10", "folder"), f"data.kind: expected digits, cifar10 or folder, got {cfg.data.kind!r}")
     _check(cfg.data.limit is None or cfg.data.limit >= 1, "data.limit: must be at least 1")
-    (validate_dit if m.kind == "dit" else validate_unet)(m)
+    if m.kind == "multistage":
+        validate_multistage(m, d.timesteps)
+    else:
+        (validate_dit if m.kind == "dit" else validate_unet)(m)
     _check(d.timesteps >= 2, "diffusion.timesteps: must be at least 2")
     _check(d.beta_schedule in ("linear", "cosine"), f"diffusion.beta_schedule: expected linear or cosine, got {d.beta_schedule!r}")
     _check(0.0 < d.beta_start < d.beta_end < 1.0, "diffusion.beta_start/beta_end: need 0 < beta_start < beta_end < 1")
@@ -408,6 +519,10 @@ def validate_search(cfg: ExperimentConfig) -> None:
         missing = [v for v in values if not any(abs(v - c) < 1e-9 for c in axes[axis])]
         _check(not missing and len(values) > 0,
                f"search.choices.{axis}: {missing or '[]'} not among the supernet's {axis} choices {list(axes[axis])}")
+    _check("stage" not in (q.axes or ()) and "stage" not in (q.choices or {}),
+           f"search.{'axes' if 'stage' in (q.axes or ()) else 'choices'}: the stage of a multistage supernet "
+           "follows each step's timestep (model.stage_boundaries); it is not searched")
+    _check(q.seed_prior is None or q.seed_prior >= 1, "search.seed_prior: must be at least 1 (SNR groups) or null")
     if q.exit_thresholds is not None:
         _check(cfg.model.kind == "dit", f"search.exit_thresholds: early exit needs a DiT (model.kind: dit), "
                                         f"not a {cfg.model.kind}")

@@ -65,7 +65,7 @@ def evaluate(supernet: Supernet, subnets: Sequence, *, n: int, seed_set: str = "
     if not isinstance(n, int) or n < 2:
         raise DDSMError(f"evaluation needs at least 2 images (a covariance), got n={n}")
     seed = seed_for(seed_set)
-    subnets = [supernet.model.check_subnet(s) for s in subnets]
+    subnets = supernet.step_subnets(subnets)  # checked; a multi-stage supernet's with each step's stage
     sample_cfg = supernet.config.sample
     sampler = sampler or sample_cfg.sampler
     eta = sample_cfg.eta if eta is None else eta

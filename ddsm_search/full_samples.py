@@ -77,13 +77,13 @@ def full_size_samples(supernet, *, n: int, seed_set: str, seed: int, sampler: st
     from .backends import backend_of
     from .sampling import make_denoisers
 
-    full = [supernet.model.full] * steps
+    full = supernet.step_subnets([supernet.model.full] * steps)  # a multi-stage supernet: each step's stage
     if denoisers is None:
-        denoisers = make_denoisers(supernet.model, full[:1], device)
+        denoisers = make_denoisers(supernet.model, list(dict.fromkeys(full)), device)
     # the backend is part of what made the images: another one differs in the last bits, and drift of
     # full size from itself must be exactly 0
     key = {**_key(supernet, n=n, seed_set=seed_set, sampler=sampler, eta=eta, steps=steps),
-           "backend": backend_of(denoisers[supernet.model.full])}
+           "backend": "+".join(sorted({backend_of(denoisers[s]) for s in full}))}
     folders = _folders(supernet, cache_dir)
     for folder in folders:
         images = _read(folder / _stem(key), key)

@@ -32,10 +32,13 @@ def run_info(run: str | Path) -> dict:
     return read_run_json(_run_dir(run) / RUN)
 
 
-def uniform_label(subnets: list[Subnet], full: Subnet, exit: ExitPolicy | None = None):
+def uniform_label(subnets: list[Subnet], full: Subnet, exit: ExitPolicy | None = None, step_axes=()):
     """Return what a uniform schedule (one subnet at every step, one exit threshold if any) changes from
     full size: 'full', 'width=0.5', 'depth=4', 'width=0.5,depth=4' or 'exit=0.8'; NaN for a schedule
-    whose subnet or threshold changes."""
+    whose subnet or threshold changes. Axes that each step's timestep decides (`step_axes`: a multi-stage
+    supernet's stage) are not part of it."""
+    if step_axes:
+        subnets = [Subnet.of(**{a: v for a, v in s.items if a not in step_axes}) for s in subnets]
     if len(set(subnets)) != 1 or (exit is not None and len(set(exit.thresholds)) != 1):
         return np.nan
     changed = {a: v for a, v in subnets[0].items if v != full.get(a)}
@@ -59,7 +62,8 @@ def load_run(run: str | Path) -> pd.DataFrame:
     plans = table["schedule"].map(parse_plan)
     table["subnets"] = plans.map(lambda p: p[0])
     table["exit"] = plans.map(lambda p: p[1])
-    table["uniform"] = [uniform_label(s, full, e) for s, e in zip(table["subnets"], table["exit"])]
+    step_axes = tuple(info.get("step_values", {}))
+    table["uniform"] = [uniform_label(s, full, e, step_axes) for s, e in zip(table["subnets"], table["exit"])]
     table["fully_evaluated"] = fully_evaluated(table, metric, samples)
     table["on_front"] = front_mask(table, metric, samples)
     table.attrs.update(metric=metric, samples=samples)

@@ -11,7 +11,7 @@ from .errors import DDSMError
 from .plots import plot_front, plot_grids, plot_heldout_front, plot_hypervolume, plot_schedule
 from .report import front, generations, load_run, pick, run_info
 
-FRONT_COLUMNS = ["gflops", "flops_share", "fid", "kid", "drift", "samples", "generation", "schedule"]
+FRONT_COLUMNS = ["gflops", "gflops_sd", "flops_share", "fid", "kid", "drift", "samples", "generation", "schedule"]
 
 
 def format_front(table: pd.DataFrame) -> str:

@@ -15,6 +15,7 @@ from .diffusion import NoiseSchedule, check_schedule, sample_loop, sampling_time
 from .errors import DDSMError
 from .backbones import SlimModel
 from .exit_policy import ExitPolicy, ExitRecord, step_keys
+from .group_weights import GroupStep
 
 
 def resolve_device(device: str) -> str:
@@ -29,7 +30,7 @@ def resolve_device(device: str) -> str:
 
 
 def make_denoisers(model: SlimModel, subnets: Sequence, device: str, backend: str | dict = "torch",
-                   batch_size: int | None = None, heads=None) -> dict:
+                   batch_size: int | None = None, heads=None, weights=None) -> dict:
     """Return one denoiser per distinct step: its static network, in eval mode on `device`, run on
     `backend` (torch | fused | auto: the faster here at `batch_size` images, see backends.choice; or
     {subnet key: backend}, a choice made before, e.g. by a search's driver for all its workers).
@@ -37,7 +38,8 @@ def make_denoisers(model: SlimModel, subnets: Sequence, device: str, backend: st
     A step may also be (subnet, threshold), a step of a dynamic exit policy (exit_policy.step_keys):
     it runs the subnet's exported network on torch with the certainty `heads` (exit_stage.load_exit_heads),
     each image leaving at the first of the supernet's depth choices, up to the subnet's, whose
-    certainty reaches the threshold.
+    certainty reaches the threshold. A step may also be a GroupStep (group_weights.GroupWeights.step_keys):
+    its subnet exported with its group's fine-tuned `weights` loaded, on `backend` as a subnet is.
 
     Exported subnets hold contiguous, already-sliced weights (and only the blocks they run), so
     sampling pays no slicing cost and a smaller subnet is genuinely cheaper.
@@ -46,12 +48,18 @@ def make_denoisers(model: SlimModel, subnets: Sequence, device: str, backend: st
 
     steps = list(dict.fromkeys(subnets))
     dynamic = [k for k in steps if isinstance(k, tuple)]
-    distinct = dict.fromkeys(model.check_subnet(s) for s in steps if not isinstance(s, tuple))
+    grouped = [k for k in steps if isinstance(k, GroupStep)]
+    # a subnet that leaves its stage to the step (multi-stage U-Net) stands for one network per stage
+    distinct = dict.fromkeys(c for s in steps if not isinstance(s, (tuple, GroupStep)) for c in model.concrete(s))
     nets = {s: model.export(s).to(device).eval() for s in distinct}
+    if grouped:
+        if weights is None:
+            raise DDSMError("a schedule with fine-tuned group weights needs them (settings.weights)")
+        nets.update({k: weights.network(model, k, device) for k in grouped})
     if isinstance(backend, dict):
         from .backends import wrap
 
-        out = {s: wrap(net, backend.get(s.key, "torch")) for s, net in nets.items()}
+        out = {s: wrap(net, backend.get(_subnet_of(s).key, "torch")) for s, net in nets.items()}
     elif backend == "torch" or not nets:
         out = nets
     else:
@@ -67,6 +75,22 @@ def make_denoisers(model: SlimModel, subnets: Sequence, device: str, backend: st
             out[(subnet, threshold)] = DynamicExitDenoiser(model.export(subnet).to(device).eval(), heads, threshold,
                                                            exits=[d for d in exits if d <= subnet["depth"]])
     return out
+
+
+def _subnet_of(step):
+    """Return the subnet a step key runs (a Subnet, or a GroupStep's)."""
+    return step.subnet if isinstance(step, GroupStep) else step
+
+
+def plan_steps(model: SlimModel, subnets: Sequence, exit: ExitPolicy | None = None, weights=None) -> list:
+    """Return what each step runs: subnets, (subnet, threshold) for an exit policy's dynamic steps, or
+    GroupStep with fine-tuned group `weights` (an exit policy with group weights is refused)."""
+    if weights is None:
+        return step_keys(subnets, exit)
+    if exit is not None and exit.dynamic:
+        raise DDSMError("an exit policy together with fine-tuned group weights is not supported (the exit heads "
+                        "were trained on the supernet's weights)")
+    return weights.step_keys(subnets, model.space)
 
 
 class PrefixCache:
@@ -114,28 +138,35 @@ def generate(model: SlimModel, diffusion: DiffusionConfig, subnets: Sequence, *,
              sampler: str = "ddim", eta: float = 0.0, batch_size: int = 500, device: str = "cpu",
              progress: bool = False, denoisers: dict | None = None, cache: PrefixCache | None = None,
              backend: str = "torch", exit: ExitPolicy | None = None, heads=None,
-             record: ExitRecord | None = None) -> torch.Tensor:
+             record: ExitRecord | None = None, weights=None,
+             generator: torch.Generator | None = None) -> torch.Tensor:
     """Return `n` images in [-1, 1] (CPU tensor) sampled with one subnet per step from the seed's noise.
 
     Subnets run on `backend` unless `denoisers` are given. With an `exit` policy, its dynamic steps
     exit per image with the certainty `heads` (or denoisers made for them by `make_denoisers`), and
-    `record` receives each dynamic step's depths and FLOPs per image. A `cache` must only ever see
-    one (model, n, seed, sampler, eta, number of steps) setup.
+    `record` receives each dynamic step's depths and FLOPs per image. With group `weights`
+    (group_weights.GroupWeights), each step runs its group's fine-tuned copy of its subnet. A `cache` must
+    only ever see one (model, n, seed, sampler, eta, number of steps) setup. A CPU `generator` given
+    replaces the seed's (the noise is drawn from it as it stands, then the sampler's step noise).
     """
     if n < 1:
         raise DDSMError(f"the number of images must be at least 1, got {n}")
     timesteps = sampling_timesteps(diffusion.timesteps, len(subnets))
     check_schedule(subnets, timesteps)
-    subnets = [model.check_subnet(s) for s in subnets]
-    steps = step_keys(subnets, exit)
-    if record is None and steps != subnets:  # so that cached prefixes always carry what their steps executed
+    subnets = model.step_subnets(subnets, timesteps)  # checked; a multi-stage U-Net's with each step's stage
+    steps = plan_steps(model, subnets, exit, weights)
+    if record is None and exit is not None and exit.dynamic:  # so that cached prefixes carry what steps executed
         record = ExitRecord()
     if denoisers is None:
-        denoisers = make_denoisers(model, steps, device, backend, min(n, batch_size), heads=heads)
+        denoisers = make_denoisers(model, steps, device, backend, min(n, batch_size), heads=heads, weights=weights)
     missing = [k for k in dict.fromkeys(steps) if k not in denoisers]
     if missing:
         raise DDSMError(f"no denoiser for step {missing[0]!r}: make the denoisers for this schedule's steps")
-    generator = torch.Generator().manual_seed(seed)  # on the CPU: the same images on any device
+    if generator is None:
+        generator = torch.Generator().manual_seed(seed)  # on the CPU: the same images on any device
+    elif generator.device.type != "cpu":
+        raise DDSMError(f"the generator must be a CPU generator (the same images on any device), not "
+                        f"{generator.device}")
     x = torch.randn((n, *model.image_shape), generator=generator)
     start = 0
     if cache is not None:
@@ -169,7 +200,7 @@ def time_against_full(model: SlimModel, diffusion: DiffusionConfig, subnets: Seq
                       sampler: str = "ddim", eta: float = 0.0, batch_size: int = 500, device: str = "cpu",
                       progress: bool = False, backend: str = "auto", repeats: int = 3,
                       exit: ExitPolicy | None = None, heads=None,
-                      record: ExitRecord | None = None) -> tuple[torch.Tensor, float, float, dict]:
+                      record: ExitRecord | None = None, weights=None) -> tuple[torch.Tensor, float, float, dict]:
     """Return (the schedule's images, its seconds, full size's seconds, {step: the backend it ran on})
     for the same batch and noise, each time the median of `repeats` runs, schedule and full size taking
     turns (a single pair of runs on a shared 2-core machine gave speed-ups from 1.26x to 1.65x).
@@ -177,7 +208,8 @@ def time_against_full(model: SlimModel, diffusion: DiffusionConfig, subnets: Seq
     With backend "auto" each subnet runs on the faster backend on this machine, measured first, so
     full size's time is that of the fastest full-size path. Subnets are exported and each warmed up
     first, so both timings are of sampling alone. With an `exit` policy its dynamic steps exit per
-    image (torch), and `record` gets what they executed in the first timed run.
+    image (torch), and `record` gets what they executed in the first timed run. With group `weights`
+    each step runs its group's fine-tuned network.
     """
     import statistics
 
@@ -185,12 +217,23 @@ def time_against_full(model: SlimModel, diffusion: DiffusionConfig, subnets: Seq
 
     if repeats < 1:
         raise DDSMError(f"repeats must be at least 1, got {repeats}")
-    subnets = [model.check_subnet(s) for s in subnets]
-    full = [model.full] * len(subnets)
-    steps = step_keys(subnets, exit)
-    denoisers = make_denoisers(model, steps + full, device, backend, min(n, batch_size), heads=heads)
+    timesteps = sampling_timesteps(diffusion.timesteps, len(subnets))
+    subnets = model.step_subnets(subnets, timesteps)
+    full = model.step_subnets([model.full] * len(subnets), timesteps)
+    steps = plan_steps(model, subnets, exit, weights)
+    denoisers = make_denoisers(model, steps + full, device, backend, min(n, batch_size), heads=heads,
+                               weights=weights)
     paths = {s: "torch" if isinstance(s, tuple) else backend_of(d) for s, d in denoisers.items()}
+    at = {}  # a timestep each step key runs at (a multi-stage U-Net's subnet refuses other stages')
+    for s, t in zip(steps + full, timesteps + timesteps):
+        at.setdefault(s, t)
     for s in denoisers:  # warm-up: allocation and kernel choice are not sampling speed
+        if isinstance(s, GroupStep) or model.num_stages > 1:  # its network alone, on a batch of the timed size
+            with torch.inference_mode():
+                denoisers[s](torch.randn((min(n, batch_size), *model.image_shape),
+                                         generator=torch.Generator().manual_seed(seed)).to(device),
+                             torch.tensor(at.get(s, diffusion.timesteps - 1), device=device))
+            continue
         warm = ExitPolicy((s[1],)) if isinstance(s, tuple) else None
         generate(model, diffusion, [s[0] if warm else s], n=min(n, batch_size), seed=seed, batch_size=batch_size,
                  device=device, denoisers=denoisers, exit=warm)
@@ -201,7 +244,8 @@ def time_against_full(model: SlimModel, diffusion: DiffusionConfig, subnets: Seq
             started = time.perf_counter()
             out = generate(model, diffusion, plan, n=n, seed=seed, sampler=sampler, eta=eta, batch_size=batch_size,
                            device=device, progress=progress and i == 0, denoisers=denoisers,
-                           exit=exit if name == "schedule" else None, record=mine)
+                           exit=exit if name == "schedule" else None, record=mine,
+                           weights=weights if name == "schedule" else None)
             if device == "cuda":
                 torch.cuda.synchronize()
             seconds[name].append(time.perf_counter() - started)

@@ -9,9 +9,12 @@ both against the supernet in use.
 
 `settings` holds what is not a subnet: the exit policy (AdaDiff's dynamic early exit on a DiT with
 exit heads), {"exit": {"thresholds": [one per step, null = no exit], "heads_sha256": ...}} or, by
-hand, {"exit": {"threshold": 0.8}} for every step. `flops_per_image` is always the static cost of the
-subnets (a dynamic step's depth is its cap); what a dynamic schedule executed, measured while
-sampling, is recorded beside it (`executed`: FLOPs per image with their spread, depth per step).
+hand, {"exit": {"threshold": 0.8}} for every step; and per-group fine-tuned weights (Step-Adaptive
+Training, reconstructed: `ddsm-search finetune`), {"weights": {"file": ..., "sha256": ..., "groups": [...]}}
+(see group_weights; an exit policy and group weights together are refused). `flops_per_image` is
+always the static cost of the subnets (a dynamic step's depth is its cap); what a dynamic schedule
+executed, measured while sampling, is recorded beside it (`executed`: FLOPs per image with their
+spread, depth per step).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from .checkpoint import Supernet
 from .diffusion import SAMPLERS, sampling_timesteps
 from .errors import DDSMError
 from .exit_policy import ExitPolicy
+from .group_weights import GroupWeights, read_weights
 from .io import write_json_atomic
 from .subnet import Subnet
 
@@ -43,6 +47,7 @@ class Schedule:
     supernet_path: str | None = None
     exit: ExitPolicy | None = None  # a dynamic early exit's threshold per step (DiT with exit heads)
     exit_heads: str | None = None  # the SHA-256 of the heads the exit policy was made with
+    weights: GroupWeights | None = None  # per-group fine-tuned weights (settings.weights, `finetune`)
     settings: dict = field(default_factory=dict)  # other settings that are not per step (none known yet)
     extra: dict = field(default_factory=dict)  # figures recorded with the schedule (FLOPs, FID, ...)
 
@@ -51,8 +56,9 @@ class Schedule:
         """Return the number of sampling steps."""
         return len(self.subnets)
 
-    def to_dict(self, supernet: Supernet) -> dict:
-        """Return the self-describing JSON form of this schedule for `supernet`."""
+    def to_dict(self, supernet: Supernet, base: str | Path | None = None) -> dict:
+        """Return the self-describing JSON form of this schedule for `supernet` (group weights named
+        relative to `base`, the folder the schedule is written to)."""
         return {
             "format": FORMAT,
             "version": VERSION,
@@ -60,12 +66,16 @@ class Schedule:
             "sampler": {"name": self.sampler, "steps": self.steps, "eta": self.eta,
                         "timesteps": sampling_timesteps(supernet.config.diffusion.timesteps, self.steps)},
             "axes": list(supernet.model.space.names),
-            "subnets": [supernet.model.check_subnet(s).as_dict() for s in self.subnets],
-            "settings": {**self.settings, **self._exit_settings(supernet)},
+            "subnets": [s.as_dict() for s in supernet.step_subnets(self.subnets)],  # each step's stage too
+            "settings": {**self.settings, **self._exit_settings(supernet), **self._weights_settings(base)},
             "flops_per_image": supernet.schedule_flops(self.subnets),
             **self.extra,
         }
 
+    def _weights_settings(self, base) -> dict:
+        if self.weights is None:
+            return {}
+        return {"weights": self.weights.to_json(Path(base).resolve() if base is not None else None)}
 
     def _exit_settings(self, supernet: Supernet) -> dict:
         if self.exit is None or not self.exit.dynamic:
@@ -130,10 +140,14 @@ def load_schedule(path: str | Path, supernet: Supernet | None = None) -> Schedul
     settings = data.get("settings", {})
     if not isinstance(settings, dict):
         raise _fail(path, f"'settings' must be an object, got {settings!r}")
-    unknown = sorted(set(settings) - {"exit"})
+    unknown = sorted(set(settings) - {"exit", "weights"})
     if unknown:
         raise _fail(path, f"settings {unknown} are not known to this ddsm-search")
     exit, heads = _read_exit(settings.get("exit"), len(subnets), path)
+    weights = read_weights(settings.get("weights"), len(subnets), path)
+    if weights is not None and exit is not None and exit.dynamic:
+        raise _fail(path, "settings: an exit policy together with fine-tuned group weights is not supported (the "
+                    "exit heads were trained on the supernet's weights, not on the groups' fine-tuned ones)")
     sampler = data.get("sampler", {})
     supernet_ref = data.get("supernet", {})
     if not isinstance(sampler, dict) or not isinstance(supernet_ref, dict):
@@ -154,7 +168,8 @@ def load_schedule(path: str | Path, supernet: Supernet | None = None) -> Schedul
         if not isinstance(supernet_ref.get(key, ""), str):
             raise _fail(path, f"supernet.{key}: expected text, got {supernet_ref.get(key)!r}")
     schedule = Schedule(subnets=subnets, sampler=name, eta=float(eta), exit=exit, exit_heads=heads,
-                        supernet_sha256=supernet_ref.get("sha256"), supernet_path=supernet_ref.get("path"),
+                        weights=weights, supernet_sha256=supernet_ref.get("sha256"),
+                        supernet_path=supernet_ref.get("path"),
                         extra={k: v for k, v in data.items() if k not in KNOWN_KEYS})
     if "steps" in sampler and sampler["steps"] != schedule.steps:
         raise _fail(path, f"the schedule has {schedule.steps} subnets but its sampler runs {sampler['steps']} steps")
@@ -201,7 +216,19 @@ def check_against(schedule: Schedule, supernet: Supernet, path: str | Path = "<s
             supernet.model.check_subnet(subnet)
         except DDSMError as exc:
             raise DDSMError(f"schedule {path}: step {i}: {exc}") from None
-    sampling_timesteps(supernet.config.diffusion.timesteps, schedule.steps)
+    try:  # a multi-stage supernet: a step that names a stage must be in it
+        supernet.step_subnets(schedule.subnets)
+    except DDSMError as exc:
+        raise DDSMError(f"schedule {path}: {exc}") from None
+    timesteps = sampling_timesteps(supernet.config.diffusion.timesteps, schedule.steps)
+    if schedule.weights is not None:
+        if schedule.exit is not None and schedule.exit.dynamic:
+            raise DDSMError(f"schedule {path}: an exit policy together with fine-tuned group weights is not supported")
+        try:
+            schedule.weights.check(supernet.model.step_subnets(schedule.subnets, timesteps), supernet.model.space,
+                                   timesteps, supernet.config.diffusion.timesteps)
+        except DDSMError as exc:
+            raise DDSMError(f"schedule {path}: {exc}") from None
     if schedule.exit is not None and schedule.exit.dynamic:
         from .exit_stage import heads_sha256
 
@@ -219,4 +246,4 @@ def check_against(schedule: Schedule, supernet: Supernet, path: str | Path = "<s
 def save_schedule(path: str | Path, schedule: Schedule, supernet: Supernet) -> Path:
     """Write the schedule as self-describing JSON (atomically); return the path."""
     check_against(schedule, supernet)
-    return write_json_atomic(path, schedule.to_dict(supernet))
+    return write_json_atomic(path, schedule.to_dict(supernet, Path(path).parent))

@@ -22,7 +22,8 @@ from typing import Iterable, Iterator, Mapping, Sequence
 from .errors import DDSMError
 
 # the axes any backbone may declare, and how their values are typed; the order is the canonical order
-AXIS_TYPES: dict[str, type] = {"width": float, "depth": int}
+# (stage: which decoder of a multi-stage U-Net runs; it follows the step's timestep, see SubnetSpace.step_axis)
+AXIS_TYPES: dict[str, type] = {"stage": int, "width": float, "depth": int}
 
 
 def _value_text(axis: str, value) -> str:
@@ -116,6 +117,10 @@ class SubnetSpace:
     """The axes of a backbone, in canonical order, each with its choices, largest (full) first."""
 
     axes: tuple[tuple[str, tuple], ...]
+
+    # an axis whose value each step's timestep decides (a multi-stage U-Net's stage), or None: a space
+    # that has one (backbones.multistage.StagedSpace) also takes subnets that leave it out
+    step_axis = None
 
     @classmethod
     def of(cls, choices: Mapping[str, Iterable]) -> "SubnetSpace":

@@ -117,15 +117,30 @@ class TrainingRun:
         self.step = int(meta["step"])
         self.log = [row for row in _read_log(out_dir / LOG_FILE) if row["step"] <= self.step]
 
-    def batch(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Return (x_t, t, noise) for one training batch, all drawn from the run's generator."""
+    def draw_stage(self, subnets: list | None = None) -> int | None:
+        """Return the timestep stage this step trains (a multi-stage supernet, as the paper's loss: one
+        stage per batch, uniformly; the stage given subnets name, if they do), or None: one stage only,
+        and nothing is drawn."""
+        if self.model.num_stages == 1:
+            return None
+        named = {self.model.check_subnet(s).get("stage") for s in subnets or ()} - {None}
+        if len(named) > 1:
+            raise DDSMError(f"one training step trains one stage, not stages {sorted(named)}")
+        return named.pop() if named else int(torch.randint(self.model.num_stages, (1,), generator=self.generator))
+
+    def batch(self, stage: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Return (x_t, t, noise) for one training batch, all drawn from the run's generator (with a
+        `stage`, timesteps uniform within that stage's interval)."""
         g, b = self.generator, self.cfg.train.batch_size
         idx = torch.randint(len(self.data), (b,), generator=g)
         x0 = self.data.to_float(idx)
         if self.cfg.data.hflip:
             flip = torch.rand(b, generator=g) < 0.5
             x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-        t = torch.randint(self.schedule.timesteps, (b,), generator=g)
+        if stage is None:
+            t = torch.randint(self.schedule.timesteps, (b,), generator=g)
+        else:
+            t = torch.randint(*self.model.stage_timesteps(stage, self.schedule.timesteps), (b,), generator=g)
         noise = torch.randn(x0.shape, generator=g)
         x0, t, noise = x0.to(self.device), t.to(self.device), noise.to(self.device)
         return self.schedule.q_sample(x0, t, noise), t, noise
@@ -133,9 +148,10 @@ class TrainingRun:
     def train_step(self, subnets: list | None = None) -> dict[Subnet, float]:
         """Run one step on `subnets` (default: the sandwich rule's draw); return each subnet's loss."""
         tc = self.cfg.train
-        xt, t, noise = self.batch()
-        if subnets is None:
-            subnets = sandwich_subnets(self.model.space, tc.sandwich_random, self.generator)
+        stage = self.draw_stage(subnets)
+        xt, t, noise = self.batch(stage)
+        if subnets is None:  # the sandwich rule within the stage's decoder
+            subnets = sandwich_subnets(self.model.stage_space(stage), tc.sandwich_random, self.generator)
         self.opt.zero_grad(set_to_none=True)
         losses, teacher = {}, None
         if self.teacher is not None:  # distil every subnet, full size too, towards the frozen init model

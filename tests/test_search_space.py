@@ -219,3 +219,11 @@ def test_brute_force_small_space_front_matches():
     front = front_of(table, "fid", 100)
     # with full width worth more on later steps, the front fills the late steps first
     assert "(1, 1, 1, 0)" in set(front["schedule"]) and "(0, 1, 1, 1)" not in set(front["schedule"])
+
+
+@pytest.mark.parametrize("name", ["nsga2", "nevergrad", "random"])
+def test_seeds_join_the_uniform_schedules_in_the_first_generation(name):
+    seed = (1, 2, 0, 3)
+    algo = make_algorithm(name, SPACE, 8, 0, lambda g: True, seeds=[seed])
+    first = algo.ask()
+    assert seed in first and all(g in first for g in SPACE.uniform())

@@ -22,7 +22,7 @@ def register(kind: str):
 
 
 def _load_all() -> None:
-    from . import dit, unet  # noqa: F401  (importing registers them)
+    from . import dit, multistage, unet  # noqa: F401  (importing registers them)
 
 
 def build_supernet(cfg: ModelConfig, image_shape: tuple[int, int, int]) -> SlimModel:

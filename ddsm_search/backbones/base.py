@@ -38,6 +38,29 @@ class SlimModel(nn.Module):
         self.apply_subnet(subnet)
         return self
 
+    # Timestep stages (a multi-stage U-Net: one decoder per stage of timesteps). A backbone without
+    # them has one stage over every timestep, and its subnets do not depend on the step.
+    num_stages: int = 1
+
+    def stage_timesteps(self, stage: int, timesteps: int) -> tuple[int, int]:
+        """Return the timesteps [lo, hi) of `stage` in a process of `timesteps` steps (training draws a
+        batch's timesteps there)."""
+        return 0, timesteps
+
+    def stage_space(self, stage: int | None) -> SubnetSpace:
+        """Return the subnets that run at `stage` (the sandwich rule draws from them); None: all."""
+        return self.space
+
+    def step_subnets(self, subnets, timesteps) -> list[Subnet]:
+        """Return the subnet each sampling step runs (one per timestep of `timesteps`, noisiest first):
+        here `subnets` checked; a backbone with stages fills in each step's stage from its timestep."""
+        return [self.check_subnet(s) for s in subnets]
+
+    def concrete(self, subnet) -> list[Subnet]:
+        """Return the members of the space that `subnet` may stand for at some step: itself here; a
+        subnet that leaves the stage to the step stands for one per stage."""
+        return [self.check_subnet(subnet)]
+
     def apply_subnet(self, subnet: Subnet) -> None:
         """Hand an already checked subnet's axis values to the layers (per backbone)."""
         raise NotImplementedError

@@ -26,12 +26,21 @@ def channels_at(full: int, width: float) -> int:
     return max(1, int(round(full * width)))
 
 
+class Fixed(int):
+    """A segment of channels that keeps its full size at every width, inside a layer that otherwise
+    slims: a multi-stage U-Net's decoder reads the skips and the time embedding of a full-width encoder."""
+
+
+def _segment(c) -> int:
+    return c if isinstance(c, Fixed) else int(c)
+
+
 def _segments(channels: Channels) -> tuple[int, ...]:
-    return (int(channels),) if isinstance(channels, int) else tuple(int(c) for c in channels)
+    return (_segment(channels),) if isinstance(channels, int) else tuple(_segment(c) for c in channels)
 
 
 def _active(segments: tuple[int, ...], slim: bool, width: float) -> tuple[int, ...]:
-    return tuple(channels_at(c, width) if slim else c for c in segments)
+    return tuple(channels_at(c, width) if slim and not isinstance(c, Fixed) else c for c in segments)
 
 
 def slice_segments(t: torch.Tensor, dim: int, segments: tuple[int, ...], active: tuple[int, ...]) -> torch.Tensor:

@@ -49,9 +49,10 @@ class Algorithm(Protocol):
 
 
 def initial_population(space: SearchSpace, size: int, rng: np.random.Generator,
-                       feasible: Callable[[Genome], bool]) -> list[Genome]:
-    """Return the uniform schedules that fit the budget, then distinct random feasible genomes up to `size`."""
-    pop = [g for g in space.uniform() if feasible(g)][:size]
+                       feasible: Callable[[Genome], bool], seeds: Sequence[Genome] = ()) -> list[Genome]:
+    """Return the uniform schedules and `seeds` that fit the budget, then distinct random feasible
+    genomes up to `size`."""
+    pop = [g for g in space.first(seeds) if feasible(g)][:size]
     seen = set(pop)
     for _ in range(1000 * size):
         if len(pop) >= size:
@@ -66,8 +67,9 @@ def initial_population(space: SearchSpace, size: int, rng: np.random.Generator,
 class RandomSearch:
     """The baseline: the uniform schedules, then random feasible genomes."""
 
-    def __init__(self, space: SearchSpace, population: int, seed: int, feasible: Callable[[Genome], bool]):
-        self.space, self.population, self.feasible = space, population, feasible
+    def __init__(self, space: SearchSpace, population: int, seed: int, feasible: Callable[[Genome], bool],
+                 seeds: Sequence[Genome] = ()):
+        self.space, self.population, self.feasible, self.seeds = space, population, feasible, seeds
         self.rng = np.random.default_rng(seed)
         self.first = True
 
@@ -75,7 +77,7 @@ class RandomSearch:
         """Return a generation of random genomes (the first one starts with the uniform schedules)."""
         if self.first:
             self.first = False
-            return initial_population(self.space, self.population, self.rng, self.feasible)
+            return initial_population(self.space, self.population, self.rng, self.feasible, self.seeds)
         out = []
         for _ in range(1000 * self.population):
             if len(out) >= self.population:
@@ -106,14 +108,15 @@ class NSGA2Search:
     """pymoo's NSGA-II on integer genomes (SBX and polynomial mutation on equal-length intervals, then
     rounding), via ask/tell. `ask` returns [] once pymoo can make no new offspring (a small space)."""
 
-    def __init__(self, space: SearchSpace, population: int, seed: int, feasible: Callable[[Genome], bool]):
+    def __init__(self, space: SearchSpace, population: int, seed: int, feasible: Callable[[Genome], bool],
+                 seeds: Sequence[Genome] = ()):
         from pymoo.algorithms.moo.nsga2 import NSGA2
         from pymoo.core.problem import Problem
         from pymoo.operators.crossover.sbx import SBX
         from pymoo.operators.mutation.pm import PM
 
         self.feasible = feasible
-        start = initial_population(space, population, np.random.default_rng(seed), feasible)
+        start = initial_population(space, population, np.random.default_rng(seed), feasible, seeds)
         low, high = gene_bounds(space.gene_choices)
         problem = Problem(n_var=space.n_genes, n_obj=2, n_ieq_constr=1, xl=low, xu=high, vtype=int)
         self.algorithm = NSGA2(
@@ -148,7 +151,8 @@ class NSGA2Search:
 class NevergradSearch:
     """A nevergrad optimizer (differential evolution) told both objectives: its multi-objective mode."""
 
-    def __init__(self, space: SearchSpace, population: int, seed: int, feasible: Callable[[Genome], bool]):
+    def __init__(self, space: SearchSpace, population: int, seed: int, feasible: Callable[[Genome], bool],
+                 seeds: Sequence[Genome] = ()):
         import nevergrad as ng  # slow to import (seconds): only when chosen
 
         self.population, self.feasible, self.gene_choices = population, feasible, space.gene_choices
@@ -156,7 +160,7 @@ class NevergradSearch:
         param = ng.p.Array(shape=(space.n_genes,), lower=low, upper=high)
         param.random_state = np.random.RandomState(seed)
         self.optimizer = ng.optimizers.DE(parametrization=param, budget=None, num_workers=population)
-        for g in initial_population(space, population, np.random.default_rng(seed), feasible):
+        for g in initial_population(space, population, np.random.default_rng(seed), feasible, seeds):
             self.optimizer.suggest(np.array(g, dtype=float))
         self.pending: list = []
 
@@ -172,8 +176,8 @@ class NevergradSearch:
 
 
 def make_algorithm(name: str, space: SearchSpace, population: int, seed: int,
-                   feasible: Callable[[Genome], bool]) -> Algorithm:
-    """Return the named ask/tell algorithm."""
+                   feasible: Callable[[Genome], bool], seeds: Sequence[Genome] = ()) -> Algorithm:
+    """Return the named ask/tell algorithm; `seeds` join the uniform schedules in its first generation."""
     if population < 2:
         raise DDSMError(f"--population must be at least 2, got {population}")
     if population > space.size:
@@ -183,4 +187,4 @@ def make_algorithm(name: str, space: SearchSpace, population: int, seed: int,
     classes = {"nsga2": NSGA2Search, "nevergrad": NevergradSearch, "random": RandomSearch}
     if name not in classes:
         raise DDSMError(f"unknown algorithm {name!r} (choose from {', '.join(ALGORITHMS)})")
-    return classes[name](space, population, seed, feasible)
+    return classes[name](space, population, seed, feasible, seeds)

@@ -30,7 +30,7 @@ def prepare_reference(supernet_dir: str, search: dict, device: str = "cpu", cach
     q = SearchConfig(**search)
     supernet = load_supernet(supernet_dir, device)
     model = supernet.model
-    space = SearchSpace.of_search(model.space, q)
+    space = SearchSpace.for_supernet(supernet, q)
     if space.thresholds:  # fail now, before anything is written, if the supernet has no exit heads
         from ..exit_stage import load_exit_heads
 
@@ -58,7 +58,7 @@ class Evaluator:
         self.supernet = load_supernet(supernet_dir, device)
         model = self.supernet.model
         q = self.search
-        space = SearchSpace.of_search(model.space, q)
+        space = SearchSpace.for_supernet(self.supernet, q)
         self.heads = None
         if space.thresholds:
             from ..exit_stage import load_exit_heads

@@ -24,6 +24,7 @@ from .pool import LocalPool, RayPool
 from ..exit_policy import plan_key
 from .results import RunFiles, front_of, hv_reference, hypervolume
 from .space import SearchSpace
+from ..subnet import schedule_key
 
 
 def _run_info(q: SearchConfig, supernet, space: SearchSpace) -> dict:
@@ -31,6 +32,8 @@ def _run_info(q: SearchConfig, supernet, space: SearchSpace) -> dict:
             "supernet": {"path": str(supernet.path.resolve()), "sha256": supernet.sha256},
             "search": {k: v for k, v in asdict(q).items() if k not in ("generations", "workers", "backend")},
             "axes": space.searched.to_json(), "base": space.base.key, "segments": [list(b) for b in space.bounds]}
+    if space.step_axis is not None:  # a multi-stage supernet: the stage each step runs (not searched)
+        info["step_values"] = {space.step_axis: list(space.step_values)}
     return json.loads(json.dumps(info))  # as it reads back from run.json (tuples become lists)
 
 
@@ -60,14 +63,14 @@ def run_search(cfg: ExperimentConfig, supernet_dir: str | Path, out_dir: str | P
     supernet = load_supernet(supernet_dir)
     # the supernet's own diffusion settings, not the YAML's, decide which sampler steps exist
     validate_search(replace(supernet.config, search=q))
-    space = SearchSpace.of_search(supernet.model.space, q)
-    full = supernet.full_flops * q.steps
+    space = SearchSpace.for_supernet(supernet, q)
+    full = supernet.full_schedule_flops(q.steps)
     limit = None if q.budget is None else budget_gflops(q.budget, full / 1e9) * 1e9  # FLOPs per image
-    smallest = min(space.subnets(), key=supernet.flops.__getitem__)
-    cheapest = supernet.flops[smallest] * q.steps
+    cheapest_plan = space.cheapest(supernet.flops.__getitem__)
+    cheapest = supernet.schedule_flops(cheapest_plan)
     if limit is not None and cheapest > limit:
         raise DDSMError(f"budget {q.budget} ({limit / 1e9:.4f} GFLOPs per image) is below the cheapest schedule "
-                        f"({cheapest / 1e9:.4f} GFLOPs, all steps at {smallest.key})")
+                        f"({cheapest / 1e9:.4f} GFLOPs, {schedule_key(cheapest_plan)})")
 
     def flops_of(genome) -> float:
         """Return a schedule's FLOPs per image; for a dynamic one (exit policy), a lower bound known before
@@ -95,7 +98,10 @@ def run_search(cfg: ExperimentConfig, supernet_dir: str | Path, out_dir: str | P
         if not _same_run(files.read_run(), info):
             raise DDSMError(f"--resume: {files.dir} was searched with other settings or another supernet")
 
-    algorithm = make_algorithm(q.algorithm, space, q.population, q.seed, feasible)
+    from ..step_groups import seed_genomes
+
+    algorithm = make_algorithm(q.algorithm, space, q.population, q.seed, feasible,
+                               seed_genomes(space, supernet.config.diffusion, q.seed_prior))
     evaluator_args = {"supernet_dir": str(supernet.path), "search": asdict(q), "device": device, "cache_dir": cache_dir}
     from .evaluator import Evaluator, prepare_reference
 

@@ -7,6 +7,11 @@ thresholds (AdaDiff's dynamic exit on a DiT), one more gene per segment follows:
 static subnet), i > 0 the i-th threshold, highest (most blocks run) first; the depth gene is then the
 cap the exit may not pass. Encoding and decoding are exact for every schedule (and exit policy) that
 is constant on each segment.
+
+A supernet whose space has a step axis (a multi-stage U-Net's stage) gets no gene for it: each step's
+value is fixed by the sampler's timestep (`step_values`, from `for_supernet`), so a segment that
+crosses a stage boundary runs its width gene at each of its steps' stages, and decoded schedules
+carry the stage per step.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ class SearchSpace:
     segments: int
     thresholds: tuple[float, ...] = ()  # exit thresholds searched per segment, highest first (none: static)
     exit_depths: tuple[int, ...] = ()  # the supernet's depth choices: where an image may exit
+    step_axis: str | None = None  # an axis each step's timestep decides (a multi-stage U-Net's stage), not searched
+    step_values: tuple[int, ...] = ()  # its value at each step
 
     def __post_init__(self):
         object.__setattr__(self, "thresholds", tuple(sorted({float(t) for t in self.thresholds}, reverse=True)))
@@ -42,13 +49,24 @@ class SearchSpace:
             raise DDSMError("search.axes: needs at least one axis")
         if not 1 <= self.segments <= self.steps:
             raise DDSMError(f"search.segments: must be between 1 and the {self.steps} sampling steps, got {self.segments}")
+        if self.step_axis is not None and len(self.step_values) != self.steps:
+            raise DDSMError(f"the {self.step_axis} of each of the {self.steps} steps is needed, got "
+                            f"{len(self.step_values)}")
 
     @classmethod
     def of(cls, supernet_space: SubnetSpace, steps: int, segments: int, axes: Sequence[str] | None = None,
-           choices: dict | None = None, exit_thresholds: Sequence[float] | None = None) -> "SearchSpace":
-        """Return the space searching `axes` (default: all of the supernet's) with `choices` (default: all),
-        and an exit threshold per segment if `exit_thresholds` are given."""
-        axes = list(axes) if axes is not None else list(supernet_space.names)
+           choices: dict | None = None, exit_thresholds: Sequence[float] | None = None,
+           step_values: Sequence[int] | None = None) -> "SearchSpace":
+        """Return the space searching `axes` (default: all of the supernet's but its step axis) with
+        `choices` (default: all), an exit threshold per segment if `exit_thresholds` are given, and, for a
+        supernet with a step axis, its value at each step (`step_values`)."""
+        step_axis = supernet_space.step_axis
+        if step_axis is not None and (step_axis in (axes or ()) or step_axis in (choices or {})):
+            raise DDSMError(f"search.axes: the {step_axis} follows each step's timestep; it is not searched")
+        if step_axis is not None and step_values is None:
+            raise DDSMError(f"a supernet with a {step_axis} axis needs each step's {step_axis} "
+                            "(SearchSpace.for_supernet)")
+        axes = list(axes) if axes is not None else [a for a in supernet_space.names if a != step_axis]
         picked = {}
         for axis in axes:
             mine = supernet_space.choices(axis)
@@ -56,12 +74,22 @@ class SearchSpace:
             picked[axis] = mine if wanted is None else [supernet_space.check({axis: v})[axis] for v in wanted]
         depths = supernet_space.choices("depth") if "depth" in supernet_space.names else ()
         return cls(SubnetSpace.of(picked), supernet_space.full, steps, segments, tuple(exit_thresholds or ()),
-                   tuple(depths))
+                   tuple(depths), step_axis, tuple(step_values or ()))
 
     @classmethod
-    def of_search(cls, supernet_space: SubnetSpace, q) -> "SearchSpace":
+    def of_search(cls, supernet_space: SubnetSpace, q, step_values: Sequence[int] | None = None) -> "SearchSpace":
         """Return the space a SearchConfig describes."""
-        return cls.of(supernet_space, q.steps, q.segments, q.axes, q.choices, q.exit_thresholds)
+        return cls.of(supernet_space, q.steps, q.segments, q.axes, q.choices, q.exit_thresholds, step_values)
+
+    @classmethod
+    def for_supernet(cls, supernet, q) -> "SearchSpace":
+        """Return the space a SearchConfig describes on a loaded supernet (checkpoint.Supernet), with the
+        step axis's value at each of its sampler's steps where the supernet has one."""
+        space = supernet.model.space
+        values = None
+        if space.step_axis is not None:
+            values = [s[space.step_axis] for s in supernet.step_subnets([supernet.model.full] * q.steps)]
+        return cls.of_search(space, q, values)
 
     @property
     def axes(self) -> tuple[str, ...]:
@@ -91,8 +119,21 @@ class SearchSpace:
         return int(np.prod([float(n) for n in self.gene_choices])) if self.n_genes < 60 else 2**62
 
     def subnets(self) -> list[Subnet]:
-        """Return every subnet a schedule of this space can run, largest first."""
-        return [self.subnet(s.as_dict()) for s in self.searched]
+        """Return every subnet a schedule of this space can run, largest first (with a step axis: at
+        each of its values the steps take, highest first)."""
+        plain = [self.subnet(s.as_dict()) for s in self.searched]
+        if self.step_axis is None:
+            return plain
+        return [s.replace(**{self.step_axis: v}) for v in sorted(set(self.step_values), reverse=True) for s in plain]
+
+    def at_step(self, subnet: Subnet, step: int) -> Subnet:
+        """Return `subnet` as step `step` runs it (with the step axis's value there, if there is one)."""
+        return subnet if self.step_axis is None else subnet.replace(**{self.step_axis: self.step_values[step]})
+
+    def cheapest(self, cost) -> list[Subnet]:
+        """Return the schedule whose steps each run the subnet of least `cost(subnet)` that step can run."""
+        plain = [self.subnet(s.as_dict()) for s in self.searched]
+        return [min((self.at_step(s, i) for s in plain), key=cost) for i in range(self.steps)]
 
     def subnet(self, values: dict) -> Subnet:
         """Return the supernet's subnet with the searched axes at `values` and the others at base."""
@@ -130,7 +171,7 @@ class SearchSpace:
         schedule: list[Subnet] = []
         for seg, (start, stop) in enumerate(self.bounds):
             values = {a: self.searched.choices(a)[int(genome[k * self.segments + seg])] for k, a in enumerate(self.axes)}
-            schedule += [self.subnet(values)] * (stop - start)
+            schedule += [self.at_step(self.subnet(values), i) for i in range(start, stop)]
         return schedule
 
     def encode(self, schedule: Sequence[Subnet], exit: ExitPolicy | None = None) -> Genome:
@@ -151,7 +192,7 @@ class SearchSpace:
                     raise DDSMError(f"exit threshold {t!r} is not a search choice ({', '.join(map(repr, self.thresholds))})")
                 genome[len(self.axes) * self.segments + seg] = 0 if t is None else self.thresholds.index(t) + 1
         for seg, (start, stop) in enumerate(self.bounds):
-            distinct = set(schedule[start:stop])
+            distinct = set(self._off_step(s, i) for i, s in enumerate(schedule[start:stop], start))
             if len(distinct) != 1:
                 raise DDSMError(f"steps {start}..{stop - 1} use several subnets "
                                 f"({', '.join(sorted(s.key for s in distinct))}); one segment has one subnet")
@@ -165,6 +206,22 @@ class SearchSpace:
                 elif value != self.base[axis]:
                     raise DDSMError(f"{axis} is not searched here and stays at {self.base[axis]!r}, not {value!r}")
         return tuple(genome)
+
+    def _off_step(self, subnet: Subnet, step: int) -> Subnet:
+        """Return `subnet` without the step axis, checking that it has that step's value (or none)."""
+        if self.step_axis is None:
+            return subnet
+        values = subnet.as_dict()
+        value = values.pop(self.step_axis, self.step_values[step])
+        if value != self.step_values[step]:
+            raise DDSMError(f"step {step} runs {self.step_axis} {self.step_values[step]}, not {value} "
+                            f"({subnet.key}): the {self.step_axis} follows the step's timestep")
+        return Subnet.of(**values)
+
+    def first(self, seeds: Sequence[Genome] = ()) -> list[Genome]:
+        """Return the genomes every first generation starts with: the uniform schedules, then `seeds`
+        (e.g. Step-Adaptive Training's prior schedule), each once."""
+        return list(dict.fromkeys([*self.uniform(), *(tuple(int(g) for g in s) for s in seeds)]))
 
     def uniform(self) -> list[Genome]:
         """Return the genomes of the uniform schedules of every axis: each choice of one axis at every

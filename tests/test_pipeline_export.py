@@ -1,0 +1,98 @@
+"""The deployable pipeline object: a schedule (its subnets, exit policy, group weights) run exactly as
+`generate` runs it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from ddsm_search.checkpoint import load_supernet
+from ddsm_search.cli import main
+from ddsm_search.deploy_pipeline import DIFFUSERS, DDSMPipeline
+from ddsm_search.errors import DDSMError
+from ddsm_search.group_finetune import finetune_schedule
+from ddsm_search.sampling import generate
+from ddsm_search.schedule import Schedule, load_schedule, save_schedule
+from ddsm_search.subnet import Subnet
+from tests.conftest import tiny_dict
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One thread: on a shared 2-core machine two threads made tiny networks 100x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _expected(supernet, schedule, **kwargs) -> torch.Tensor:
+    images = generate(supernet.model, supernet.config.diffusion, schedule.subnets, sampler=schedule.sampler,
+                      eta=schedule.eta, **kwargs)
+    return (images / 2 + 0.5).clamp(0, 1)
+
+
+def test_pipeline_images_equal_generate(tiny_supernet, tmp_path):
+    supernet = load_supernet(tiny_supernet)
+    subnets = [Subnet.of(width=w) for w in (0.5, 0.5, 0.75, 1.0, 1.0)]
+    path = save_schedule(tmp_path / "s.json", Schedule(subnets=subnets, sampler="ddim", eta=0.5), supernet)
+    pipe = DDSMPipeline.from_schedule(path)  # the supernet the schedule recorded
+    if DIFFUSERS:
+        from diffusers import DiffusionPipeline
+
+        assert isinstance(pipe, DiffusionPipeline)
+    schedule = load_schedule(path, supernet)
+    out = pipe(batch_size=3, seed=4, output_type="pt")
+    assert torch.equal(out.images, _expected(supernet, schedule, n=3, seed=4))
+    array = pipe(batch_size=3, seed=4).images
+    assert array.shape == (3, *supernet.image_shape[1:], supernet.image_shape[0]) and array.dtype == np.float32
+    assert np.array_equal(array, out.images.permute(0, 2, 3, 1).numpy())
+    mine = pipe(batch_size=2, generator=torch.Generator().manual_seed(9), output_type="pt", return_dict=False)[0]
+    theirs = _expected(supernet, schedule, n=2, seed=0, generator=torch.Generator().manual_seed(9))
+    assert torch.equal(mine, theirs) and torch.equal(mine, pipe(batch_size=2, seed=9, output_type="pt").images)
+    pil = pipe(batch_size=2, seed=1, output_type="pil").images
+    assert len(pil) == 2 and pil[0].size == supernet.image_shape[1:][::-1]
+    assert pipe.num_inference_steps == 5 and pipe.device == torch.device("cpu")
+    for bad, message in (({"num_inference_steps": 10}, "runs 5 steps"), ({"output_type": "latent"}, "output_type"),
+                         ({"seed": 1, "generator": torch.Generator()}, "not both")):
+        with pytest.raises(DDSMError, match=message):
+            pipe(batch_size=1, **bad)
+
+
+def test_pipeline_runs_group_weights(tiny_supernet, tmp_path):
+    supernet = load_supernet(tiny_supernet)
+    plain = save_schedule(tmp_path / "p.json", Schedule(subnets=[Subnet.of(width=0.5)] * 2 +
+                                                        [Subnet.of(width=1.0)] * 3), supernet)
+    tuned = finetune_schedule(plain, tiny_supernet, tmp_path / "t.json", steps=2, batch_size=4, lr=1e-3,
+                              progress=False).schedule
+    schedule = load_schedule(tuned, supernet)
+    images = DDSMPipeline.from_schedule(tuned, tiny_supernet)(batch_size=3, seed=2, output_type="pt").images
+    assert torch.equal(images, _expected(supernet, schedule, n=3, seed=2, weights=schedule.weights))
+    assert not torch.equal(images, _expected(supernet, schedule, n=3, seed=2))
+
+
+def test_pipeline_runs_exit_policy(tmp_path):
+    data = tiny_dict()
+    data["model"] = {"kind": "dit", "patch_size": 2, "hidden_size": 32, "blocks": 4, "head_dim": 8, "mlp_ratio": 2.0,
+                     "widths": [1.0, 0.5], "depths": [4, 2]}
+    (tmp_path / "dit.yaml").write_text(yaml.safe_dump(data))
+    net = tmp_path / "net"
+    common = ["--quiet", "--device", "cpu"]
+    assert main(["train", str(tmp_path / "dit.yaml"), "--out", str(net), "--steps", "2", *common]) == 0
+    assert main(["finetune-exit", str(net), "--steps", "2", "--batch-size", "4", *common]) == 0
+    supernet = load_supernet(net)
+    path = tmp_path / "exit.json"
+    path.write_text(json.dumps({"subnets": [{"width": 1.0}] * 5, "settings": {"exit": {"threshold": 0.0}}}))
+    schedule = load_schedule(path, supernet)
+    from ddsm_search.exit_stage import load_exit_heads
+
+    pipe = DDSMPipeline.from_schedule(path, net)
+    images = pipe(batch_size=3, seed=5, output_type="pt").images
+    expected = _expected(supernet, schedule, n=3, seed=5, exit=schedule.exit, heads=load_exit_heads(supernet))
+    assert torch.equal(images, expected)
+    static = _expected(supernet, schedule, n=3, seed=5)
+    assert not torch.equal(images, static), "threshold 0: every image leaves at the smallest depth"
