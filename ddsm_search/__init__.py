@@ -23,6 +23,7 @@ _API = {
     "ExitPolicy": "exit_policy", "finetune_exit": "exit_stage",
     "import_diffusers": "imports.diffusers_unet", "reorder_by_importance": "imports.importance",
     "find_stages": "stages", "interval_cluster": "stages",
+    "prior_schedule": "step_groups", "DDSMPipeline": "deploy_pipeline", "export_onnx": "deploy.onnx_export",
 }
 # No submodule may share a name with a public function: importing `ddsm_search.train` would bind the
 # module as the package attribute `train` and hide the function (tests/test_api.py checks this).

@@ -387,11 +387,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_export)
 
+    from .deploy.onnx_command import add_export_onnx_parser
     from .imports.command import add_import_parser
     from .stages_command import add_stages_parser
     from .finetune_command import add_finetune_parser
 
     add_import_parser(sub)  # import-diffusers
+    add_export_onnx_parser(sub)  # export-onnx: ONNX graphs + manifest for deploy/onnx_sampler.py
     add_stages_parser(sub)
     add_finetune_parser(sub)  # finetune: per-group fine-tuned weights of a schedule
 

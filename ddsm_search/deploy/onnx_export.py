@@ -1,0 +1,222 @@
+"""Export a schedule as ONNX: one graph per distinct step network, and a manifest that
+deploy/onnx_sampler.py runs with numpy and onnxruntime alone.
+
+Each graph is a static subnet (`supernet.model.export(subnet)`; with fine-tuned group weights, its
+group's copy) traced by torch's TorchScript-based exporter (`dynamo=False`: the dynamo exporter needs
+onnxscript), opset 17. Graph contract: inputs `x` float32 (batch, C, H, W) and `t` float32 (batch,),
+one timestep per image; output `eps` float32 (batch, C, H, W); `batch` is dynamic. A multi-stage
+U-Net's step runs the decoder of its timestep's stage, so its graphs are per (stage, width).
+
+Every graph is checked before it is kept: onnxruntime's output at every timestep the graph serves
+must equal the torch network's, run as the sampler runs it (one scalar timestep for the batch), within
+TOLERANCE. Tracing records one path through the network, so a network whose control flow depended
+on its inputs would be caught here rather than exported wrong.
+
+The output folder is new or empty and written whole or not at all: everything goes into a temporary
+folder beside it that is renamed into place at the end. A schedule with an exit policy (per-image
+early exit, a different amount of network per image) is refused: it is not one static graph per step.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+from ..errors import DDSMError
+from .onnx_sampler import FORMAT, INPUTS, MANIFEST, OUTPUT, VERSION, manifest_digest
+
+OPSET = 17
+TOLERANCE = 1e-4  # max |onnxruntime - torch| <= TOLERANCE * max(1, max |torch|), at every served timestep
+
+
+def _check_out(out: Path) -> None:
+    """Raise DDSMError unless `out` is absent or an empty folder."""
+    if out.exists() and not out.is_dir():
+        raise DDSMError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        raise DDSMError(f"--out {out} exists and is not empty (choose a new folder)")
+
+
+def _load(schedule_path: Path, supernet):
+    """Return (schedule, supernet) checked against each other; refuse an exit policy first."""
+    from ..checkpoint import Supernet, load_supernet
+    from ..schedule import load_schedule
+
+    schedule = load_schedule(schedule_path)
+    if schedule.exit is not None and schedule.exit.dynamic:
+        raise DDSMError(f"schedule {schedule_path} has an exit policy (settings.exit): per-image early exit is "
+                        "dynamic and cannot be exported as one static ONNX graph per step; export a schedule "
+                        "without it")
+    if not isinstance(supernet, Supernet):
+        where = supernet if supernet is not None else schedule.supernet_path
+        if where is None:
+            raise DDSMError(f"schedule {schedule_path} names no supernet (supernet.path); give --supernet DIR")
+        try:
+            supernet = load_supernet(where, "cpu")
+        except DDSMError as exc:
+            hint = "" if supernet is not None else " (the schedule's supernet.path; give --supernet DIR if it moved)"
+            raise DDSMError(f"{exc}{hint}") from None
+    return load_schedule(schedule_path, supernet), supernet
+
+
+def _graph_plan(schedule, supernet) -> tuple[list[str], dict[str, dict]]:
+    """Return (the graph key of each step, {key: its subnet, group and the timesteps it serves})."""
+    from ..diffusion import sampling_timesteps
+
+    model = supernet.model
+    timesteps = sampling_timesteps(supernet.config.diffusion.timesteps, schedule.steps)
+    subnets = [model.check_subnet(s) for s in schedule.subnets]
+    # a multi-stage U-Net's step runs its timestep's stage: one graph per (stage, width), never a router
+    concrete = model.step_subnets(subnets, timesteps) if hasattr(model, "step_subnets") else subnets
+    groups = schedule.weights.step_keys(subnets, model.space) if schedule.weights is not None else None
+    keys, plan = [], {}
+    for i, (subnet, t) in enumerate(zip(concrete, timesteps)):
+        group = groups[i] if groups is not None else None
+        key = subnet.key if group is None else f"{subnet.key} group {group.group}"
+        name = subnet.slug if group is None else f"{subnet.slug}_group-{group.group}"
+        entry = plan.setdefault(key, {"subnet": subnet, "group": group, "file": f"{name}.onnx", "timesteps": []})
+        if t not in entry["timesteps"]:
+            entry["timesteps"].append(t)
+        keys.append(key)
+    return keys, plan
+
+
+def _network(supernet, schedule, entry):
+    """Return the static torch network of one graph, in eval mode on the CPU."""
+    if entry["group"] is not None:
+        return schedule.weights.network(supernet.model, entry["group"], "cpu")
+    return supernet.model.export(entry["subnet"]).to("cpu").eval()
+
+
+def _export_graph(net, path: Path, image_shape, t0: int, opset: int) -> None:
+    """Trace `net` at timestep t0 into an ONNX file with a dynamic batch axis."""
+    import torch
+
+    x = torch.randn((2, *image_shape), generator=torch.Generator().manual_seed(0))
+    t = torch.full((2,), float(t0))
+    kwargs = dict(input_names=list(INPUTS), output_names=[OUTPUT], opset_version=opset, do_constant_folding=True,
+                  dynamic_axes={"x": {0: "batch"}, "t": {0: "batch"}, OUTPUT: {0: "batch"}},
+                  training=torch.onnx.TrainingMode.EVAL)
+    if "dynamo" in inspect.signature(torch.onnx.export).parameters:
+        kwargs["dynamo"] = False  # the dynamo exporter needs onnxscript; the traced graph is what we check
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # tracer and deprecation warnings: the graph is checked below
+        torch.onnx.export(net, (x, t), str(path), **kwargs)
+
+
+def _max_error(path: Path, net, image_shape, timesteps) -> float:
+    """Return max |onnxruntime - torch| / max(1, max |torch|) over the served timesteps, on 3 images (a
+    batch size other than the traced one), torch run as the sampler runs it."""
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    session = ort.InferenceSession(path.read_bytes(), providers=["CPUExecutionProvider"])
+    x = torch.randn((3, *image_shape), generator=torch.Generator().manual_seed(1))
+    worst = 0.0
+    for t in timesteps:
+        with torch.inference_mode():
+            ref = net(x, torch.tensor(t)).float().numpy()
+        out = session.run([OUTPUT], {"x": x.numpy(), "t": np.full(3, t, dtype=np.float32)})[0]
+        if out.shape != ref.shape:
+            return float("inf")
+        worst = max(worst, float(np.abs(out - ref).max()) / max(1.0, float(np.abs(ref).max())))
+    return worst
+
+
+def _make_parents(path: Path) -> list[Path]:
+    """Create the missing folders above `path`; return them, outermost first (to remove on failure)."""
+    missing = [p for p in reversed(path.parents) if not p.exists()]
+    for p in missing:
+        p.mkdir()
+    return missing
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb+") as fh:
+        os.fsync(fh.fileno())
+
+
+def export_onnx(schedule_path: str | Path, out_dir: str | Path, supernet=None, *, opset: int = OPSET,
+                progress: bool = False) -> tuple[Path, dict]:
+    """Return (the folder, its manifest) after writing one ONNX graph per distinct step network of the
+    schedule and manifest.json into the new or empty folder `out_dir` (whole, or nothing on failure).
+
+    `supernet`: a loaded Supernet, its folder, or None for the schedule's supernet.path.
+    """
+    import importlib.util
+    import json
+
+    # torch's exporter needs onnx; every graph is checked in onnxruntime before it is kept
+    missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise DDSMError(f"export-onnx needs {' and '.join(missing)} (pip install 'ddsm-search[deploy]')")
+    from ..diffusion import NoiseSchedule, sampling_timesteps
+    from ..io import sha256_file
+
+    schedule_path, out = Path(schedule_path), Path(out_dir)
+    _check_out(out)
+    schedule, supernet = _load(schedule_path, supernet)
+    keys, plan = _graph_plan(schedule, supernet)
+    diffusion, shape = supernet.config.diffusion, tuple(supernet.image_shape)
+    created = _make_parents(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should read like any other folder
+        graphs = {}
+        for n, (key, entry) in enumerate(plan.items()):
+            if progress:
+                print(f"exporting graph {n + 1}/{len(plan)}: {key}", flush=True)
+            net, path = _network(supernet, schedule, entry), tmp / entry["file"]
+            try:
+                _export_graph(net, path, shape, entry["timesteps"][0], opset)
+            except Exception as exc:  # the exporter's errors are many kinds; say which network and why
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise DDSMError(f"step network {key} could not be exported to ONNX: {first}") from None
+            error = _max_error(path, net, shape, entry["timesteps"])
+            if not error <= TOLERANCE:
+                raise DDSMError(f"the ONNX graph of {key} differs from its torch network by {error:.3g} (relative; "
+                                f"tolerance {TOLERANCE:g}) at one of timesteps {entry['timesteps']}; not exported")
+            _fsync(path)
+            graphs[key] = {"file": entry["file"], "sha256": sha256_file(path), "subnet": entry["subnet"].as_dict(),
+                           **({"group": entry["group"].group} if entry["group"] is not None else {}),
+                           "timesteps": entry["timesteps"], "flops_per_image": supernet.flops.get(entry["subnet"]),
+                           "max_error": error}
+        manifest = {
+            "format": FORMAT, "version": VERSION,
+            "schedule": {"path": str(schedule_path), "sha256": sha256_file(schedule_path)},
+            "supernet": {"path": str(supernet.path), "sha256": supernet.sha256, "kind": supernet.config.model.kind},
+            "image_shape": list(shape),
+            "io": {"inputs": {"x": {"dtype": "float32", "shape": ["batch", *shape]},
+                              "t": {"dtype": "float32", "shape": ["batch"]}},
+                   "outputs": {OUTPUT: {"dtype": "float32", "shape": ["batch", *shape]}}, "opset": opset},
+            "sampler": {"name": schedule.sampler, "eta": schedule.eta, "steps": schedule.steps,
+                        "timesteps": sampling_timesteps(diffusion.timesteps, schedule.steps)},
+            "noise_schedule": {"timesteps": diffusion.timesteps, "beta_schedule": diffusion.beta_schedule,
+                               "alphas_cumprod": [float(a) for a in NoiseSchedule(diffusion).alphas_cumprod]},
+            "graphs": graphs,
+            "steps": keys,
+            "flops_per_image": supernet.schedule_flops(schedule.subnets),
+        }
+        manifest["manifest_sha256"] = manifest_digest(manifest)
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        _fsync(tmp / MANIFEST)
+        try:
+            os.replace(tmp, out)  # onto an absent or empty folder: atomic on POSIX
+        except OSError as exc:  # something appeared in it meanwhile
+            raise DDSMError(f"could not move the export into {out}: {exc.strerror}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for p in reversed(created):
+            try:
+                p.rmdir()
+            except OSError:
+                break
+        raise
+    return out, manifest

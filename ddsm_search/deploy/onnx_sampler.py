@@ -1,0 +1,270 @@
+"""Sample a schedule exported by `ddsm-search export-onnx` with numpy and onnxruntime only (no torch).
+
+The folder holds `manifest.json` and one ONNX graph per distinct step network. Every graph has
+  inputs   x    float32 (batch, C, H, W)   the latent x_t
+           t    float32 (batch,)           the timestep of each image (whole numbers 0 .. T-1)
+  output   eps  float32 (batch, C, H, W)   the predicted noise
+with `batch` a dynamic axis. The steps are those of ddsm_search/diffusion.py (`_step`, `sample_loop`):
+x0 clipped to [-1, 1], eps recomputed from the clipped x0, the last step returning x0; DDIM (eta 0 or
+above) and ancestral DDPM over the respaced chain.
+
+Noise: `sample(n, seed=S)` draws from numpy's default_rng(S): the initial noise (n, C, H, W) first,
+then, for a stochastic sampler (DDPM, or DDIM with eta > 0), one (n, C, H, W) array per step but the
+last. These are not torch's numbers: to reproduce `ddsm_search.sampling.generate` exactly, pass its
+draws as `noise` and `step_noise` (the initial noise, then one array per step but the last, in the
+order it draws them from its CPU generator).
+
+This file imports nothing of ddsm_search but its error type (and works copied on its own beside the
+graphs), so a deployment needs only numpy and onnxruntime.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable, Sequence, Union
+
+import numpy as np
+
+try:
+    from ..errors import DDSMError
+except ImportError:  # this file copied on its own, outside the package
+    class DDSMError(Exception):
+        """A problem with the exported folder or the inputs: the message names it."""
+
+FORMAT = "ddsm-search/onnx"
+VERSION = 1
+MANIFEST = "manifest.json"
+SAMPLERS = ("ddim", "ddpm")
+INPUTS, OUTPUT = ("x", "t"), "eps"
+
+StepNoise = Union[np.ndarray, Sequence[np.ndarray], Callable[[int], np.ndarray], None]
+
+
+def manifest_digest(manifest: dict) -> str:
+    """Return the SHA-256 of a manifest's content (every field but this digest, in canonical JSON)."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def read_manifest(folder: str | Path) -> dict:
+    """Return the checked manifest of an exported folder, or raise DDSMError naming what is wrong."""
+    folder = Path(folder)
+    path = folder / MANIFEST
+    if not folder.is_dir():
+        raise DDSMError(f"ONNX export folder not found: {folder}")
+    if not path.is_file():
+        raise DDSMError(f"{folder} is not an ONNX export (no {MANIFEST}; write one with 'ddsm-search export-onnx')")
+    try:
+        manifest = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DDSMError(f"{path} is not valid JSON ({getattr(exc, 'msg', exc)})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise DDSMError(f"{path} is not a {FORMAT} manifest")
+    if manifest.get("version") != VERSION:
+        raise DDSMError(f"{path} has format version {manifest.get('version')!r}; this sampler reads {VERSION}")
+    if manifest.get("manifest_sha256") != manifest_digest(manifest):
+        raise DDSMError(f"{path} was changed after export (its manifest_sha256 does not match its content)")
+
+    def fail(message: str) -> DDSMError:
+        return DDSMError(f"{path}: {message}")
+
+    shape = manifest.get("image_shape")
+    if not isinstance(shape, list) or len(shape) != 3 or not all(_whole(v) and v > 0 for v in shape):
+        raise fail(f"image_shape must be three positive whole numbers, got {shape!r}")
+    sampler, noise = manifest.get("sampler"), manifest.get("noise_schedule")
+    if not isinstance(sampler, dict) or sampler.get("name") not in SAMPLERS:
+        raise fail(f"sampler.name must be one of {', '.join(SAMPLERS)}")
+    if not _number(sampler.get("eta")) or sampler["eta"] < 0:
+        raise fail(f"sampler.eta must be a finite number >= 0, got {sampler.get('eta')!r}")
+    abar = noise.get("alphas_cumprod") if isinstance(noise, dict) else None
+    if not isinstance(abar, list) or not abar or not all(_number(a) and 0 < a <= 1 for a in abar):
+        raise fail("noise_schedule.alphas_cumprod must be a list of numbers in (0, 1]")
+    graphs, steps, timesteps = manifest.get("graphs"), manifest.get("steps"), sampler.get("timesteps")
+    if not isinstance(graphs, dict) or not graphs:
+        raise fail("graphs must be a non-empty object")
+    for key, graph in graphs.items():
+        name = graph.get("file") if isinstance(graph, dict) else None
+        if not isinstance(name, str) or not name or Path(name).name != name or name.startswith("."):
+            raise fail(f"graphs[{key!r}].file must be a plain file name in the folder, got {name!r}")
+        sha = graph.get("sha256")
+        if not isinstance(sha, str) or len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+            raise fail(f"graphs[{key!r}].sha256 must be 64 hex digits")
+    if not isinstance(steps, list) or not steps or any(not isinstance(k, str) or k not in graphs for k in steps):
+        raise fail("steps must be a non-empty list of keys of graphs (one per sampling step)")
+    if (not isinstance(timesteps, list) or len(timesteps) != len(steps)
+            or not all(_whole(t) and 0 <= t < len(abar) for t in timesteps)):
+        raise fail(f"sampler.timesteps must be one timestep in 0 .. {len(abar) - 1} per step ({len(steps)})")
+    return manifest
+
+
+def ddim_ddpm_step(x: np.ndarray, eps: np.ndarray, a_t: float, a_prev: float, sampler: str, eta: float,
+                   z: np.ndarray | None) -> np.ndarray:
+    """Return x at the previous timestep from x_t and the predicted noise (x0 clipped to [-1, 1]), as
+    ddsm_search.diffusion._step computes it (float32 arrays, float64 coefficients)."""
+    x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
+    np.clip(x0, -1, 1, out=x0)
+    if a_prev >= 1.0:
+        return x0
+    eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)  # consistent with the clipped x0
+    if sampler == "ddpm":
+        beta = 1 - a_t / a_prev
+        mean = (math.sqrt(a_prev) * beta / (1 - a_t)) * x0 + (math.sqrt(1 - beta) * (1 - a_prev) / (1 - a_t)) * x
+        return mean + math.sqrt(beta * (1 - a_prev) / (1 - a_t)) * z
+    sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
+    x_prev = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - sigma**2, 0.0)) * eps
+    return x_prev + sigma * z if sigma > 0 else x_prev
+
+
+def _bounds(n: int, parts: int) -> list[slice]:
+    """Return up to `parts` contiguous, non-empty slices of n images, as equal as can be."""
+    edges = [round(k * n / parts) for k in range(parts + 1)]
+    return [slice(a, b) for a, b in zip(edges, edges[1:]) if b > a]
+
+
+class OnnxSampler:
+    """An exported schedule loaded into onnxruntime: `sample(n, ...)` returns images in [-1, 1].
+
+    `sessions` > 1 splits every batch into that many contiguous parts, each run by its own
+    onnxruntime session in its own thread (with one intra-op thread each unless `threads` says
+    otherwise); the images do not depend on `sessions`. `threads` is the intra-op thread count of
+    each session (default: onnxruntime's own for one session, 1 for several).
+    """
+
+    def __init__(self, manifest_dir: str | Path, threads: int | None = None, sessions: int = 1,
+                 providers: Sequence[str] = ("CPUExecutionProvider",)):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise DDSMError("onnxruntime is not installed (pip install 'ddsm-search[deploy]')") from None
+        if not _whole(sessions) or sessions < 1:
+            raise DDSMError(f"sessions must be a whole number >= 1, got {sessions!r}")
+        if threads is not None and (not _whole(threads) or threads < 1):
+            raise DDSMError(f"threads must be a whole number >= 1, got {threads!r}")
+        self.folder = Path(manifest_dir)
+        self.manifest = read_manifest(self.folder)
+        sampler = self.manifest["sampler"]
+        self.sampler, self.eta = sampler["name"], float(sampler["eta"])
+        self.timesteps = list(sampler["timesteps"])
+        self.image_shape = tuple(self.manifest["image_shape"])
+        self.steps = list(self.manifest["steps"])
+        self.sessions = sessions
+        abar = [float(a) for a in self.manifest["noise_schedule"]["alphas_cumprod"]]
+        # (graph key, t, a_t, a_prev) per step: a_prev of the last step is 1 (it returns x0)
+        self.plan = [(key, t, abar[t], abar[self.timesteps[i + 1]] if i + 1 < len(self.timesteps) else 1.0)
+                     for i, (key, t) in enumerate(zip(self.steps, self.timesteps))]
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads if threads is not None else (0 if sessions == 1 else 1)
+        options.inter_op_num_threads = 1
+        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.runners: dict[str, list] = {}
+        for key in dict.fromkeys(self.steps):
+            blob = self._verified_graph(key)
+            try:
+                self.runners[key] = [ort.InferenceSession(blob, options, providers=list(providers))
+                                     for _ in range(sessions)]
+            except Exception as exc:  # onnxruntime raises its own classes, not exported in a stable place
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                raise DDSMError(f"{self.folder / self.manifest['graphs'][key]['file']} does not load in "
+                                f"onnxruntime: {first}") from None
+            names = ([i.name for i in self.runners[key][0].get_inputs()],
+                     [o.name for o in self.runners[key][0].get_outputs()])
+            if sorted(names[0]) != sorted(INPUTS) or names[1] != [OUTPUT]:
+                raise DDSMError(f"graph {key!r} has inputs {names[0]} and outputs {names[1]}, not x, t -> eps")
+
+    def _verified_graph(self, key: str) -> bytes:
+        """Return a graph's bytes after checking them against the manifest's SHA-256 (the bytes checked
+        are the bytes loaded)."""
+        path = self.folder / self.manifest["graphs"][key]["file"]
+        try:
+            blob = path.read_bytes()
+        except OSError:
+            raise DDSMError(f"graph file missing: {path}") from None
+        if hashlib.sha256(blob).hexdigest() != self.manifest["graphs"][key]["sha256"]:
+            raise DDSMError(f"{path} does not match its SHA-256 in {MANIFEST} (changed or replaced); export again")
+        return blob
+
+    @property
+    def stochastic(self) -> bool:
+        """Return True if a step draws noise (DDPM, or DDIM with eta > 0)."""
+        return self.sampler == "ddpm" or self.eta > 0
+
+    def sample(self, n: int, seed: int | None = None, noise: np.ndarray | None = None,
+               step_noise: StepNoise = None, batch_size: int | None = None,
+               callback: Callable[[int, np.ndarray], None] | None = None) -> np.ndarray:
+        """Return n images (float32, (n, C, H, W)) in [-1, 1] sampled along the exported schedule.
+
+        `noise`: the initial noise (n, C, H, W), else drawn from default_rng(seed). `step_noise`: for a
+        stochastic sampler, the noise of step i as `step_noise[i]` (an array (steps - 1, n, C, H, W))
+        or `step_noise(i)`, else drawn from the same generator after the initial noise. `batch_size`
+        bounds the images per graph call (default: each session's whole share). `callback(i, x)` sees
+        the latent after step i.
+        """
+        if not _whole(n) or n < 1:
+            raise DDSMError(f"the number of images must be at least 1, got {n!r}")
+        if batch_size is not None and (not _whole(batch_size) or batch_size < 1):
+            raise DDSMError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+        shape = (n, *self.image_shape)
+        rng = np.random.default_rng(seed)
+        x = rng.standard_normal(shape, dtype=np.float32) if noise is None else self._checked(noise, shape, "noise")
+        parts = _bounds(n, self.sessions)
+        pool = ThreadPoolExecutor(len(parts)) if len(parts) > 1 else None
+        try:
+            for i, (key, t, a_t, a_prev) in enumerate(self.plan):
+                z = self._noise_of_step(i, step_noise, rng, shape) if self.stochastic and a_prev < 1.0 else None
+                out = np.empty_like(x)
+
+                def advance(k: int, part: slice) -> None:
+                    eps = self._eps(self.runners[key][k], x[part], t, batch_size)
+                    out[part] = ddim_ddpm_step(x[part], eps, a_t, a_prev, self.sampler, self.eta,
+                                               None if z is None else z[part])
+
+                if pool is None:
+                    advance(0, parts[0])
+                else:
+                    for job in [pool.submit(advance, k, part) for k, part in enumerate(parts)]:
+                        job.result()
+                x = out
+                if callback is not None:
+                    callback(i, x)
+        finally:
+            if pool is not None:
+                pool.shutdown()
+        return x
+
+    @staticmethod
+    def _eps(session, x: np.ndarray, t: int, batch_size: int | None) -> np.ndarray:
+        """Return the graph's predicted noise for x at timestep t, in chunks of at most batch_size."""
+        size = batch_size or len(x)
+        chunks = [x[a:a + size] for a in range(0, len(x), size)]
+        outs = [session.run([OUTPUT], {"x": c, "t": np.full(len(c), t, dtype=np.float32)})[0] for c in chunks]
+        return outs[0] if len(outs) == 1 else np.concatenate(outs)
+
+    def _noise_of_step(self, i: int, step_noise: StepNoise, rng: np.random.Generator, shape) -> np.ndarray:
+        if step_noise is None:
+            return rng.standard_normal(shape, dtype=np.float32)
+        if callable(step_noise):
+            return self._checked(step_noise(i), shape, f"step_noise({i})")
+        if i >= len(step_noise):
+            raise DDSMError(f"step_noise holds {len(step_noise)} steps' noise, but step {i} needs one "
+                            f"(one per step but the last: {len(self.plan) - 1})")
+        return self._checked(step_noise[i], shape, f"step_noise[{i}]")
+
+    @staticmethod
+    def _checked(array, shape, what: str) -> np.ndarray:
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        if array.shape != tuple(shape):
+            raise DDSMError(f"{what} has shape {array.shape}, expected {tuple(shape)}")
+        return array

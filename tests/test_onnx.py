@@ -1,0 +1,279 @@
+"""ONNX export of a schedule (deploy/onnx_export.py) and the numpy + onnxruntime sampler
+(deploy/onnx_sampler.py): graphs equal their torch subnets, whole schedules equal `generate` on the
+same noise (DDIM eta 0 and 0.7, DDPM, group weights), tampering and bad inputs are refused."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+from ddsm_search.checkpoint import load_supernet  # noqa: E402
+from ddsm_search.cli import main  # noqa: E402
+from ddsm_search.deploy import onnx_export  # noqa: E402
+from ddsm_search.deploy.onnx_export import export_onnx  # noqa: E402
+from ddsm_search.deploy.onnx_sampler import OnnxSampler  # noqa: E402
+from ddsm_search.diffusion import sampling_timesteps  # noqa: E402
+from ddsm_search.errors import DDSMError  # noqa: E402
+from ddsm_search.group_weights import GroupWeights, WeightGroup  # noqa: E402
+from ddsm_search.sampling import generate  # noqa: E402
+from ddsm_search.schedule import Schedule, save_schedule  # noqa: E402
+from tests.conftest import tiny_dict  # noqa: E402
+from tests.test_exit_stage import TINY_DIT  # noqa: E402
+
+REL = 1e-4  # graph against its torch subnet: max |diff| <= REL * max |torch|
+IMAGES = 2e-4  # a whole schedule's images in [-1, 1] (errors of the steps add up)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One thread: on a shared 2-core machine two threads made a tiny forward pass 100x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _draws(seed: int, n: int, shape, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return (initial noise, one noise per step but the last) as `generate` draws them from its seed."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn((n, *shape), generator=g)
+    z = [torch.randn((n, *shape), generator=g) for _ in range(steps - 1)]
+    return x.numpy(), np.stack([v.numpy() for v in z])
+
+
+def _close(got: np.ndarray, ref: np.ndarray, rel: float) -> float:
+    assert got.shape == ref.shape and got.dtype == np.float32
+    err = float(np.abs(got - ref).max())
+    assert err <= rel * max(1.0, float(np.abs(ref).max())), err
+    return err
+
+
+def _graph_matches_subnet(folder: Path, supernet, key: str, n: int = 4) -> None:
+    """Check one graph against the torch static subnet it came from, at every timestep it serves."""
+    import onnxruntime as ort
+
+    entry = json.loads((folder / "manifest.json").read_text())["graphs"][key]
+    session = ort.InferenceSession(str(folder / entry["file"]), providers=["CPUExecutionProvider"])
+    net = supernet.model.export(supernet.model.check_subnet(entry["subnet"])).eval()
+    x = torch.randn((n, *supernet.image_shape), generator=torch.Generator().manual_seed(7))
+    for t in entry["timesteps"]:
+        with torch.inference_mode():
+            ref = net(x, torch.full((n,), t)).numpy()
+        assert float(np.abs(ref).max()) > 1e-2, "a network that predicts ~0 would test nothing"
+        out = session.run(["eps"], {"x": x.numpy(), "t": np.full(n, t, np.float32)})[0]
+        assert float(np.abs(out - ref).max()) <= REL * float(np.abs(ref).max()), (key, t)
+
+
+@pytest.fixture(scope="module")
+def unet(tiny_supernet, tmp_path_factory):
+    """The tiny U-Net's schedule of three widths exported once: (supernet, subnets, schedule file, folder)."""
+    root = tmp_path_factory.mktemp("onnx-unet")
+    supernet = load_supernet(tiny_supernet)
+    subnets = [supernet.model.check_subnet(w) for w in (1.0, 0.5, 0.5, 0.75, 1.0)]
+    path = save_schedule(root / "schedule.json", Schedule(subnets=subnets), supernet)
+    folder, _ = export_onnx(path, root / "onnx")
+    return supernet, subnets, path, folder
+
+
+def test_unet_export_graphs_equal_subnets_and_manifest(unet):
+    supernet, subnets, path, folder = unet
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["manifest.json", "width-1.0.onnx", "width-0.5.onnx",
+                                                               "width-0.75.onnx"]), "one graph per distinct subnet"
+    assert manifest["format"] == "ddsm-search/onnx" and manifest["version"] == 1
+    assert manifest["steps"] == [s.key for s in subnets]
+    assert manifest["sampler"] == {"name": "ddim", "eta": 0.0, "steps": 5,
+                                   "timesteps": sampling_timesteps(supernet.config.diffusion.timesteps, 5)}
+    assert manifest["supernet"]["sha256"] == supernet.sha256
+    abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 100, dtype=torch.float64), 0)
+    assert np.allclose(manifest["noise_schedule"]["alphas_cumprod"], abar.numpy(), rtol=1e-12)
+    for key, graph in manifest["graphs"].items():
+        assert hashlib.sha256((folder / graph["file"]).read_bytes()).hexdigest() == graph["sha256"]
+        _graph_matches_subnet(folder, supernet, key)
+    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")], "no temporary folder left"
+
+
+def test_unet_schedule_images_equal_generate(unet):
+    supernet, subnets, _, folder = unet
+    n = 9  # odd: two sessions take 4 and 5 images
+    noise, _ = _draws(3, n, supernet.image_shape, len(subnets))
+    ref = generate(supernet.model, supernet.config.diffusion, subnets, n=n, seed=3).numpy()
+    for sessions, batch_size in ((1, None), (2, None), (2, 2)):
+        got = OnnxSampler(folder, sessions=sessions).sample(n, noise=noise, batch_size=batch_size)
+        _close(got, ref, IMAGES)
+        assert got.min() >= -1 and got.max() <= 1
+    seeded = OnnxSampler(folder)
+    assert np.array_equal(seeded.sample(3, seed=5), seeded.sample(3, seed=5)), "a seed gives the same images"
+
+
+def test_stochastic_samplers_equal_generate_on_the_same_step_noise(tiny_supernet, tmp_path):
+    supernet = load_supernet(tiny_supernet)
+    subnets = [supernet.model.check_subnet(0.5)] * 5
+    path = save_schedule(tmp_path / "ddpm.json", Schedule(subnets=subnets, sampler="ddpm"), supernet)
+    sampler = OnnxSampler(export_onnx(path, tmp_path / "onnx")[0], sessions=2)
+    n = 5
+    noise, step_noise = _draws(11, n, supernet.image_shape, len(subnets))
+    for name, eta in (("ddpm", 0.0), ("ddim", 0.7)):
+        sampler.sampler, sampler.eta = name, eta  # the same graphs, the other stochastic step
+        ref = generate(supernet.model, supernet.config.diffusion, subnets, n=n, seed=11, sampler=name, eta=eta).numpy()
+        _close(sampler.sample(n, noise=noise, step_noise=step_noise), ref, IMAGES)
+        _close(sampler.sample(n, noise=noise, step_noise=lambda i: step_noise[i]), ref, IMAGES)
+    with pytest.raises(DDSMError, match="step_noise holds 2 steps' noise"):
+        sampler.sample(n, noise=noise, step_noise=step_noise[:2])
+    with pytest.raises(DDSMError, match=r"noise has shape \(2, 1, 8, 8\), expected \(5, 1, 8, 8\)"):
+        sampler.sample(n, noise=noise[:2])
+
+
+def test_group_weights_export_each_groups_network(tiny_supernet, tmp_path):
+    supernet = load_supernet(tiny_supernet)
+    model = supernet.model
+    subnets = [model.check_subnet(w) for w in (0.5, 0.5, 1.0, 1.0, 1.0)]
+    timesteps = sampling_timesteps(supernet.config.diffusion.timesteps, 5)
+    groups = (WeightGroup(0, 2, subnets[0], (timesteps[1], 99)), WeightGroup(2, 5, subnets[2], (0, timesteps[2])))
+    g = torch.Generator().manual_seed(0)
+    tensors = {f"group{k}.{name}": (v + 0.05 * torch.randn(v.shape, generator=g)).contiguous()
+               for k, group in enumerate(groups) for name, v in model.export(group.subnet).state_dict().items()}
+    from safetensors.torch import save
+
+    blob = save(tensors)
+    (tmp_path / "w.safetensors").write_bytes(blob)
+    weights = GroupWeights(tmp_path / "w.safetensors", hashlib.sha256(blob).hexdigest(), groups)
+    path = save_schedule(tmp_path / "s.json", Schedule(subnets=subnets, weights=weights), supernet)
+    folder, manifest = export_onnx(path, tmp_path / "onnx")
+    assert manifest["steps"] == ["width=0.5 group 0"] * 2 + ["width=1.0 group 1"] * 3
+    noise, _ = _draws(2, 4, supernet.image_shape, 5)
+    ref = generate(model, supernet.config.diffusion, subnets, n=4, seed=2, weights=weights).numpy()
+    plain = generate(model, supernet.config.diffusion, subnets, n=4, seed=2).numpy()
+    assert np.abs(ref - plain).max() > 1e-3, "the group weights change the images"
+    _close(OnnxSampler(folder).sample(4, noise=noise), ref, IMAGES)
+
+
+@pytest.fixture(scope="module")
+def dit(tmp_path_factory):
+    """A tiny DiT supernet trained 3 steps through the CLI, its weights then randomised in memory (adaLN-Zero
+    starts every block as the identity: trained 3 steps it predicts almost zero, which would test nothing)."""
+    root = tmp_path_factory.mktemp("onnx-dit")
+    data = tiny_dict()
+    data["model"] = TINY_DIT
+    (root / "dit.yaml").write_text(yaml.safe_dump(data))
+    assert main(["train", str(root / "dit.yaml"), "--out", str(root / "net"), "--steps", "3", "--quiet",
+                 "--device", "cpu"]) == 0
+    supernet = load_supernet(root / "net")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in supernet.model.parameters():
+            p.copy_(0.2 * torch.randn(p.shape, generator=g))
+    return supernet, root
+
+
+def test_dit_width_and_depth_schedule_round_trip(dit):
+    supernet, root = dit
+    model = supernet.model
+    subnets = [model.check_subnet(s) for s in ("width=1.0,depth=4", "width=0.5,depth=2", "width=0.5,depth=2",
+                                               "width=1.0,depth=3", "width=1.0,depth=4")]
+    path = save_schedule(root / "schedule.json", Schedule(subnets=subnets), supernet)
+    folder, manifest = export_onnx(path, root / "onnx", supernet=supernet)  # the randomised weights
+    assert len(manifest["graphs"]) == 3 and manifest["supernet"]["kind"] == "dit"
+    for key in manifest["graphs"]:
+        _graph_matches_subnet(folder, supernet, key)
+    n = 5
+    noise, _ = _draws(4, n, supernet.image_shape, len(subnets))
+    ref = generate(model, supernet.config.diffusion, subnets, n=n, seed=4).numpy()
+    _close(OnnxSampler(folder, sessions=2).sample(n, noise=noise), ref, IMAGES)
+
+
+def test_sampler_imports_no_torch(unet):
+    folder = unet[3]
+    code = ("import sys; from ddsm_search.deploy.onnx_sampler import OnnxSampler; "
+            f"x = OnnxSampler({str(folder)!r}).sample(2, seed=0); "
+            "assert x.shape == (2, 1, 8, 8) and abs(x).max() <= 1; "
+            "assert 'torch' not in sys.modules, 'torch was imported'; print('ok')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1],
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
+
+
+def test_tampered_graph_or_manifest_is_refused(unet, tmp_path):
+    folder = shutil.copytree(unet[3], tmp_path / "copy")
+    graph = folder / "width-0.5.onnx"
+    blob = bytearray(graph.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    graph.write_bytes(bytes(blob))
+    with pytest.raises(DDSMError, match="width-0.5.onnx does not match its SHA-256 in manifest.json"):
+        OnnxSampler(folder)
+    graph.unlink()
+    with pytest.raises(DDSMError, match="graph file missing"):
+        OnnxSampler(folder)
+    shutil.rmtree(folder)
+    folder = shutil.copytree(unet[3], tmp_path / "copy")
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest["sampler"]["eta"] = 1.0
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DDSMError, match="changed after export"):
+        OnnxSampler(folder)
+    with pytest.raises(DDSMError, match="not an ONNX export"):
+        OnnxSampler(tmp_path)
+
+
+def _cli(argv: list[str]) -> int:
+    """Run `ddsm-search export-onnx ...` through cli.main once it is wired in, else the same way."""
+    from ddsm_search import cli
+    from ddsm_search.deploy.onnx_command import add_export_onnx_parser
+
+    commands = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    if "export-onnx" in commands.choices:
+        return cli.main(argv)
+    parser = cli._Parser(prog="ddsm-search")
+    add_export_onnx_parser(parser.add_subparsers(dest="command", required=True, parser_class=cli._Parser))
+    try:
+        args = parser.parse_args(argv)
+        return args.func(args)
+    except DDSMError as exc:
+        print(f"ddsm-search: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def test_cli_writes_and_refuses_in_one_line_writing_nothing(unet, tmp_path, capsys, monkeypatch):
+    supernet, subnets, path, _ = unet
+    assert _cli(["export-onnx", str(path), "--out", str(tmp_path / "ok"), "--quiet"]) == 0
+    assert "wrote 3 ONNX graph(s) for 5 ddim steps" in capsys.readouterr().out
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    (tmp_path / "a-file").write_text("x")
+    exit_schedule = tmp_path / "exit.json"
+    exit_schedule.write_text(json.dumps({"subnets": [{"width": 1.0}] * 5, "settings": {"exit": {"threshold": 0.8}},
+                                         "supernet": {"path": str(supernet.path)}}))
+    orphan = tmp_path / "orphan.json"
+    orphan.write_text(json.dumps({"subnets": [{"width": 1.0}] * 5}))
+    cases = [
+        ([str(tmp_path / "missing.json"), "--out", str(tmp_path / "o1")], "schedule file not found"),
+        ([str(path), "--out", str(tmp_path / "full")], "exists and is not empty"),
+        ([str(path), "--out", str(tmp_path / "a-file")], "is a file, not a folder"),
+        ([str(exit_schedule), "--out", str(tmp_path / "o2")], "has an exit policy (settings.exit)"),
+        ([str(orphan), "--out", str(tmp_path / "o3")], "names no supernet"),
+        ([str(orphan), "--out", str(tmp_path / "o4"), "--supernet", str(tmp_path / "nope")],
+         "supernet directory not found"),
+        ([str(path), "--out", str(tmp_path / "new" / "deeper" / "o5")], "differs from its torch network"),
+    ]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    monkeypatch.setattr(onnx_export, "_max_error", lambda *a: float("inf"))  # the last case: a graph that is wrong
+    for argv, message in cases:
+        assert _cli(["export-onnx", *argv, "--quiet"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1, err
+        assert sorted(p.name for p in tmp_path.iterdir()) == before, f"{message}: something was written"
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine" and len(list((tmp_path / "full").iterdir())) == 1
+    assert (tmp_path / "a-file").read_text() == "x"
