@@ -46,6 +46,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module of tiny networks: on a shared 2-core machine two threads made
+    their forward passes and training steps up to 100x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def tiny_supernet(tmp_path_factory):
     """A tiny supernet trained once per session through the CLI; tests only read it."""

@@ -37,13 +37,7 @@ REL = 1e-4  # graph against its torch subnet: max |diff| <= REL * max |torch|
 IMAGES = 2e-4  # a whole schedule's images in [-1, 1] (errors of the steps add up)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One thread: on a shared 2-core machine two threads made a tiny forward pass 100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def _draws(seed: int, n: int, shape, steps: int) -> tuple[np.ndarray, np.ndarray]:

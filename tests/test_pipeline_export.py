@@ -21,13 +21,7 @@ from ddsm_search.subnet import Subnet
 from tests.conftest import tiny_dict
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One thread: on a shared 2-core machine two threads made tiny networks 100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 def _expected(supernet, schedule, **kwargs) -> torch.Tensor:

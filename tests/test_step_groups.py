@@ -24,13 +24,7 @@ from ddsm_search.step_groups import (group_index, group_sizes, log_snr, prior_ge
 from ddsm_search.subnet import Subnet, SubnetSpace
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One thread: on a shared 2-core machine two threads made a tiny training step 100x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 CONFIGS = [DiffusionConfig(), DiffusionConfig(timesteps=100), DiffusionConfig(beta_schedule="cosine")]
