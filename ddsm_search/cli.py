@@ -162,9 +162,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     supernet = load_supernet(args.supernet, device)
     subnets, sampler, eta, exit = _schedule_subnets(args, supernet)
-    from .finetune_command import refuse_weights
+    from .finetune_command import sampling_weights
 
-    refuse_weights(args, "evaluate", supernet)
+    weights = sampling_weights(args, supernet, exit)  # a schedule's fine-tuned group weights, if any
     heads = None
     if exit is not None:  # a dynamic exit: FLOPs per image are those executed, measured while sampling
         from .exit_stage import load_exit_heads
@@ -184,7 +184,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                         extractor if features else None)
     result = evaluate(supernet, subnets, n=args.n, seed_set=args.seeds, scorer=scorer, device=device,
                       batch_size=args.batch_size, sampler=sampler, eta=eta, progress=not args.quiet, drift=args.drift,
-                      backend=args.backend or supernet.config.sample.backend, exit=exit, heads=heads)
+                      backend=args.backend or supernet.config.sample.backend, exit=exit, heads=heads,
+                      weights=weights)
     full = supernet.full_schedule_flops(len(subnets)) / 1e9
     fid = (f"FID {result['fid']:.4f}  KID {result['kid']:.5f} (+/- {result['kid_std']:.5f} over subsets)  "
            if result["extractor"] else "FID/KID n/a (no extractor here)  ")

@@ -69,17 +69,18 @@ class Confirmer:
         return make_denoisers(self.supernet.model, subnets, self.device, self.backend,
                               min(self.n, self.kwargs["batch_size"]))
 
-    def result(self, subnets, exit=None) -> dict:
-        """Return the full held-out evaluation of a schedule (features and executed FLOPs included)."""
-        return self._evaluate(subnets, exit)
+    def result(self, subnets, exit=None, weights=None) -> dict:
+        """Return the full held-out evaluation of a schedule (features and executed FLOPs included), run
+        with its fine-tuned group `weights` if given."""
+        return self._evaluate(subnets, exit, weights)
 
-    def _evaluate(self, subnets, exit=None) -> dict:
+    def _evaluate(self, subnets, exit=None, weights=None) -> dict:
         missing = [s for s in dict.fromkeys(subnets) if s not in self.denoisers]
         if missing:  # exported as the schedules need them
             self.denoisers.update(self._denoisers(missing))
         # dynamic steps are made by evaluate (torch, with the heads) and kept in the same map
         return evaluate(self.supernet, subnets, scorer=self.scorer, full=self.full, denoisers=self.denoisers,
-                        cache=self.cache, keep=True, exit=exit, heads=self.heads, **self.kwargs)
+                        cache=self.cache, keep=True, exit=exit, heads=self.heads, weights=weights, **self.kwargs)
 
     def loss(self, result: dict) -> dict:
         """Return the loss of an evaluated schedule against full size: value, low, high, method."""

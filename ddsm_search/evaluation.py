@@ -19,9 +19,9 @@ from .data import SPLITS, dataset_key, load_dataset
 from .errors import DDSMError
 from .metrics import FeatureExtractor, ReferenceStats, default_extractor_for, get_extractor, reference_stats, seed_for
 from .full_samples import full_size_samples
-from .sampling import PrefixCache, generate, make_denoisers
+from .sampling import PrefixCache, generate, make_denoisers, plan_steps
 from .scoring import FullReference, Scorer, drift_space_for, score_images
-from .exit_policy import ExitPolicy, ExitRecord, plan_key, step_keys
+from .exit_policy import ExitPolicy, ExitRecord, plan_key
 
 
 def training_reference(data: DataConfig, extractor: FeatureExtractor, *, cache_dir=None,
@@ -48,7 +48,7 @@ def evaluate(supernet: Supernet, subnets: Sequence, *, n: int, seed_set: str = "
              reference: ReferenceStats | None = None, kid: bool = True, denoisers: dict | None = None,
              cache: PrefixCache | None = None, scorer: Scorer | None = None, drift: bool = False,
              full: FullReference | None = None, keep: bool = False, backend: str = "torch",
-             exit: ExitPolicy | None = None, heads=None) -> dict:
+             exit: ExitPolicy | None = None, heads=None, weights=None) -> dict:
     """Return FID, KID (mean and spread), drift, GFLOPs per image and timings of a schedule on a named seed set.
 
     Every schedule scored on the same seed set starts from the same noise (common random numbers).
@@ -60,7 +60,8 @@ def evaluate(supernet: Supernet, subnets: Sequence, *, n: int, seed_set: str = "
 
     With a dynamic `exit` policy (and the supernet's certainty `heads`, or `denoisers` made for its
     steps), GFLOPs per image are those executed, measured while sampling (mean; `executed` holds
-    their spread and the depth each step ran).
+    their spread and the depth each step ran). With a schedule's fine-tuned group `weights`
+    (group_weights.GroupWeights), each step runs its group's copy of its subnet.
     """
     if not isinstance(n, int) or n < 2:
         raise DDSMError(f"evaluation needs at least 2 images (a covariance), got n={n}")
@@ -78,23 +79,24 @@ def evaluate(supernet: Supernet, subnets: Sequence, *, n: int, seed_set: str = "
         scorer = Scorer(extractor, reference, extractor if space == "features" else None)
     if scorer.extractor is not None:
         _check_reference(scorer.reference, scorer.extractor)
-    steps = step_keys(subnets, exit)
+    steps = plan_steps(supernet.model, subnets, exit, weights)
     if denoisers is None:  # exported once for the full-size samples and the schedule
         denoisers = make_denoisers(supernet.model, [supernet.model.full, *steps], device, backend,
-                                   min(n, batch_size), heads=heads)
+                                   min(n, batch_size), heads=heads, weights=weights)
     missing = [k for k in dict.fromkeys(steps) if k not in denoisers]
-    if missing:  # dynamic steps (or subnets) first seen here: made once, kept in the caller's map
-        denoisers.update(make_denoisers(supernet.model, missing, device, backend, min(n, batch_size), heads=heads))
+    if missing:  # dynamic or group steps (or subnets) first seen here: made once, kept in the caller's map
+        denoisers.update(make_denoisers(supernet.model, missing, device, backend, min(n, batch_size), heads=heads,
+                                        weights=weights))
     if (drift or keep) and full is None:
         full = FullReference(full_size_samples(supernet, n=n, seed_set=seed_set, seed=seed, sampler=sampler, eta=eta,
                                                steps=len(subnets), batch_size=batch_size, device=device,
                                                denoisers=denoisers, cache=cache, cache_dir=cache_dir))
 
-    record = ExitRecord() if steps != subnets else None
+    record = ExitRecord() if exit is not None and exit.dynamic else None
     started = time.perf_counter()
     images = generate(supernet.model, supernet.config.diffusion, subnets, n=n, seed=seed, sampler=sampler, eta=eta,
                       batch_size=batch_size, device=device, progress=progress, denoisers=denoisers, cache=cache,
-                      exit=exit, record=record)
+                      exit=exit, record=record, weights=weights)
     seconds = time.perf_counter() - started
     done = None
     if record is not None:

@@ -80,9 +80,3 @@ def sampling_weights(args: argparse.Namespace, supernet, exit):
                         "(--exit-threshold) cannot run with")
     return weights
 
-
-def refuse_weights(args: argparse.Namespace, command: str, supernet) -> None:
-    """Raise DDSMError if `command` was given a schedule with group weights it cannot run."""
-    if sampling_weights(args, supernet, None) is not None:
-        raise DDSMError(f"{command} does not run a schedule's fine-tuned group weights (settings.weights) yet; "
-                        "'sample --schedule' does")

@@ -8,6 +8,11 @@
    held-out noise beside its own full size.
 One table: training steps, front hypervolume (one reference point for all runs), held-out FID at 50%
 of the FLOPs with its loss against full size (95% paired bootstrap), and full size's held-out FID.
+6. Step-Adaptive Training's per-group fine-tuning of each supernet's exported 50% schedule
+   (`finetune_schedule`: each run of one subnet trained on its own timesteps, `--group-steps` steps per
+   group), against the same schedule run on the supernet trained on for as many extra steps in all
+   (the sandwich rule over every timestep, resumed from its checkpoint): held-out FID of both on the
+   same noise and their paired bootstrap difference (equal FLOPs: the same subnets per step).
 
     python scripts/bench_pretrained.py --out /tmp/bench_pretrained [--pretrain 1500 --finetune 500]
 """
@@ -17,6 +22,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -25,14 +31,18 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from ddsm_search.checkpoint import load_supernet
+from ddsm_search.checkpoint import load_supernet, read_meta
 from ddsm_search.config import load_config
+from ddsm_search.confirm import Confirmer
 from ddsm_search.data import load_dataset
 from ddsm_search.diffusion import NoiseSchedule
 from ddsm_search.export import export_schedule
+from ddsm_search.group_finetune import finetune_schedule
 from ddsm_search.imports.diffusers_config import unet2d_class
 from ddsm_search.imports.diffusers_unet import import_diffusers
+from ddsm_search.metrics.stats import fid_gap_interval
 from ddsm_search.report import front, load_run
+from ddsm_search.schedule import load_schedule
 from ddsm_search.search.results import hypervolume
 from ddsm_search.search.runner import run_search
 from ddsm_search.training import train
@@ -80,6 +90,33 @@ def pretrain(out: Path, steps: int, seed: int = 0) -> Path:
     return out
 
 
+def group_gain(net: Path, run: Path, out: Path, *, group_steps: int, lr: float, heldout: int) -> dict:
+    """Fine-tune the 50% schedule of `run` per group; train a copy of the supernet on for as many steps
+    in all; return both schedules' held-out FID on the same noise and FID(groups) - FID(trained on)."""
+    plain = run / "schedule_50pct.json"
+    supernet = load_supernet(net)
+    tuned = finetune_schedule(plain, net, out / f"{net.name}_groups.json", steps=group_steps, lr=lr,
+                              batch_size=64, progress=False)
+    extra = group_steps * len(tuned.groups)  # optimizer steps the groups took, in all
+    continued = out / f"{net.name}_continued_{extra}"
+    if not (continued / "meta.json").is_file():
+        shutil.rmtree(continued, ignore_errors=True)
+        shutil.copytree(net, continued)
+    cfg = load_supernet(continued).config
+    train(cfg, continued, steps=read_meta(net)["step"] + extra, resume=True, progress=False, grids=False)
+    search = json.loads((run / "run.json").read_text())["search"]
+    subnets = load_schedule(plain, supernet).subnets
+    here = Confirmer(supernet, search, n=heldout)
+    groups = here.result(subnets, weights=load_schedule(tuned.schedule, supernet).weights)
+    before = here.result(subnets)
+    on = Confirmer(load_supernet(continued), search, n=heldout).result(subnets)
+    ref = here.scorer.reference
+    gap = fid_gap_interval(groups["features"], on["features"], ref.mu, ref.sigma, seed=0)
+    return {"groups": len(tuned.groups), "group steps": group_steps, "extra steps": extra,
+            "FID before": before["fid"], "FID group-tuned": groups["fid"], "FID trained on": on["fid"],
+            "groups - trained on": gap["estimate"], "low": gap["low"], "high": gap["high"]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="/tmp/bench_pretrained")
@@ -90,6 +127,9 @@ def main() -> None:
     parser.add_argument("--population", type=int, default=12)
     parser.add_argument("--generations", type=int, default=5)
     parser.add_argument("--samples", type=int, default=250)
+    parser.add_argument("--group-steps", type=int, default=200, help="per-group fine-tuning steps (0: skip)")
+    parser.add_argument("--group-lr", type=float, default=2e-4,
+                        help="per-group fine-tuning learning rate (default 2e-4, a tenth of training's)")
     args = parser.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -143,6 +183,22 @@ def main() -> None:
     with pd.option_context("display.width", 220):
         print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print(f"hypervolume reference (FLOPs share, FID): {reference}; {time.perf_counter() - started:.0f} s in all")
+    if not args.group_steps:
+        return
+    gains = []
+    for name, (net, _) in supernets.items():
+        gains.append({"supernet": name, **group_gain(Path(net), out / f"search_{Path(net).name}", out,
+                                                     group_steps=args.group_steps, lr=args.group_lr,
+                                                     heldout=args.heldout)})
+        print(f"  {name}: group fine-tuning measured ({time.perf_counter() - started:.0f} s)", flush=True)
+    gains = pd.DataFrame(gains)
+    gains.to_csv(out / "bench_pretrained_groups.csv", index=False)
+    print(f"per-group fine-tuning of each 50% schedule ({args.group_steps} steps per group, lr {args.group_lr:g}, "
+          f"batch 64) against the same schedule on its supernet trained on for as many steps in all; held-out "
+          f"FID (n={args.heldout}, same noise), FID(groups) - FID(trained on) with its 95% paired bootstrap:")
+    with pd.option_context("display.width", 220):
+        print(gains.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(f"{time.perf_counter() - started:.0f} s in all")
 
 
 if __name__ == "__main__":

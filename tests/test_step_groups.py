@@ -167,10 +167,28 @@ def test_finetune_writes_weights_the_schedule_references(tuned, tmp_path, capsys
                  "--out", str(out), "--quiet", "--device", "cpu", "--backend", "torch", "--compare"]) == 0
     assert np.array_equal(np.load(out)["images"], to_uint8(images)), "timed against full size: the same images"
     assert "group 0 torch" in capsys.readouterr().out
-    assert main(["evaluate", str(supernet.path), "--schedule", str(result.schedule), "--n", "4", "--quiet",
-                 "--device", "cpu"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert "group weights" in err and len(err.splitlines()) == 1
+
+
+def test_evaluate_scores_the_group_weights(tuned, tmp_path, capsys):
+    """evaluate (API and CLI) scores the images the fine-tuned weights make, not the supernet's."""
+    from ddsm_search.evaluation import evaluate
+    from ddsm_search.metrics import seed_for
+    from ddsm_search.scoring import make_scorer, score_images
+
+    supernet, source, result = tuned
+    loaded = load_schedule(result.schedule, supernet)
+    scorer = make_scorer(supernet, metric="fid")
+    tuned_r = evaluate(supernet, loaded.subnets, n=8, scorer=scorer, weights=loaded.weights, kid=False)
+    images = generate(supernet.model, supernet.config.diffusion, loaded.subnets, n=8, seed=seed_for("search"),
+                      weights=loaded.weights)
+    assert tuned_r["fid"] == pytest.approx(score_images(scorer, images, kid=False)["fid"], rel=1e-9)
+    plain_r = evaluate(supernet, loaded.subnets, n=8, scorer=scorer, kid=False)
+    assert plain_r["fid"] != pytest.approx(tuned_r["fid"], rel=1e-6), "the weights change the score"
+    assert plain_r["gflops_per_image"] == tuned_r["gflops_per_image"]
+    out = tmp_path / "r.json"
+    assert main(["evaluate", str(supernet.path), "--schedule", str(result.schedule), "--n", "8", "--quiet",
+                 "--device", "cpu", "--backend", "torch", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["fid"] == pytest.approx(tuned_r["fid"], rel=1e-9)
 
 
 def test_each_group_trains_only_its_own_weights(tuned, tmp_path):
