@@ -101,12 +101,8 @@ def save_exit_heads(supernet: Supernet, heads, info: dict) -> Path:
                                                  "sha256": sha256_file(path / HEADS), **info})
 
 
-def load_exit_heads(supernet: Supernet, device: str = "cpu"):
-    """Return the certainty heads kept beside `supernet`, after checking both hashes."""
-    from safetensors.torch import load_file
-
-    from .backbones.exit_heads import CertaintyHeads
-
+def _checked_heads(supernet: Supernet) -> Path:
+    """Return the exit heads' weights file kept beside `supernet`, after checking its metadata and hash."""
     _require_dit(supernet)
     path = Path(supernet.path)
     if not (path / HEADS_META).is_file():
@@ -121,16 +117,25 @@ def load_exit_heads(supernet: Supernet, device: str = "cpu"):
         raise DDSMError(f"the exit heads in {path} were trained for another supernet; run finetune-exit again")
     if not (path / HEADS).is_file() or sha256_file(path / HEADS) != meta.get("sha256"):
         raise DDSMError(f"{path / HEADS} is missing or does not match its hash in {HEADS_META}")
+    return path / HEADS
+
+
+def load_exit_heads(supernet: Supernet, device: str = "cpu"):
+    """Return the certainty heads kept beside `supernet`, after checking both hashes."""
+    from safetensors.torch import load_file
+
+    from .backbones.exit_heads import CertaintyHeads
+
+    weights = _checked_heads(supernet)
     cfg = supernet.config.model
     heads = CertaintyHeads(cfg.hidden_size, cfg.blocks)
-    heads.load_state_dict(load_file(str(path / HEADS)))
+    heads.load_state_dict(load_file(str(weights)))
     return heads.to(device).eval()
 
 
 def heads_sha256(supernet: Supernet) -> str:
     """Return the SHA-256 of the exit heads kept beside `supernet` (checked), for a schedule to name them."""
-    load_exit_heads(supernet)
-    return json.loads((Path(supernet.path) / HEADS_META).read_text())["sha256"]
+    return sha256_file(_checked_heads(supernet))
 
 
 def executed(supernet: Supernet, subnets, record, n: int) -> dict:

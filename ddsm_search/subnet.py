@@ -101,14 +101,16 @@ class Subnet:
         return cls.of(**values)
 
 
-def _matching(value, choices: Sequence, rel: float = 1e-6):
+def matching_choice(value, choices: Sequence, rel: float = 1e-6):
+    """Return the choice equal to `value` within a relative `rel` (floats read back from text), or None."""
     for c in choices:
         if abs(float(value) - c) <= rel * max(1.0, abs(c)):
             return c
     return None
 
 
-def _text(axis: str, choices: Sequence) -> str:
+def choices_text(axis: str, choices: Sequence) -> str:
+    """Return an axis's choices as written in subnet keys, comma-separated (for error messages)."""
     return ", ".join(_value_text(axis, c) for c in choices)
 
 
@@ -199,11 +201,11 @@ class SubnetSpace:
             if axis not in values:
                 out.append((axis, choices[0]))
                 continue
-            match = _matching(values[axis], choices)
+            match = matching_choice(values[axis], choices)
             if match is None:
                 value = values[axis]
                 shown = _value_text(axis, value) if isinstance(value, (int, float)) else repr(value)
-                raise DDSMError(f"{axis} {shown} is not in the supernet ({axis} choices: {_text(axis, choices)})")
+                raise DDSMError(f"{axis} {shown} is not in the supernet ({axis} choices: {choices_text(axis, choices)})")
             out.append((axis, match))
         return Subnet(tuple(out))
 

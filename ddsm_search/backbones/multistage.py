@@ -27,7 +27,7 @@ from torch import nn
 
 from ..config import MultiStageConfig
 from ..errors import DDSMError
-from ..subnet import Subnet, SubnetSpace, _matching, _text
+from ..subnet import Subnet, SubnetSpace, choices_text, matching_choice
 from . import register
 from .base import SlimModel
 from .slim import Fixed, SlimGroupNorm, SlimKit, StaticKit, slim_layers
@@ -88,18 +88,18 @@ class StagedSpace(SubnetSpace):
             raise DDSMError(f"this supernet has no axis {unknown[0]!r} (axes: {', '.join(self.names)})")
         stage = values.get("stage")
         if stage is not None:
-            stage = _matching(stage, self.choices("stage"))
+            stage = matching_choice(stage, self.choices("stage"))
             if stage is None:
                 raise DDSMError(f"stage {values['stage']!r} is not in the supernet (stages 0 to "
                                 f"{len(self.stage_widths) - 1}, least noise first)")
         choices = self.choices("width") if stage is None else self.stage_widths[stage]
-        width = _matching(values.get("width", choices[0]), choices)
+        width = matching_choice(values.get("width", choices[0]), choices)
         if width is None:
             shown = repr(float(values["width"]))
             if stage is None:
                 raise DDSMError(f"width {shown} is not served by every stage's decoder (widths all serve: "
-                                f"{_text('width', choices)}); name the stage, e.g. stage=0,width={shown}")
-            raise DDSMError(f"width {shown} is not in stage {stage}'s decoder (its widths: {_text('width', choices)})")
+                                f"{choices_text('width', choices)}); name the stage, e.g. stage=0,width={shown}")
+            raise DDSMError(f"width {shown} is not in stage {stage}'s decoder (its widths: {choices_text('width', choices)})")
         return Subnet.of(width=width) if stage is None else Subnet.of(stage=stage, width=width)
 
     def to_json(self) -> dict:
