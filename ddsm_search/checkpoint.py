@@ -3,16 +3,19 @@
 Layout of a supernet directory:
   supernet.safetensors     EMA weights of the supernet (the denoiser that sampling and search use)
   train_state.safetensors  online weights, optimizer state and RNG states (for --resume only)
-  meta.json                format, config, step, image shape, axes, FLOPs per subnet, SHA-256 of both
+  masks.safetensors        a sparse supernet's masks (train.sparsity), one bool tensor per masked layer
+  meta.json                format, config, step, image shape, axes, FLOPs per subnet, SHA-256 of each file
+                           (a sparse supernet's: also its masks' densities and sparse FLOPs per subnet)
 The weight files are written first and meta.json last, so meta.json always describes whole files.
 Nothing here unpickles: safetensors stores raw tensors only.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,6 +30,8 @@ from .subnet import Subnet
 FORMAT = "ddsm-search/supernet"
 VERSION = 2  # 2: axes and FLOPs per subnet key; version 1 (widths, FLOPs per width) still reads
 WEIGHTS, TRAIN_STATE, META = "supernet.safetensors", "train_state.safetensors", "meta.json"
+MASKS = "masks.safetensors"
+COSTS = ("dense", "sparse")
 
 
 @dataclass
@@ -38,9 +43,29 @@ class Supernet:
     model: SlimModel
     step: int
     image_shape: tuple[int, int, int]
-    flops: dict[Subnet, int]
+    flops: dict[Subnet, int]  # the FLOPs table in use: `cost`'s
     sha256: str
     dataset: str
+    masks: dict[str, torch.Tensor] | None = None  # a sparse supernet's, per masked layer (None: dense)
+    flops_tables: dict[str, dict[Subnet, int]] = field(default_factory=dict)  # "dense", "sparse"
+    cost: str = "dense"  # which table `flops` is: dense, or sparse (nonzero weights under the masks only)
+
+    def __post_init__(self):
+        self.flops_tables = {"dense": self.flops, "sparse": self.flops, **self.flops_tables}
+
+    @property
+    def sparse(self) -> bool:
+        """Return True for a supernet trained with masks (train.sparsity)."""
+        return self.masks is not None
+
+    def with_cost(self, cost: str) -> "Supernet":
+        """Return this supernet counting FLOPs as `cost` says: dense, sparse (nonzero weights only; for a
+        dense supernet the same figures) or auto (sparse for a sparse supernet, else dense)."""
+        if cost == "auto":
+            cost = "sparse" if self.sparse else "dense"
+        if cost not in COSTS:
+            raise DDSMError(f"search.cost: expected auto, dense or sparse, got {cost!r}")
+        return dataclasses.replace(self, flops=self.flops_tables[cost], cost=cost)
 
     def step_subnets(self, subnets) -> list[Subnet]:
         """Return the subnet each step of a schedule runs (a multi-stage supernet: with the stage of the
@@ -77,12 +102,17 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def save_supernet(out_dir: str | Path, *, config: ExperimentConfig, ema: SlimModel, train_state: dict[str, torch.Tensor],
-                  step: int, flops: dict[Subnet, int], dataset: str) -> Path:
-    """Write weights, train state and meta.json (last) into `out_dir`; return the meta.json path."""
+                  step: int, flops: dict[Subnet, int], dataset: str, masks: dict[str, torch.Tensor] | None = None,
+                  sparse_flops: dict[Subnet, int] | None = None, sparsity: dict | None = None) -> Path:
+    """Write weights, train state, a sparse supernet's masks and meta.json (last) into `out_dir`; return
+    the meta.json path. `masks` are named tensors (sparsity.Sparsifier.mask_tensors), `sparsity` what
+    meta.json says of them (their densities)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _save_tensors(out / WEIGHTS, ema.state_dict())
     _save_tensors(out / TRAIN_STATE, train_state)
+    if masks is not None:
+        _save_tensors(out / MASKS, masks)
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -98,6 +128,9 @@ def save_supernet(out_dir: str | Path, *, config: ExperimentConfig, ema: SlimMod
         "train_state_sha256": sha256_file(out / TRAIN_STATE),
         "config": supernet_config(config.to_dict()),
     }
+    if masks is not None:  # a dense supernet's meta.json is as it always was
+        meta["sparsity"] = {**(sparsity or {}), "masks": MASKS, "masks_sha256": sha256_file(out / MASKS)}
+        meta["sparse_flops_per_image"] = {s.key: int(f) for s, f in (sparse_flops or flops).items()}
     meta["meta_sha256"] = meta_digest(meta)
     return write_json_atomic(out / META, meta)
 
@@ -180,10 +213,39 @@ def load_supernet(path: str | Path, device: str = "cpu") -> Supernet:
         raise DDSMError(f"{path / WEIGHTS} does not fit the model that {META} describes (edited by hand?)") from None
     try:
         flops = flops_by_subnet(meta["flops_per_image"], model)
+        sparse = flops
+        if "sparsity" in meta:
+            if not isinstance(meta.get("sparse_flops_per_image"), dict):
+                raise DDSMError("field 'sparse_flops_per_image' is missing or not an object")
+            sparse = flops_by_subnet(meta["sparse_flops_per_image"], model)
     except (DDSMError, TypeError, ValueError) as exc:
         raise DDSMError(f"{path / META}: {exc}") from None
+    masks = load_masks(path, meta, model, state) if "sparsity" in meta else None
     return Supernet(path=path, config=config, model=model.to(device).eval(), step=int(meta["step"]),
-                    image_shape=image_shape, flops=flops, sha256=meta["sha256"], dataset=meta["dataset"])
+                    image_shape=image_shape, flops=flops, sha256=meta["sha256"], dataset=meta["dataset"],
+                    masks=masks, flops_tables={"dense": flops, "sparse": sparse})
+
+
+def load_masks(path: str | Path, meta: dict, model: SlimModel, weights: dict[str, torch.Tensor] | None = None
+               ) -> dict[str, torch.Tensor]:
+    """Return a sparse supernet's masks {layer: bool tensor}, hash-checked and checked against the model
+    (and, given its EMA `weights`, that every weight the masks leave out is zero); else raise DDSMError."""
+    from .sparsity import check_masks, maskable_layers
+
+    info = meta.get("sparsity")
+    if not isinstance(info, dict) or not isinstance(info.get("masks_sha256"), str):
+        raise DDSMError(f"{Path(path) / META}: field 'sparsity' lacks the masks' hash")
+    stored = _load_verified(Path(path) / MASKS, info["masks_sha256"], "cpu")
+    shapes = {name: tuple(layer.weight.shape) for name, layer in maskable_layers(model).items()}
+    try:
+        masks = check_masks(stored, shapes)
+    except DDSMError as exc:
+        raise DDSMError(f"{Path(path) / MASKS}: {exc}") from None
+    for name, mask in masks.items():
+        w = (weights or {}).get(f"{name}.weight")
+        if w is not None and bool((w.masked_select(~mask) != 0).any()):
+            raise DDSMError(f"{Path(path) / WEIGHTS}: layer {name} has nonzero weights outside its mask")
+    return masks
 
 
 def flops_by_subnet(stored: dict, model: SlimModel) -> dict[Subnet, int]:
@@ -208,7 +270,8 @@ def flops_by_subnet(stored: dict, model: SlimModel) -> dict[Subnet, int]:
 
 
 def load_train_state(path: str | Path, device: str = "cpu") -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Return (meta, EMA weights, train-state tensors) of a supernet directory, verifying both hashes."""
+    """Return (meta, EMA weights, train-state tensors) of a supernet directory, verifying both hashes
+    (a sparse supernet's masks: `load_masks`)."""
     path = Path(path)
     meta = read_meta(path)
     return (meta, _load_verified(path / WEIGHTS, meta["sha256"], device),

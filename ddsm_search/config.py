@@ -160,6 +160,26 @@ class DiffusionConfig:
 
 
 @dataclass
+class SparsityConfig:
+    """Sparse-to-sparse training (arXiv 2504.21380; `train.sparsity`): unstructured masks on every
+    convolution and linear layer but the first and last, from the first step to the last.
+
+    static: a fixed random mask (Static-DM); rigl: every `update_every` steps until `stop_at` of training,
+    drop the `drop_fraction` (decayed by a cosine) of smallest-magnitude active weights per layer and regrow
+    as many where the gradient is largest (RigL-DM, Evci et al. 2020); magran: the same drop, regrowth
+    uniformly at random (MagRan-DM). `density` is the share of weights kept over the masked layers,
+    spread evenly (uniform) or by Erdos-Renyi-Kernel (erk)."""
+
+    method: str = "static"  # static | rigl | magran
+    density: float = 0.5  # kept share of the masked weights, in (0, 1]
+    update_every: int = 100  # steps between mask updates (RigL's delta T)
+    drop_fraction: float = 0.3  # share of each layer's active weights dropped at the first update (RigL's
+    #   alpha; the paper found 0.05 safer at high sparsity)
+    distribution: str = "uniform"  # uniform | erk
+    stop_at: float = 0.75  # share of train.steps after which the masks stay fixed (RigL's T_end)
+
+
+@dataclass
 class TrainConfig:
     """Supernet training: sandwich rule, distillation, EMA, checkpoints."""
 
@@ -182,6 +202,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     log_every: int = 50
     seed: int = 0
+    sparsity: SparsityConfig | None = None  # None: dense (see SparsityConfig)
 
 
 @dataclass
@@ -225,6 +246,7 @@ class SearchConfig:
     workers: int = 2
     batch_size: int = 500
     backend: str = "auto"  # how the workers run subnets: auto | torch | fused (see sample.backend)
+    cost: str = "auto"  # FLOPs the search counts: dense | sparse (nonzero weights only) | auto (sparse for a sparse supernet)
 
 
 @dataclass
@@ -268,13 +290,17 @@ def _coerce(value, tp, key: str):
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        section = None  # a mapping for an optional section (train.sparsity): its own error names the key
         for arg in args:
             if arg is type(None):
                 continue
             try:
                 return _coerce(value, arg, key)
-            except DDSMError:
-                pass
+            except DDSMError as exc:
+                if dataclasses.is_dataclass(arg) and isinstance(value, dict):
+                    section = section or exc
+        if section is not None:
+            raise section
         raise DDSMError(f"{key}: expected {' or '.join(_type_name(a) for a in args)}, got {value!r}")
     if origin is dict:
         key_tp, value_tp = typing.get_args(tp)
@@ -496,11 +522,30 @@ def validate(cfg: ExperimentConfig) -> None:
     _check(t.teacher != "frozen" or t.init_from is not None,
            "train.teacher: frozen distils from the model given by train.init_from; set it")
     _check(t.checkpoint_every >= 1 and t.log_every >= 1, "train.checkpoint_every/log_every: must be at least 1")
+    if t.sparsity is not None:
+        validate_sparsity(t.sparsity)
+    # search.cost is checked here, beside the sparsity it is about (validate_search is the search's own)
+    _check(cfg.search.cost in COST_CHOICES, f"search.cost: expected {', '.join(COST_CHOICES)}, got {cfg.search.cost!r}")
     _check(s.sampler in ("ddim", "ddpm"), f"sample.sampler: expected ddim or ddpm, got {s.sampler!r}")
     _check(1 <= s.steps <= d.timesteps, f"sample.steps: must be between 1 and diffusion.timesteps={d.timesteps}")
     _check(s.eta >= 0.0, "sample.eta: must be >= 0")
     _check(s.backend in BACKEND_CHOICES, f"sample.backend: expected {', '.join(BACKEND_CHOICES)}, got {s.backend!r}")
     validate_search(cfg)
+
+
+COST_CHOICES = ("auto", "dense", "sparse")
+
+
+def validate_sparsity(p: SparsityConfig) -> None:
+    """Raise DDSMError naming the key if train.sparsity is out of range."""
+    _check(p.method in ("static", "rigl", "magran"),
+           f"train.sparsity.method: expected static, rigl or magran, got {p.method!r}")
+    _check(0.0 < p.density <= 1.0, f"train.sparsity.density: must be in (0, 1] (the share of weights kept), got {p.density}")
+    _check(p.distribution in ("uniform", "erk"),
+           f"train.sparsity.distribution: expected uniform or erk, got {p.distribution!r}")
+    _check(p.update_every >= 1, f"train.sparsity.update_every: must be at least 1, got {p.update_every}")
+    _check(0.0 <= p.drop_fraction < 1.0, f"train.sparsity.drop_fraction: must be in [0, 1), got {p.drop_fraction}")
+    _check(0.0 <= p.stop_at <= 1.0, f"train.sparsity.stop_at: must be in [0, 1] (a share of train.steps), got {p.stop_at}")
 
 
 def validate_search(cfg: ExperimentConfig) -> None:

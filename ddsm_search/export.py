@@ -24,7 +24,7 @@ def supernet_of_run(run: str | Path, device: str = "cpu", supernet: str | Path |
     loaded = load_supernet(where, device)
     if loaded.sha256 != info["supernet"]["sha256"]:
         raise DDSMError(f"the supernet at {loaded.path} is not the one {run} was searched with (hash differs)")
-    return loaded
+    return loaded.with_cost(info.get("cost", "dense"))  # FLOPs counted as the search counted them
 
 
 def _number(value) -> float | None:
@@ -115,6 +115,7 @@ def export_schedule(run: str | Path, budget: float | str | None = None, out: str
         # held out: for a static schedule the FLOPs table's; for a dynamic one those executed there
         "gflops_per_image": float(chosen["gflops"]),
         "flops_share": float(chosen["gflops"]) / full_gflops,
+        "cost": net.cost,  # dense FLOPs, or sparse: only the nonzero weights under the masks (search.cost)
         "quality": {
             "metric": metric,
             "search": {**_scores(row), "samples": int(row["samples"]), "seed_set": row["seed_set"]},
@@ -130,9 +131,14 @@ def export_schedule(run: str | Path, budget: float | str | None = None, out: str
     }
     if chosen["executed"] is not None:
         figures["executed"] = {**chosen["executed"], "samples": n, "seed_set": chosen["seed_set"]}
+    if net.sparse:  # both figures of a sparse supernet's schedule, side by side
+        figures["sparse_flops_per_image"] = net.with_cost("sparse").schedule_flops(list(row["subnets"]))
     schedule = Schedule(subnets=list(row["subnets"]), sampler=q["sampler"], eta=float(q["eta"]), exit=row["exit"],
                         extra=figures)
     label = (str(budget).replace("%", "pct") if budget is not None else "") + \
         ("" if max_loss is None else f"{'_' if budget is not None else ''}maxloss{max_loss:g}")
-    path = save_schedule(Path(out) if out else Path(run) / f"schedule_{label}.json", schedule, net)
-    return path, schedule.to_dict(net)
+    # the file's own flops_per_image stays dense, as every loader of a schedule recomputes it; gflops_per_image
+    # and flops_share above are in the run's cost
+    dense = net.with_cost("dense")
+    path = save_schedule(Path(out) if out else Path(run) / f"schedule_{label}.json", schedule, dense)
+    return path, schedule.to_dict(dense)

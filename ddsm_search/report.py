@@ -66,7 +66,7 @@ def load_run(run: str | Path) -> pd.DataFrame:
     table["uniform"] = [uniform_label(s, full, e, step_axes) for s, e in zip(table["subnets"], table["exit"])]
     table["fully_evaluated"] = fully_evaluated(table, metric, samples)
     table["on_front"] = front_mask(table, metric, samples)
-    table.attrs.update(metric=metric, samples=samples)
+    table.attrs.update(metric=metric, samples=samples, cost=info.get("cost", "dense"))
     return table
 
 

@@ -21,6 +21,13 @@ def format_front(table: pd.DataFrame) -> str:
     return shown.to_string(index=False, float_format=lambda v: f"{v:.4g}")
 
 
+def cost_note(table: pd.DataFrame) -> str:
+    """Return what the run's GFLOPs count: dense, or sparse (a sparse supernet's nonzero weights only)."""
+    if table.attrs.get("cost") == "sparse":
+        return "sparse FLOPs: nonzero weights under the masks only; dense kernels run the dense FLOPs"
+    return "dense FLOPs"
+
+
 def write_report(run: str | Path, *, budget: str | None = "50%", device: str = "cpu", n_grid: int = 64,
                  progress: bool = True, supernet: str | Path | None = None, heldout: int | None = None,
                  cache_dir=None) -> list[Path]:
@@ -53,7 +60,7 @@ def write_report(run: str | Path, *, budget: str | None = "50%", device: str = "
     net = supernet_of_run(run, device, supernet) if chosen is not None or heldout else None
     paths = [plot_front(table, out / "front.png", metric, chosen), plot_hypervolume(history, out / "hypervolume.png")]
     if progress:
-        print(f"{len(table)} schedules evaluated, {int(table['on_front'].sum())} on the front:")
+        print(f"{len(table)} schedules evaluated, {int(table['on_front'].sum())} on the front ({cost_note(table)}):")
         print(format_front(table))
     if chosen is not None:
         subnets, exit = list(chosen["subnets"]), chosen["exit"]

@@ -3,7 +3,8 @@ and exact resume.
 
 Every random draw of a training step (batch, timesteps, noise, flips, subnets) comes from one CPU
 generator whose state is checkpointed, so a run resumed from step k continues exactly as if it had
-never stopped.
+never stopped. With train.sparsity the masks (`sparsity.Sparsifier`) are drawn from a generator of
+their own, also checkpointed, and saved beside the weights (masks.safetensors, hash-checked).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoint import META, load_train_state, save_supernet, supernet_config
+from .checkpoint import META, load_masks, load_train_state, save_supernet, supernet_config
 from .config import ExperimentConfig
 from .data import ImageData, dataset_key, load_dataset
 from .diffusion import NoiseSchedule
@@ -27,7 +28,7 @@ from .errors import DDSMError
 from .images import save_grid
 from .io import write_text_atomic
 from .backbones import SlimModel, build_supernet
-from .backbones.cost import flops_table
+from .backbones.cost import flops_table, flops_tables
 from .sampling import generate, resolve_device
 from .subnet import Subnet, SubnetSpace
 
@@ -93,6 +94,12 @@ class TrainingRun:
             self.ema.load_state_dict(start.state_dict())
             if cfg.train.teacher == "frozen":
                 self.teacher = start.set_subnet(start.full).requires_grad_(False).eval()
+        self.sparsifier = None
+        if cfg.train.sparsity is not None:  # masks drawn now, on the weights training starts from
+            from .sparsity import Sparsifier
+
+            self.sparsifier = Sparsifier(cfg.train.sparsity, self.model, cfg.train.steps, cfg.train.seed)
+            self.sparsifier.apply(self.model, self.ema)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Return everything besides the EMA weights that resuming needs, as named tensors."""
@@ -100,6 +107,8 @@ class TrainingRun:
         tensors.update(_optimizer_tensors(self.opt))
         tensors["rng.generator"] = self.generator.get_state()
         tensors["rng.torch"] = torch.get_rng_state()
+        if self.sparsifier is not None:
+            tensors.update(self.sparsifier.state_tensors())
         if self.device == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state()
         return tensors
@@ -116,6 +125,8 @@ class TrainingRun:
             torch.cuda.set_rng_state(tensors["rng.cuda"])
         self.step = int(meta["step"])
         self.log = [row for row in _read_log(out_dir / LOG_FILE) if row["step"] <= self.step]
+        if self.sparsifier is not None:
+            self.sparsifier.restore(_mask_file(out_dir, meta, self.model), tensors)
 
     def draw_stage(self, subnets: list | None = None) -> int | None:
         """Return the timestep stage this step trains (a multi-stage supernet, as the paper's loss: one
@@ -171,15 +182,33 @@ class TrainingRun:
             loss.backward()
             losses[subnet] = loss.item()
         self.model.set_subnet(self.model.full)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
-        for group in self.opt.param_groups:
-            group["lr"] = learning_rate(self.cfg, self.step)
-        self.opt.step()
+        sparse = self.sparsifier
+        if sparse is not None and sparse.is_update_step(self.step + 1):
+            # RigL's Algorithm 1: a mask-update step updates the connections instead of the weights
+            sparse.update(self.model, self.opt, self.step + 1)
+        else:
+            if sparse is not None:
+                sparse.mask_gradients(self.model)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+            for group in self.opt.param_groups:
+                group["lr"] = learning_rate(self.cfg, self.step)
+            self.opt.step()
         with torch.no_grad():
             decay = ema_decay(self.cfg, self.step)
             torch._foreach_lerp_(list(self.ema.parameters()), list(self.model.parameters()), 1 - decay)
+        if sparse is not None:  # the EMA weights too: the masked ones exactly zero in both
+            sparse.apply(self.model, self.ema)
         self.step += 1
         return losses
+
+
+def _mask_file(out_dir: Path, meta: dict, model: SlimModel) -> dict[str, torch.Tensor]:
+    """Return the masks file of the checkpoint in `out_dir` as named tensors (hash-checked), for a resume."""
+    from .sparsity import MASK_PREFIX
+
+    if "sparsity" not in meta:
+        raise DDSMError(f"--resume: the checkpoint in {out_dir} has no masks (trained dense)")
+    return {MASK_PREFIX + name: mask for name, mask in load_masks(out_dir, meta, model).items()}
 
 
 def load_init(cfg: ExperimentConfig, shape, device: str) -> SlimModel:
@@ -296,14 +325,19 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, steps: int | None = Non
         run.restore(out)
     key = dataset_key(cfg.data.kind, cfg.data.path, cfg.data.split, cfg.data.image_size, cfg.data.channels)
     flops = flops_table(cfg.model, data.shape)
+    sparse = run.sparsifier
     tc, window = cfg.train, {}
     bar = tqdm(total=tc.steps, initial=run.step, desc="training", unit="step", disable=not progress)
     started = time.perf_counter()
 
     def checkpoint() -> None:
         _write_log(out / LOG_FILE, run.log)
+        extra = {}
+        if sparse is not None:  # the masks move under RigL and MagRan: their FLOPs are counted anew
+            extra = dict(masks=sparse.mask_tensors(), sparse_flops=flops_tables(cfg.model, data.shape, sparse.masks)[1],
+                         sparsity=sparse.summary())
         save_supernet(out, config=cfg, ema=run.ema, train_state=run.state_tensors(), step=run.step, flops=flops,
-                      dataset=key)
+                      dataset=key, **extra)
 
     while run.step < tc.steps:
         for subnet, loss in run.train_step().items():

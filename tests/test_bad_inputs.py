@@ -189,6 +189,16 @@ CASES = [
                                                                  _other_supernet(n, t)], "hash differs"),
     ("export: supernet moved away", lambda t, n, r: ["export", _run_supernet_gone(r(), n, t), "--budget", "100%",
                                                      "--out", str(t / "x.json")], "--supernet"),
+    ("train.sparsity.method unknown", lambda t, n, r: ["train", _config(t, train={"sparsity": {"method": "prune"}}),
+                                                       "--out", str(t / "o")], "train.sparsity.method"),
+    ("train.sparsity.density 0", lambda t, n, r: ["train", _config(t, train={"sparsity": {"density": 0.0}}),
+                                                  "--out", str(t / "o")], "train.sparsity.density"),
+    ("train.sparsity unknown key", lambda t, n, r: ["train", _config(t, train={"sparsity": {"densty": 0.5}}),
+                                                    "--out", str(t / "o")], "train.sparsity.densty"),
+    ("search.cost unknown", lambda t, n, r: ["search", _config(t, search={**SEARCH, "cost": "cheap"}), "--supernet",
+                                             str(n), "--out", str(t / "run")], "search.cost"),
+    ("masks.safetensors tampered", lambda t, n, r: _sample(_sparse_tampered(t), t, "--width", "1"),
+     "masks.safetensors does not match the hash"),
 ]
 
 
@@ -326,3 +336,19 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tiny_supernet, re
     assert len(err) == 1 and err[0].startswith("ddsm-search: error:"), err
     assert match in err[0], err[0]
     assert _snapshot(tmp_path) == before, "a failed command must write nothing"
+
+
+def _sparse_tampered(tmp: Path) -> str:
+    """A tiny sparse supernet (2 steps, static masks) whose masks file was changed after training."""
+    from safetensors.torch import load_file, save_file
+
+    from ddsm_search.config import config_from_dict
+    from ddsm_search.training import train
+
+    net = train(config_from_dict(tiny_dict(train={"steps": 2, "sparsity": {"method": "static"}})), tmp / "net",
+                progress=False, grids=False)
+    masks = load_file(str(net / "masks.safetensors"))
+    first = next(iter(masks))
+    masks[first] = ~masks[first]
+    save_file(masks, str(net / "masks.safetensors"))
+    return net

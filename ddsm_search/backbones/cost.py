@@ -1,12 +1,15 @@
-"""FLOPs measured with torch's FlopCounterMode on meta tensors (no memory, no compute)."""
+"""FLOPs measured with torch's FlopCounterMode on meta tensors (no memory, no compute), dense and, for a
+sparse supernet, counting only the nonzero weights under its masks."""
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..config import ModelConfig
 from ..subnet import Subnet
+from .slim import _Slim, slice_segments
 
 
 def count_flops(module: torch.nn.Module, *inputs: torch.Tensor) -> int:
@@ -23,15 +26,56 @@ def flops_table(cfg: ModelConfig, image_shape: tuple[int, int, int]) -> dict[Sub
     Meta tensors carry shapes only, so this costs no memory even for large models, and on meta the
     attention kernel is counted (the CPU fused kernel is not registered with the flop counter).
     """
+    return flops_tables(cfg, image_shape)[0]
+
+
+def active_slice(layer: nn.Module, full: torch.Tensor) -> torch.Tensor:
+    """Return the part of a tensor shaped like `layer`'s full weight (its mask) that the layer's active
+    subnet uses: a slimmable layer's slice of its active channels (as `sliced_weight`), a plain layer's all."""
+    if not isinstance(layer, _Slim):
+        return full
+    part = slice_segments(full, 0, layer.out_segments, layer.active_out())
+    return slice_segments(part, 1, layer.in_segments, layer.active_in()) if full.dim() > 1 else part
+
+
+def flops_tables(cfg: ModelConfig, image_shape: tuple[int, int, int],
+                 masks: dict[str, torch.Tensor] | None = None) -> tuple[dict[Subnet, int], dict[Subnet, int]]:
+    """Return (dense, sparse) FLOPs per image at each subnet: sparse counts, in each masked layer, only
+    the multiply-adds of the nonzero weights of the slice the subnet runs (without `masks`: the same as
+    dense).
+
+    One general path for every axis: a hook on each masked layer records, per call, the positions it
+    ran at (output elements per output channel) and the zeros of its active slice of the mask, so
+    blocks a depth skips or decoders of other stages, never called, cost nothing; the zeros' FLOPs,
+    2 x positions x zeros (as the flop counter's convolution and matmul formulas), come off the dense
+    figure.
+    """
     from . import build_supernet
 
     with torch.device("meta"):
         net = build_supernet(cfg, image_shape)
         x = torch.empty(1, *image_shape)
         t = torch.zeros(1)
-    table = {}
-    for subnet in net.space:
-        net.set_subnet(subnet)
-        table[subnet] = count_flops(net, x, t)
+    modules = dict(net.named_modules())
+    saved = [0]
+
+    def hook(name: str):
+        def record(layer, _inputs, output):
+            keep = active_slice(layer, masks[name])
+            channels = output.shape[1] if isinstance(layer, nn.Conv2d) else output.shape[-1]
+            saved[0] += 2 * (output.numel() // channels) * (keep.numel() - int(keep.sum()))
+        return record
+
+    handles = [modules[name].register_forward_hook(hook(name)) for name in (masks or {})]
+    dense, sparse = {}, {}
+    try:
+        for subnet in net.space:
+            net.set_subnet(subnet)
+            saved[0] = 0
+            dense[subnet] = count_flops(net, x, t)
+            sparse[subnet] = dense[subnet] - saved[0]
+    finally:
+        for handle in handles:
+            handle.remove()
     net.set_subnet(net.full)
-    return table
+    return dense, sparse

@@ -55,7 +55,7 @@ class Evaluator:
             torch.set_num_threads(threads)
         self.search = SearchConfig(**search)
         self.device = device
-        self.supernet = load_supernet(supernet_dir, device)
+        self.supernet = load_supernet(supernet_dir, device).with_cost(self.search.cost)  # the run's FLOPs
         model = self.supernet.model
         q = self.search
         space = SearchSpace.for_supernet(self.supernet, q)

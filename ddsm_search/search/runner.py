@@ -31,7 +31,8 @@ def _run_info(q: SearchConfig, supernet, space: SearchSpace) -> dict:
     info = {"format": "ddsm-search/search-run", "version": 1,
             "supernet": {"path": str(supernet.path.resolve()), "sha256": supernet.sha256},
             "search": {k: v for k, v in asdict(q).items() if k not in ("generations", "workers", "backend")},
-            "axes": space.searched.to_json(), "base": space.base.key, "segments": [list(b) for b in space.bounds]}
+            "axes": space.searched.to_json(), "base": space.base.key, "segments": [list(b) for b in space.bounds],
+            "cost": supernet.cost}  # the FLOPs the run counts: dense, or sparse (nonzero weights; search.cost)
     if space.step_axis is not None:  # a multi-stage supernet: the stage each step runs (not searched)
         info["step_values"] = {space.step_axis: list(space.step_values)}
     return json.loads(json.dumps(info))  # as it reads back from run.json (tuples become lists)
@@ -46,7 +47,7 @@ def _same_run(saved: dict, info: dict) -> bool:
 
     def strip(d: dict) -> dict:
         search = {**{k: defaults[k] for k in defaults if k in info["search"]}, **d.get("search", {})}
-        return {**d, "search": search, "supernet": {"sha256": d.get("supernet", {}).get("sha256")}}
+        return {"cost": "dense", **d, "search": search, "supernet": {"sha256": d.get("supernet", {}).get("sha256")}}
     return strip(saved) == strip(info)
 
 
@@ -60,7 +61,7 @@ def run_search(cfg: ExperimentConfig, supernet_dir: str | Path, out_dir: str | P
     """
     q = replace(cfg.search, **{k: v for k, v in overrides.items() if v is not None})
     validate_search(replace(cfg, search=q))
-    supernet = load_supernet(supernet_dir)
+    supernet = load_supernet(supernet_dir).with_cost(q.cost)
     # the supernet's own diffusion settings, not the YAML's, decide which sampler steps exist
     validate_search(replace(supernet.config, search=q))
     space = SearchSpace.for_supernet(supernet, q)
