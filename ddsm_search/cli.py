@@ -213,7 +213,8 @@ def cmd_search(args: argparse.Namespace) -> int:
     files = run_search(cfg, args.supernet, out, resume=args.resume, address=args.address, progress=not args.quiet,
                        device=device, generations=args.generations, population=args.population,
                        algorithm=args.algorithm, workers=args.workers, budget=args.budget,
-                       wait_for_workers=args.wait_for_workers)
+                       wait_for_workers=args.wait_for_workers, executor=args.executor,
+                       loggers=args.tune_logger or ())
     search = files.read_run()["search"]
     front = front_of(files.table(), search["metric"], search["samples"])
     print(f"{len(files.rows)} schedules evaluated; the front ({len(front)}) is in {out / 'front.csv'}")
@@ -350,7 +351,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--population", type=_positive)
     p.add_argument("--algorithm", choices=["nsga2", "nevergrad", "random"])
     p.add_argument("--workers", type=int, help="parallel evaluations on Ray (0: in this process, no Ray)")
-    p.add_argument("--address", help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--address", help="Ray cluster address, or auto (default: start a local Ray; inside a Ray job, "
+                   "the job's cluster)")
+    # not --backend: that names the kernel backend (search.backend, sample/evaluate --backend)
+    p.add_argument("--executor", choices=["pool", "tune"],
+                   help="where evaluations run: pool, the search's own Ray actor pool (default: search.executor, "
+                   "pool), or tune, a Ray Tune experiment in OUT/tune with Tune's loggers and Tuner.restore on "
+                   "--resume (--backend is the kernel backend's name)")
+    p.add_argument("--tune-logger", action="append", choices=["mlflow", "wandb"], metavar="NAME",
+                   help="with --executor tune: also log to MLflow or W&B (mlflow, wandb; repeatable) where "
+                   "installed; Tune's CSV, JSON and TensorBoard logs are always written")
     p.add_argument("--wait-for-workers", type=_seconds, default=0.0, metavar="SECONDS",
                    help="if every Ray worker is lost, wait this long for restarted or new ones (default 0: stop; "
                    "--resume continues)")

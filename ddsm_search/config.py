@@ -246,6 +246,9 @@ class SearchConfig:
     workers: int = 2
     batch_size: int = 500
     backend: str = "auto"  # how the workers run subnets: auto | torch | fused (see sample.backend)
+    # where evaluations run: pool (the search's own Ray actor pool) | tune (a Ray Tune experiment); not
+    # "backend", which is taken by the kernel backend above
+    executor: str = "pool"
     cost: str = "auto"  # FLOPs the search counts: dense | sparse (nonzero weights only) | auto (sparse for a sparse supernet)
 
 
@@ -587,6 +590,9 @@ def validate_search(cfg: ExperimentConfig) -> None:
     _check(q.workers >= 0, "search.workers: must be >= 0 (0 = evaluate in this process, without Ray)")
     _check(q.batch_size >= 1, "search.batch_size: must be at least 1")
     _check(q.backend in BACKEND_CHOICES, f"search.backend: expected {', '.join(BACKEND_CHOICES)}, got {q.backend!r}")
+    _check(q.executor in ("pool", "tune"), f"search.executor: expected pool or tune, got {q.executor!r}")
+    _check(q.executor != "tune" or q.workers >= 1, "search.workers: the tune executor runs every evaluation on "
+           "Ray: needs at least 1 worker (0 evaluates in this process, with the pool executor only)")
     if q.budget is not None:
         parse_budget(q.budget, "search.budget")
 

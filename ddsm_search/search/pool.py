@@ -48,6 +48,28 @@ def check_address(address: str, timeout: float = 5.0) -> None:
         raise DDSMError(f"--address {address}: no Ray cluster answers there ({exc.strerror or exc})") from None
 
 
+def connect_ray(address: str | None, workers: int) -> bool:
+    """Join the Ray cluster at `address`, or start a Ray of this process's own; return True if this call
+    started or joined it (False: Ray was already initialised, and is left as it is)."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # silences a token warning on a local Ray
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if address:
+        check_address(address)
+        try:
+            ray.init(address=address, logging_level="ERROR", log_to_driver=False)
+        except ConnectionError as exc:  # "auto" with no cluster running, or a refused handshake
+            raise DDSMError(f"--address {address}: {str(exc).splitlines()[0]}") from None
+    else:
+        # "local": a Ray of our own, even when `ray start` left a cluster running on this machine
+        # (plain ray.init() would attach to it, and refuse num_cpus)
+        ray.init(address="local", num_cpus=max(workers, os.cpu_count() or 1), include_dashboard=False,
+                 logging_level="ERROR", log_to_driver=False)
+    return True
+
+
 class LocalPool:
     """Evaluates in this process: `--workers 0`, for debugging and tests."""
 
@@ -63,7 +85,7 @@ class LocalPool:
         """Nothing to release."""
 
 
-def _sort_key(plan) -> tuple:
+def prefix_order(plan) -> tuple:
     """Order plans (subnets, or (subnets, exit policy)) so that schedules sharing a prefix are neighbours."""
     subnets, exit = (plan, None) if not isinstance(plan, tuple) else plan
     steps = [(s, -1.0) for s in subnets] if exit is None else \
@@ -102,23 +124,10 @@ class RayPool:
         if workers < 1 or in_flight < 1 or poison_after < 1 or wait_for_workers < 0 or restart_grace < 0:
             raise ValueError("workers, in_flight and poison_after must be positive, wait_for_workers and "
                              "restart_grace not negative")
-        os.environ.setdefault("RAY_AUTH_MODE", "disabled")  # silences a token warning on a local Ray
         import ray
 
         self.ray = ray
-        self.started = not ray.is_initialized()
-        if self.started:
-            if address:
-                check_address(address)
-                try:
-                    ray.init(address=address, logging_level="ERROR", log_to_driver=False)
-                except ConnectionError as exc:  # "auto" with no cluster running, or a refused handshake
-                    raise DDSMError(f"--address {address}: {str(exc).splitlines()[0]}") from None
-            else:
-                # "local": a Ray of our own, even when `ray start` left a cluster running on this machine
-                # (plain ray.init() would attach to it, and refuse num_cpus)
-                ray.init(address="local", num_cpus=max(workers, os.cpu_count() or 1), include_dashboard=False,
-                         logging_level="ERROR", log_to_driver=False)
+        self.started = connect_ray(address, workers)
         if threads is None:
             threads = max(1, (os.cpu_count() or 1) // workers) if not address else None
         if actor_class is None:
@@ -149,7 +158,7 @@ class RayPool:
         from ray.exceptions import ObjectLostError, RayActorError, RayTaskError
 
         ray, n = self.ray, len(self.actors)
-        order = sorted(range(len(jobs)), key=lambda job: _sort_key(jobs[job][1]))  # neighbours share prefixes
+        order = sorted(range(len(jobs)), key=lambda job: prefix_order(jobs[job][1]))  # neighbours share prefixes
         usable = [i for i in range(n) if self.state[i] != _GONE] or list(range(n))
         queues = [deque() for _ in range(n)]  # per actor: its block of job indices, in order
         for b, index in enumerate(usable):
