@@ -26,6 +26,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ddsm_search.backends.choice import cpu_name
 from ddsm_search.checkpoint import load_supernet
 from ddsm_search.confirm import Confirmer
 from ddsm_search.exit_policy import ExitPolicy, ExitRecord, plan_key
@@ -56,8 +57,7 @@ def main() -> None:
               "exit_thresholds": args.thresholds, "backend": "auto"}
     confirmer = Confirmer(supernet, search, n=args.n)
     full_flops = supernet.full_flops * args.steps
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor()) if Path("/proc/cpuinfo").is_file() else platform.processor()
+    cpu = cpu_name()
     print(f"{datetime.date.today()} | {platform.machine()} {cpu} | {supernet.config.name}: "
           f"n={args.n} held-out images, {args.steps} DDIM steps")
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ddsm_search.backends.choice import cpu_name
 from ddsm_search.checkpoint import load_supernet, read_meta
 from ddsm_search.config import load_config
 from ddsm_search.confirm import Confirmer
@@ -54,14 +55,6 @@ def training_flops_per_step(cfg, steps: int) -> float:
         for _ in range(steps):
             run.train_step()
     return counter.get_total_flops() / steps
-
-
-def cpu_name() -> str:
-    if Path("/proc/cpuinfo").is_file():
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor()
 
 
 def main() -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import platform
 import shutil
 import statistics
 import sys
@@ -30,6 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from ddsm_search.backends.choice import cpu_name  # noqa: E402
 from ddsm_search.backends import backend_of  # noqa: E402
 from ddsm_search.checkpoint import load_supernet  # noqa: E402
 from ddsm_search.deploy.onnx_export import export_onnx  # noqa: E402
@@ -37,17 +37,6 @@ from ddsm_search.deploy.onnx_sampler import OnnxSampler  # noqa: E402
 from ddsm_search.sampling import generate, make_denoisers  # noqa: E402
 from ddsm_search.schedule import Schedule, load_schedule, save_schedule  # noqa: E402
 from ddsm_search.subnet import schedule_key  # noqa: E402
-
-
-def cpu_name() -> str:
-    """Return the CPU's model name (from /proc/cpuinfo where there is one)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def ramp(supernet, steps: int) -> list:

@@ -33,6 +33,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
+from ddsm_search.backends.choice import cpu_name
 from ddsm_search.checkpoint import load_supernet, read_meta
 from ddsm_search.config import SparsityConfig, load_config
 from ddsm_search.confirm import Confirmer
@@ -242,8 +243,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     base = load_config(args.config)
     started = time.perf_counter()
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               "?") if Path("/proc/cpuinfo").is_file() else "?"
+    cpu = cpu_name()
     header = (f"{datetime.date.today()} | {base.name} | {cpu}, {torch.get_num_threads()} threads | {args.steps} steps "
               f"each, seeds {args.seeds}, held-out n={args.n}, {args.sample_steps} DDIM steps | sparsity: update every "
               f"{args.update_every}, drop fraction {args.drop_fraction}, {args.distribution}, stop at {args.stop_at}")

@@ -24,22 +24,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
+from ddsm_search.backends.choice import cpu_name  # noqa: E402
 from ddsm_search.cli import main as cli  # noqa: E402
 from ddsm_search.config import config_from_dict  # noqa: E402
 from ddsm_search.search.runner import run_search  # noqa: E402
 from tests.conftest import tiny_dict  # noqa: E402
 
 COMPARED = ["schedule", "gflops", "fid", "kid", "drift", "samples", "generation", "screen_score"]
-
-
-def _cpu() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
@@ -98,7 +89,7 @@ def main() -> None:
     tables = [pd.read_csv(out / e / "front.csv")[COMPARED] for e in ("pool", "tune")]
     same = tables[0].equals(tables[1])
     pool, tune = rows
-    result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} | {_cpu()} | "
+    result = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()} | {cpu_name()} | "
               f"{os.cpu_count()} cores", "ray": ray.__version__, "search": search, "runs": rows,
               "ratio": round(tune["seconds_per_evaluation"] / pool["seconds_per_evaluation"], 2),
               "overhead_seconds_per_evaluation": round(tune["seconds_per_evaluation"] - pool["seconds_per_evaluation"], 3),

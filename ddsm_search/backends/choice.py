@@ -24,18 +24,22 @@ from ..io import write_json_atomic
 from . import BACKENDS, CHOICES, runs_fused, supports, wrap
 
 
-def machine_key() -> str:
-    """Return a short name of this machine's CPU, vector extensions, torch version and threads."""
-    model = platform.processor() or platform.machine()
+def cpu_name() -> str:
+    """Return this machine's CPU model name (from /proc/cpuinfo where there is one): what benchmarks
+    print beside their figures, and part of `machine_key`."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
+                return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine()
+
+
+def machine_key() -> str:
+    """Return a short name of this machine's CPU, vector extensions, torch version and threads."""
     # torch's own reading of the vector extensions its kernels use (DEFAULT, AVX2, AVX512, ...)
-    text = (f"{model}|{torch.backends.cpu.get_cpu_capability()}|torch {torch.__version__}|"
+    text = (f"{cpu_name()}|{torch.backends.cpu.get_cpu_capability()}|torch {torch.__version__}|"
             f"threads {torch.get_num_threads()}")
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
