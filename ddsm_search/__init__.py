@@ -13,17 +13,19 @@ from importlib import import_module
 __version__ = "0.1.0"
 
 _API = {
-    "load_run": "report", "front": "report", "hypervolume": "report", "pick": "report", "generations": "report",
-    "run_info": "report", "budget_gflops": "config",
-    "plot_front": "plots", "plot_schedule": "plots", "plot_hypervolume": "plots", "plot_grids": "plots",
-    "export_schedule": "export", "load_schedule": "schedule", "save_schedule": "schedule", "Schedule": "schedule",
+    "load_run": "report.tables", "front": "report.tables", "hypervolume": "report.tables", "pick": "report.tables",
+    "generations": "report.tables", "run_info": "report.tables", "budget_gflops": "config",
+    "plot_front": "report.plots", "plot_schedule": "report.plots", "plot_hypervolume": "report.plots",
+    "plot_grids": "report.plots",
+    "export_schedule": "deploy.export", "load_schedule": "schedule", "save_schedule": "schedule", "Schedule": "schedule",
     "load_supernet": "checkpoint", "load_config": "config", "train": "training", "generate": "sampling",
-    "evaluate": "evaluation", "run_search": "search.runner", "quickstart": "pipeline", "DDSMError": "errors",
-    "Subnet": "subnet", "SubnetSpace": "subnet", "build_supernet": "backbones",
-    "ExitPolicy": "exit_policy", "finetune_exit": "exit_stage",
-    "import_diffusers": "imports.diffusers_unet", "reorder_by_importance": "imports.importance",
-    "find_stages": "stages", "interval_cluster": "stages",
-    "prior_schedule": "step_groups", "DDSMPipeline": "deploy_pipeline", "export_onnx": "deploy.onnx_export",
+    "evaluate": "evaluation.quality", "run_search": "search.runner", "quickstart": "pipeline", "DDSMError": "errors",
+    "Subnet": "space.subnet", "SubnetSpace": "space.subnet", "build_supernet": "backbones.registry",
+    "ExitPolicy": "methods.early_exit.policy", "finetune_exit": "methods.early_exit.finetune",
+    "import_diffusers": "methods.pretrained.diffusers_unet", "reorder_by_importance": "methods.pretrained.importance",
+    "find_stages": "methods.multistage.stages", "interval_cluster": "methods.multistage.stages",
+    "prior_schedule": "methods.step_groups.groups", "DDSMPipeline": "deploy.diffusers_pipeline",
+    "export_onnx": "deploy.onnx_export",
 }
 # No submodule may share a name with a public function: importing `ddsm_search.train` would bind the
 # module as the package attribute `train` and hide the function (tests/test_api.py checks this).

@@ -24,8 +24,9 @@ from safetensors.torch import load_file, save
 from .config import ExperimentConfig, config_from_dict
 from .errors import DDSMError
 from .io import sha256_file, write_atomic, write_json_atomic
-from .backbones import SlimModel, build_supernet
-from .subnet import Subnet
+from .backbones.base import SlimModel
+from .backbones.registry import build_supernet
+from .space.subnet import Subnet
 
 FORMAT = "ddsm-search/supernet"
 VERSION = 2  # 2: axes and FLOPs per subnet key; version 1 (widths, FLOPs per width) still reads
@@ -230,7 +231,7 @@ def load_masks(path: str | Path, meta: dict, model: SlimModel, weights: dict[str
                ) -> dict[str, torch.Tensor]:
     """Return a sparse supernet's masks {layer: bool tensor}, hash-checked and checked against the model
     (and, given its EMA `weights`, that every weight the masks leave out is zero); else raise DDSMError."""
-    from .sparsity import check_masks, maskable_layers
+    from .methods.sparsity.masks import check_masks, maskable_layers
 
     info = meta.get("sparsity")
     if not isinstance(info, dict) or not isinstance(info.get("masks_sha256"), str):

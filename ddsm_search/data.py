@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ddsm_search.errors import DDSMError
+from .errors import DDSMError
 
 KINDS = ("digits", "cifar10", "folder")
 SPLITS = {"digits": ("train", "test", "all"), "cifar10": ("train", "test", "all"), "folder": ("all", "train")}
@@ -84,6 +84,19 @@ def load_dataset(kind: str, path: str | None = None, *, split: str = "train", im
         _check_fixed("cifar10", image_size, channels, 32, 3)
         return _load_cifar10(Path(path).expanduser(), split, limit)
     return _load_folder(Path(path).expanduser(), image_size, 3 if channels is None else channels, limit)
+
+
+def load_data(data, split: str | None = None) -> ImageData:
+    """Return the images of an experiment's data section (a config.DataConfig): its own split (default),
+    its limit applied, or another `split` of the same dataset, whole (a held-out test split, say)."""
+    split = data.split if split is None else split
+    return load_dataset(data.kind, data.path, split=split, image_size=data.image_size, channels=data.channels,
+                        limit=data.limit if split == data.split else None)
+
+
+def data_key(data) -> str:
+    """Return the cache key of an experiment's data section (see `dataset_key`)."""
+    return dataset_key(data.kind, data.path, data.split, data.image_size, data.channels)
 
 
 def dataset_key(kind: str, path: str | None, split: str, image_size: int | None, channels: int | None) -> str:

@@ -1,4 +1,5 @@
-"""Atomic file writes: every file a run writes goes to a temporary name and is renamed into place."""
+"""The ground every stage stands on: atomic file writes (a temporary name renamed into place), hashes,
+JSON files read with one line saying what is wrong, and the one cache folder."""
 
 from __future__ import annotations
 
@@ -9,6 +10,10 @@ import os
 import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
+
+from .errors import DDSMError
+
+CACHE_ENV = "DDSM_SEARCH_CACHE"
 
 
 @contextlib.contextmanager
@@ -56,3 +61,31 @@ def sha256_file(path: str | os.PathLike) -> str:
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def read_json(path: str | os.PathLike, what: str = "") -> dict:
+    """Return the JSON object stored at `path`, or raise DDSMError naming the file (`what` it should be)
+    and what is wrong: missing, unreadable, not text, not JSON, or not an object."""
+    path = Path(path)
+    name = f"{what} {path}" if what else str(path)
+    if not path.is_file():
+        raise DDSMError(f"{what + ' ' if what else ''}file not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except UnicodeDecodeError:
+        raise DDSMError(f"{name}: not a text file (expected JSON)") from None
+    except json.JSONDecodeError as exc:
+        raise DDSMError(f"{name}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except OSError as exc:
+        raise DDSMError(f"{name}: cannot be read ({exc.strerror or exc})") from None
+    if not isinstance(data, dict):
+        raise DDSMError(f"{name}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def cache_dir() -> Path:
+    """Return the folder for caches (reference statistics, full-size samples, backend timings, built
+    kernels): $DDSM_SEARCH_CACHE, else $XDG_CACHE_HOME/ddsm-search, else ~/.cache/ddsm-search."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "ddsm-search"

@@ -33,9 +33,9 @@ def quickstart(out: str | Path = "results/quickstart", *, max_loss: float | None
     The export is the cheapest schedule of the front whose held-out FID is within `max_loss` of full
     size's on the same noise at 95% confidence (within `budget` too, if given).
     """
-    from .exit_policy import step_label
-    from .export import export_schedule
-    from .report_stage import write_report
+    from .methods.early_exit.policy import step_label
+    from .deploy.export import export_schedule
+    from .report.writer import write_report
     from .sampling import time_against_full
     from .schedule import load_schedule
     from .search.runner import run_search
@@ -77,7 +77,7 @@ def quickstart(out: str | Path = "results/quickstart", *, max_loss: float | None
     schedule = load_schedule(path, supernet)
     heads = None
     if schedule.exit is not None:  # a dynamic exit policy: timed with its heads, exiting per image
-        from .exit_stage import load_exit_heads
+        from .methods.early_exit.finetune import load_exit_heads
 
         heads = load_exit_heads(supernet, device)
     _, seconds, full_seconds, paths = time_against_full(supernet.model, supernet.config.diffusion, schedule.subnets,

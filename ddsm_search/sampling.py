@@ -13,9 +13,9 @@ from tqdm.auto import tqdm
 from .config import DiffusionConfig
 from .diffusion import NoiseSchedule, check_schedule, sample_loop, sampling_timesteps
 from .errors import DDSMError
-from .backbones import SlimModel
-from .exit_policy import ExitPolicy, ExitRecord, step_keys
-from .group_weights import GroupStep
+from .backbones.base import SlimModel
+from .methods.early_exit.policy import ExitPolicy, ExitRecord, step_keys
+from .methods.step_groups.weights import GroupStep
 
 
 def resolve_device(device: str) -> str:
@@ -65,7 +65,7 @@ def make_denoisers(model: SlimModel, subnets: Sequence, device: str, backend: st
     else:
         out = choose(nets, model.image_shape, batch_size or 500, backend, device)
     if dynamic:
-        from .backbones.exit_heads import DynamicExitDenoiser
+        from .methods.early_exit.heads import DynamicExitDenoiser
 
         if heads is None:
             raise DDSMError("a schedule with an exit policy needs the supernet's exit heads (finetune-exit)")

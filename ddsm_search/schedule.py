@@ -27,10 +27,10 @@ from pathlib import Path
 from .checkpoint import Supernet
 from .diffusion import SAMPLERS, sampling_timesteps
 from .errors import DDSMError
-from .exit_policy import ExitPolicy
-from .group_weights import GroupWeights, read_weights
+from .methods.early_exit.policy import ExitPolicy
+from .methods.step_groups.weights import GroupWeights, read_weights
 from .io import write_json_atomic
-from .subnet import Subnet
+from .space.subnet import Subnet
 
 FORMAT = "ddsm-search/schedule"
 VERSION = 2
@@ -80,7 +80,7 @@ class Schedule:
     def _exit_settings(self, supernet: Supernet) -> dict:
         if self.exit is None or not self.exit.dynamic:
             return {}
-        from .exit_stage import heads_sha256
+        from .methods.early_exit.finetune import heads_sha256
 
         if self.exit.steps != self.steps:
             raise DDSMError(f"the exit policy has {self.exit.steps} thresholds for {self.steps} steps")
@@ -230,7 +230,7 @@ def check_against(schedule: Schedule, supernet: Supernet, path: str | Path = "<s
         except DDSMError as exc:
             raise DDSMError(f"schedule {path}: {exc}") from None
     if schedule.exit is not None and schedule.exit.dynamic:
-        from .exit_stage import heads_sha256
+        from .methods.early_exit.finetune import heads_sha256
 
         if schedule.exit.steps != schedule.steps:
             raise DDSMError(f"schedule {path}: {schedule.exit.steps} exit thresholds for {schedule.steps} steps")

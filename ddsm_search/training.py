@@ -27,10 +27,11 @@ from .diffusion import NoiseSchedule
 from .errors import DDSMError
 from .images import save_grid
 from .io import write_text_atomic
-from .backbones import SlimModel, build_supernet
+from .backbones.base import SlimModel
+from .backbones.registry import build_supernet
 from .backbones.cost import flops_table, flops_tables
 from .sampling import generate, resolve_device
-from .subnet import Subnet, SubnetSpace
+from .space.subnet import Subnet, SubnetSpace
 
 LOG_FILE = "loss_log.csv"
 
@@ -96,7 +97,7 @@ class TrainingRun:
                 self.teacher = start.set_subnet(start.full).requires_grad_(False).eval()
         self.sparsifier = None
         if cfg.train.sparsity is not None:  # masks drawn now, on the weights training starts from
-            from .sparsity import Sparsifier
+            from .methods.sparsity.masks import Sparsifier
 
             self.sparsifier = Sparsifier(cfg.train.sparsity, self.model, cfg.train.steps, cfg.train.seed)
             self.sparsifier.apply(self.model, self.ema)
@@ -204,7 +205,7 @@ class TrainingRun:
 
 def _mask_file(out_dir: Path, meta: dict, model: SlimModel) -> dict[str, torch.Tensor]:
     """Return the masks file of the checkpoint in `out_dir` as named tensors (hash-checked), for a resume."""
-    from .sparsity import MASK_PREFIX
+    from .methods.sparsity.masks import MASK_PREFIX
 
     if "sparsity" not in meta:
         raise DDSMError(f"--resume: the checkpoint in {out_dir} has no masks (trained dense)")

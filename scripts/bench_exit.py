@@ -28,12 +28,12 @@ import pandas as pd
 
 from ddsm_search.backends.choice import cpu_name
 from ddsm_search.checkpoint import load_supernet
-from ddsm_search.confirm import Confirmer
-from ddsm_search.exit_policy import ExitPolicy, ExitRecord, plan_key
-from ddsm_search.exit_stage import load_exit_heads
+from ddsm_search.evaluation.heldout import Confirmer
+from ddsm_search.methods.early_exit.policy import ExitPolicy, ExitRecord, plan_key
+from ddsm_search.methods.early_exit.finetune import load_exit_heads
 from ddsm_search.metrics.stats import fid_gap_interval
-from ddsm_search.plots import _figure, _save
-from ddsm_search.report import load_run
+from ddsm_search.report.plots import _figure, _save
+from ddsm_search.report.tables import load_run
 from ddsm_search.sampling import time_against_full
 
 

@@ -29,7 +29,7 @@ import pandas as pd
 import torch
 
 from ddsm_search.checkpoint import load_supernet
-from ddsm_search.evaluation import evaluate, noise_floor, training_reference
+from ddsm_search.evaluation.quality import evaluate, noise_floor, training_reference
 from ddsm_search.io import write_text_atomic
 from ddsm_search.metrics import default_extractor_for, get_extractor, replicates
 from ddsm_search.sampling import make_denoisers, resolve_device
@@ -62,9 +62,9 @@ def gaps(raw: pd.DataFrame, widths: list[float]) -> pd.DataFrame:
 def drift_spread(supernet, search: dict, ns: list[int], sets: list[str], device: str, batch_size: int,
                  cache_dir) -> pd.DataFrame:
     """Return, per uniform width and n, drift and the paired FID gap to full width: mean, sd over seed sets, z."""
-    from ddsm_search.full_samples import full_size_samples
+    from ddsm_search.evaluation.full_samples import full_size_samples
     from ddsm_search.metrics import seed_for
-    from ddsm_search.scoring import FullReference, make_scorer
+    from ddsm_search.evaluation.scoring import FullReference, make_scorer
 
     scorer = make_scorer(supernet, metric="fid", device=device, cache_dir=cache_dir)
     steps, sampler, eta = int(search["steps"]), search["sampler"], float(search["eta"])
@@ -100,8 +100,8 @@ def front_agreement(run: str, n: int, device: str) -> tuple[pd.DataFrame, dict]:
     Spearman rank correlation of each search-time score with held-out FID."""
     from scipy.stats import spearmanr
 
-    from ddsm_search.heldout_front import heldout_front
-    from ddsm_search.report import front, load_run, run_info
+    from ddsm_search.report.heldout import heldout_front
+    from ddsm_search.report.tables import front, load_run, run_info
 
     if run_info(run)["search"]["metric"] != "fid":
         raise SystemExit("--run must be a search whose metric is fid (its held-out check scores FID)")
@@ -134,7 +134,7 @@ def main() -> None:
     device = resolve_device(args.device)
     supernet = load_supernet(args.supernet, device)
     if args.run:
-        from ddsm_search.report import run_info
+        from ddsm_search.report.tables import run_info
 
         search = run_info(args.run)["search"]
         print(f"drift: {supernet.path}, {search['steps']} {search['sampler']} steps, seed sets "

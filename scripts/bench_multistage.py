@@ -34,10 +34,10 @@ import pandas as pd
 from ddsm_search.backends.choice import cpu_name
 from ddsm_search.checkpoint import load_supernet, read_meta
 from ddsm_search.config import load_config
-from ddsm_search.confirm import Confirmer
+from ddsm_search.evaluation.heldout import Confirmer
 from ddsm_search.metrics.stats import fid_gap_interval
-from ddsm_search.plots import _figure, _save
-from ddsm_search.report import front, load_run
+from ddsm_search.report.plots import _figure, _save
+from ddsm_search.report.tables import front, load_run
 from ddsm_search.search.runner import run_search
 from ddsm_search.training import TrainingRun, load_training_data, train
 

@@ -36,7 +36,7 @@ from ddsm_search.deploy.onnx_export import export_onnx  # noqa: E402
 from ddsm_search.deploy.onnx_sampler import OnnxSampler  # noqa: E402
 from ddsm_search.sampling import generate, make_denoisers  # noqa: E402
 from ddsm_search.schedule import Schedule, load_schedule, save_schedule  # noqa: E402
-from ddsm_search.subnet import schedule_key  # noqa: E402
+from ddsm_search.space.subnet import schedule_key  # noqa: E402
 
 
 def ramp(supernet, steps: int) -> list:

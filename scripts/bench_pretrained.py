@@ -33,17 +33,17 @@ import torch.nn.functional as F
 
 from ddsm_search.checkpoint import load_supernet, read_meta
 from ddsm_search.config import load_config
-from ddsm_search.confirm import Confirmer
+from ddsm_search.evaluation.heldout import Confirmer
 from ddsm_search.data import load_dataset
 from ddsm_search.diffusion import NoiseSchedule
-from ddsm_search.export import export_schedule
-from ddsm_search.group_finetune import finetune_schedule
-from ddsm_search.imports.diffusers_config import unet2d_class
-from ddsm_search.imports.diffusers_unet import import_diffusers
+from ddsm_search.deploy.export import export_schedule
+from ddsm_search.methods.step_groups.finetune import finetune_schedule
+from ddsm_search.methods.pretrained.diffusers_config import unet2d_class
+from ddsm_search.methods.pretrained.diffusers_unet import import_diffusers
 from ddsm_search.metrics.stats import fid_gap_interval
-from ddsm_search.report import front, load_run
+from ddsm_search.report.tables import front, load_run
 from ddsm_search.schedule import load_schedule
-from ddsm_search.search.results import hypervolume
+from ddsm_search.search.pareto import hypervolume
 from ddsm_search.search.runner import run_search
 from ddsm_search.training import train
 

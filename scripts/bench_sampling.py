@@ -31,10 +31,10 @@ import torch
 from ddsm_search.checkpoint import load_supernet
 from ddsm_search.config import load_config
 from ddsm_search.backends import fused as kernels
-from ddsm_search.backbones import build_supernet
+from ddsm_search.backbones.registry import build_supernet
 from ddsm_search.backbones.cost import flops_table
 from ddsm_search.sampling import generate, make_denoisers, resolve_device
-from ddsm_search.subnet import Subnet, SubnetSpace
+from ddsm_search.space.subnet import Subnet, SubnetSpace
 
 TOLERANCE = 1.25  # target: wall-clock ratio within 1.25x of the FLOPs ratio (width >= 0.5, depth >= half, mixed)
 

@@ -24,8 +24,8 @@ from pathlib import Path
 import pandas as pd
 
 from ddsm_search.config import load_config
-from ddsm_search.report import load_run
-from ddsm_search.search.results import front_of, hv_reference, hypervolume
+from ddsm_search.report.tables import load_run
+from ddsm_search.search.pareto import front_of, hv_reference, hypervolume
 
 
 def _run(cfg, supernet: str, out: Path, **search) -> tuple[pd.DataFrame, float]:

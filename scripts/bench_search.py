@@ -32,7 +32,8 @@ import pandas as pd
 from ddsm_search.checkpoint import load_supernet
 from ddsm_search.config import load_config
 from ddsm_search.errors import DDSMError
-from ddsm_search.search.results import front_of, hypervolume, read_evaluations
+from ddsm_search.search.pareto import front_of, hypervolume
+from ddsm_search.search.results import read_evaluations
 from ddsm_search.search.runner import run_search
 
 
@@ -82,8 +83,8 @@ def main() -> None:
 
 def compare_axes(cfg, args, base: dict, root: Path, axes: tuple[str, ...]) -> None:
     """Search every axis together and each alone at the same asks; print hypervolume and held-out quality."""
-    from ddsm_search.confirm import Confirmer
-    from ddsm_search.report import load_run, pick, run_info
+    from ddsm_search.evaluation.heldout import Confirmer
+    from ddsm_search.report.tables import load_run, pick, run_info
 
     metric = cfg.search.metric
     plans = {" x ".join(axes): list(axes), **{f"{a} only": [a] for a in axes}}

@@ -36,11 +36,11 @@ import torch
 from ddsm_search.backends.choice import cpu_name
 from ddsm_search.checkpoint import load_supernet, read_meta
 from ddsm_search.config import SparsityConfig, load_config
-from ddsm_search.confirm import Confirmer
+from ddsm_search.evaluation.heldout import Confirmer
 from ddsm_search.metrics.stats import fid_gap_interval
-from ddsm_search.report import front, load_run
+from ddsm_search.report.tables import front, load_run
 from ddsm_search.sampling import generate, make_denoisers
-from ddsm_search.search.results import hypervolume
+from ddsm_search.search.pareto import hypervolume
 from ddsm_search.search.runner import run_search
 from ddsm_search.training import train
 

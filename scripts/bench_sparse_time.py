@@ -30,9 +30,9 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from ddsm_search.backbones import build_supernet
+from ddsm_search.backbones.registry import build_supernet
 from ddsm_search.config import SparsityConfig, load_config
-from ddsm_search.sparsity import Sparsifier
+from ddsm_search.methods.sparsity.masks import Sparsifier
 
 
 def cpu_name() -> str:

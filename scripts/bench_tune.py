@@ -25,7 +25,7 @@ import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
 from ddsm_search.backends.choice import cpu_name  # noqa: E402
-from ddsm_search.cli import main as cli  # noqa: E402
+from ddsm_search.cli.main import main as cli  # noqa: E402
 from ddsm_search.config import config_from_dict  # noqa: E402
 from ddsm_search.search.runner import run_search  # noqa: E402
 from tests.conftest import tiny_dict  # noqa: E402

@@ -61,7 +61,7 @@ def tiny_supernet(tmp_path_factory):
     """A tiny supernet trained once per session through the CLI; tests only read it."""
     import yaml
 
-    from ddsm_search.cli import main
+    from ddsm_search.cli.main import main
 
     root = tmp_path_factory.mktemp("tiny-supernet")
     config = root / "tiny.yaml"

@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from ddsm_search.checkpoint import META
-from ddsm_search.cli import main
+from ddsm_search.cli.main import main
 from tests.conftest import tiny_dict
 
 SEARCH = {"steps": 4, "segments": 2, "population": 4, "generations": 1, "samples": 20, "workers": 0, "batch_size": 20}

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from ddsm_search.cli import main
+from ddsm_search.cli.main import main
 from tests.conftest import tiny_dict
 
 

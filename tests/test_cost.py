@@ -9,7 +9,7 @@ from ddsm_search.backbones.cost import count_flops, flops_table
 from ddsm_search.backbones.slim import SlimConv2d
 from ddsm_search.backbones.unet import AttnBlock
 from ddsm_search.backbones.slim import SlimKit
-from ddsm_search.subnet import Subnet
+from ddsm_search.space.subnet import Subnet
 from tests.conftest import tiny_dict
 
 

@@ -10,7 +10,7 @@ import torch
 from ddsm_search.config import DiffusionConfig
 from ddsm_search.diffusion import NoiseSchedule, sample_loop, sampling_timesteps
 from ddsm_search.errors import DDSMError
-from ddsm_search.subnet import Subnet
+from ddsm_search.space.subnet import Subnet
 
 
 def _oracle(schedule: NoiseSchedule, x0: torch.Tensor):

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ddsm_search.backbones import build_supernet
+from ddsm_search.backbones.registry import build_supernet
 from ddsm_search.backbones.cost import count_flops
 from ddsm_search.backbones.dit import DiT, FREQ_SIZE
 from ddsm_search.backbones.slim import slim_layers
@@ -17,7 +17,7 @@ from ddsm_search.backbones.unet import timestep_embedding
 from ddsm_search.config import DiffusionConfig, config_from_dict
 from ddsm_search.diffusion import NoiseSchedule
 from ddsm_search.errors import DDSMError
-from ddsm_search.subnet import Subnet
+from ddsm_search.space.subnet import Subnet
 
 TINY_DIT = {"kind": "dit", "patch_size": 2, "hidden_size": 32, "blocks": 4, "head_dim": 8, "mlp_ratio": 4.0,
             "widths": [1.0, 0.75, 0.5, 0.25], "depths": [4, 3, 2]}

@@ -9,15 +9,15 @@ import pandas as pd
 import pytest
 import yaml
 
-from ddsm_search import report
+from ddsm_search.report import tables as report
 from ddsm_search.checkpoint import load_supernet
-from ddsm_search.cli import main
+from ddsm_search.cli.main import main
 from ddsm_search.config import config_from_dict
-from ddsm_search.evaluation import evaluate
-from ddsm_search.export import export_schedule
-from ddsm_search.full_samples import FOLDER
+from ddsm_search.evaluation.quality import evaluate
+from ddsm_search.deploy.export import export_schedule
+from ddsm_search.evaluation.full_samples import FOLDER
 from ddsm_search.search.runner import run_search
-from ddsm_search.subnet import Subnet
+from ddsm_search.space.subnet import Subnet
 from tests.conftest import tiny_dict
 
 FULL, HALF = Subnet.of(width=1.0), Subnet.of(width=0.5)
@@ -75,7 +75,7 @@ def test_export_max_loss_is_the_cheapest_front_schedule_within_the_loss(run, tmp
 
 
 def test_full_size_is_within_zero_of_itself(run, tiny_supernet):
-    from ddsm_search.confirm import Confirmer
+    from ddsm_search.evaluation.heldout import Confirmer
 
     search = report.run_info(run)["search"]
     for metric in ("fid", "drift"):

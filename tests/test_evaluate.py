@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from ddsm_search.checkpoint import load_supernet
-from ddsm_search.cli import main
+from ddsm_search.cli.main import main
 from ddsm_search.errors import DDSMError
-from ddsm_search.evaluation import evaluate, noise_floor, training_reference
+from ddsm_search.evaluation.quality import evaluate, noise_floor, training_reference
 from ddsm_search.metrics import get_extractor, seed_for
 from ddsm_search.sampling import PrefixCache, generate
-from ddsm_search.subnet import Subnet, schedule_key
+from ddsm_search.space.subnet import Subnet, schedule_key
 
 W = {w: Subnet.of(width=w) for w in (1.0, 0.75, 0.5)}
 
@@ -119,7 +119,7 @@ def test_default_path_never_imports_cleanfid(supernet_dir, tmp_path):
     out = tmp_path / "r.json"
     code = textwrap.dedent(f"""
         import sys
-        from ddsm_search.cli import main
+        from ddsm_search.cli.main import main
         status = main(["evaluate", {str(supernet_dir)!r}, "--width", "1", "--n", "8", "--quiet", "--device", "cpu",
                        "--json", {str(out)!r}])
         print(status, "cleanfid" in sys.modules, any(m.startswith("cleanfid") for m in sys.modules))

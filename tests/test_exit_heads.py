@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ddsm_search.backbones import build_supernet
+from ddsm_search.backbones.registry import build_supernet
 from ddsm_search.backbones.cost import flops_table
-from ddsm_search.backbones.exit_heads import (CertaintyHeads, DynamicExitDenoiser, adadiff_loss, exit_outputs,
-                                              pseudo_labels)
+from ddsm_search.methods.early_exit.heads import (CertaintyHeads, DynamicExitDenoiser, adadiff_loss, exit_outputs,
+                                                  pseudo_labels)
 from ddsm_search.config import config_from_dict
 from ddsm_search.data import load_dataset
 from ddsm_search.diffusion import NoiseSchedule

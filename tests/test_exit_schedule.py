@@ -11,16 +11,16 @@ import torch
 import yaml
 
 from ddsm_search.checkpoint import load_supernet
-from ddsm_search.cli import main
+from ddsm_search.cli.main import main
 from ddsm_search.config import config_from_dict
 from ddsm_search.errors import DDSMError
-from ddsm_search.evaluation import evaluate
-from ddsm_search.exit_policy import ExitPolicy, ExitRecord, parse_plan, plan_key, step_keys
-from ddsm_search.exit_stage import executed, heads_sha256, load_exit_heads
+from ddsm_search.evaluation.quality import evaluate
+from ddsm_search.methods.early_exit.policy import ExitPolicy, ExitRecord, parse_plan, plan_key, step_keys
+from ddsm_search.methods.early_exit.finetune import executed, heads_sha256, load_exit_heads
 from ddsm_search.sampling import PrefixCache, generate, make_denoisers
 from ddsm_search.schedule import Schedule, load_schedule, save_schedule
-from ddsm_search.search.space import SearchSpace
-from ddsm_search.subnet import Subnet, SubnetSpace
+from ddsm_search.search.genome import SearchSpace
+from ddsm_search.space.subnet import Subnet, SubnetSpace
 from tests.conftest import tiny_dict
 
 TINY_DIT = {"kind": "dit", "patch_size": 2, "hidden_size": 32, "blocks": 4, "head_dim": 8, "mlp_ratio": 2.0,
@@ -156,7 +156,7 @@ def test_search_export_report_and_sample_run_the_exit_policy(dit, tmp_path, caps
     net, config = dit
     run = tmp_path / "run"
     assert main(["search", str(config), "--supernet", str(net), "--out", str(run), "--quiet"]) == 0
-    from ddsm_search.report import load_run
+    from ddsm_search.report.tables import load_run
 
     table = load_run(run)
     dynamic = table[table["exit"].notna()]

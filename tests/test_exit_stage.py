@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import yaml
 
-from ddsm_search.cli import main
+from ddsm_search.cli.main import main
 from tests.conftest import tiny_dict
 
 TINY_DIT = {"kind": "dit", "patch_size": 2, "hidden_size": 32, "blocks": 4, "head_dim": 8, "mlp_ratio": 2.0,

@@ -10,8 +10,8 @@ import torch
 
 from ddsm_search.checkpoint import load_supernet
 from ddsm_search.errors import DDSMError
-from ddsm_search.imports.diffusers_config import unet2d_class
-from ddsm_search.imports.diffusers_unet import import_diffusers
+from ddsm_search.methods.pretrained.diffusers_config import unet2d_class
+from ddsm_search.methods.pretrained.diffusers_unet import import_diffusers
 from ddsm_search.training import train
 
 MODEL = dict(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(16, 32), layers_per_block=1,

@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from ddsm_search.checkpoint import load_supernet
-from ddsm_search.cli import main
+from ddsm_search.cli.main import main
 from ddsm_search.config import config_from_dict
 from ddsm_search.backends import fused as kernels
 from ddsm_search.backends.fused import graph
@@ -21,7 +21,7 @@ from ddsm_search.backends import backend_of, runs_fused
 from ddsm_search.backends import choice
 from ddsm_search.sampling import PrefixCache, generate, make_denoisers
 from ddsm_search.search.runner import run_search
-from ddsm_search.subnet import Subnet
+from ddsm_search.space.subnet import Subnet
 from tests.conftest import tiny_dict
 
 FUSED = {"model": {"base_channels": 16, "channel_mults": [1, 2], "group_size": 8, "head_dim": 8, "widths": [1.0, 0.5],

@@ -20,9 +20,9 @@ from ddsm_search.backends import supports
 from ddsm_search.backends import fused as kernels
 from ddsm_search.checkpoint import load_supernet
 from ddsm_search.errors import DDSMError
-from ddsm_search.imports.diffusers_config import unet2d_class
-from ddsm_search.imports.command import add_import_parser
-from ddsm_search.imports.diffusers_unet import IMPORT_FILE, import_diffusers
+from ddsm_search.methods.pretrained.diffusers_config import unet2d_class
+from ddsm_search.cli.imports import add_import_parser
+from ddsm_search.methods.pretrained.diffusers_unet import IMPORT_FILE, import_diffusers
 
 UNet2DModel = unet2d_class()
 
@@ -187,7 +187,7 @@ def test_unmappable_models_are_refused_in_one_line(tmp_path, changes, words):
 
 def _cli(argv) -> int:
     """Run the command as ddsm-search's main does (through it, once cli.py has the command)."""
-    from ddsm_search import cli
+    from ddsm_search.cli import main as cli
 
     parser = cli.build_parser()
     if "import-diffusers" in parser._subparsers._group_actions[0].choices:

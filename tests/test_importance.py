@@ -9,12 +9,12 @@ import json
 import pytest
 import torch
 
-from ddsm_search.backbones import build_supernet
+from ddsm_search.backbones.registry import build_supernet
 from ddsm_search.checkpoint import load_supernet
 from ddsm_search.config import DiffusionConfig, DiTConfig, UNetConfig
 from ddsm_search.errors import DDSMError
-from ddsm_search.imports.diffusers_unet import IMPORT_FILE, import_diffusers
-from ddsm_search.imports.importance import channel_sets, reorder_by_importance
+from ddsm_search.methods.pretrained.diffusers_unet import IMPORT_FILE, import_diffusers
+from ddsm_search.methods.pretrained.importance import channel_sets, reorder_by_importance
 from tests.test_import_diffusers import CONFIGS, save_unet
 
 DIFFUSION = DiffusionConfig(timesteps=100)

@@ -20,7 +20,7 @@ from ddsm_search.backends.fused import graph as graph_module
 from ddsm_search.backends.fused.graph import Graph, Unsupported
 from ddsm_search.backends.fused.unet_graph import FusedDenoiser, fused_program, unet_to_graph
 from ddsm_search.backbones.unet import SlimUNet
-from ddsm_search.subnet import Subnet
+from ddsm_search.space.subnet import Subnet
 from tests.conftest import tiny_dict
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,14 +11,14 @@ import pandas as pd
 import pytest
 import torch
 
-from ddsm_search.backbones import build_supernet
+from ddsm_search.backbones.registry import build_supernet
 from ddsm_search.backbones.cost import flops_table
 from ddsm_search.checkpoint import load_supernet
-from ddsm_search.cli import main
+from ddsm_search.cli.main import main
 from ddsm_search.config import config_from_dict
 from ddsm_search.diffusion import sampling_timesteps
 from ddsm_search.errors import DDSMError
-from ddsm_search.subnet import Subnet, parse_schedule
+from ddsm_search.space.subnet import Subnet, parse_schedule
 from ddsm_search.training import TrainingRun, load_training_data, train
 from tests.conftest import tiny_dict
 
@@ -133,8 +133,8 @@ def test_flops_follow_each_stage_decoder(cfg, trained):
 
 
 def test_search_schedules_carry_the_stage_of_each_step_and_export_and_sample_them(trained, tmp_path, capsys):
-    from ddsm_search.export import export_schedule
-    from ddsm_search.report import load_run
+    from ddsm_search.deploy.export import export_schedule
+    from ddsm_search.report.tables import load_run
     from ddsm_search.search.runner import run_search
 
     supernet = load_supernet(trained)

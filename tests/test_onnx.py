@@ -21,13 +21,13 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
 from ddsm_search.checkpoint import load_supernet  # noqa: E402
-from ddsm_search.cli import main  # noqa: E402
+from ddsm_search.cli.main import main  # noqa: E402
 from ddsm_search.deploy import onnx_export  # noqa: E402
 from ddsm_search.deploy.onnx_export import export_onnx  # noqa: E402
 from ddsm_search.deploy.onnx_sampler import OnnxSampler  # noqa: E402
 from ddsm_search.diffusion import sampling_timesteps  # noqa: E402
 from ddsm_search.errors import DDSMError  # noqa: E402
-from ddsm_search.group_weights import GroupWeights, WeightGroup  # noqa: E402
+from ddsm_search.methods.step_groups.weights import GroupWeights, WeightGroup  # noqa: E402
 from ddsm_search.sampling import generate  # noqa: E402
 from ddsm_search.schedule import Schedule, save_schedule  # noqa: E402
 from tests.conftest import tiny_dict  # noqa: E402
@@ -224,8 +224,8 @@ def test_tampered_graph_or_manifest_is_refused(unet, tmp_path):
 
 def _cli(argv: list[str]) -> int:
     """Run `ddsm-search export-onnx ...` through cli.main once it is wired in, else the same way."""
-    from ddsm_search import cli
-    from ddsm_search.deploy.onnx_command import add_export_onnx_parser
+    from ddsm_search.cli import main as cli
+    from ddsm_search.cli.deploy import add_export_onnx_parser
 
     commands = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     if "export-onnx" in commands.choices:

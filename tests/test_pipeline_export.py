@@ -11,13 +11,13 @@ import torch
 import yaml
 
 from ddsm_search.checkpoint import load_supernet
-from ddsm_search.cli import main
-from ddsm_search.deploy_pipeline import DIFFUSERS, DDSMPipeline
+from ddsm_search.cli.main import main
+from ddsm_search.deploy.diffusers_pipeline import DIFFUSERS, DDSMPipeline
 from ddsm_search.errors import DDSMError
-from ddsm_search.group_finetune import finetune_schedule
+from ddsm_search.methods.step_groups.finetune import finetune_schedule
 from ddsm_search.sampling import generate
 from ddsm_search.schedule import Schedule, load_schedule, save_schedule
-from ddsm_search.subnet import Subnet
+from ddsm_search.space.subnet import Subnet
 from tests.conftest import tiny_dict
 
 
@@ -82,7 +82,7 @@ def test_pipeline_runs_exit_policy(tmp_path):
     path = tmp_path / "exit.json"
     path.write_text(json.dumps({"subnets": [{"width": 1.0}] * 5, "settings": {"exit": {"threshold": 0.0}}}))
     schedule = load_schedule(path, supernet)
-    from ddsm_search.exit_stage import load_exit_heads
+    from ddsm_search.methods.early_exit.finetune import load_exit_heads
 
     pipe = DDSMPipeline.from_schedule(path, net)
     images = pipe(batch_size=3, seed=5, output_type="pt").images

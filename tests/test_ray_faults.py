@@ -19,14 +19,14 @@ import pytest
 
 from ddsm_search.config import config_from_dict
 from ddsm_search.errors import DDSMError
-from ddsm_search.search.results import front_of
-from ddsm_search.subnet import Subnet, schedule_key
+from ddsm_search.search.pareto import front_of
+from ddsm_search.space.subnet import Subnet, schedule_key
 from tests.conftest import tiny_dict
 
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from ddsm_search.search.pool import RayPool  # noqa: E402
+from ddsm_search.search.executors.pool import RayPool  # noqa: E402
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the stand-in travels to the workers by value
 

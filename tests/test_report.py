@@ -9,16 +9,16 @@ import pandas as pd
 import pytest
 import torch
 
-from ddsm_search import report
+from ddsm_search.report import tables as report
 from ddsm_search.checkpoint import load_supernet
-from ddsm_search.cli import main
+from ddsm_search.cli.main import main
 from ddsm_search.config import config_from_dict
 from ddsm_search.errors import DDSMError
-from ddsm_search.export import export_schedule
+from ddsm_search.deploy.export import export_schedule
 from ddsm_search.pipeline import quickstart
 from ddsm_search.schedule import load_schedule
 from ddsm_search.search.runner import run_search
-from ddsm_search.subnet import Subnet, SubnetSpace, schedule_key
+from ddsm_search.space.subnet import Subnet, SubnetSpace, schedule_key
 from tests.conftest import tiny_dict
 
 SEARCH = {"steps": 6, "segments": 3, "population": 6, "generations": 2, "samples": 40, "workers": 0, "batch_size": 40}
@@ -177,7 +177,7 @@ def test_version_1_schedules_load_and_sample_as_version_2_ones(tiny_supernet, tm
 
 
 def test_uniform_labels_and_a_two_axis_schedule_plot(tmp_path):
-    from ddsm_search.plots import plot_schedule
+    from ddsm_search.report.plots import plot_schedule
 
     full = Subnet.of(width=1.0, depth=4)
     assert report.uniform_label([full] * 3, full) == "full"

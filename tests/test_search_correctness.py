@@ -8,13 +8,13 @@ import pandas as pd
 import pytest
 import yaml
 
-from ddsm_search import report
-from ddsm_search.cli import main
+from ddsm_search.report import tables as report
+from ddsm_search.cli.main import main
 from ddsm_search.config import config_from_dict
 from ddsm_search.errors import DDSMError
-from ddsm_search.search import pool as pool_module
+from ddsm_search.search.executors import pool as pool_module
 from ddsm_search.search.runner import run_search
-from ddsm_search.subnet import parse_schedule
+from ddsm_search.space.subnet import parse_schedule
 from tests.conftest import tiny_dict
 
 SEARCH = {"steps": 6, "segments": 3, "population": 6, "generations": 3, "samples": 40, "workers": 0, "batch_size": 40}
@@ -107,7 +107,7 @@ class _SyntheticEvaluator:
 
 
 def test_screened_search_resumes_exactly_after_a_kill_among_full_evaluations(tiny_supernet, tmp_path, monkeypatch):
-    from ddsm_search.search import evaluator as evaluator_module
+    from ddsm_search.search import worker as evaluator_module
 
     monkeypatch.setattr(evaluator_module, "Evaluator", _SyntheticEvaluator)
     screened = {"screen_samples": 10, "screen_margin": 0.3, "generations": 4, "population": 8}

@@ -15,12 +15,12 @@ import pandas as pd
 import pytest
 import yaml
 
-from ddsm_search.cli import main
+from ddsm_search.cli.main import main
 
 from ddsm_search.config import config_from_dict
 from ddsm_search.errors import DDSMError
-from ddsm_search.search.pool import check_address
-from ddsm_search.search.results import front_of, pareto_mask
+from ddsm_search.search.ray_cluster import check_address
+from ddsm_search.search.pareto import front_of, pareto_mask
 from ddsm_search.search.runner import run_search
 from tests.conftest import tiny_dict
 
@@ -110,7 +110,7 @@ def test_killed_search_resumes_with_every_evaluation_once(supernet, tmp_path):
 
 def test_ray_two_workers_give_the_same_front_as_one_even_when_a_worker_dies(supernet, tmp_path, monkeypatch):
     ray = pytest.importorskip("ray")
-    from ddsm_search.search.evaluator import FAULT_ENV
+    from ddsm_search.search.worker import FAULT_ENV
 
     marker = tmp_path / "worker-killed"
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
@@ -133,7 +133,7 @@ def test_search_on_a_ray_cluster_started_apart(supernet, tmp_path, monkeypatch):
     # `ray start --head` stands in for a cluster: --address sends the evaluations there, and a local
     # search (no --address) started while it runs still gets a Ray of its own
     pytest.importorskip("ray")
-    from ddsm_search.search.evaluator import FAULT_ENV
+    from ddsm_search.search.worker import FAULT_ENV
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
     ray_cli, port = str(Path(sys.executable).with_name("ray")), _closed_port()

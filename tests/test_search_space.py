@@ -10,9 +10,9 @@ import pytest
 
 from ddsm_search.errors import DDSMError
 from ddsm_search.search.algorithms import gene_bounds, initial_population, make_algorithm
-from ddsm_search.search.results import front_of, hypervolume, pareto_mask
-from ddsm_search.search.space import SearchSpace
-from ddsm_search.subnet import Subnet, SubnetSpace
+from ddsm_search.search.pareto import front_of, hypervolume, pareto_mask
+from ddsm_search.search.genome import SearchSpace
+from ddsm_search.space.subnet import Subnet, SubnetSpace
 
 SPACE = SearchSpace.of(SubnetSpace.of({"width": [1.0, 0.75, 0.5, 0.25]}), steps=10, segments=4)
 # two axes with different numbers of choices: width genes have 3 choices, depth genes 2
@@ -187,7 +187,7 @@ def test_rows_screened_on_fewer_samples_are_never_on_the_front():
 
 
 def test_hypervolume_reference_stays_beyond_every_score_for_negative_kid():
-    from ddsm_search.search.results import hv_reference
+    from ddsm_search.search.pareto import hv_reference
 
     table = pd.DataFrame({"kid": [-0.010, -0.004, -0.001, -0.5], "samples": [500, 500, 500, 100],
                           "generation": [0, 0, 0, 0]})

@@ -12,7 +12,7 @@ from ddsm_search.errors import DDSMError
 from ddsm_search.backbones.slim import SlimConv2d, SlimGroupNorm, SlimLinear, slim_layers
 from ddsm_search.backends import fused as kernels
 from ddsm_search.backbones.unet import SlimUNet
-from ddsm_search.subnet import Subnet, SubnetSpace
+from ddsm_search.space.subnet import Subnet, SubnetSpace
 from tests.conftest import tiny_dict
 
 

@@ -14,15 +14,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ddsm_search.backbones import build_supernet
+from ddsm_search.backbones.registry import build_supernet
 from ddsm_search.backbones.cost import active_slice, flops_tables
 from ddsm_search.backbones.slim import slim_layers
 from ddsm_search.checkpoint import MASKS, load_supernet, read_meta
-from ddsm_search.cli import main
+from ddsm_search.cli.main import main
 from ddsm_search.config import SparsityConfig, config_from_dict
 from ddsm_search.errors import DDSMError
-from ddsm_search.sparsity import Sparsifier, layer_densities, maskable_layers
-from ddsm_search.subnet import Subnet
+from ddsm_search.methods.sparsity.masks import Sparsifier, layer_densities, maskable_layers
+from ddsm_search.space.subnet import Subnet
 from ddsm_search.training import TrainingRun, train
 from tests.conftest import tiny_dict
 
@@ -321,7 +321,7 @@ def test_sparse_flops_count_the_nonzero_weights_of_each_subnets_slice(model):
 
 
 def test_a_sparse_supernet_is_searched_on_its_sparse_flops_and_says_so(sparse_net, tmp_path):
-    from ddsm_search.report import load_run
+    from ddsm_search.report.tables import load_run
     from ddsm_search.search.runner import run_search
 
     net = load_supernet(sparse_net)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from ddsm_search.cli import main
+from ddsm_search.cli.main import main
 from ddsm_search.config import config_from_dict
 from ddsm_search.data import load_dataset
 from ddsm_search.training import TrainingRun

@@ -10,18 +10,18 @@ import pytest
 import torch
 
 from ddsm_search.checkpoint import load_supernet
-from ddsm_search.cli import main
+from ddsm_search.cli.main import main
 from ddsm_search.config import DiffusionConfig
 from ddsm_search.diffusion import NoiseSchedule, sample_loop, sampling_timesteps
 from ddsm_search.errors import DDSMError
-from ddsm_search.group_finetune import finetune_schedule, plan_groups
+from ddsm_search.methods.step_groups.finetune import finetune_schedule, plan_groups
 from ddsm_search.images import to_uint8
 from ddsm_search.sampling import generate
 from ddsm_search.schedule import Schedule, load_schedule, save_schedule
-from ddsm_search.search.space import SearchSpace
-from ddsm_search.step_groups import (group_index, group_sizes, log_snr, prior_genome, prior_schedule,
-                                     prior_subnets, seed_genomes, snr_groups)
-from ddsm_search.subnet import Subnet, SubnetSpace
+from ddsm_search.search.genome import SearchSpace
+from ddsm_search.methods.step_groups.groups import (group_index, group_sizes, log_snr, prior_genome, prior_schedule,
+                                                    prior_subnets, seed_genomes, snr_groups)
+from ddsm_search.space.subnet import Subnet, SubnetSpace
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
@@ -171,9 +171,9 @@ def test_finetune_writes_weights_the_schedule_references(tuned, tmp_path, capsys
 
 def test_evaluate_scores_the_group_weights(tuned, tmp_path, capsys):
     """evaluate (API and CLI) scores the images the fine-tuned weights make, not the supernet's."""
-    from ddsm_search.evaluation import evaluate
+    from ddsm_search.evaluation.quality import evaluate
     from ddsm_search.metrics import seed_for
-    from ddsm_search.scoring import make_scorer, score_images
+    from ddsm_search.evaluation.scoring import make_scorer, score_images
 
     supernet, source, result = tuned
     loaded = load_schedule(result.schedule, supernet)

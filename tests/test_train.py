@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from ddsm_search.checkpoint import load_supernet
 from ddsm_search.config import config_from_dict
 from ddsm_search.errors import DDSMError
-from ddsm_search.subnet import Subnet, SubnetSpace
+from ddsm_search.space.subnet import Subnet, SubnetSpace
 from ddsm_search.training import sandwich_subnets, train
 from tests.conftest import tiny_dict
 

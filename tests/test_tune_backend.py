@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from ddsm_search.cli import main
+from ddsm_search.cli.main import main
 from ddsm_search.config import config_from_dict
 from ddsm_search.search.runner import run_search
 from tests.conftest import tiny_dict
@@ -33,7 +33,7 @@ def ray_local(tmp_path_factory):
     once. Yields the marker's path."""
     import ray
 
-    from ddsm_search.search.evaluator import FAULT_ENV
+    from ddsm_search.search.worker import FAULT_ENV
 
     marker = tmp_path_factory.mktemp("fault") / "worker-killed"
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")

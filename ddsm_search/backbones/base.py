@@ -12,7 +12,7 @@ from typing import Callable
 
 from torch import nn
 
-from ..subnet import Subnet, SubnetSpace
+from ..space.subnet import Subnet, SubnetSpace
 from .slim import slim_layers
 
 

@@ -8,7 +8,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..config import ModelConfig
-from ..subnet import Subnet
+from ..space.subnet import Subnet
 from .slim import _Slim, slice_segments
 
 
@@ -50,7 +50,7 @@ def flops_tables(cfg: ModelConfig, image_shape: tuple[int, int, int],
     2 x positions x zeros (as the flop counter's convolution and matmul formulas), come off the dense
     figure.
     """
-    from . import build_supernet
+    from .registry import build_supernet
 
     with torch.device("meta"):
         net = build_supernet(cfg, image_shape)

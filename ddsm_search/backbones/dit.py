@@ -14,8 +14,7 @@ from torch import nn
 
 from ..config import DiTConfig
 from ..errors import DDSMError
-from ..subnet import Subnet, SubnetSpace
-from . import register
+from ..space.subnet import Subnet, SubnetSpace
 from .base import SlimModel
 from .slim import SlimKit, StaticKit
 from .unet import timestep_embedding
@@ -182,7 +181,6 @@ class DiT(nn.Module):
         return self.unpatchify(self.final_layer(h, c))
 
 
-@register("dit")
 class SlimDiT(DiT, SlimModel):
     """The supernet: one set of weights, a working denoiser at every (width, depth) of its config."""
 

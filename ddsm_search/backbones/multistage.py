@@ -27,8 +27,7 @@ from torch import nn
 
 from ..config import MultiStageConfig
 from ..errors import DDSMError
-from ..subnet import Subnet, SubnetSpace, choices_text, matching_choice
-from . import register
+from ..space.subnet import Subnet, SubnetSpace, choices_text, matching_choice
 from .base import SlimModel
 from .slim import Fixed, SlimGroupNorm, SlimKit, StaticKit, slim_layers
 from .unet import AttnBlock, Downsample, ResBlock, Upsample, check_image_shape, timestep_embedding
@@ -264,7 +263,6 @@ class MultiStageUNet(nn.Module):
         return out
 
 
-@register("multistage")
 class SlimMultiStageUNet(MultiStageUNet, SlimModel):
     """The supernet: the shared encoder and every stage's slimmable decoder."""
 

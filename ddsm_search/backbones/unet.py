@@ -18,8 +18,7 @@ from torch import nn
 
 from ..config import UNetConfig
 from ..errors import DDSMError
-from ..subnet import Subnet, SubnetSpace
-from . import register
+from ..space.subnet import Subnet, SubnetSpace
 from .base import SlimModel
 from .slim import Channels, SlimGroupNorm, SlimKit, StaticKit
 
@@ -235,7 +234,6 @@ class UNet(nn.Module):
         return self.conv_out(F.silu(self.norm_out(h), inplace=not torch.is_grad_enabled()))
 
 
-@register("unet")
 class SlimUNet(UNet, SlimModel):
     """The supernet: one set of weights, a working denoiser at every width in `cfg.widths`."""
 

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import yaml
 
+from ..backbones.registry import config_class, list_backbones
 from ..errors import DDSMError
-from .schema import MODEL_KINDS, ExperimentConfig, MultiStageConfig, equal_stage_boundaries
+from .schema import ExperimentConfig, MultiStageConfig, equal_stage_boundaries
 from .validation import validate
 
 
@@ -23,11 +24,11 @@ def _type_name(tp) -> str:
 def _coerce(value, tp, key: str):
     """Check `value` against annotation `tp` and return it in that type, or raise naming `key`."""
     origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType) and set(typing.get_args(tp)) == set(MODEL_KINDS.values()):
+    if origin in (typing.Union, types.UnionType) and key == "model":  # the section of a registered backbone
         kind = value.get("kind", "unet") if isinstance(value, dict) else "unet"  # not a mapping: _build says so
-        if kind not in MODEL_KINDS:
-            raise DDSMError(f"{key}.kind: expected {' or '.join(MODEL_KINDS)}, got {kind!r}")
-        return _build(MODEL_KINDS[kind], value, key)
+        if kind not in list_backbones():
+            raise DDSMError(f"{key}.kind: expected {' or '.join(list_backbones())}, got {kind!r}")
+        return _build(config_class(kind), value, key)
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:

@@ -138,7 +138,6 @@ def equal_stage_boundaries(stages: int, timesteps: int) -> tuple[int, ...]:
 
 
 ModelConfig = UNetConfig | DiTConfig | MultiStageConfig
-MODEL_KINDS: dict[str, type] = {"unet": UNetConfig, "dit": DiTConfig, "multistage": MultiStageConfig}
 
 
 @dataclass

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 from ..errors import DDSMError
-from .schema import (BACKEND_CHOICES, DiTConfig, ExperimentConfig, MultiStageConfig, SparsityConfig, UNetConfig)
+from .schema import BACKEND_CHOICES, DiTConfig, ExperimentConfig, MultiStageConfig, SparsityConfig, UNetConfig
 
 
 def channels_at(full: int, width: float) -> int:

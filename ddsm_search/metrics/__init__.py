@@ -3,8 +3,7 @@
 A building block: imports no stage. clean-fid is imported only when the Inception extractor is built.
 """
 
-from .features import (EXTRACTORS, FeatureExtractor, default_extractor_for, get_extractor,
-                       inception_weights_path)
+from .features import EXTRACTORS, FeatureExtractor, default_extractor_for, get_extractor, inception_weights_path
 from .fid import fid_kid, frechet_distance, gaussian_stats, kernel_distance
 from .reference import ReferenceStats, default_cache_dir, reference_stats
 from .seeds import HELDOUT, SEARCH, is_heldout, replicates, seed_for

@@ -20,7 +20,7 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 
 from ..errors import DDSMError
-from .space import Genome, SearchSpace
+from .genome import Genome, SearchSpace
 
 ALGORITHMS = ("nsga2", "nevergrad", "random")
 INFEASIBLE = 1e12  # stands in for +inf where a library needs finite numbers

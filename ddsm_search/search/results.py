@@ -9,12 +9,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from ..errors import DDSMError
 from ..io import write_atomic, write_json_atomic
-from ..exit_policy import canonical_plan_key
+from ..checkpoint import load_supernet
+from ..methods.early_exit.policy import canonical_plan_key
 
 EVALUATIONS, GENERATIONS, FRONT, RUN = "evaluations.csv", "generations.csv", "front.csv", "run.json"
 COLUMNS = ["schedule", "genome", "gflops", "gflops_sd", "flops_share", "fid", "kid", "drift", "samples", "seed_set", "generation",
@@ -87,65 +87,6 @@ class RunFiles:
         _write_csv(self.dir / FRONT, front)
 
 
-def pareto_mask(points: np.ndarray) -> np.ndarray:
-    """Return a boolean mask of the non-dominated rows of `points` (all objectives minimised)."""
-    from pymoo.util.nds.non_dominated_sorting import NonDominatedSorting
-
-    mask = np.zeros(len(points), dtype=bool)
-    if len(points):
-        mask[NonDominatedSorting().do(points, only_non_dominated_front=True)] = True
-    return mask
-
-
-def fully_evaluated(table: pd.DataFrame, metric: str, samples: int) -> np.ndarray:
-    """Return a mask of the rows scored on the run's full sample count with a finite metric.
-
-    Rows screened out on fewer images are records, not comparable scores: the one definition of which
-    rows may be on the front, used by the runner, the report, `pick` and the command line.
-    """
-    scored = np.isfinite(pd.to_numeric(table[metric], errors="coerce").to_numpy(dtype=float))
-    return scored & (table["samples"].to_numpy() == samples)
-
-
-def front_mask(table: pd.DataFrame, metric: str, samples: int) -> np.ndarray:
-    """Return a mask of the front: the fully evaluated rows that no other one dominates on (GFLOPs, metric)."""
-    ok = fully_evaluated(table, metric, samples)
-    mask = np.zeros(len(table), dtype=bool)
-    mask[ok] = pareto_mask(table.loc[ok, ["gflops", metric]].to_numpy(dtype=float))
-    return mask
-
-
-def front_of(table: pd.DataFrame, metric: str, samples: int) -> pd.DataFrame:
-    """Return the front (see `front_mask`) sorted by GFLOPs."""
-    front = table[front_mask(table, metric, samples)]
-    return front.sort_values(["gflops", metric]).reset_index(drop=True)
-
-
-def hv_reference(table: pd.DataFrame, metric: str, samples: int) -> tuple[float, float]:
-    """Return the hypervolume reference point: (1.05 of full-size FLOPs, a little worse than the worst
-    fully evaluated score of the first generation, which every algorithm shares).
-
-    "A little worse" is 10% of the score's size or of its spread, whichever is larger, so the point
-    stays beyond every score for metrics that can be negative (KID) too; for FID it is 1.1 x the worst.
-    """
-    ok = fully_evaluated(table, metric, samples)
-    first = ok & (table["generation"].to_numpy() == table.loc[ok, "generation"].min()) if ok.any() else ok
-    values = table.loc[first, metric].to_numpy(dtype=float)
-    if not len(values):
-        raise DDSMError("no fully evaluated schedule yet: the hypervolume has no reference point")
-    worst, best = float(values.max()), float(values.min())
-    return 1.05, worst + 0.1 * max(worst - best, abs(worst), 1e-12)
-
-
-def hypervolume(front: pd.DataFrame, reference: tuple[float, float], metric: str) -> float:
-    """Return the hypervolume of the front in (share of full-size FLOPs, metric) below `reference`."""
-    from pymoo.indicators.hv import HV
-
-    pts = front[["flops_share", metric]].to_numpy(dtype=float)
-    pts = pts[(pts < np.asarray(reference)).all(axis=1)]
-    return float(HV(ref_point=np.asarray(reference, dtype=float))(pts)) if len(pts) else 0.0
-
-
 def read_run_json(path: Path) -> dict:
     """Return a run's run.json, or raise DDSMError saying why it cannot be read."""
     try:
@@ -161,3 +102,30 @@ def read_run_json(path: Path) -> dict:
             or not isinstance(search.get("samples"), int) or not isinstance(info.get("supernet"), dict)):
         raise DDSMError(f"{path} lacks its search settings (search.metric, search.samples, supernet)")
     return info
+
+
+def supernet_of_run(run: str | Path, device: str = "cpu", supernet: str | Path | None = None):
+    """Return the supernet a search run used, refusing one whose weights changed since the search.
+
+    `supernet` names its directory if it moved since the search: it is accepted when its hash matches.
+    """
+    info = run_info(run)
+    where = supernet if supernet is not None else info["supernet"]["path"]
+    if supernet is None and not Path(where).is_dir():
+        raise DDSMError(f"the supernet of {run} is no longer at {where}; pass --supernet DIR if it moved")
+    loaded = load_supernet(where, device)
+    if loaded.sha256 != info["supernet"]["sha256"]:
+        raise DDSMError(f"the supernet at {loaded.path} is not the one {run} was searched with (hash differs)")
+    return loaded.with_cost(info.get("cost", "dense"))  # FLOPs counted as the search counted them
+
+
+def run_dir(run: str | Path) -> Path:
+    path = Path(run)
+    if not (path / RUN).is_file() or not (path / EVALUATIONS).is_file():
+        raise DDSMError(f"{path} is not a search run directory (no {RUN} and {EVALUATIONS}; run 'ddsm-search search')")
+    return path
+
+
+def run_info(run: str | Path) -> dict:
+    """Return a run's run.json: its supernet, search settings, searched axes and segments."""
+    return read_run_json(run_dir(run) / RUN)

@@ -26,11 +26,13 @@ from ..checkpoint import load_supernet
 from ..config import ExperimentConfig, SearchConfig, budget_gflops, validate_search
 from ..errors import DDSMError
 from .algorithms import make_algorithm
-from .pool import LocalPool, RayPool
-from ..exit_policy import plan_key
-from .results import RunFiles, front_of, hv_reference, hypervolume
-from .space import SearchSpace
-from ..subnet import schedule_key
+from .executors.pool import LocalPool, RayPool
+from .ray_cluster import in_ray_job
+from ..methods.early_exit.policy import plan_key
+from .pareto import front_of, hv_reference, hypervolume
+from .results import RunFiles
+from .genome import SearchSpace
+from ..space.subnet import schedule_key
 
 # settings that do not change what a run finds: a run may be resumed with other values of them
 _NOT_RECORDED = ("generations", "workers", "backend", "executor")
@@ -60,13 +62,6 @@ def _same_run(saved: dict, info: dict) -> bool:
     return strip(saved) == strip(info)
 
 
-def in_ray_job() -> bool:
-    """Return True if this process is the entrypoint of a Ray job (`ray job submit`): Ray's job
-    supervisor sets its config, and RAY_ADDRESS to the cluster the job was submitted to."""
-    return "job_submission_id" in os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR", "") and bool(
-        os.environ.get("RAY_ADDRESS"))
-
-
 def run_search(cfg: ExperimentConfig, supernet_dir: str | Path, out_dir: str | Path, *, resume: bool = False,
                address: str | None = None, progress: bool = True, device: str = "cpu", cache_dir: str | None = None,
                wait_for_workers: float = 0.0, loggers: Sequence[str] = (), **overrides) -> RunFiles:
@@ -82,7 +77,7 @@ def run_search(cfg: ExperimentConfig, supernet_dir: str | Path, out_dir: str | P
     if address is None and q.workers > 0 and in_ray_job():  # `ray job submit`: the job's cluster, not a Ray of its own
         address = "auto"
     if q.executor == "tune":
-        from .tune_searcher import check_tune
+        from .executors.tune import check_tune
 
         check_tune(q, address, loggers)
     elif loggers:
@@ -125,19 +120,19 @@ def run_search(cfg: ExperimentConfig, supernet_dir: str | Path, out_dir: str | P
         if not _same_run(files.read_run(), info):
             raise DDSMError(f"--resume: {files.dir} was searched with other settings or another supernet")
 
-    from ..step_groups import seed_genomes
+    from ..methods.step_groups.groups import seed_genomes
 
     algorithm = make_algorithm(q.algorithm, space, q.population, q.seed, feasible,
                                seed_genomes(space, supernet.config.diffusion, q.seed_prior))
     evaluator_args = {"supernet_dir": str(supernet.path), "search": asdict(q), "device": device, "cache_dir": cache_dir}
-    from .evaluator import Evaluator, prepare_reference
+    from .worker import Evaluator, prepare_reference
 
     # once, before the workers start, so they all read the same cache and run each subnet on the same backend
     evaluator_args["backends"] = prepare_reference(**evaluator_args)
     loop = _Loop(q, space, files, flops_of, feasible, full, progress, limit, bars=q.executor == "pool")
     # the pool (or Ray, for Tune) before run.json: a cluster that cannot be reached leaves no half-started run
     if q.executor == "tune":
-        from .tune_searcher import TuneExecutor
+        from .executors.tune import TuneExecutor
 
         executor = TuneExecutor(loop, algorithm, evaluator_args, address, resume=resume, loggers=loggers)
     else:

@@ -1,0 +1,102 @@
+"""The full-size model's samples on a seed set: what the drift of a schedule is measured against.
+
+Drift compares each image of a schedule with the full-size image made from the same initial noise
+(common random numbers), so every worker needs the full-size samples of its seed set. They are made
+once and kept on disk beside the supernet (`full_size_samples/`), keyed by everything that decides
+them: the supernet's hash, seed set, image count, sampler, eta and steps. A supernet folder that
+cannot be written keeps them in the cache directory instead. Entries are written atomically and
+checked by their SHA-256 before use; a stale or damaged one is made again, never used.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from ..io import write_atomic, write_json_atomic
+from ..sampling import generate
+
+log = logging.getLogger(__name__)
+FOLDER = "full_size_samples"
+FORMAT, VERSION = "ddsm-search/full-size-samples", 1
+
+
+def _key(supernet, *, n: int, seed_set: str, sampler: str, eta: float, steps: int) -> dict:
+    return {"supernet_sha256": supernet.sha256, "seed_set": seed_set, "n": int(n), "sampler": sampler,
+            "eta": float(eta), "steps": int(steps)}
+
+
+def _stem(key: dict) -> str:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{key['seed_set'].replace('/', '-')}-n{key['n']}-{key['sampler']}-{key['steps']}steps-{digest}"
+
+
+def _folders(supernet, cache_dir) -> list[Path]:
+    from ..metrics import default_cache_dir
+
+    spare = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return [Path(supernet.path) / FOLDER, spare / FOLDER / supernet.sha256[:16]]
+
+
+def _read(stem: Path, key: dict) -> torch.Tensor | None:
+    from safetensors.torch import load_file
+
+    meta_path, data_path = stem.with_suffix(".json"), stem.with_suffix(".safetensors")
+    try:
+        meta = json.loads(meta_path.read_text())
+        if meta.get("format") != FORMAT or meta.get("version") != VERSION or meta.get("key") != key:
+            return None
+        blob = data_path.read_bytes()
+        if hashlib.sha256(blob).hexdigest() != meta.get("sha256"):
+            log.warning("full-size samples %s are damaged (checksum); making them again", data_path)
+            return None
+        return load_file(str(data_path))["images"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def _write(stem: Path, key: dict, images: torch.Tensor) -> None:
+    from safetensors.torch import save
+
+    blob = save({"images": images.contiguous()})
+    write_atomic(stem.with_suffix(".safetensors"), lambda tmp: tmp.write_bytes(blob))
+    write_json_atomic(stem.with_suffix(".json"), {"format": FORMAT, "version": VERSION, "key": key,
+                                                  "sha256": hashlib.sha256(blob).hexdigest()})
+
+
+def full_size_samples(supernet, *, n: int, seed_set: str, seed: int, sampler: str, eta: float, steps: int,
+                      batch_size: int = 500, device: str = "cpu", denoisers: dict | None = None, cache=None,
+                      cache_dir=None) -> torch.Tensor:
+    """Return the full-size model's `n` images on a seed set (CPU float tensor in [-1, 1]), from disk
+    if made before, else sampled now and kept (beside the supernet, or in the cache directory)."""
+    from ..backends import backend_of
+    from ..sampling import make_denoisers
+
+    full = supernet.step_subnets([supernet.model.full] * steps)  # a multi-stage supernet: each step's stage
+    if denoisers is None:
+        denoisers = make_denoisers(supernet.model, list(dict.fromkeys(full)), device)
+    # the backend is part of what made the images: another one differs in the last bits, and drift of
+    # full size from itself must be exactly 0
+    key = {**_key(supernet, n=n, seed_set=seed_set, sampler=sampler, eta=eta, steps=steps),
+           "backend": "+".join(sorted({backend_of(denoisers[s]) for s in full}))}
+    folders = _folders(supernet, cache_dir)
+    for folder in folders:
+        images = _read(folder / _stem(key), key)
+        if images is not None:
+            return images
+    images = generate(supernet.model, supernet.config.diffusion, full, n=n, seed=seed, sampler=sampler, eta=eta,
+                      batch_size=batch_size, device=device, denoisers=denoisers, cache=cache)
+    for folder in folders:
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            if os.access(folder, os.W_OK):
+                _write(folder / _stem(key), key, images)
+                break
+        except OSError as exc:  # a read-only supernet folder: try the cache directory
+            log.info("cannot keep full-size samples in %s (%s)", folder, exc)
+    return images

@@ -1,0 +1,165 @@
+"""Confirming schedules on held-out noise: each candidate and full size on the same held-out images,
+and the candidate's loss against full size with a confidence interval.
+
+The loss is in the run's metric: for FID, FID(schedule) - FID(full size) on the same held-out noise,
+its interval a paired bootstrap over images (image i of both sets comes from the same noise, so both
+are resampled together); for drift, the mean drift from full size (full size has none), its interval
+a bootstrap of the per-image drifts. Held-out evaluations are kept apart from the search's
+(`heldout.csv` in the run directory) and never steer it.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pandas as pd
+from tqdm.auto import tqdm
+
+from ..errors import DDSMError
+from .quality import evaluate
+from .full_samples import full_size_samples
+from ..io import write_atomic
+from ..methods.early_exit.policy import plan_key
+from ..metrics import seed_for
+from ..sampling import PrefixCache, make_denoisers
+from .scoring import FullReference, make_scorer
+
+HELDOUT_FILE = "heldout.csv"
+HELDOUT_SEEDS = "heldout"
+LOSS_METRICS = ("fid", "drift")
+BOOTSTRAP_RESAMPLES = 200
+
+
+class Confirmer:
+    """Scores schedules of one search run on held-out noise beside full size, with loss intervals."""
+
+    def __init__(self, supernet, search: dict, *, n: int, confidence: float = 0.95, device: str = "cpu",
+                 cache_dir=None, boundaries=()):
+        """`boundaries`: the run's segment starts, where the latents of shared schedule prefixes are kept
+        (a front's schedules share long prefixes: they are sampled once)."""
+        if not 0 < confidence < 1:
+            raise DDSMError(f"--confidence must be between 0 and 1, got {confidence}")
+        if n < 2:
+            raise DDSMError(f"held-out images must be at least 2, got {n}")
+        self.supernet, self.n, self.confidence, self.device = supernet, n, confidence, device
+        self.metric = search["metric"]
+        self.kwargs = dict(n=n, seed_set=HELDOUT_SEEDS, device=device, batch_size=int(search["batch_size"]),
+                           sampler=search["sampler"], eta=float(search["eta"]), cache_dir=cache_dir)
+        self.scorer = make_scorer(supernet, metric=self.metric, drift_space=search.get("drift_space", "auto"),
+                                  device=device, cache_dir=cache_dir)
+        # the search's backend choice is not part of its settings: "auto" picks the faster here
+        self.backend = search.get("backend", "auto")
+        self.heads = None
+        if search.get("exit_thresholds"):  # a search over exit policies: its schedules need the heads
+            from ..methods.early_exit.finetune import load_exit_heads
+
+            self.heads = load_exit_heads(supernet, device)
+        self.denoisers = self._denoisers([supernet.model.full])
+        self.cache = PrefixCache(boundaries)
+        self.steps = int(search["steps"])
+        k = self.kwargs
+        self.full = FullReference(full_size_samples(
+            supernet, n=n, seed_set=HELDOUT_SEEDS, seed=seed_for(HELDOUT_SEEDS), sampler=k["sampler"], eta=k["eta"],
+            steps=self.steps, batch_size=k["batch_size"], device=device, denoisers=self.denoisers, cache=self.cache,
+            cache_dir=cache_dir))
+        self.full_result = self._evaluate([supernet.model.full] * self.steps)
+
+    def _denoisers(self, subnets) -> dict:
+        return make_denoisers(self.supernet.model, subnets, self.device, self.backend,
+                              min(self.n, self.kwargs["batch_size"]))
+
+    def result(self, subnets, exit=None, weights=None) -> dict:
+        """Return the full held-out evaluation of a schedule (features and executed FLOPs included), run
+        with its fine-tuned group `weights` if given."""
+        return self._evaluate(subnets, exit, weights)
+
+    def _evaluate(self, subnets, exit=None, weights=None) -> dict:
+        missing = [s for s in dict.fromkeys(subnets) if s not in self.denoisers]
+        if missing:  # exported as the schedules need them
+            self.denoisers.update(self._denoisers(missing))
+        # dynamic steps are made by evaluate (torch, with the heads) and kept in the same map
+        return evaluate(self.supernet, subnets, scorer=self.scorer, full=self.full, denoisers=self.denoisers,
+                        cache=self.cache, keep=True, exit=exit, heads=self.heads, weights=weights, **self.kwargs)
+
+    def loss(self, result: dict) -> dict:
+        """Return the loss of an evaluated schedule against full size: value, low, high, method."""
+        from ..metrics.stats import bootstrap_interval, fid_gap_interval
+
+        if self.metric == "fid":
+            ref = self.scorer.reference
+            gap = fid_gap_interval(result["features"], self.full_result["features"], ref.mu, ref.sigma,
+                                   confidence=self.confidence, resamples=BOOTSTRAP_RESAMPLES, seed=0)
+            value, low, high = gap["estimate"], gap["low"], gap["high"]
+            method = (f"paired {gap['method']} bootstrap over images of FID - full-size FID "
+                      f"({BOOTSTRAP_RESAMPLES} resamples; bias-corrected estimate {gap['debiased']:.4g})")
+        elif self.metric == "drift":
+            interval = bootstrap_interval(result["drift_values"], confidence=self.confidence, resamples=1000, seed=0)
+            value, low, high = interval["estimate"], interval["low"], interval["high"]
+            method = "bootstrap over images of the mean drift from full size (1000 resamples)"
+        else:
+            raise DDSMError(f"a loss interval needs a run whose metric is {' or '.join(LOSS_METRICS)}, "
+                            f"not {self.metric}")
+        return {"metric": self.metric, "value": float(value), "low": float(low), "high": float(high),
+                "confidence": self.confidence, "method": method, "samples": self.n, "seed_set": HELDOUT_SEEDS}
+
+    def score(self, subnets, exit=None, *, with_loss: bool = False) -> dict:
+        """Return a held-out record of a schedule (with its exit policy, if any): fid, kid, drift, GFLOPs
+        (executed, for a dynamic one, with `executed`: their spread and the depth per step), and its
+        loss against full size."""
+        result = self._evaluate(subnets, exit)
+        return {"schedule": plan_key(subnets, exit), "samples": self.n, "seed_set": HELDOUT_SEEDS,
+                "fid": result["fid"], "kid": result["kid"], "drift": result["drift"],
+                "gflops": result["gflops_per_image"], "executed": result["executed"],
+                "loss": self.loss(result) if with_loss else None}
+
+    def confirm(self, subnets, exit=None) -> dict:
+        """Return a held-out record of a schedule with its loss against full size."""
+        return self.score(subnets, exit, with_loss=True)
+
+    def full_record(self) -> dict:
+        """Return the held-out scores of full size itself."""
+        r = self.full_result
+        return {"fid": r["fid"], "kid": r["kid"], "drift": r["drift"], "samples": self.n, "seed_set": HELDOUT_SEEDS,
+                "gflops_per_image": r["gflops_per_image"]}
+
+
+def confirm_many(confirmer: Confirmer, rows: list, *, progress: bool = False, stop=None) -> list[dict]:
+    """Confirm schedules (rows with `subnets`) in order; stop after the first for which `stop(record)` holds."""
+    records = []
+    for row in tqdm(rows, desc="held-out check", unit="schedule", disable=not progress, leave=False):
+        records.append(confirmer.confirm(list(row["subnets"]), row.get("exit")))
+        if stop is not None and stop(records[-1]):
+            break
+    return records
+
+
+def record_heldout(run: str | Path, records: list[dict], purpose: str) -> Path:
+    """Add held-out records to the run's heldout.csv (apart from the search's table); return its path."""
+    path = Path(run) / HELDOUT_FILE
+    none = {"metric": "", "value": math.nan, "low": math.nan, "high": math.nan, "confidence": math.nan}
+    rows = []
+    for r in records:
+        loss = r["loss"] or none
+        rows.append({"schedule": r["schedule"], "samples": r["samples"], "seed_set": r["seed_set"], "fid": r["fid"],
+                     "kid": r["kid"], "drift": r["drift"], "gflops": r["gflops"], "loss_metric": loss["metric"],
+                     "loss": loss["value"], "loss_low": loss["low"], "loss_high": loss["high"],
+                     "confidence": loss["confidence"], "purpose": purpose})
+    table = pd.DataFrame(rows)
+    if path.is_file():
+        old = pd.read_csv(path, dtype={"schedule": str, "seed_set": str})
+        table = pd.concat([old, table], ignore_index=True)
+    table = table.drop_duplicates(["schedule", "samples", "seed_set", "loss_metric", "confidence"], keep="last")
+    write_atomic(path, lambda tmp: table.to_csv(tmp, index=False))
+    return path
+
+
+def read_heldout(run: str | Path) -> pd.DataFrame:
+    """Return the run's held-out records (an empty table if there are none yet)."""
+    path = Path(run) / HELDOUT_FILE
+    if not path.is_file():
+        return pd.DataFrame(columns=["schedule", "samples", "seed_set", "fid", "kid", "drift", "gflops"])
+    try:
+        return pd.read_csv(path, dtype={"schedule": str, "seed_set": str, "loss_metric": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise DDSMError(f"{path} is not a readable table: {str(exc).splitlines()[0]}") from None

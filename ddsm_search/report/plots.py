@@ -1,0 +1,149 @@
+"""Report plots as PNG: the front, a schedule's subnet per step (every axis), hypervolume per
+generation, and a schedule's samples beside full size's from the same noise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..images import make_grid
+from ..io import write_atomic
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: no display on servers and CI
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | Path) -> Path:
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+    _figure().close(fig)
+    return Path(path)
+
+
+def plot_front(table: pd.DataFrame, path: str | Path, metric: str = "fid", chosen: pd.Series | None = None) -> Path:
+    """Write GFLOPs against the metric: all evaluations faint, the front bold, the uniform schedules of
+    each axis marked (one marker per axis, labelled with the value)."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    ax.scatter(table["gflops"], table[metric], s=12, color="0.7", label="evaluated schedules")
+    front = table[table["on_front"]].sort_values("gflops")
+    ax.plot(front["gflops"], front[metric], "-o", color="C0", lw=2, ms=5, label="Pareto front")
+    uniform = table[table["uniform"].notna()].sort_values("gflops")
+    markers = {"full": ("o", "k"), "width": ("s", "C3"), "depth": ("^", "C4"), "exit": ("v", "C1")}
+    for kind, group in uniform.groupby(uniform["uniform"].map(_uniform_kind), sort=False):
+        marker, color = markers.get(kind, ("D", "C5"))
+        ax.scatter(group["gflops"], group[metric], marker=marker, s=50, facecolors="none", edgecolors=color, lw=1.5,
+                   label="full size" if kind == "full" else
+                   ("dynamic exit at full size" if kind == "exit" else f"uniform {kind}"), zorder=3)
+        for _, row in group.iterrows():
+            if kind != "full":
+                ax.annotate(row["uniform"].split("=", 1)[-1] if kind in markers else row["uniform"],
+                            (row["gflops"], row[metric]), textcoords="offset points", xytext=(5, 4), color=color,
+                            fontsize=8)
+    if chosen is not None:
+        ax.scatter([chosen["gflops"]], [chosen[metric]], marker="*", s=180, color="C2", zorder=4, label="best within the budget")
+    ax.set_xlabel("GFLOPs per image (whole sampling run)")
+    ax.set_ylabel(metric.upper())
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_heldout_front(table: pd.DataFrame, path: str | Path, rho: float) -> Path:
+    """Write the search's front beside the same schedules re-scored on held-out noise (and the front of
+    those held-out scores): where they part, the search was fooled by its noise."""
+    from ..search.pareto import pareto_mask
+
+    metric = table.attrs["metric"]
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    ax.plot(table["gflops"], table[f"search_{metric}"], "-o", color="C0", lw=2, ms=5, label="front, search noise")
+    ax.plot(table["gflops"], table[f"heldout_{metric}"], "o", color="C1", ms=5,
+            label=f"the same schedules, held-out noise (n={table.attrs['samples']})")
+    points = table[["gflops", f"heldout_{metric}"]].to_numpy(dtype=float)
+    held = table[pareto_mask(points)].sort_values("gflops")
+    ax.plot(held["gflops"], held[f"heldout_{metric}"], "-", color="C1", lw=1.5, label="held-out front")
+    ax.set_xlabel("GFLOPs per image (whole sampling run)")
+    ax.set_ylabel(metric.upper())
+    ax.set_title(f"Spearman rank correlation, search vs held-out: {rho:.2f}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def _uniform_kind(label: str) -> str:
+    """Return which axis a uniform schedule's label varies: 'full', an axis name, or 'mixed'."""
+    if label == "full":
+        return "full"
+    axes = [part.split("=")[0] for part in label.split(",")]
+    return axes[0] if len(axes) == 1 else "mixed"
+
+
+def plot_schedule(subnets: Sequence, path: str | Path, title: str = "", space=None, exit=None,
+                  depth: dict | None = None) -> Path:
+    """Write a schedule's value of every axis at each sampling step (noisiest step on the left), one
+    panel per axis, each panel's range that axis's choices (from `space`, a SubnetSpace, if given).
+
+    With an `exit` policy (exit_policy.ExitPolicy), a panel of its thresholds, and `depth` ({"mean":
+    [...], "sd": [...]} per step, measured while sampling) drawn in the depth panel: the depth each step
+    executed, its mean over images and a band of one standard deviation, under the subnet's cap.
+    """
+    plt = _figure()
+    axes = [a for a, _ in subnets[0].items] + (["exit threshold"] if exit is not None else [])
+    fig, panels = plt.subplots(len(axes), 1, figsize=(6.4, 1.2 + 1.5 * len(axes)), sharex=True, squeeze=False)
+    steps = np.arange(len(subnets))
+    for ax, axis in zip(panels[:, 0], axes):
+        if axis == "exit threshold":
+            values = [np.nan if t is None else t for t in exit.thresholds]
+            ax.step(steps, values, where="mid", color="C1", lw=2)
+            ax.set_ylim(0, 1.05)
+            ax.set_ylabel("exit\nthreshold")
+            ax.grid(alpha=0.3)
+            continue
+        values = [s[axis] for s in subnets]
+        label = "depth cap" if axis == "depth" and depth is not None else None
+        ax.step(steps, values, where="mid", color="C0" if axis == "width" else "C4", lw=2, label=label)
+        if axis == "depth" and depth is not None:
+            mean, sd = np.asarray(depth["mean"], dtype=float), np.asarray(depth["sd"], dtype=float)
+            ax.plot(steps, mean, "-", color="C1", lw=1.5, label="executed depth (mean over images)")
+            ax.fill_between(steps, mean - sd, mean + sd, color="C1", alpha=0.25, lw=0, label="+/- 1 sd")
+            ax.legend(fontsize=7, loc="lower right")
+        top = max(space.choices(axis)) if space is not None else max(values)
+        ax.set_ylim(0, top * 1.08)
+        ax.set_ylabel(axis)
+        ax.grid(alpha=0.3)
+    panels[-1, 0].set_xlabel("sampling step (noisiest first)")
+    panels[0, 0].set_title(title, fontsize=9)
+    return _save(fig, path)
+
+
+def plot_hypervolume(generations: pd.DataFrame, path: str | Path) -> Path:
+    """Write the front's hypervolume against generation."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(5.2, 3.2))
+    ax.plot(generations["generation"] + 1, generations["hypervolume"], "-o", color="C0")
+    ax.set_xlabel("generation")
+    ax.set_ylabel("hypervolume")
+    ax.grid(alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_grids(images: torch.Tensor, full: torch.Tensor, path: str | Path, titles=("schedule", "full size")) -> Path:
+    """Write a schedule's sample grid beside full size's grid from the same noise."""
+    plt = _figure()
+    fig, axes = plt.subplots(1, 2, figsize=(8, 4.2))
+    for ax, imgs, title in zip(axes, (images, full), titles):
+        grid = make_grid(imgs)
+        ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", interpolation="nearest")
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    return _save(fig, path)

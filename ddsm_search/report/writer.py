@@ -1,0 +1,99 @@
+"""The report stage: print a run's front and write its plots (front, hypervolume, a chosen schedule)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+
+from ..config import parse_budget
+from ..errors import DDSMError
+from .plots import plot_front, plot_grids, plot_heldout_front, plot_hypervolume, plot_schedule
+from .tables import front, generations, load_run, pick, run_info
+
+FRONT_COLUMNS = ["gflops", "gflops_sd", "flops_share", "fid", "kid", "drift", "samples", "generation", "schedule"]
+
+
+def format_front(table: pd.DataFrame) -> str:
+    """Return the front as a readable text table."""
+    shown = front(table)[FRONT_COLUMNS].copy()
+    shown["flops_share"] = shown["flops_share"].map("{:.0%}".format)
+    return shown.to_string(index=False, float_format=lambda v: f"{v:.4g}")
+
+
+def cost_note(table: pd.DataFrame) -> str:
+    """Return what the run's GFLOPs count: dense, or sparse (a sparse supernet's nonzero weights only)."""
+    if table.attrs.get("cost") == "sparse":
+        return "sparse FLOPs: nonzero weights under the masks only; dense kernels run the dense FLOPs"
+    return "dense FLOPs"
+
+
+def write_report(run: str | Path, *, budget: str | None = "50%", device: str = "cpu", n_grid: int = 64,
+                 progress: bool = True, supernet: str | Path | None = None, heldout: int | None = None,
+                 cache_dir=None) -> list[Path]:
+    """Print the front and write report/*.png into the run directory; return the files written.
+
+    Everything the report needs is read and checked first (run files, budget, supernet), so a bad
+    input writes no plot.
+    """
+    from ..deploy.export import supernet_of_run
+    from ..sampling import generate
+
+    run = Path(run)
+    if budget is not None:
+        parse_budget(budget)
+    info = run_info(run)
+    metric = info["search"]["metric"]
+    table = load_run(run)
+    history = generations(run)
+    if not table["fully_evaluated"].any():
+        raise DDSMError(f"{run} has no fully evaluated schedule yet; resume the search with --resume")
+    out = run / "report"
+    chosen = None
+    if budget is not None:
+        try:
+            chosen = pick(table, budget, metric)
+        except DDSMError as exc:  # a report is still useful without the budget's schedule
+            print(f"(no schedule shown for budget {budget}: {exc})")
+    if heldout is not None and heldout < 2:
+        raise DDSMError(f"--heldout must be at least 2 images, got {heldout}")
+    net = supernet_of_run(run, device, supernet) if chosen is not None or heldout else None
+    paths = [plot_front(table, out / "front.png", metric, chosen), plot_hypervolume(history, out / "hypervolume.png")]
+    if progress:
+        print(f"{len(table)} schedules evaluated, {int(table['on_front'].sum())} on the front ({cost_note(table)}):")
+        print(format_front(table))
+    if chosen is not None:
+        subnets, exit = list(chosen["subnets"]), chosen["exit"]
+        title = f"best within {budget}: {chosen['gflops']:.3f} GFLOPs ({chosen['flops_share']:.0%}), {metric.upper()} {chosen[metric]:.3f}"
+        q = info["search"]
+        kwargs = dict(n=n_grid, seed=0, sampler=q["sampler"], eta=float(q["eta"]), device=device)
+        depth = None
+        if exit is not None:  # the depth each step executed, on the same images as the grid
+            from ..methods.early_exit.policy import ExitRecord
+            from ..methods.early_exit.finetune import executed, load_exit_heads
+
+            record = ExitRecord()
+            images = generate(net.model, net.config.diffusion, subnets, **kwargs, exit=exit,
+                              heads=load_exit_heads(net, device), record=record)
+            depth = executed(net, subnets, record, n_grid)["depth_per_step"]
+            title += f"\nexecuted depth over {n_grid} images (mean, sd)"
+        else:
+            images = generate(net.model, net.config.diffusion, subnets, **kwargs)
+        paths.append(plot_schedule(subnets, out / "schedule.png", title, net.model.space, exit, depth))
+        full = generate(net.model, net.config.diffusion, [net.model.full] * len(subnets), **kwargs)
+        paths.append(plot_grids(images, full, out / "samples.png",
+                                (f"schedule ({chosen['flops_share']:.0%} of the FLOPs)", "full size, same noise")))
+    if heldout:
+        from .heldout import heldout_front
+
+        checked, rho = heldout_front(run, heldout, device=device, supernet=supernet, progress=progress,
+                                     cache_dir=cache_dir)
+        paths.append(plot_heldout_front(checked, out / "heldout_front.png", rho))
+        if progress:
+            print(f"the front on held-out noise ({heldout} images; kept in {run / 'heldout.csv'}):")
+            print(checked.drop(columns="schedule").to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+            print(f"Spearman rank correlation between search and held-out {metric.upper()}: {rho:.3f} "
+                  f"over {len(checked)} schedules")
+    if progress:
+        print("plots: " + ", ".join(str(p) for p in paths))
+    return paths
