@@ -3,11 +3,12 @@
 Layout of a supernet directory:
   supernet.safetensors     EMA weights of the supernet (the denoiser that sampling and search use)
   train_state.safetensors  online weights, optimizer state and RNG states (for --resume only)
-  masks.safetensors        a sparse supernet's masks (train.sparsity), one bool tensor per masked layer
   meta.json                format, config, step, image shape, axes, FLOPs per subnet, SHA-256 of each file
-                           (a sparse supernet's: also its masks' densities and sparse FLOPs per subnet)
-The weight files are written first and meta.json last, so meta.json always describes whole files.
-Nothing here unpickles: safetensors stores raw tensors only.
+Method families may keep add-on files beside them (space.plugins): a sparse supernet's masks
+(masks.safetensors, described in meta.json with their hash), exit heads, an import record. The weight
+and add-on files are written first and meta.json last, so meta.json always describes whole files;
+loading hands meta.json and the weights to each family's `load_addons`. Nothing here unpickles:
+safetensors stores raw tensors only.
 """
 
 from __future__ import annotations
@@ -17,21 +18,22 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Sequence
 
 import torch
 from safetensors.torch import load_file, save
 
-from .config import ExperimentConfig, config_from_dict
-from .errors import DDSMError
-from .io import sha256_file, write_atomic, write_json_atomic
 from .backbones.base import SlimModel
 from .backbones.registry import build_supernet
+from .config import ExperimentConfig, config_from_dict
+from .errors import DDSMError
+from .io import read_json, sha256_file, write_atomic, write_json_atomic
+from .space.plugins import families
 from .space.subnet import Subnet
 
 FORMAT = "ddsm-search/supernet"
 VERSION = 2  # 2: axes and FLOPs per subnet key; version 1 (widths, FLOPs per width) still reads
 WEIGHTS, TRAIN_STATE, META = "supernet.safetensors", "train_state.safetensors", "meta.json"
-MASKS = "masks.safetensors"
 COSTS = ("dense", "sparse")
 
 
@@ -96,6 +98,26 @@ class Supernet:
         return self.flops[self.model.full]
 
 
+def in_memory(config: ExperimentConfig, model: SlimModel, image_shape: tuple[int, int, int] | None = None) -> Supernet:
+    """Return a supernet that is not on disk (a model built or trained in Python): its FLOPs table
+    measured now, no path and no hash, so no schedule file can name it."""
+    from .backbones.cost import flops_table
+
+    shape = tuple(image_shape or model.image_shape)
+    return Supernet(path=Path("<in memory>"), config=config, model=model, step=0, image_shape=shape,
+                    flops=flops_table(config.model, shape), sha256="", dataset="")
+
+
+@dataclass
+class AddonFile:
+    """A file a method family keeps beside a supernet: its tensors, and what meta.json says of it given
+    the file's SHA-256 (e.g. {"sparsity": {..., "masks_sha256": sha}})."""
+
+    name: str
+    tensors: dict[str, torch.Tensor]
+    meta: Callable[[str], dict]
+
+
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
     blob = save(plain)  # bytes: safetensors' save_file recreates the file with mode 0600
@@ -103,17 +125,14 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def save_supernet(out_dir: str | Path, *, config: ExperimentConfig, ema: SlimModel, train_state: dict[str, torch.Tensor],
-                  step: int, flops: dict[Subnet, int], dataset: str, masks: dict[str, torch.Tensor] | None = None,
-                  sparse_flops: dict[Subnet, int] | None = None, sparsity: dict | None = None) -> Path:
-    """Write weights, train state, a sparse supernet's masks and meta.json (last) into `out_dir`; return
-    the meta.json path. `masks` are named tensors (sparsity.Sparsifier.mask_tensors), `sparsity` what
-    meta.json says of them (their densities)."""
+                  step: int, flops: dict[Subnet, int], dataset: str, addons: Sequence[AddonFile] = ()) -> Path:
+    """Write weights, train state, add-on files and meta.json (last) into `out_dir`; return the meta.json path."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     _save_tensors(out / WEIGHTS, ema.state_dict())
     _save_tensors(out / TRAIN_STATE, train_state)
-    if masks is not None:
-        _save_tensors(out / MASKS, masks)
+    for addon in addons:
+        _save_tensors(out / addon.name, addon.tensors)
     meta = {
         "format": FORMAT,
         "version": VERSION,
@@ -129,9 +148,8 @@ def save_supernet(out_dir: str | Path, *, config: ExperimentConfig, ema: SlimMod
         "train_state_sha256": sha256_file(out / TRAIN_STATE),
         "config": supernet_config(config.to_dict()),
     }
-    if masks is not None:  # a dense supernet's meta.json is as it always was
-        meta["sparsity"] = {**(sparsity or {}), "masks": MASKS, "masks_sha256": sha256_file(out / MASKS)}
-        meta["sparse_flops_per_image"] = {s.key: int(f) for s, f in (sparse_flops or flops).items()}
+    for addon in addons:  # without add-ons meta.json is as it always was
+        meta.update(addon.meta(sha256_file(out / addon.name)))
     meta["meta_sha256"] = meta_digest(meta)
     return write_json_atomic(out / META, meta)
 
@@ -155,13 +173,8 @@ def read_meta(path: str | Path) -> dict:
         raise DDSMError(f"supernet directory not found: {path}")
     if not meta_path.is_file():
         raise DDSMError(f"{path} is not a supernet directory (no {META}; train one with 'ddsm-search train')")
-    try:
-        meta = json.loads(meta_path.read_text())
-    except UnicodeDecodeError:
-        raise DDSMError(f"{meta_path} is not a text file") from None
-    except json.JSONDecodeError as exc:
-        raise DDSMError(f"{meta_path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    meta = read_json(meta_path)
+    if meta.get("format") != FORMAT:
         raise DDSMError(f"{meta_path} is not a ddsm-search supernet file")
     if meta.get("version") not in (1, VERSION):
         raise DDSMError(f"{meta_path} has format version {meta.get('version')}; this ddsm-search reads 1 and {VERSION}")
@@ -189,7 +202,8 @@ def _check_meta_fields(meta: dict, meta_path: Path) -> None:
         raise DDSMError(f"{meta_path}: image_shape must be three positive integers, got {shape}")
 
 
-def _load_verified(path: Path, expected_sha: str, device: str) -> dict[str, torch.Tensor]:
+def load_verified(path: Path, expected_sha: str, device: str = "cpu") -> dict[str, torch.Tensor]:
+    """Return the tensors of a safetensors file beside a supernet, after checking its SHA-256."""
     if not path.is_file():
         raise DDSMError(f"missing checkpoint file: {path}")
     if sha256_file(path) != expected_sha:
@@ -207,46 +221,21 @@ def load_supernet(path: str | Path, device: str = "cpu") -> Supernet:
         raise DDSMError(f"{path / META}: its config is not valid: {exc}") from None
     image_shape = tuple(meta["image_shape"])
     model = build_supernet(config.model, image_shape)
-    state = _load_verified(path / WEIGHTS, meta["sha256"], "cpu")
+    state = load_verified(path / WEIGHTS, meta["sha256"], "cpu")
     try:
         model.load_state_dict(state)
     except RuntimeError:
         raise DDSMError(f"{path / WEIGHTS} does not fit the model that {META} describes (edited by hand?)") from None
     try:
         flops = flops_by_subnet(meta["flops_per_image"], model)
-        sparse = flops
-        if "sparsity" in meta:
-            if not isinstance(meta.get("sparse_flops_per_image"), dict):
-                raise DDSMError("field 'sparse_flops_per_image' is missing or not an object")
-            sparse = flops_by_subnet(meta["sparse_flops_per_image"], model)
     except (DDSMError, TypeError, ValueError) as exc:
         raise DDSMError(f"{path / META}: {exc}") from None
-    masks = load_masks(path, meta, model, state) if "sparsity" in meta else None
-    return Supernet(path=path, config=config, model=model.to(device).eval(), step=int(meta["step"]),
-                    image_shape=image_shape, flops=flops, sha256=meta["sha256"], dataset=meta["dataset"],
-                    masks=masks, flops_tables={"dense": flops, "sparse": sparse})
-
-
-def load_masks(path: str | Path, meta: dict, model: SlimModel, weights: dict[str, torch.Tensor] | None = None
-               ) -> dict[str, torch.Tensor]:
-    """Return a sparse supernet's masks {layer: bool tensor}, hash-checked and checked against the model
-    (and, given its EMA `weights`, that every weight the masks leave out is zero); else raise DDSMError."""
-    from .methods.sparsity.masks import check_masks, maskable_layers
-
-    info = meta.get("sparsity")
-    if not isinstance(info, dict) or not isinstance(info.get("masks_sha256"), str):
-        raise DDSMError(f"{Path(path) / META}: field 'sparsity' lacks the masks' hash")
-    stored = _load_verified(Path(path) / MASKS, info["masks_sha256"], "cpu")
-    shapes = {name: tuple(layer.weight.shape) for name, layer in maskable_layers(model).items()}
-    try:
-        masks = check_masks(stored, shapes)
-    except DDSMError as exc:
-        raise DDSMError(f"{Path(path) / MASKS}: {exc}") from None
-    for name, mask in masks.items():
-        w = (weights or {}).get(f"{name}.weight")
-        if w is not None and bool((w.masked_select(~mask) != 0).any()):
-            raise DDSMError(f"{Path(path) / WEIGHTS}: layer {name} has nonzero weights outside its mask")
-    return masks
+    supernet = Supernet(path=path, config=config, model=model, step=int(meta["step"]), image_shape=image_shape,
+                        flops=flops, sha256=meta["sha256"], dataset=meta["dataset"])
+    for family in families():  # add-on files beside it (a sparse supernet's masks)
+        family.load_addons(supernet, meta, state)
+    supernet.model = model.to(device).eval()
+    return supernet
 
 
 def flops_by_subnet(stored: dict, model: SlimModel) -> dict[Subnet, int]:
@@ -271,9 +260,8 @@ def flops_by_subnet(stored: dict, model: SlimModel) -> dict[Subnet, int]:
 
 
 def load_train_state(path: str | Path, device: str = "cpu") -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Return (meta, EMA weights, train-state tensors) of a supernet directory, verifying both hashes
-    (a sparse supernet's masks: `load_masks`)."""
+    """Return (meta, EMA weights, train-state tensors) of a supernet directory, verifying both hashes."""
     path = Path(path)
     meta = read_meta(path)
-    return (meta, _load_verified(path / WEIGHTS, meta["sha256"], device),
-            _load_verified(path / TRAIN_STATE, meta["train_state_sha256"], device))
+    return (meta, load_verified(path / WEIGHTS, meta["sha256"], device),
+            load_verified(path / TRAIN_STATE, meta["train_state_sha256"], device))

@@ -34,11 +34,20 @@ class NoiseSchedule:
         self.betas = torch.from_numpy(betas)
         self.alphas_cumprod = torch.cumprod(1 - self.betas, 0)  # float64 for exact sampler coefficients
 
+    def log_snr(self) -> np.ndarray:
+        """Return log(abar_t / (1 - abar_t)) for t = 0 .. T-1 (float64, falling with t)."""
+        return log_snr(self.alphas_cumprod)
+
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """Return x_t = sqrt(a_t) x0 + sqrt(1 - a_t) noise for per-image timesteps t."""
         a = self.alphas_cumprod.to(x0.device)[t].float().view(-1, *([1] * (x0.dim() - 1)))
         return a.sqrt() * x0 + (1 - a).sqrt() * noise
 
+
+def log_snr(alphas_cumprod) -> np.ndarray:
+    """Return log SNR = log(abar / (1 - abar)) of cumulative alphas (float64), as one array."""
+    a = np.asarray(torch.as_tensor(alphas_cumprod, dtype=torch.float64))
+    return np.log(a) - np.log1p(-a)
 
 
 def sampling_timesteps(num_timesteps: int, steps: int) -> list[int]:

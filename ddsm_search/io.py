@@ -63,21 +63,29 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def read_json(path: str | os.PathLike, what: str = "") -> dict:
-    """Return the JSON object stored at `path`, or raise DDSMError naming the file (`what` it should be)
-    and what is wrong: missing, unreadable, not text, not JSON, or not an object."""
+def read_text(path: str | os.PathLike, what: str = "", expected: str = "text") -> str:
+    """Return the text of the file at `path`, or raise DDSMError naming the file (`what` it should be)
+    and what is wrong: missing, unreadable, or not text (`expected` names the format it should hold)."""
     path = Path(path)
-    name = f"{what} {path}" if what else str(path)
     if not path.is_file():
         raise DDSMError(f"{what + ' ' if what else ''}file not found: {path}")
     try:
-        data = json.loads(path.read_text())
+        return path.read_text()
     except UnicodeDecodeError:
-        raise DDSMError(f"{name}: not a text file (expected JSON)") from None
+        raise DDSMError(f"{what + ' ' if what else ''}{path}: not a text file (expected {expected})") from None
+    except OSError as exc:
+        raise DDSMError(f"{what + ' ' if what else ''}{path}: cannot be read ({exc.strerror or exc})") from None
+
+
+def read_json(path: str | os.PathLike, what: str = "") -> dict:
+    """Return the JSON object stored at `path`, or raise DDSMError naming the file (`what` it should be)
+    and what is wrong: missing, unreadable, not text, not JSON, or not an object."""
+    text = read_text(path, what, "JSON")
+    name = f"{what} {path}" if what else str(path)
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DDSMError(f"{name}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    except OSError as exc:
-        raise DDSMError(f"{name}: cannot be read ({exc.strerror or exc})") from None
     if not isinstance(data, dict):
         raise DDSMError(f"{name}: expected a JSON object, got {type(data).__name__}")
     return data

@@ -33,7 +33,6 @@ def quickstart(out: str | Path = "results/quickstart", *, max_loss: float | None
     The export is the cheapest schedule of the front whose held-out FID is within `max_loss` of full
     size's on the same noise at 95% confidence (within `budget` too, if given).
     """
-    from .methods.early_exit.policy import step_label
     from .deploy.export import export_schedule
     from .report.writer import write_report
     from .sampling import time_against_full
@@ -72,24 +71,20 @@ def quickstart(out: str | Path = "results/quickstart", *, max_loss: float | None
                                      heldout_samples=heldout, progress=progress)
     say("5/5 sampling with the exported schedule against full size, same batch and noise")
     from .checkpoint import load_supernet
+    from .sampling import Runtime
 
     supernet = load_supernet(net, device)
     schedule = load_schedule(path, supernet)
-    heads = None
-    if schedule.exit is not None:  # a dynamic exit policy: timed with its heads, exiting per image
-        from .methods.early_exit.finetune import load_exit_heads
-
-        heads = load_exit_heads(supernet, device)
-    _, seconds, full_seconds, paths = time_against_full(supernet.model, supernet.config.diffusion, schedule.subnets,
-                                                        n=n_speed, seed=0, sampler=schedule.sampler, eta=schedule.eta,
-                                                        device=device, exit=schedule.exit, heads=heads)
+    # each subnet on the faster backend here, so full size runs its fastest path too
+    plan = Runtime(supernet, device=device, backend="auto", batch_size=min(n_speed, 500)).plan_schedule(schedule)
+    _, seconds, full_seconds, paths = time_against_full(plan, n=n_speed, seed=0)
     quality = exported["quality"]
     m = quality["metric"]  # the run's metric, fid unless the config chose another
     figures = {"schedule": str(path), "flops_share": exported["flops_share"], "metric": m,
                "heldout": quality["heldout"][m], "full_size_heldout": quality["full_size_heldout"][m],
                "loss": quality["loss"],
                "seconds": seconds, "full_size_seconds": full_seconds, "speedup": full_seconds / seconds,
-               "paths": {step_label(s): p for s, p in paths.items()},
+               "paths": paths,
                "total_seconds": time.perf_counter() - started}
     loss = quality["loss"]
     say(f"done: {path} uses {figures['flops_share']:.0%} of full size's FLOPs; held-out {m.upper()} "

@@ -1,5 +1,4 @@
-"""The deployable schedule: one subnet per sampling step, the sampler it was made for and global
-settings, as JSON.
+"""The deployable schedule: one subnet per sampling step, the sampler it was made for and settings, as JSON.
 
 Format version 2 lists one subnet per step as an object of axis values ({"width": 0.5, "depth": 6});
 axes left out take their full value. A minimal hand-written schedule is just {"subnets": [...]}.
@@ -7,19 +6,16 @@ Version-1 files ({"widths": [...]}, one width per step) keep loading and sample 
 written by ddsm-search also name the supernet (path and SHA-256) and the sampler, and loading checks
 both against the supernet in use.
 
-`settings` holds what is not a subnet: the exit policy (AdaDiff's dynamic early exit on a DiT with
-exit heads), {"exit": {"thresholds": [one per step, null = no exit], "heads_sha256": ...}} or, by
-hand, {"exit": {"threshold": 0.8}} for every step; and per-group fine-tuned weights (Step-Adaptive
-Training, reconstructed: `ddsm-search finetune`), {"weights": {"file": ..., "sha256": ..., "groups": [...]}}
-(see group_weights; an exit policy and group weights together are refused). `flops_per_image` is
-always the static cost of the subnets (a dynamic step's depth is its cap); what a dynamic schedule
-executed, measured while sampling, is recorded beside it (`executed`: FLOPs per image with their
-spread, depth per step).
+`settings` holds what is not a subnet, one key per method family that owns it (space.plugins): each
+family reads, writes and checks its own, and gives the steps their per-step values. Today: `exit`, an
+early-exit policy (methods/early_exit), and `weights`, per-group fine-tuned weights (methods/step_groups).
+A key no family owns is refused. `flops_per_image` is always the static cost of the subnets (a dynamic
+step's depth is its cap); what a dynamic schedule executed, measured while sampling, is recorded
+beside it (`executed`).
 """
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,9 +23,9 @@ from pathlib import Path
 from .checkpoint import Supernet
 from .diffusion import SAMPLERS, sampling_timesteps
 from .errors import DDSMError
-from .methods.early_exit.policy import ExitPolicy
-from .methods.step_groups.weights import GroupWeights, read_weights
-from .io import write_json_atomic
+from .io import read_json, write_json_atomic
+from .space.plugins import families, family_of_field, family_of_setting, settings_known
+from .space.steps import Step, steps_of
 from .space.subnet import Subnet
 
 FORMAT = "ddsm-search/schedule"
@@ -38,17 +34,15 @@ VERSION = 2
 
 @dataclass
 class Schedule:
-    """One subnet per sampling step (noisiest first), the sampler that runs them and global settings."""
+    """One subnet per sampling step (noisiest first), the sampler that runs them and settings that are
+    not per step ({setting key: the owning family's object}, e.g. {"exit": ExitPolicy})."""
 
     subnets: list[Subnet]
     sampler: str = "ddim"
     eta: float = 0.0
     supernet_sha256: str | None = None
     supernet_path: str | None = None
-    exit: ExitPolicy | None = None  # a dynamic early exit's threshold per step (DiT with exit heads)
-    exit_heads: str | None = None  # the SHA-256 of the heads the exit policy was made with
-    weights: GroupWeights | None = None  # per-group fine-tuned weights (settings.weights, `finetune`)
-    settings: dict = field(default_factory=dict)  # other settings that are not per step (none known yet)
+    settings: dict = field(default_factory=dict)
     extra: dict = field(default_factory=dict)  # figures recorded with the schedule (FLOPs, FID, ...)
 
     @property
@@ -56,9 +50,36 @@ class Schedule:
         """Return the number of sampling steps."""
         return len(self.subnets)
 
+    def step_keys(self) -> list[Step]:
+        """Return what each step runs: its subnet and the values its settings' families give it."""
+        values = {}
+        for key, setting in self.settings.items():
+            family = family_of_setting(key)
+            per_step = family.step_values(setting, self.steps) if family is not None else None
+            if per_step is not None and any(v is not None for v in per_step):
+                values[family.field] = per_step
+        return steps_of(self.subnets, **values)
+
+    @classmethod
+    def from_steps(cls, steps, **kwargs) -> "Schedule":
+        """Return the schedule of these steps: their subnets, and the settings that give them their values."""
+        settings = dict(kwargs.pop("settings", {}))
+        for name in sorted({f for s in steps for f in s.fields}):
+            family = family_of_field(name)
+            setting = family.setting_from_values([s.get(name) for s in steps])
+            if setting is None:
+                raise DDSMError(f"a schedule file cannot hold the {name} of its steps")
+            settings[family.setting] = setting
+        return cls(subnets=[s.subnet for s in steps], settings=settings, **kwargs)
+
     def to_dict(self, supernet: Supernet, base: str | Path | None = None) -> dict:
-        """Return the self-describing JSON form of this schedule for `supernet` (group weights named
+        """Return the self-describing JSON form of this schedule for `supernet` (files its settings name
         relative to `base`, the folder the schedule is written to)."""
+        settings = {}
+        for key, setting in self.settings.items():
+            written = family_of_setting(key).write_setting(setting, supernet, Path(base).resolve() if base else None)
+            if written is not None:
+                settings[key] = written
         return {
             "format": FORMAT,
             "version": VERSION,
@@ -67,27 +88,13 @@ class Schedule:
                         "timesteps": sampling_timesteps(supernet.config.diffusion.timesteps, self.steps)},
             "axes": list(supernet.model.space.names),
             "subnets": [s.as_dict() for s in supernet.step_subnets(self.subnets)],  # each step's stage too
-            "settings": {**self.settings, **self._exit_settings(supernet), **self._weights_settings(base)},
+            "settings": settings,
             "flops_per_image": supernet.schedule_flops(self.subnets),
             **self.extra,
         }
 
-    def _weights_settings(self, base) -> dict:
-        if self.weights is None:
-            return {}
-        return {"weights": self.weights.to_json(Path(base).resolve() if base is not None else None)}
 
-    def _exit_settings(self, supernet: Supernet) -> dict:
-        if self.exit is None or not self.exit.dynamic:
-            return {}
-        from .methods.early_exit.finetune import heads_sha256
-
-        if self.exit.steps != self.steps:
-            raise DDSMError(f"the exit policy has {self.exit.steps} thresholds for {self.steps} steps")
-        return {"exit": {"thresholds": self.exit.to_json(), "heads_sha256": self.exit_heads or heads_sha256(supernet)}}
-
-
-def _fail(path: Path, message: str) -> DDSMError:
+def _fail(path, message: str) -> DDSMError:
     return DDSMError(f"schedule {path}: {message}")
 
 
@@ -119,35 +126,33 @@ def _read_subnets(data: dict, path: Path) -> list[Subnet]:
     return out
 
 
+def _read_settings(data: dict, steps: int, path: Path) -> dict:
+    """Return {key: setting object} of a file's settings, each read by the family that owns it."""
+    settings = data.get("settings", {})
+    if not isinstance(settings, dict):
+        raise _fail(path, f"'settings' must be an object, got {settings!r}")
+    unknown = sorted(k for k in settings if family_of_setting(k) is None)
+    if unknown:
+        raise _fail(path, f"settings {unknown} are not known to this ddsm-search (known: {', '.join(settings_known())})")
+    out = {}
+    for family in families():  # in the table's order, whatever the file's
+        if family.setting in settings:
+            out[family.setting] = family.read_setting(settings[family.setting], steps, path)
+    return out
+
+
 def load_schedule(path: str | Path, supernet: Supernet | None = None) -> Schedule:
     """Return the schedule stored at `path`, checked against `supernet` if given."""
     path = Path(path)
-    if not path.is_file():
-        raise DDSMError(f"schedule file not found: {path}")
-    try:
-        data = json.loads(path.read_text())
-    except UnicodeDecodeError:
-        raise _fail(path, "not a text file (expected JSON)") from None
-    except json.JSONDecodeError as exc:
-        raise _fail(path, f"not valid JSON ({exc.msg} at line {exc.lineno})") from None
-    if not isinstance(data, dict) or ("widths" not in data and "subnets" not in data):
+    data = read_json(path, "schedule")
+    if "widths" not in data and "subnets" not in data:
         raise _fail(path, "expected a JSON object with a 'subnets' list (or a version-1 'widths' list)")
     if "format" in data and data["format"] != FORMAT:
         raise _fail(path, f"format {data['format']!r} is not {FORMAT!r}")
     if data.get("version", VERSION) not in (1, VERSION):
         raise _fail(path, f"format version {data.get('version')!r} is not 1 or {VERSION}")
     subnets = _read_subnets(data, path)
-    settings = data.get("settings", {})
-    if not isinstance(settings, dict):
-        raise _fail(path, f"'settings' must be an object, got {settings!r}")
-    unknown = sorted(set(settings) - {"exit", "weights"})
-    if unknown:
-        raise _fail(path, f"settings {unknown} are not known to this ddsm-search")
-    exit, heads = _read_exit(settings.get("exit"), len(subnets), path)
-    weights = read_weights(settings.get("weights"), len(subnets), path)
-    if weights is not None and exit is not None and exit.dynamic:
-        raise _fail(path, "settings: an exit policy together with fine-tuned group weights is not supported (the "
-                    "exit heads were trained on the supernet's weights, not on the groups' fine-tuned ones)")
+    settings = _read_settings(data, len(subnets), path)
     sampler = data.get("sampler", {})
     supernet_ref = data.get("supernet", {})
     if not isinstance(sampler, dict) or not isinstance(supernet_ref, dict):
@@ -167,12 +172,13 @@ def load_schedule(path: str | Path, supernet: Supernet | None = None) -> Schedul
     for key in ("sha256", "path"):
         if not isinstance(supernet_ref.get(key, ""), str):
             raise _fail(path, f"supernet.{key}: expected text, got {supernet_ref.get(key)!r}")
-    schedule = Schedule(subnets=subnets, sampler=name, eta=float(eta), exit=exit, exit_heads=heads,
-                        weights=weights, supernet_sha256=supernet_ref.get("sha256"),
-                        supernet_path=supernet_ref.get("path"),
+    schedule = Schedule(subnets=subnets, sampler=name, eta=float(eta), settings=settings,
+                        supernet_sha256=supernet_ref.get("sha256"), supernet_path=supernet_ref.get("path"),
                         extra={k: v for k, v in data.items() if k not in KNOWN_KEYS})
     if "steps" in sampler and sampler["steps"] != schedule.steps:
         raise _fail(path, f"the schedule has {schedule.steps} subnets but its sampler runs {sampler['steps']} steps")
+    for key, setting in settings.items():  # what a setting asks of the others (and of the steps)
+        family_of_setting(key).check_setting(setting, schedule, None, f"schedule {path}")
     if supernet is not None:
         check_against(schedule, supernet, path)
         recorded = {"flops_per_image": data.get("flops_per_image"), "timesteps": sampler.get("timesteps")}
@@ -184,30 +190,9 @@ def load_schedule(path: str | Path, supernet: Supernet | None = None) -> Schedul
     return schedule
 
 
-def _read_exit(value, steps: int, path: Path) -> tuple[ExitPolicy | None, str | None]:
-    """Return the exit policy and heads hash of settings.exit (None, None if there is none)."""
-    if value is None:
-        return None, None
-    if not isinstance(value, dict) or not ({"threshold", "thresholds"} & set(value)):
-        raise _fail(path, "settings.exit: expected {\"thresholds\": [one per step]} or {\"threshold\": T}")
-    unknown = sorted(set(value) - {"threshold", "thresholds", "heads_sha256"})
-    if unknown or {"threshold", "thresholds"} <= set(value):
-        raise _fail(path, f"settings.exit: unknown or conflicting keys {unknown or ['threshold', 'thresholds']}")
-    heads = value.get("heads_sha256")
-    if heads is not None and not isinstance(heads, str):
-        raise _fail(path, f"settings.exit.heads_sha256: expected text, got {heads!r}")
-    given = value["thresholds"] if "thresholds" in value else value["threshold"]
-    if "thresholds" in value and not isinstance(given, list):
-        raise _fail(path, f"settings.exit.thresholds: expected a list (one per step), got {given!r}")
-    try:
-        return ExitPolicy.of(given, steps), heads
-    except DDSMError as exc:
-        raise _fail(path, f"settings.exit: {exc}") from None
-
-
 def check_against(schedule: Schedule, supernet: Supernet, path: str | Path = "<schedule>") -> None:
-    """Raise DDSMError unless the schedule belongs to `supernet` and uses only its subnets (and, with an
-    exit policy, the supernet has the exit heads it was made with)."""
+    """Raise DDSMError unless the schedule belongs to `supernet`, uses only its subnets and its settings
+    fit it (each checked by the family that owns it)."""
     if schedule.supernet_sha256 is not None and schedule.supernet_sha256 != supernet.sha256:
         raise DDSMError(f"schedule {path} was made for another supernet (hash {schedule.supernet_sha256[:12]}, "
                         f"this one is {supernet.sha256[:12]})")
@@ -220,27 +205,8 @@ def check_against(schedule: Schedule, supernet: Supernet, path: str | Path = "<s
         supernet.step_subnets(schedule.subnets)
     except DDSMError as exc:
         raise DDSMError(f"schedule {path}: {exc}") from None
-    timesteps = sampling_timesteps(supernet.config.diffusion.timesteps, schedule.steps)
-    if schedule.weights is not None:
-        if schedule.exit is not None and schedule.exit.dynamic:
-            raise DDSMError(f"schedule {path}: an exit policy together with fine-tuned group weights is not supported")
-        try:
-            schedule.weights.check(supernet.model.step_subnets(schedule.subnets, timesteps), supernet.model.space,
-                                   timesteps, supernet.config.diffusion.timesteps)
-        except DDSMError as exc:
-            raise DDSMError(f"schedule {path}: {exc}") from None
-    if schedule.exit is not None and schedule.exit.dynamic:
-        from .methods.early_exit.finetune import heads_sha256
-
-        if schedule.exit.steps != schedule.steps:
-            raise DDSMError(f"schedule {path}: {schedule.exit.steps} exit thresholds for {schedule.steps} steps")
-        try:
-            current = heads_sha256(supernet)
-        except DDSMError as exc:
-            raise DDSMError(f"schedule {path} has an exit policy: {exc}") from None
-        if schedule.exit_heads is not None and schedule.exit_heads != current:
-            raise DDSMError(f"schedule {path}: its exit policy was made with other exit heads than those beside "
-                            f"{supernet.path} (run the search again, or put its heads back)")
+    for key, setting in schedule.settings.items():
+        family_of_setting(key).check_setting(setting, schedule, supernet, f"schedule {path}")
 
 
 def save_schedule(path: str | Path, schedule: Schedule, supernet: Supernet) -> Path:

@@ -3,8 +3,14 @@ and exact resume.
 
 Every random draw of a training step (batch, timesteps, noise, flips, subnets) comes from one CPU
 generator whose state is checkpointed, so a run resumed from step k continues exactly as if it had
-never stopped. With train.sparsity the masks (`sparsity.Sparsifier`) are drawn from a generator of
-their own, also checkpointed, and saved beside the weights (masks.safetensors, hash-checked).
+never stopped. Method families may hook into every step (space.plugins: `training_hook`); a sparse
+supernet's masks (methods/sparsity) are drawn from a generator of their own, checkpointed likewise,
+and saved beside the weights as an add-on file.
+
+A training hook offers: start(model, ema) once the weights are in place; replaces_step(step) -> True
+where it updates instead of the optimizer (then update(model, optimizer, step)); before_optimizer(model);
+after_step(model, ema); state_tensors() and restore(out_dir, meta, model, tensors) for an exact resume;
+addons(image_shape) -> the checkpoint.AddonFile list to keep beside the supernet.
 """
 
 from __future__ import annotations
@@ -20,17 +26,18 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .checkpoint import META, load_masks, load_train_state, save_supernet, supernet_config
+from .backbones.base import SlimModel
+from .backbones.cost import flops_table
+from .backbones.registry import build_supernet
+from .checkpoint import META, load_train_state, save_supernet, supernet_config
 from .config import ExperimentConfig
-from .data import ImageData, dataset_key, load_dataset
+from .data import ImageData, data_key, load_data
 from .diffusion import NoiseSchedule
 from .errors import DDSMError
 from .images import save_grid
 from .io import write_text_atomic
-from .backbones.base import SlimModel
-from .backbones.registry import build_supernet
-from .backbones.cost import flops_table, flops_tables
-from .sampling import generate, resolve_device
+from .sampling import Runtime, generate, resolve_device
+from .space.plugins import families
 from .space.subnet import Subnet, SubnetSpace
 
 LOG_FILE = "loss_log.csv"
@@ -95,12 +102,10 @@ class TrainingRun:
             self.ema.load_state_dict(start.state_dict())
             if cfg.train.teacher == "frozen":
                 self.teacher = start.set_subnet(start.full).requires_grad_(False).eval()
-        self.sparsifier = None
-        if cfg.train.sparsity is not None:  # masks drawn now, on the weights training starts from
-            from .methods.sparsity.masks import Sparsifier
-
-            self.sparsifier = Sparsifier(cfg.train.sparsity, self.model, cfg.train.steps, cfg.train.seed)
-            self.sparsifier.apply(self.model, self.ema)
+        # method families' hooks (a sparse supernet's masks), started on the weights training starts from
+        self.hooks = [h for f in families() if (h := f.training_hook(cfg, self.model)) is not None]
+        for hook in self.hooks:
+            hook.start(self.model, self.ema)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """Return everything besides the EMA weights that resuming needs, as named tensors."""
@@ -108,8 +113,8 @@ class TrainingRun:
         tensors.update(_optimizer_tensors(self.opt))
         tensors["rng.generator"] = self.generator.get_state()
         tensors["rng.torch"] = torch.get_rng_state()
-        if self.sparsifier is not None:
-            tensors.update(self.sparsifier.state_tensors())
+        for hook in self.hooks:
+            tensors.update(hook.state_tensors())
         if self.device == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state()
         return tensors
@@ -126,8 +131,8 @@ class TrainingRun:
             torch.cuda.set_rng_state(tensors["rng.cuda"])
         self.step = int(meta["step"])
         self.log = [row for row in _read_log(out_dir / LOG_FILE) if row["step"] <= self.step]
-        if self.sparsifier is not None:
-            self.sparsifier.restore(_mask_file(out_dir, meta, self.model), tensors)
+        for hook in self.hooks:
+            hook.restore(out_dir, meta, self.model, tensors)
 
     def draw_stage(self, subnets: list | None = None) -> int | None:
         """Return the timestep stage this step trains (a multi-stage supernet, as the paper's loss: one
@@ -183,13 +188,13 @@ class TrainingRun:
             loss.backward()
             losses[subnet] = loss.item()
         self.model.set_subnet(self.model.full)
-        sparse = self.sparsifier
-        if sparse is not None and sparse.is_update_step(self.step + 1):
-            # RigL's Algorithm 1: a mask-update step updates the connections instead of the weights
-            sparse.update(self.model, self.opt, self.step + 1)
+        replacing = [h for h in self.hooks if h.replaces_step(self.step + 1)]
+        if replacing:  # RigL's Algorithm 1: a mask-update step updates the connections instead of the weights
+            for hook in replacing:
+                hook.update(self.model, self.opt, self.step + 1)
         else:
-            if sparse is not None:
-                sparse.mask_gradients(self.model)
+            for hook in self.hooks:
+                hook.before_optimizer(self.model)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
             for group in self.opt.param_groups:
                 group["lr"] = learning_rate(self.cfg, self.step)
@@ -197,19 +202,10 @@ class TrainingRun:
         with torch.no_grad():
             decay = ema_decay(self.cfg, self.step)
             torch._foreach_lerp_(list(self.ema.parameters()), list(self.model.parameters()), 1 - decay)
-        if sparse is not None:  # the EMA weights too: the masked ones exactly zero in both
-            sparse.apply(self.model, self.ema)
+        for hook in self.hooks:  # the EMA weights too: the masked ones exactly zero in both
+            hook.after_step(self.model, self.ema)
         self.step += 1
         return losses
-
-
-def _mask_file(out_dir: Path, meta: dict, model: SlimModel) -> dict[str, torch.Tensor]:
-    """Return the masks file of the checkpoint in `out_dir` as named tensors (hash-checked), for a resume."""
-    from .methods.sparsity.masks import MASK_PREFIX
-
-    if "sparsity" not in meta:
-        raise DDSMError(f"--resume: the checkpoint in {out_dir} has no masks (trained dense)")
-    return {MASK_PREFIX + name: mask for name, mask in load_masks(out_dir, meta, model).items()}
 
 
 def load_init(cfg: ExperimentConfig, shape, device: str) -> SlimModel:
@@ -253,12 +249,6 @@ def _write_log(path: Path, rows: list[dict]) -> None:
     write_text_atomic(path, buf.getvalue())
 
 
-def load_training_data(cfg: ExperimentConfig) -> ImageData:
-    """Return the experiment's training images."""
-    d = cfg.data
-    return load_dataset(d.kind, d.path, split=d.split, image_size=d.image_size, channels=d.channels, limit=d.limit)
-
-
 def _with_defaults(saved: dict, search: dict) -> dict:
     """Return a checkpoint's config with the keys added since it was written at their defaults (which
     reproduce what it was trained as), so that only real differences refuse a resume."""
@@ -295,13 +285,15 @@ def grid_subnets(space: SubnetSpace) -> list[Subnet]:
     return list(dict.fromkeys(s for axis in space.names for s in space.along(axis)))
 
 
-def write_sample_grids(model: SlimModel, cfg: ExperimentConfig, out: Path, device: str, seed: int = 0) -> list[Path]:
-    """Write one PNG grid per subnet of `grid_subnets`, every grid from the same noise; return their paths."""
+def write_sample_grids(supernet, out: Path, device: str, seed: int = 0, progress: bool = False) -> list[Path]:
+    """Write one PNG grid per subnet of `grid_subnets` of a loaded supernet, every grid from the same
+    noise; return their paths."""
+    cfg, model = supernet.config, supernet.model
+    runtime = Runtime(supernet, device=device, batch_size=cfg.sample.batch_size)
     paths = []
-    for subnet in grid_subnets(model.space):
-        images = generate(model, cfg.diffusion, [subnet] * cfg.sample.steps, n=cfg.sample.grid_size, seed=seed,
-                          sampler=cfg.sample.sampler, eta=cfg.sample.eta, batch_size=cfg.sample.batch_size,
-                          device=device)
+    for subnet in tqdm(grid_subnets(model.space), desc="sample grids", unit="subnet", disable=not progress):
+        plan = runtime.plan([subnet] * cfg.sample.steps, sampler=cfg.sample.sampler, eta=cfg.sample.eta)
+        images = generate(plan, n=cfg.sample.grid_size, seed=seed, batch_size=cfg.sample.batch_size)
         paths.append(save_grid(out / "samples" / f"{subnet.slug}.png", images))
     return paths
 
@@ -320,25 +312,20 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, steps: int | None = Non
     cfg = pin_init(cfg)
     _check_resumable(cfg, out, resume)
     device = resolve_device(device)
-    data = data if data is not None else load_training_data(cfg)
+    data = data if data is not None else load_data(cfg.data)
     run = TrainingRun(cfg, data, device)
     if resume:
         run.restore(out)
-    key = dataset_key(cfg.data.kind, cfg.data.path, cfg.data.split, cfg.data.image_size, cfg.data.channels)
     flops = flops_table(cfg.model, data.shape)
-    sparse = run.sparsifier
     tc, window = cfg.train, {}
     bar = tqdm(total=tc.steps, initial=run.step, desc="training", unit="step", disable=not progress)
     started = time.perf_counter()
 
     def checkpoint() -> None:
         _write_log(out / LOG_FILE, run.log)
-        extra = {}
-        if sparse is not None:  # the masks move under RigL and MagRan: their FLOPs are counted anew
-            extra = dict(masks=sparse.mask_tensors(), sparse_flops=flops_tables(cfg.model, data.shape, sparse.masks)[1],
-                         sparsity=sparse.summary())
+        addons = [a for hook in run.hooks for a in hook.addons(data.shape)]
         save_supernet(out, config=cfg, ema=run.ema, train_state=run.state_tensors(), step=run.step, flops=flops,
-                      dataset=key, **extra)
+                      dataset=data_key(cfg.data), addons=addons)
 
     while run.step < tc.steps:
         for subnet, loss in run.train_step().items():
@@ -358,7 +345,9 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, steps: int | None = Non
     if progress:
         print(f"trained {cfg.name} to step {run.step} in {time.perf_counter() - started:.0f} s -> {out}")
     if grids:
-        paths = write_sample_grids(run.ema.eval(), cfg, out, device)
+        from .checkpoint import load_supernet
+
+        paths = write_sample_grids(load_supernet(out, device), out, device, progress=progress)
         if progress:
             print(f"sample grids: {', '.join(str(p) for p in paths)}")
     return out

@@ -29,12 +29,11 @@ import pandas as pd
 from ddsm_search.backends.choice import cpu_name
 from ddsm_search.checkpoint import load_supernet
 from ddsm_search.evaluation.heldout import Confirmer
-from ddsm_search.methods.early_exit.policy import ExitPolicy, ExitRecord, plan_key
-from ddsm_search.methods.early_exit.finetune import load_exit_heads
 from ddsm_search.metrics.stats import fid_gap_interval
 from ddsm_search.report.plots import _figure, _save
 from ddsm_search.report.tables import load_run
-from ddsm_search.sampling import time_against_full
+from ddsm_search.sampling import Runtime, time_against_full
+from ddsm_search.space.steps import ExecutedRecord, steps_of
 
 
 def main() -> None:
@@ -52,7 +51,7 @@ def main() -> None:
 
     supernet = load_supernet(args.supernet)
     model = supernet.model
-    heads = load_exit_heads(supernet)
+    runtime = Runtime(supernet, backend="auto", batch_size=min(args.time_n or 500, 500))  # for the timings
     search = {"metric": "fid", "batch_size": 500, "sampler": "ddim", "eta": 0.0, "steps": args.steps,
               "exit_thresholds": args.thresholds, "backend": "auto"}
     confirmer = Confirmer(supernet, search, n=args.n)
@@ -61,32 +60,32 @@ def main() -> None:
     print(f"{datetime.date.today()} | {platform.machine()} {cpu} | {supernet.config.name}: "
           f"n={args.n} held-out images, {args.steps} DDIM steps")
 
-    plans = [("dynamic exit", f"threshold {t:g}", [model.full] * args.steps, ExitPolicy.of(t, args.steps))
+    plans = [("dynamic exit", f"threshold {t:g}", steps_of([model.full] * args.steps, exit=[t] * args.steps))
              for t in args.thresholds]
-    plans += [("uniform depth", f"depth {d}", [model.full.replace(depth=d)] * args.steps, None)
+    plans += [("uniform depth", f"depth {d}", steps_of([model.full.replace(depth=d)] * args.steps))
               for d in model.space.choices("depth")]
     for policy, run in (("searched static front", args.static_run), ("searched dynamic front", args.dynamic_run)):
         if run:
             table = load_run(run)
             for _, row in table[table["on_front"]].sort_values("gflops").iterrows():
-                if len(row["subnets"]) == args.steps:
-                    plans.append((policy, row["schedule"], list(row["subnets"]), row["exit"]))
+                if len(row["steps"]) == args.steps:
+                    plans.append((policy, row["schedule"], list(row["steps"])))
     rows, features = [], {}
-    for policy, setting, subnets, exit in plans:
-        r = confirmer.result(subnets, exit)
+    for policy, setting, steps in plans:
+        plan = confirmer.plan(steps)
+        r = confirmer.result(plan)
         loss = confirmer.loss(r)
         spread = r["executed"]["flops_per_image"]["sd"] if r["executed"] else 0.0
         row = {"policy": policy, "setting": setting, "flops_share": r["gflops_per_image"] * 1e9 / full_flops,
                "flops_sd": spread / full_flops, "fid": r["fid"], "loss": loss["value"], "loss_low": loss["low"],
                "loss_high": loss["high"]}
         if args.time_n:
-            _, seconds, full_seconds, _ = time_against_full(
-                model, supernet.config.diffusion, subnets, n=args.time_n, seed=0, exit=exit, heads=heads,
-                record=ExitRecord())
+            _, seconds, full_seconds, _ = time_against_full(runtime.plan(steps, sampler="ddim", eta=0.0),
+                                                            n=args.time_n, seed=0, record=ExecutedRecord())
             row.update(seconds=seconds, full_seconds=full_seconds, speedup=full_seconds / seconds,
                        flops_speedup=full_flops / (r["gflops_per_image"] * 1e9))
-        features[plan_key(subnets, exit)] = r["features"]
-        row["key"] = plan_key(subnets, exit)
+        features[plan.key] = r["features"]
+        row["key"] = plan.key
         rows.append(row)
         print(f"  {policy:24s} {row['flops_share']:.3f} (sd {row['flops_sd']:.3f}) FID {row['fid']:.3f} loss "
               f"{row['loss']:+.3f} [{row['loss_low']:+.3f}, {row['loss_high']:+.3f}]"

@@ -29,10 +29,11 @@ import pandas as pd
 import torch
 
 from ddsm_search.checkpoint import load_supernet
-from ddsm_search.evaluation.quality import evaluate, noise_floor, training_reference
+from ddsm_search.evaluation.quality import evaluate, noise_floor
+from ddsm_search.evaluation.scoring import Scorer, drift_space_for, training_reference
 from ddsm_search.io import write_text_atomic
 from ddsm_search.metrics import default_extractor_for, get_extractor, replicates
-from ddsm_search.sampling import make_denoisers, resolve_device
+from ddsm_search.sampling import Runtime, resolve_device
 
 
 def summarise(raw: pd.DataFrame) -> pd.DataFrame:
@@ -63,24 +64,22 @@ def drift_spread(supernet, search: dict, ns: list[int], sets: list[str], device:
                  cache_dir) -> pd.DataFrame:
     """Return, per uniform width and n, drift and the paired FID gap to full width: mean, sd over seed sets, z."""
     from ddsm_search.evaluation.full_samples import full_size_samples
-    from ddsm_search.metrics import seed_for
     from ddsm_search.evaluation.scoring import FullReference, make_scorer
 
     scorer = make_scorer(supernet, metric="fid", device=device, cache_dir=cache_dir)
     steps, sampler, eta = int(search["steps"]), search["sampler"], float(search["eta"])
     widths = list(supernet.model.space.choices("width"))
-    denoisers = make_denoisers(supernet.model, widths, device)
+    runtime = Runtime(supernet, device=device)
+    plans = {w: runtime.plan([w] * steps, sampler=sampler, eta=eta) for w in widths}
     rows = []
     for n in ns:
         for seed_set in sets:
-            full = FullReference(full_size_samples(supernet, n=n, seed_set=seed_set, seed=seed_for(seed_set),
-                                                   sampler=sampler, eta=eta, steps=steps, batch_size=batch_size,
-                                                   device=device, denoisers=denoisers, cache_dir=cache_dir))
+            full = FullReference(full_size_samples(plans[widths[0]], n=n, seed_set=seed_set, batch_size=batch_size,
+                                                   cache_dir=cache_dir))
             scores = {}
             for width in widths:
-                scores[width] = evaluate(supernet, [width] * steps, n=n, seed_set=seed_set, scorer=scorer, full=full,
-                                         device=device, batch_size=batch_size, sampler=sampler, eta=eta,
-                                         denoisers=denoisers)
+                scores[width] = evaluate(plans[width], scorer, n=n, seed_set=seed_set, full=full,
+                                         batch_size=batch_size)
             for width in widths[1:]:
                 rows.append({"n": n, "seed_set": seed_set, "width": width, "drift": scores[width]["drift"],
                              "fid_gap": scores[width]["fid"] - scores[widths[0]]["fid"]})
@@ -170,12 +169,14 @@ def main() -> None:
                 rows.append({"what": label, "kind": "real", "width": np.nan, "n": n, "seed_set": f"real/{k}",
                              "fid": r["fid"], "kid": r["kid"], "kid_subset_sd": r["kid_std"], "gflops": 0.0,
                              "sample_s": 0.0, "metric_s": time.perf_counter() - started})
+    runtime = Runtime(supernet, device=device)
+    features = drift_space_for(supernet.config.data.kind, "auto") == "features"
+    scorer = Scorer(extractor, reference, extractor if features else None)
     for width in widths:
-        denoisers = make_denoisers(supernet.model, [width], device)
+        plan = runtime.plan([width] * steps)  # the config's sampler
         for n in args.ns:
             for seed_set in sets:
-                r = evaluate(supernet, [width] * steps, n=n, seed_set=seed_set, extractor=extractor, device=device,
-                             batch_size=args.batch_size, reference=reference, denoisers=denoisers)
+                r = evaluate(plan, scorer, n=n, seed_set=seed_set, batch_size=args.batch_size)
                 rows.append({"what": f"width {width:g}", "kind": "generated", "width": width, "n": n,
                              "seed_set": seed_set, "fid": r["fid"], "kid": r["kid"], "kid_subset_sd": r["kid_std"],
                              "gflops": r["gflops_per_image"], "sample_s": r["seconds"], "metric_s": r["eval_seconds"]})

@@ -34,12 +34,13 @@ import pandas as pd
 from ddsm_search.backends.choice import cpu_name
 from ddsm_search.checkpoint import load_supernet, read_meta
 from ddsm_search.config import load_config
+from ddsm_search.data import load_data
 from ddsm_search.evaluation.heldout import Confirmer
 from ddsm_search.metrics.stats import fid_gap_interval
 from ddsm_search.report.plots import _figure, _save
 from ddsm_search.report.tables import front, load_run
 from ddsm_search.search.runner import run_search
-from ddsm_search.training import TrainingRun, load_training_data, train
+from ddsm_search.training import TrainingRun, train
 
 MODELS = {"unified": "search_spaces/digits.yaml", "multi-stage K=3": "search_spaces/digits-multistage.yaml"}
 
@@ -49,7 +50,7 @@ def training_flops_per_step(cfg, steps: int) -> float:
     counter over `steps` steps of a throwaway run with the config's seed (the draws a real run makes)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    run = TrainingRun(cfg, load_training_data(cfg), "cpu")
+    run = TrainingRun(cfg, load_data(cfg.data), "cpu")
     counter = FlopCounterMode(display=False)
     with counter:
         for _ in range(steps):

@@ -30,11 +30,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ddsm_search.backends.choice import cpu_name  # noqa: E402
-from ddsm_search.backends import backend_of  # noqa: E402
 from ddsm_search.checkpoint import load_supernet  # noqa: E402
 from ddsm_search.deploy.onnx_export import export_onnx  # noqa: E402
 from ddsm_search.deploy.onnx_sampler import OnnxSampler  # noqa: E402
-from ddsm_search.sampling import generate, make_denoisers  # noqa: E402
+from ddsm_search.sampling import (
+    Runtime,  # noqa: E402
+    generate,  # noqa: E402
+)
 from ddsm_search.schedule import Schedule, load_schedule, save_schedule  # noqa: E402
 from ddsm_search.space.subnet import schedule_key  # noqa: E402
 
@@ -70,7 +72,7 @@ def main() -> None:
 
 def bench(args: argparse.Namespace, supernet, work: Path, ort_version: str) -> None:
     """Export, time and print (see the module's docstring); temporary files go into `work`."""
-    model, diffusion = supernet.model, supernet.config.diffusion
+    model = supernet.model
     if args.schedule:
         schedule = load_schedule(args.schedule, supernet)
         schedule_path = Path(args.schedule)
@@ -92,12 +94,12 @@ def bench(args: argparse.Namespace, supernet, work: Path, ort_version: str) -> N
         started = time.perf_counter()
         folder, _ = export_onnx(path, work / f"onnx-{name.replace(' ', '-')}", supernet=supernet)
         print(f"exported {name} in {time.perf_counter() - started:.1f} s: {folder}", flush=True)
-        denoisers = make_denoisers(model, plan, "cpu", args.backend, n)
-        chosen.update({s.key: backend_of(d) for s, d in denoisers.items()})
+        runtime = Runtime(supernet, backend=args.backend, batch_size=n)
+        torch_plan = runtime.plan(plan, sampler=schedule.sampler, eta=schedule.eta)
+        chosen.update(runtime.backends())
 
-        def torch_run(plan=plan, denoisers=denoisers):
-            return generate(model, diffusion, plan, n=n, seed=args.seed, sampler=schedule.sampler, eta=schedule.eta,
-                            batch_size=n, denoisers=denoisers).numpy()
+        def torch_run(torch_plan=torch_plan):
+            return generate(torch_plan, n=n, seed=args.seed, batch_size=n).numpy()
 
         runners[(name, "torch")] = torch_run
         for sessions in (1, 2):

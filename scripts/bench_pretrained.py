@@ -33,13 +33,13 @@ import torch.nn.functional as F
 
 from ddsm_search.checkpoint import load_supernet, read_meta
 from ddsm_search.config import load_config
-from ddsm_search.evaluation.heldout import Confirmer
 from ddsm_search.data import load_dataset
-from ddsm_search.diffusion import NoiseSchedule
 from ddsm_search.deploy.export import export_schedule
-from ddsm_search.methods.step_groups.finetune import finetune_schedule
+from ddsm_search.diffusion import NoiseSchedule
+from ddsm_search.evaluation.heldout import Confirmer
 from ddsm_search.methods.pretrained.diffusers_config import unet2d_class
 from ddsm_search.methods.pretrained.diffusers_unet import import_diffusers
+from ddsm_search.methods.step_groups.finetune import finetune_schedule
 from ddsm_search.metrics.stats import fid_gap_interval
 from ddsm_search.report.tables import front, load_run
 from ddsm_search.schedule import load_schedule
@@ -107,9 +107,11 @@ def group_gain(net: Path, run: Path, out: Path, *, group_steps: int, lr: float, 
     search = json.loads((run / "run.json").read_text())["search"]
     subnets = load_schedule(plain, supernet).subnets
     here = Confirmer(supernet, search, n=heldout)
-    groups = here.result(subnets, weights=load_schedule(tuned.schedule, supernet).weights)
-    before = here.result(subnets)
-    on = Confirmer(load_supernet(continued), search, n=heldout).result(subnets)
+    with_groups = load_schedule(tuned.schedule, supernet)
+    groups = here.result(here.plan(with_groups.step_keys(), settings=with_groups.settings))
+    before = here.result(here.plan(subnets))
+    there = Confirmer(load_supernet(continued), search, n=heldout)
+    on = there.result(there.plan(subnets))
     ref = here.scorer.reference
     gap = fid_gap_interval(groups["features"], on["features"], ref.mu, ref.sigma, seed=0)
     return {"groups": len(tuned.groups), "group steps": group_steps, "extra steps": extra,

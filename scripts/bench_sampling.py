@@ -28,12 +28,11 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from ddsm_search.checkpoint import load_supernet
-from ddsm_search.config import load_config
-from ddsm_search.backends import fused as kernels
 from ddsm_search.backbones.registry import build_supernet
-from ddsm_search.backbones.cost import flops_table
-from ddsm_search.sampling import generate, make_denoisers, resolve_device
+from ddsm_search.backends import fused as kernels
+from ddsm_search.checkpoint import in_memory, load_supernet
+from ddsm_search.config import load_config
+from ddsm_search.sampling import Runtime, generate, resolve_device
 from ddsm_search.space.subnet import Subnet, SubnetSpace
 
 TOLERANCE = 1.25  # target: wall-clock ratio within 1.25x of the FLOPs ratio (width >= 0.5, depth >= half, mixed)
@@ -96,18 +95,20 @@ def main() -> None:
         if shape is None:
             raise SystemExit("--config with data.kind folder needs --supernet (the image shape is not known)")
         model = build_supernet(cfg.model, shape).to(device).eval()
-        flops = flops_table(cfg.model, shape)
+        supernet = in_memory(cfg, model, shape)
+        flops = supernet.flops
     plans = schedules(model.space, args.steps)
     # exported once per backend, as a deployed sampler would: "fused" runs the kernel where it can
-    denoisers = {path: make_denoisers(model, [s for plan in plans.values() for s in plan], device, backend=path)
-                 for path in args.paths}
+    runtimes = {path: Runtime(supernet, device=device, backend=path) for path in args.paths}
+    for runtime in runtimes.values():
+        for plan in plans.values():
+            runtime.plan(plan)
     print(f"{datetime.date.today()} | {device}: {torch.cuda.get_device_name() if device == 'cuda' else platform.processor() or platform.machine()}"
           f" | torch {torch.__version__} | threads {torch.get_num_threads()} | {cfg.name} {tuple(model.image_shape)}")
 
 
     def run(subnets: list[Subnet], batch: int, path: str) -> None:
-        generate(model, cfg.diffusion, subnets, n=batch, seed=0, batch_size=batch, device=device,
-                 denoisers=denoisers[path])
+        generate(runtimes[path].plan(subnets), n=batch, seed=0, batch_size=batch)
 
     rows = []
     full_name = "full size"

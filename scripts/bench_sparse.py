@@ -39,7 +39,7 @@ from ddsm_search.config import SparsityConfig, load_config
 from ddsm_search.evaluation.heldout import Confirmer
 from ddsm_search.metrics.stats import fid_gap_interval
 from ddsm_search.report.tables import front, load_run
-from ddsm_search.sampling import generate, make_denoisers
+from ddsm_search.sampling import Runtime, generate
 from ddsm_search.search.pareto import hypervolume
 from ddsm_search.search.runner import run_search
 from ddsm_search.training import train
@@ -88,7 +88,7 @@ def heldout(nets: dict, args, search: dict) -> tuple[pd.DataFrame, dict]:
         ref = confirmer.scorer.reference
         dense_net = net.with_cost("dense")
         for key, subnets in uniform_schedules(net.model.space, args.sample_steps).items():
-            result = confirmer.full_result if key == "full" else confirmer.result(subnets)
+            result = confirmer.full_result if key == "full" else confirmer.result(confirmer.plan(subnets))
             feats[(name, seed, key)] = result["features"]
             rows.append({"supernet": name, "seed": seed, "schedule": key, "fid": result["fid"],
                          "sparse gflops": net.schedule_flops(subnets) / 1e9,
@@ -174,14 +174,13 @@ def timing(nets: dict, args, base) -> pd.DataFrame:
     for key, subnet in (("full", space.full), (smallest.key, smallest)):
         runs = {}
         for name, net in loaded.items():
-            den = make_denoisers(net.model, [subnet], "cpu", args.backend, args.time_n)
-            runs[name] = (net, den)
+            runs[name] = (net, Runtime(net, backend=args.backend, batch_size=args.time_n).plan(
+                [subnet] * args.sample_steps))
         times = {name: [] for name in runs}
         for turn in range(4):  # the first turn warms up
-            for name, (net, den) in runs.items():
+            for name, (net, plan) in runs.items():
                 started = time.perf_counter()
-                generate(net.model, net.config.diffusion, [subnet] * args.sample_steps, n=args.time_n, seed=0,
-                         batch_size=args.time_n, denoisers=den)
+                generate(plan, n=args.time_n, seed=0, batch_size=args.time_n)
                 if turn:
                     times[name].append(time.perf_counter() - started)
         dense = statistics.median(times[DENSE])

@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import warnings
 import platform
 import statistics
 import time
+import warnings
 from pathlib import Path
 
 import pandas as pd

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from ddsm_search.config import config_from_dict
 from ddsm_search.backbones.cost import count_flops, flops_table
-from ddsm_search.backbones.slim import SlimConv2d
+from ddsm_search.backbones.slim import SlimConv2d, SlimKit
 from ddsm_search.backbones.unet import AttnBlock
-from ddsm_search.backbones.slim import SlimKit
+from ddsm_search.config import config_from_dict
 from ddsm_search.space.subnet import Subnet
 from tests.conftest import tiny_dict
 

@@ -92,9 +92,10 @@ def test_schedule_length_must_match_steps():
 
 
 def test_prefix_cache_gives_the_same_images_as_sampling_from_scratch():
-    from ddsm_search.config import config_from_dict
     from ddsm_search.backbones.unet import SlimUNet
-    from ddsm_search.sampling import PrefixCache, generate
+    from ddsm_search.checkpoint import in_memory
+    from ddsm_search.config import config_from_dict
+    from ddsm_search.sampling import PrefixCache, Runtime, generate
     from tests.conftest import tiny_dict
 
     cfg = config_from_dict(tiny_dict())
@@ -105,11 +106,12 @@ def test_prefix_cache_gives_the_same_images_as_sampling_from_scratch():
     w = {x: Subnet.of(width=x) for x in (1.0, 0.75, 0.5)}
     first = [w[0.5], w[0.5], w[1.0], w[1.0], w[0.75], w[0.75]]
     second = [w[0.5], w[0.5], w[1.0], w[1.0], w[1.0], w[1.0]]  # shares the first 4 steps
+    runtime = Runtime(in_memory(cfg, model))
     for sampler, eta in [("ddim", 0.0), ("ddpm", 0.0)]:
         cache = PrefixCache(boundaries=[2, 4])
-        kwargs = dict(n=5, seed=7, sampler=sampler, eta=eta)
-        generate(model, cfg.diffusion, first, cache=cache, **kwargs)
-        cached = generate(model, cfg.diffusion, second, cache=cache, **kwargs)
-        fresh = generate(model, cfg.diffusion, second, **kwargs)
+        kwargs = dict(n=5, seed=7)
+        generate(runtime.plan(first, sampler=sampler, eta=eta), cache=cache, **kwargs)
+        cached = generate(runtime.plan(second, sampler=sampler, eta=eta), cache=cache, **kwargs)
+        fresh = generate(runtime.plan(second, sampler=sampler, eta=eta), **kwargs)
         torch.testing.assert_close(cached, fresh, rtol=0, atol=0)
         assert (cache.steps_saved, cache.steps_run) == (4, 6 + 2)

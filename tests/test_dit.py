@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ddsm_search.backbones.registry import build_supernet
 from ddsm_search.backbones.cost import count_flops
-from ddsm_search.backbones.dit import DiT, FREQ_SIZE
+from ddsm_search.backbones.dit import FREQ_SIZE, DiT
+from ddsm_search.backbones.registry import build_supernet
 from ddsm_search.backbones.slim import slim_layers
 from ddsm_search.backbones.unet import timestep_embedding
 from ddsm_search.config import DiffusionConfig, config_from_dict

@@ -9,13 +9,15 @@ import pandas as pd
 import pytest
 import yaml
 
-from ddsm_search.report import tables as report
 from ddsm_search.checkpoint import load_supernet
 from ddsm_search.cli.main import main
 from ddsm_search.config import config_from_dict
-from ddsm_search.evaluation.quality import evaluate
 from ddsm_search.deploy.export import export_schedule
 from ddsm_search.evaluation.full_samples import FOLDER
+from ddsm_search.evaluation.quality import evaluate
+from ddsm_search.evaluation.scoring import scorer_for
+from ddsm_search.report import tables as report
+from ddsm_search.sampling import Runtime
 from ddsm_search.search.runner import run_search
 from ddsm_search.space.subnet import Subnet
 from tests.conftest import tiny_dict
@@ -36,15 +38,16 @@ def run(tiny_supernet, tmp_path_factory):
 
 def test_full_size_has_no_drift_and_its_samples_are_kept_beside_the_supernet(tiny_supernet, tmp_path):
     supernet = load_supernet(tiny_supernet)
+    runtime, scorer = Runtime(supernet), scorer_for(supernet, cache_dir=str(tmp_path))
     kwargs = dict(n=12, seed_set="search/3", cache_dir=str(tmp_path), drift=True)
-    full = evaluate(supernet, [FULL] * 5, **kwargs)
+    full = evaluate(runtime.plan([FULL] * 5), scorer, **kwargs)
     assert full["drift"] == 0.0 and full["drift_space"] == "features"
-    half = evaluate(supernet, [HALF] * 5, **kwargs)
+    half = evaluate(runtime.plan([HALF] * 5), scorer, **kwargs)
     assert half["drift"] > 0
     kept = sorted((tiny_supernet / FOLDER).glob("search-3-n12-*"))
     assert [p.suffix for p in kept] == [".json", ".safetensors"]
     kept[1].write_bytes(kept[1].read_bytes()[:-8] + b"\0" * 8)  # damaged: made again, never used
-    assert evaluate(supernet, [HALF] * 5, **kwargs)["drift"] == half["drift"]
+    assert evaluate(runtime.plan([HALF] * 5), scorer, **kwargs)["drift"] == half["drift"]
 
 
 def test_drift_search_ranks_by_drift_and_records_every_metric(tiny_supernet, tmp_path):

@@ -16,9 +16,10 @@ import torch
 from ddsm_search.checkpoint import load_supernet
 from ddsm_search.cli.main import main
 from ddsm_search.errors import DDSMError
-from ddsm_search.evaluation.quality import evaluate, noise_floor, training_reference
+from ddsm_search.evaluation.quality import evaluate, noise_floor
+from ddsm_search.evaluation.scoring import Scorer, scorer_for, training_reference
 from ddsm_search.metrics import get_extractor, seed_for
-from ddsm_search.sampling import PrefixCache, generate
+from ddsm_search.sampling import PrefixCache, Runtime, generate
 from ddsm_search.space.subnet import Subnet, schedule_key
 
 W = {w: Subnet.of(width=w) for w in (1.0, 0.75, 0.5)}
@@ -47,7 +48,8 @@ def _cache(monkeypatch, tmp_path_factory):
 
 def _score(scoring, subnets, **kw):
     supernet, extractor, reference, _ = scoring
-    return evaluate(supernet, subnets, extractor=extractor, reference=reference, **{"n": 40, **kw})
+    plan = Runtime(supernet).plan(subnets)  # the config's sampler
+    return evaluate(plan, Scorer(extractor, reference, extractor), **{"n": 40, **kw})
 
 
 def test_evaluate_result(scoring):
@@ -74,8 +76,9 @@ def test_common_random_numbers(scoring):
     assert len({first["fid"], other["fid"], heldout["fid"]}) == 3
     # one generator draws all n images' noise: the first k images are the same at any n and batch size
     supernet = scoring[0]
-    small = generate(supernet.model, supernet.config.diffusion, subnets, n=3, seed=seed_for("search"))
-    large = generate(supernet.model, supernet.config.diffusion, subnets, n=7, seed=seed_for("search"), batch_size=2)
+    plan = Runtime(supernet).plan(subnets)
+    small = generate(plan, n=3, seed=seed_for("search"))
+    large = generate(plan, n=7, seed=seed_for("search"), batch_size=2)
     assert torch.allclose(small, large[:3], atol=1e-5)
 
 
@@ -89,7 +92,8 @@ def test_prefix_cache_passes_through(scoring):
 
 def test_evaluate_defaults_and_errors(scoring):
     supernet, _, _, cache = scoring
-    result = evaluate(supernet, [W[1.0]] * 5, n=10, cache_dir=cache)  # default extractor, cached reference
+    result = evaluate(Runtime(supernet).plan([W[1.0]] * 5), scorer_for(supernet, cache_dir=cache), n=10,
+                      cache_dir=cache)  # default extractor, cached reference
     assert result["extractor"] == "digits-cnn"
     for bad in (0.3, Subnet.of(width=0.3), "width=0.3"):
         with pytest.raises(DDSMError, match="width 0.3 is not in the supernet"):

@@ -5,13 +5,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ddsm_search.backbones.registry import build_supernet
 from ddsm_search.backbones.cost import flops_table
-from ddsm_search.methods.early_exit.heads import (CertaintyHeads, DynamicExitDenoiser, adadiff_loss, exit_outputs,
-                                                  pseudo_labels)
+from ddsm_search.backbones.registry import build_supernet
 from ddsm_search.config import config_from_dict
 from ddsm_search.data import load_dataset
 from ddsm_search.diffusion import NoiseSchedule
+from ddsm_search.methods.early_exit.heads import (
+    CertaintyHeads,
+    DynamicExitDenoiser,
+    adadiff_loss,
+    exit_outputs,
+    pseudo_labels,
+)
 
 MODEL = {"kind": "dit", "patch_size": 2, "hidden_size": 32, "blocks": 4, "head_dim": 8, "mlp_ratio": 2.0,
          "widths": [1.0, 0.5], "depths": [4, 2]}

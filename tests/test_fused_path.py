@@ -12,15 +12,15 @@ import pytest
 import torch
 import yaml
 
+from ddsm_search.backends import backend_of, choice, runs_fused
+from ddsm_search.backends import fused as kernels
+from ddsm_search.backends.fused import graph
 from ddsm_search.checkpoint import load_supernet
 from ddsm_search.cli.main import main
 from ddsm_search.config import config_from_dict
-from ddsm_search.backends import fused as kernels
-from ddsm_search.backends.fused import graph
-from ddsm_search.backends import backend_of, runs_fused
-from ddsm_search.backends import choice
-from ddsm_search.sampling import PrefixCache, generate, make_denoisers
+from ddsm_search.sampling import PrefixCache, Runtime, generate
 from ddsm_search.search.runner import run_search
+from ddsm_search.space.steps import Step
 from ddsm_search.space.subnet import Subnet
 from tests.conftest import tiny_dict
 
@@ -60,11 +60,14 @@ def kernel_calls(monkeypatch):
 
 
 def test_every_exported_subnet_runs_on_the_kernel(fused_supernet):
-    model = load_supernet(fused_supernet).model
+    supernet = load_supernet(fused_supernet)
+    model = supernet.model
     x = torch.randn(3, *model.image_shape)
     with torch.inference_mode():
-        denoisers = make_denoisers(model, list(model.space), "cpu", backend="fused")
-        assert list(denoisers) == [FULL, HALF]
+        runtime = Runtime(supernet, backend="fused")
+        runtime.prepare(Step(s) for s in model.space)
+        denoisers = runtime.denoisers
+        assert list(denoisers) == [Step(FULL), Step(HALF)]
         for subnet, net in denoisers.items():
             assert runs_fused(net, x), f"subnet {subnet} fell back to torch's layers"
 
@@ -72,12 +75,12 @@ def test_every_exported_subnet_runs_on_the_kernel(fused_supernet):
 def test_sampling_on_the_kernel_matches_torch_layers(fused_supernet, kernel_calls):
     supernet = load_supernet(fused_supernet)
     kwargs = dict(n=12, seed=3, batch_size=5)
-    fused = generate(supernet.model, supernet.config.diffusion, MIXED, backend="fused", **kwargs)
+    fused = generate(Runtime(supernet, backend="fused").plan(MIXED), **kwargs)
     assert kernel_calls["n"] == len(MIXED) * 3, "every step of every chunk runs on the kernel"
-    plain = generate(supernet.model, supernet.config.diffusion, MIXED, **kwargs)  # torch's layers, the default
+    plain = generate(Runtime(supernet).plan(MIXED), **kwargs)  # torch's layers, the default
     assert kernel_calls["n"] == len(MIXED) * 3
     with kernels.disabled():  # where the kernel is not available, the fused backend runs torch's layers
-        fallback = generate(supernet.model, supernet.config.diffusion, MIXED, backend="fused", **kwargs)
+        fallback = generate(Runtime(supernet, backend="fused").plan(MIXED), **kwargs)
     assert kernel_calls["n"] == len(MIXED) * 3
     torch.testing.assert_close(fallback, plain, rtol=0, atol=0)
     torch.testing.assert_close(fused, plain, rtol=0, atol=1e-4)  # float rounding only, not bit for bit
@@ -88,10 +91,11 @@ def test_prefix_cache_is_bit_identical_on_the_kernel(fused_supernet, kernel_call
     supernet = load_supernet(fused_supernet)
     second = MIXED[:4] + [FULL, HALF]  # shares the first 4 steps
     cache = PrefixCache(boundaries=[2, 4])
-    kwargs = dict(n=6, seed=7, sampler=sampler, eta=eta, backend="fused")
-    generate(supernet.model, supernet.config.diffusion, MIXED, cache=cache, **kwargs)
-    cached = generate(supernet.model, supernet.config.diffusion, second, cache=cache, **kwargs)
-    fresh = generate(supernet.model, supernet.config.diffusion, second, **kwargs)
+    runtime = Runtime(supernet, backend="fused")
+    kwargs = dict(n=6, seed=7)
+    generate(runtime.plan(MIXED, sampler=sampler, eta=eta), cache=cache, **kwargs)
+    cached = generate(runtime.plan(second, sampler=sampler, eta=eta), cache=cache, **kwargs)
+    fresh = generate(runtime.plan(second, sampler=sampler, eta=eta), **kwargs)
     torch.testing.assert_close(cached, fresh, rtol=0, atol=0)
     assert cache.steps_saved == 4 and kernel_calls["n"] == 6 + 2 + 6
 
@@ -152,17 +156,19 @@ def test_auto_keeps_each_subnet_on_the_backend_measured_faster(fused_supernet, k
 
 def test_networks_the_kernel_cannot_run_stay_on_torch(tiny_supernet):
     """The shared tiny supernet (6 channels at width 0.75) and any DiT keep torch's layers under auto."""
-    model = load_supernet(tiny_supernet).model
-    denoisers = make_denoisers(model, list(model.space), "cpu", backend="auto", batch_size=4)
+    supernet = load_supernet(tiny_supernet)
+    model = supernet.model
+    runtime = Runtime(supernet, backend="auto", batch_size=4)
+    runtime.prepare(Step(s) for s in model.space)
     x = torch.randn(4, *model.image_shape)
-    assert not any(runs_fused(d, x) for s, d in denoisers.items() if s["width"] == 0.75)
+    assert not any(runs_fused(d, x) for s, d in runtime.denoisers.items() if s.subnet["width"] == 0.75)
 
 
 def test_speed_comparison_reports_each_subnets_path(fused_supernet):
     from ddsm_search.sampling import time_against_full
 
     supernet = load_supernet(fused_supernet)
-    images, seconds, full_seconds, paths = time_against_full(supernet.model, supernet.config.diffusion, MIXED, n=8,
-                                                             seed=0, batch_size=8, backend="auto")
+    plan = Runtime(supernet, backend="auto", batch_size=8).plan(MIXED)
+    images, seconds, full_seconds, paths = time_against_full(plan, n=8, seed=0, batch_size=8)
     assert images.shape == (8, *supernet.model.image_shape) and seconds > 0 and full_seconds > 0
-    assert set(paths) == {FULL, HALF} and set(paths.values()) <= {"fused", "torch"}
+    assert set(paths) == {FULL.key, HALF.key} and set(paths.values()) <= {"fused", "torch"}

@@ -11,17 +11,15 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 
 import pytest
 import torch
 
-from ddsm_search.backends import supports
 from ddsm_search.backends import fused as kernels
+from ddsm_search.backends import supports
 from ddsm_search.checkpoint import load_supernet
 from ddsm_search.errors import DDSMError
 from ddsm_search.methods.pretrained.diffusers_config import unet2d_class
-from ddsm_search.cli.imports import add_import_parser
 from ddsm_search.methods.pretrained.diffusers_unet import IMPORT_FILE, import_diffusers
 
 UNet2DModel = unet2d_class()
@@ -186,20 +184,10 @@ def test_unmappable_models_are_refused_in_one_line(tmp_path, changes, words):
 
 
 def _cli(argv) -> int:
-    """Run the command as ddsm-search's main does (through it, once cli.py has the command)."""
-    from ddsm_search.cli import main as cli
+    """Run the command as ddsm-search's main does."""
+    from ddsm_search.cli.main import main
 
-    parser = cli.build_parser()
-    if "import-diffusers" in parser._subparsers._group_actions[0].choices:
-        return cli.main(argv)
-    parser = cli._Parser(prog="ddsm-search")
-    add_import_parser(parser.add_subparsers(dest="command", required=True, parser_class=cli._Parser))
-    try:
-        args = parser.parse_args(argv)
-        return args.func(args)
-    except DDSMError as exc:
-        print(f"ddsm-search: error: {exc}", file=sys.stderr)
-        return 2
+    return main(argv)
 
 
 @pytest.mark.parametrize("case", ["missing", "no config.json", "config.json not JSON", "no weights", "bad widths",

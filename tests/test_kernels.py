@@ -14,12 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ddsm_search.config import config_from_dict
+from ddsm_search.backbones.unet import SlimUNet
 from ddsm_search.backends import fused as kernels
 from ddsm_search.backends.fused import graph as graph_module
 from ddsm_search.backends.fused.graph import Graph, Unsupported
 from ddsm_search.backends.fused.unet_graph import FusedDenoiser, fused_program, unet_to_graph
-from ddsm_search.backbones.unet import SlimUNet
+from ddsm_search.config import config_from_dict
 from ddsm_search.space.subnet import Subnet
 from tests.conftest import tiny_dict
 

@@ -14,10 +14,19 @@ import torch.nn.functional as F
 
 from ddsm_search.data import load_dataset
 from ddsm_search.errors import DDSMError
-from ddsm_search.metrics import (default_cache_dir, default_extractor_for, frechet_distance, gaussian_stats,
-                                 get_extractor, is_heldout, kernel_distance, reference_stats, replicates, seed_for)
+from ddsm_search.io import cache_dir, sha256_file
+from ddsm_search.metrics import (
+    default_extractor_for,
+    frechet_distance,
+    gaussian_stats,
+    get_extractor,
+    is_heldout,
+    kernel_distance,
+    reference_stats,
+    replicates,
+    seed_for,
+)
 from ddsm_search.metrics.digits_cnn import INFO_PATH, WEIGHTS_PATH
-from ddsm_search.io import sha256_file
 
 
 @pytest.fixture(scope="module")
@@ -195,9 +204,15 @@ def test_reference_cache_reused_and_rebuilt(digits, tmp_path, caplog):
 
 def test_reference_cache_location(monkeypatch, tmp_path):
     monkeypatch.setenv("DDSM_SEARCH_CACHE", str(tmp_path / "c"))
-    assert default_cache_dir() == tmp_path / "c"
+    assert cache_dir() == tmp_path / "c"
     monkeypatch.delenv("DDSM_SEARCH_CACHE")
-    assert default_cache_dir().parts[-2:] == (".cache", "ddsm-search")
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    assert cache_dir().parts[-2:] == (".cache", "ddsm-search")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # one rule for every cache, XDG's included
+    assert cache_dir() == tmp_path / "xdg" / "ddsm-search"
+    from ddsm_search.backends.fused import cache_dir as kernels
+
+    assert kernels() == tmp_path / "xdg" / "ddsm-search" / "kernels"
 
 
 # --- extractors -------------------------------------------------------------------------------------

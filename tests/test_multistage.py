@@ -11,15 +11,16 @@ import pandas as pd
 import pytest
 import torch
 
-from ddsm_search.backbones.registry import build_supernet
 from ddsm_search.backbones.cost import flops_table
+from ddsm_search.backbones.registry import build_supernet
 from ddsm_search.checkpoint import load_supernet
 from ddsm_search.cli.main import main
 from ddsm_search.config import config_from_dict
+from ddsm_search.data import load_data
 from ddsm_search.diffusion import sampling_timesteps
 from ddsm_search.errors import DDSMError
 from ddsm_search.space.subnet import Subnet, parse_schedule
-from ddsm_search.training import TrainingRun, load_training_data, train
+from ddsm_search.training import TrainingRun, train
 from tests.conftest import tiny_dict
 
 # three decoders, low noise first, of 12, 8 and 4 base channels; the middle one serves width 0.75 too
@@ -61,7 +62,7 @@ def test_default_boundaries_are_equal_spans_and_the_space_has_each_decoders_widt
 
 
 def test_every_training_batch_holds_one_stage_and_its_timesteps(cfg):
-    run = TrainingRun(cfg, load_training_data(cfg), "cpu")
+    run = TrainingRun(cfg, load_data(cfg.data), "cpu")
     seen = []
     run.model.register_forward_pre_hook(lambda m, args: seen.append((m.active, m.subnet, args[1].clone())))
     stages = set()

@@ -4,7 +4,6 @@ same noise (DDIM eta 0 and 0.7, DDPM, group weights), tampering and bad inputs a
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import shutil
@@ -28,7 +27,10 @@ from ddsm_search.deploy.onnx_sampler import OnnxSampler  # noqa: E402
 from ddsm_search.diffusion import sampling_timesteps  # noqa: E402
 from ddsm_search.errors import DDSMError  # noqa: E402
 from ddsm_search.methods.step_groups.weights import GroupWeights, WeightGroup  # noqa: E402
-from ddsm_search.sampling import generate  # noqa: E402
+from ddsm_search.sampling import (
+    Runtime,  # noqa: E402
+    generate,  # noqa: E402
+)
 from ddsm_search.schedule import Schedule, save_schedule  # noqa: E402
 from tests.conftest import tiny_dict  # noqa: E402
 from tests.test_exit_stage import TINY_DIT  # noqa: E402
@@ -104,7 +106,7 @@ def test_unet_schedule_images_equal_generate(unet):
     supernet, subnets, _, folder = unet
     n = 9  # odd: two sessions take 4 and 5 images
     noise, _ = _draws(3, n, supernet.image_shape, len(subnets))
-    ref = generate(supernet.model, supernet.config.diffusion, subnets, n=n, seed=3).numpy()
+    ref = generate(Runtime(supernet).plan(subnets, sampler="ddim", eta=0.0), n=n, seed=3).numpy()
     for sessions, batch_size in ((1, None), (2, None), (2, 2)):
         got = OnnxSampler(folder, sessions=sessions).sample(n, noise=noise, batch_size=batch_size)
         _close(got, ref, IMAGES)
@@ -122,7 +124,7 @@ def test_stochastic_samplers_equal_generate_on_the_same_step_noise(tiny_supernet
     noise, step_noise = _draws(11, n, supernet.image_shape, len(subnets))
     for name, eta in (("ddpm", 0.0), ("ddim", 0.7)):
         sampler.sampler, sampler.eta = name, eta  # the same graphs, the other stochastic step
-        ref = generate(supernet.model, supernet.config.diffusion, subnets, n=n, seed=11, sampler=name, eta=eta).numpy()
+        ref = generate(Runtime(supernet).plan(subnets, sampler=name, eta=eta), n=n, seed=11).numpy()
         _close(sampler.sample(n, noise=noise, step_noise=step_noise), ref, IMAGES)
         _close(sampler.sample(n, noise=noise, step_noise=lambda i: step_noise[i]), ref, IMAGES)
     with pytest.raises(DDSMError, match="step_noise holds 2 steps' noise"):
@@ -145,12 +147,13 @@ def test_group_weights_export_each_groups_network(tiny_supernet, tmp_path):
     blob = save(tensors)
     (tmp_path / "w.safetensors").write_bytes(blob)
     weights = GroupWeights(tmp_path / "w.safetensors", hashlib.sha256(blob).hexdigest(), groups)
-    path = save_schedule(tmp_path / "s.json", Schedule(subnets=subnets, weights=weights), supernet)
+    schedule = Schedule(subnets=subnets, settings={"weights": weights})
+    path = save_schedule(tmp_path / "s.json", schedule, supernet)
     folder, manifest = export_onnx(path, tmp_path / "onnx")
     assert manifest["steps"] == ["width=0.5 group 0"] * 2 + ["width=1.0 group 1"] * 3
     noise, _ = _draws(2, 4, supernet.image_shape, 5)
-    ref = generate(model, supernet.config.diffusion, subnets, n=4, seed=2, weights=weights).numpy()
-    plain = generate(model, supernet.config.diffusion, subnets, n=4, seed=2).numpy()
+    ref = generate(Runtime(supernet).plan_schedule(schedule), n=4, seed=2).numpy()
+    plain = generate(Runtime(supernet).plan(subnets, sampler="ddim", eta=0.0), n=4, seed=2).numpy()
     assert np.abs(ref - plain).max() > 1e-3, "the group weights change the images"
     _close(OnnxSampler(folder).sample(4, noise=noise), ref, IMAGES)
 
@@ -185,7 +188,7 @@ def test_dit_width_and_depth_schedule_round_trip(dit):
         _graph_matches_subnet(folder, supernet, key)
     n = 5
     noise, _ = _draws(4, n, supernet.image_shape, len(subnets))
-    ref = generate(model, supernet.config.diffusion, subnets, n=n, seed=4).numpy()
+    ref = generate(Runtime(supernet).plan(subnets, sampler="ddim", eta=0.0), n=n, seed=4).numpy()
     _close(OnnxSampler(folder, sessions=2).sample(n, noise=noise), ref, IMAGES)
 
 
@@ -223,21 +226,10 @@ def test_tampered_graph_or_manifest_is_refused(unet, tmp_path):
 
 
 def _cli(argv: list[str]) -> int:
-    """Run `ddsm-search export-onnx ...` through cli.main once it is wired in, else the same way."""
-    from ddsm_search.cli import main as cli
-    from ddsm_search.cli.deploy import add_export_onnx_parser
+    """Run `ddsm-search export-onnx ...` as the command line does."""
+    from ddsm_search.cli.main import main
 
-    commands = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
-    if "export-onnx" in commands.choices:
-        return cli.main(argv)
-    parser = cli._Parser(prog="ddsm-search")
-    add_export_onnx_parser(parser.add_subparsers(dest="command", required=True, parser_class=cli._Parser))
-    try:
-        args = parser.parse_args(argv)
-        return args.func(args)
-    except DDSMError as exc:
-        print(f"ddsm-search: error: {exc}", file=sys.stderr)
-        return 2
+    return main(argv)
 
 
 def test_cli_writes_and_refuses_in_one_line_writing_nothing(unet, tmp_path, capsys, monkeypatch):
@@ -256,7 +248,7 @@ def test_cli_writes_and_refuses_in_one_line_writing_nothing(unet, tmp_path, caps
         ([str(tmp_path / "missing.json"), "--out", str(tmp_path / "o1")], "schedule file not found"),
         ([str(path), "--out", str(tmp_path / "full")], "exists and is not empty"),
         ([str(path), "--out", str(tmp_path / "a-file")], "is a file, not a folder"),
-        ([str(exit_schedule), "--out", str(tmp_path / "o2")], "has an exit policy (settings.exit)"),
+        ([str(exit_schedule), "--out", str(tmp_path / "o2")], "whose exit (settings.exit) decides per image how much network runs"),
         ([str(orphan), "--out", str(tmp_path / "o3")], "names no supernet"),
         ([str(orphan), "--out", str(tmp_path / "o4"), "--supernet", str(tmp_path / "nope")],
          "supernet directory not found"),

@@ -15,18 +15,21 @@ from ddsm_search.cli.main import main
 from ddsm_search.deploy.diffusers_pipeline import DIFFUSERS, DDSMPipeline
 from ddsm_search.errors import DDSMError
 from ddsm_search.methods.step_groups.finetune import finetune_schedule
-from ddsm_search.sampling import generate
+from ddsm_search.sampling import Runtime, generate
 from ddsm_search.schedule import Schedule, load_schedule, save_schedule
 from ddsm_search.space.subnet import Subnet
 from tests.conftest import tiny_dict
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
-def _expected(supernet, schedule, **kwargs) -> torch.Tensor:
-    images = generate(supernet.model, supernet.config.diffusion, schedule.subnets, sampler=schedule.sampler,
-                      eta=schedule.eta, **kwargs)
+def _expected(supernet, schedule, *, settings: bool = True, **kwargs) -> torch.Tensor:
+    """Return generate's images of the schedule (without its settings: its static subnets alone), as the
+    pipeline returns them."""
+    runtime = Runtime(supernet)
+    plan = runtime.plan_schedule(schedule) if settings else runtime.plan(schedule.subnets, sampler=schedule.sampler,
+                                                                          eta=schedule.eta)
+    images = generate(plan, **kwargs)
     return (images / 2 + 0.5).clamp(0, 1)
 
 
@@ -65,8 +68,8 @@ def test_pipeline_runs_group_weights(tiny_supernet, tmp_path):
                               progress=False).schedule
     schedule = load_schedule(tuned, supernet)
     images = DDSMPipeline.from_schedule(tuned, tiny_supernet)(batch_size=3, seed=2, output_type="pt").images
-    assert torch.equal(images, _expected(supernet, schedule, n=3, seed=2, weights=schedule.weights))
-    assert not torch.equal(images, _expected(supernet, schedule, n=3, seed=2))
+    assert torch.equal(images, _expected(supernet, schedule, n=3, seed=2))
+    assert not torch.equal(images, _expected(supernet, schedule, settings=False, n=3, seed=2))
 
 
 def test_pipeline_runs_exit_policy(tmp_path):
@@ -82,11 +85,9 @@ def test_pipeline_runs_exit_policy(tmp_path):
     path = tmp_path / "exit.json"
     path.write_text(json.dumps({"subnets": [{"width": 1.0}] * 5, "settings": {"exit": {"threshold": 0.0}}}))
     schedule = load_schedule(path, supernet)
-    from ddsm_search.methods.early_exit.finetune import load_exit_heads
-
     pipe = DDSMPipeline.from_schedule(path, net)
     images = pipe(batch_size=3, seed=5, output_type="pt").images
-    expected = _expected(supernet, schedule, n=3, seed=5, exit=schedule.exit, heads=load_exit_heads(supernet))
+    expected = _expected(supernet, schedule, n=3, seed=5)  # its plan: the exit policy with the heads beside it
     assert torch.equal(images, expected)
-    static = _expected(supernet, schedule, n=3, seed=5)
+    static = _expected(supernet, schedule, settings=False, n=3, seed=5)
     assert not torch.equal(images, static), "threshold 0: every image leaves at the smallest depth"

@@ -9,13 +9,13 @@ import pandas as pd
 import pytest
 import torch
 
-from ddsm_search.report import tables as report
 from ddsm_search.checkpoint import load_supernet
 from ddsm_search.cli.main import main
 from ddsm_search.config import config_from_dict
-from ddsm_search.errors import DDSMError
 from ddsm_search.deploy.export import export_schedule
+from ddsm_search.errors import DDSMError
 from ddsm_search.pipeline import quickstart
+from ddsm_search.report import tables as report
 from ddsm_search.schedule import load_schedule
 from ddsm_search.search.runner import run_search
 from ddsm_search.space.subnet import Subnet, SubnetSpace, schedule_key
@@ -142,7 +142,7 @@ def test_quickstart_refuses_a_bad_budget_before_any_work(tmp_path, capsys):
 
 
 def test_version_1_schedules_load_and_sample_as_version_2_ones(tiny_supernet, tmp_path):
-    from ddsm_search.sampling import generate
+    from ddsm_search.sampling import Runtime, generate
     from ddsm_search.schedule import FORMAT, Schedule, save_schedule
 
     supernet = load_supernet(tiny_supernet)
@@ -161,13 +161,13 @@ def test_version_1_schedules_load_and_sample_as_version_2_ones(tiny_supernet, tm
                                 "widths": widths, "flops_per_image": written["flops_per_image"]}))
     loaded = {path.name: load_schedule(path, supernet) for path in (v2, bare, full)}
     kwargs = dict(n=6, seed=3)
-    want = generate(supernet.model, supernet.config.diffusion, subnets, sampler="ddim", eta=0.5, **kwargs)
+    runtime = Runtime(supernet)
+    want = generate(runtime.plan(subnets, sampler="ddim", eta=0.5), **kwargs)
     for name, schedule in loaded.items():
         assert schedule.subnets == subnets and (schedule.sampler, schedule.eta) == ("ddim", 0.5), name
-        got = generate(supernet.model, supernet.config.diffusion, schedule.subnets, sampler=schedule.sampler,
-                       eta=schedule.eta, **kwargs)
+        got = generate(runtime.plan_schedule(schedule), **kwargs)
         assert torch.equal(got, want), name
-    other = generate(supernet.model, supernet.config.diffusion, subnets[::-1], sampler="ddim", eta=0.5, **kwargs)
+    other = generate(runtime.plan(subnets[::-1], sampler="ddim", eta=0.5), **kwargs)
     assert not torch.equal(other, want)
     stale = json.loads(full.read_text())
     stale["flops_per_image"] += 1

@@ -8,10 +8,10 @@ import pandas as pd
 import pytest
 import yaml
 
-from ddsm_search.report import tables as report
 from ddsm_search.cli.main import main
 from ddsm_search.config import config_from_dict
 from ddsm_search.errors import DDSMError
+from ddsm_search.report import tables as report
 from ddsm_search.search.executors import pool as pool_module
 from ddsm_search.search.runner import run_search
 from ddsm_search.space.subnet import parse_schedule
@@ -95,10 +95,10 @@ class _SyntheticEvaluator:
     def __init__(self, *args, **kwargs):
         pass
 
-    def evaluate(self, subnets, samples=None):
+    def evaluate(self, steps, samples=None):
         import zlib
 
-        widths = [s["width"] for s in subnets]
+        widths = [s.subnet["width"] for s in steps]
         quality = sum((1 - w) * (i + 1) for i, w in enumerate(widths))  # late steps matter most
         jitter = (zlib.crc32(repr((widths, samples)).encode()) % 1000) / 1000 - 0.5
         fid = quality + 4 * jitter / samples ** 0.5

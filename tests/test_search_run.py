@@ -16,11 +16,10 @@ import pytest
 import yaml
 
 from ddsm_search.cli.main import main
-
 from ddsm_search.config import config_from_dict
 from ddsm_search.errors import DDSMError
-from ddsm_search.search.ray_cluster import check_address
 from ddsm_search.search.pareto import front_of, pareto_mask
+from ddsm_search.search.ray_cluster import check_address
 from ddsm_search.search.runner import run_search
 from tests.conftest import tiny_dict
 

@@ -10,8 +10,8 @@ import pytest
 
 from ddsm_search.errors import DDSMError
 from ddsm_search.search.algorithms import gene_bounds, initial_population, make_algorithm
-from ddsm_search.search.pareto import front_of, hypervolume, pareto_mask
 from ddsm_search.search.genome import SearchSpace
+from ddsm_search.search.pareto import front_of, hypervolume, pareto_mask
 from ddsm_search.space.subnet import Subnet, SubnetSpace
 
 SPACE = SearchSpace.of(SubnetSpace.of({"width": [1.0, 0.75, 0.5, 0.25]}), steps=10, segments=4)

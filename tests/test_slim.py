@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddsm_search.backbones.slim import SlimConv2d, SlimGroupNorm, SlimLinear, slim_layers
+from ddsm_search.backbones.unet import SlimUNet
+from ddsm_search.backends import fused as kernels
 from ddsm_search.config import config_from_dict
 from ddsm_search.errors import DDSMError
-from ddsm_search.backbones.slim import SlimConv2d, SlimGroupNorm, SlimLinear, slim_layers
-from ddsm_search.backends import fused as kernels
-from ddsm_search.backbones.unet import SlimUNet
 from ddsm_search.space.subnet import Subnet, SubnetSpace
 from tests.conftest import tiny_dict
 

@@ -14,14 +14,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ddsm_search.backbones.registry import build_supernet
 from ddsm_search.backbones.cost import active_slice, flops_tables
+from ddsm_search.backbones.registry import build_supernet
 from ddsm_search.backbones.slim import slim_layers
-from ddsm_search.checkpoint import MASKS, load_supernet, read_meta
+from ddsm_search.checkpoint import load_supernet, read_meta
 from ddsm_search.cli.main import main
 from ddsm_search.config import SparsityConfig, config_from_dict
 from ddsm_search.errors import DDSMError
 from ddsm_search.methods.sparsity.masks import Sparsifier, layer_densities, maskable_layers
+from ddsm_search.methods.sparsity.plugin import MASKS
 from ddsm_search.space.subnet import Subnet
 from ddsm_search.training import TrainingRun, train
 from tests.conftest import tiny_dict
@@ -226,10 +227,10 @@ def test_masks_survive_resume_bit_exactly(tmp_path, monkeypatch):
 
 
 def test_a_sparse_run_sees_the_dense_runs_batches():
-    from ddsm_search.training import load_training_data
+    from ddsm_search.data import load_data
 
     dense, sparse = config_from_dict(tiny_dict()), _cfg("static")
-    runs = [TrainingRun(c, load_training_data(c), "cpu") for c in (dense, sparse)]
+    runs = [TrainingRun(c, load_data(c.data), "cpu") for c in (dense, sparse)]
     assert all(torch.equal(p, q) for p, q in zip(runs[0].batch(), runs[1].batch()))
 
 

@@ -13,15 +13,24 @@ import pytest
 import torch
 from torch import nn
 
+from ddsm_search.cli.methods import add_parsers as add_method_parsers
 from ddsm_search.config import config_from_dict
 from ddsm_search.data import load_dataset
 from ddsm_search.diffusion import NoiseSchedule
 from ddsm_search.errors import DDSMError
-from ddsm_search.cli.stages import add_stages_parser
-from ddsm_search.methods.multistage.stages import (STAGES_JSON, SIMILARITY_PNG, denoiser_cost, find_stages,
-                                                   gradient_cost, grid_timesteps, interval_cluster, logsnr_cost,
-                                                   optimal_denoiser, plot_similarity, write_stages)
-
+from ddsm_search.methods.multistage.stages import (
+    SIMILARITY_PNG,
+    STAGES_JSON,
+    denoiser_cost,
+    find_stages,
+    gradient_cost,
+    grid_timesteps,
+    interval_cluster,
+    logsnr_cost,
+    optimal_denoiser,
+    plot_similarity,
+    write_stages,
+)
 from tests.conftest import tiny_dict
 
 
@@ -258,10 +267,10 @@ def test_plot_similarity_writes_a_png_atomically(tmp_path):
 
 
 def _run(argv):
-    from ddsm_search.cli.main import _Parser
+    from ddsm_search.cli.args import Parser
 
-    parser = _Parser(prog="ddsm-search")
-    add_stages_parser(parser.add_subparsers(dest="command", required=True, parser_class=_Parser))
+    parser = Parser(prog="ddsm-search")
+    add_method_parsers(parser.add_subparsers(dest="command", required=True, parser_class=Parser))
     args = parser.parse_args(argv)
     return args.func(args)
 
@@ -310,8 +319,8 @@ def test_stages_command_missing_config_and_file_out(tmp_path, config_file):
 @pytest.fixture(scope="module")
 def untrained_supernet(tmp_path_factory):
     """A supernet directory at initial weights (no training: the gradient cost only needs a model)."""
-    from ddsm_search.backbones.registry import build_supernet
     from ddsm_search.backbones.cost import flops_table
+    from ddsm_search.backbones.registry import build_supernet
     from ddsm_search.checkpoint import save_supernet
 
     cfg = config_from_dict(tiny_dict(data={"limit": 30}))

@@ -14,15 +14,21 @@ from ddsm_search.cli.main import main
 from ddsm_search.config import DiffusionConfig
 from ddsm_search.diffusion import NoiseSchedule, sample_loop, sampling_timesteps
 from ddsm_search.errors import DDSMError
-from ddsm_search.methods.step_groups.finetune import finetune_schedule, plan_groups
 from ddsm_search.images import to_uint8
-from ddsm_search.sampling import generate
+from ddsm_search.methods.step_groups.finetune import finetune_schedule, plan_groups
+from ddsm_search.methods.step_groups.groups import (
+    group_index,
+    group_sizes,
+    prior_genome,
+    prior_schedule,
+    prior_subnets,
+    seed_genomes,
+    snr_groups,
+)
+from ddsm_search.sampling import Runtime, generate
 from ddsm_search.schedule import Schedule, load_schedule, save_schedule
 from ddsm_search.search.genome import SearchSpace
-from ddsm_search.methods.step_groups.groups import (group_index, group_sizes, log_snr, prior_genome, prior_schedule,
-                                                    prior_subnets, seed_genomes, snr_groups)
 from ddsm_search.space.subnet import Subnet, SubnetSpace
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
@@ -35,7 +41,7 @@ SPACE = SubnetSpace.of({"width": [1.0, 0.75, 0.5, 0.25], "depth": [6, 4]})
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 7])
 def test_groups_are_contiguous_cover_all_timesteps_and_are_ordered_by_snr(cfg, k):
     groups = snr_groups(cfg, k)
-    lam = log_snr(cfg)
+    lam = NoiseSchedule(cfg).log_snr()
     assert [g.index for g in groups] == list(range(k))
     assert groups[0].last == cfg.timesteps - 1 and groups[-1].first == 0, "noisiest first, all timesteps"
     for noisier, cleaner in zip(groups, groups[1:]):
@@ -49,7 +55,7 @@ def test_groups_are_contiguous_cover_all_timesteps_and_are_ordered_by_snr(cfg, k
 
 def test_groups_are_equal_spans_of_log_snr():
     cfg = DiffusionConfig()
-    lam = log_snr(cfg)
+    lam = NoiseSchedule(cfg).log_snr()
     groups = snr_groups(cfg, 4)
     spans = [g.band[1] - g.band[0] for g in groups]
     assert np.allclose(spans, (lam[0] - lam[-1]) / 4)
@@ -152,12 +158,12 @@ def test_finetune_writes_weights_the_schedule_references(tuned, tmp_path, capsys
     assert ref["groups"][0]["timesteps"] == [26, 99] and ref["groups"][1]["timesteps"] == [0, 25]
     assert data["flops_per_image"] == json.loads(source.read_text())["flops_per_image"]
     loaded = load_schedule(result.schedule, supernet)
-    assert list(loaded.weights.groups) == result.groups
+    assert list(loaded.settings["weights"].groups) == result.groups
     # round trip: generate with the file's weights == the trained modules run by hand == sample --schedule
-    images = generate(supernet.model, supernet.config.diffusion, loaded.subnets, n=4, seed=3,
-                      weights=loaded.weights)
+    runtime = Runtime(supernet)
+    images = generate(runtime.plan_schedule(loaded), n=4, seed=3)
     assert torch.equal(images, _by_hand(supernet, result.networks, result.groups, 4, 3))
-    plain = generate(supernet.model, supernet.config.diffusion, loaded.subnets, n=4, seed=3)
+    plain = generate(runtime.plan(loaded.subnets, sampler=loaded.sampler, eta=loaded.eta), n=4, seed=3)
     assert not torch.equal(images, plain), "fine-tuning changed what the steps run"
     out = tmp_path / "s.npz"
     assert main(["sample", str(supernet.path), "--schedule", str(result.schedule), "--n", "4", "--seed", "3",
@@ -172,17 +178,18 @@ def test_finetune_writes_weights_the_schedule_references(tuned, tmp_path, capsys
 def test_evaluate_scores_the_group_weights(tuned, tmp_path, capsys):
     """evaluate (API and CLI) scores the images the fine-tuned weights make, not the supernet's."""
     from ddsm_search.evaluation.quality import evaluate
-    from ddsm_search.metrics import seed_for
     from ddsm_search.evaluation.scoring import make_scorer, score_images
+    from ddsm_search.metrics import seed_for
 
     supernet, source, result = tuned
     loaded = load_schedule(result.schedule, supernet)
     scorer = make_scorer(supernet, metric="fid")
-    tuned_r = evaluate(supernet, loaded.subnets, n=8, scorer=scorer, weights=loaded.weights, kid=False)
-    images = generate(supernet.model, supernet.config.diffusion, loaded.subnets, n=8, seed=seed_for("search"),
-                      weights=loaded.weights)
+    runtime = Runtime(supernet)
+    tuned_plan = runtime.plan_schedule(loaded)
+    tuned_r = evaluate(tuned_plan, scorer, n=8, kid=False)
+    images = generate(tuned_plan, n=8, seed=seed_for("search"))
     assert tuned_r["fid"] == pytest.approx(score_images(scorer, images, kid=False)["fid"], rel=1e-9)
-    plain_r = evaluate(supernet, loaded.subnets, n=8, scorer=scorer, kid=False)
+    plain_r = evaluate(runtime.plan(loaded.subnets, sampler=loaded.sampler, eta=loaded.eta), scorer, n=8, kid=False)
     assert plain_r["fid"] != pytest.approx(tuned_r["fid"], rel=1e-6), "the weights change the score"
     assert plain_r["gflops_per_image"] == tuned_r["gflops_per_image"]
     out = tmp_path / "r.json"
@@ -205,11 +212,12 @@ def test_each_group_trains_only_its_own_weights(tuned, tmp_path):
     x = torch.randn((3, *supernet.image_shape), generator=torch.Generator().manual_seed(0))
     t = torch.tensor(80)
     static = supernet.model.export(Subnet.of(width=0.5)).eval()
-    weights = load_schedule(only.schedule, supernet).weights
-    keys = weights.step_keys(load_schedule(only.schedule, supernet).subnets, supernet.model.space)
+    loaded = load_schedule(only.schedule, supernet)
+    weights, steps = loaded.settings["weights"], loaded.step_keys()
     with torch.no_grad():
-        assert torch.equal(weights.network(supernet.model, keys[0])(x, t), static(x, t))
-        assert torch.equal(weights.network(supernet.model, keys[-1])(x, t), result.networks[1](x, t))
+        assert torch.equal(weights.network(supernet.model, steps[0].subnet, steps[0].get("group"))(x, t), static(x, t))
+        assert torch.equal(weights.network(supernet.model, steps[-1].subnet, steps[-1].get("group"))(x, t),
+                           result.networks[1](x, t))
     # two groups that run one subnet (a run cut at an SNR edge) keep two networks
     cut = finetune_schedule(source, supernet.path, tmp_path / "cut.json", steps=2, batch_size=4, lr=1e-3,
                             progress=False, snr_groups=3)
@@ -274,7 +282,7 @@ def test_tampered_or_inconsistent_weights_are_refused(tuned, tmp_path, capsys):
     loaded = load_schedule(schedule, supernet)
     weights.write_bytes(weights.read_bytes()[:-1] + b"x")
     with pytest.raises(DDSMError, match="does not match its sha256"):
-        generate(supernet.model, supernet.config.diffusion, loaded.subnets, n=2, seed=0, weights=loaded.weights)
+        generate(Runtime(supernet).plan_schedule(loaded), n=2, seed=0)
 
 
 def test_finetune_cli_writes_both_or_nothing(tuned, tmp_path, capsys):

@@ -3,13 +3,17 @@ sparse supernet, counting only the nonzero weights under its masks."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..config import ModelConfig
 from ..space.subnet import Subnet
 from .slim import _Slim, slice_segments
+
+if TYPE_CHECKING:  # annotations only: a backbone reads its section's fields
+    from ..config import ModelConfig
 
 
 def count_flops(module: torch.nn.Module, *inputs: torch.Tensor) -> int:

@@ -8,16 +8,20 @@ Depth runs the first `depth` blocks, then the one final layer that every depth s
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import DiTConfig
 from ..errors import DDSMError
 from ..space.subnet import Subnet, SubnetSpace
 from .base import SlimModel
 from .slim import SlimKit, StaticKit
 from .unet import timestep_embedding
+
+if TYPE_CHECKING:  # annotations only: a backbone reads its section's fields
+    from ..config import DiTConfig
 
 FREQ_SIZE = 256  # sinusoidal timestep features fed to the time embedder, as in DiT
 

@@ -19,18 +19,20 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import MultiStageConfig
 from ..errors import DDSMError
 from ..space.subnet import Subnet, SubnetSpace, choices_text, matching_choice
 from .base import SlimModel
 from .slim import Fixed, SlimGroupNorm, SlimKit, StaticKit, slim_layers
-from .unet import AttnBlock, Downsample, ResBlock, Upsample, check_image_shape, timestep_embedding
+from .unet import AttnBlock, Downsample, ResBlock, Upsample, check_image_shape, timestep_embedding, up_path
+
+if TYPE_CHECKING:  # annotations only: a backbone reads its section's fields
+    from ..config import MultiStageConfig
 
 
 @dataclass(frozen=True)
@@ -175,17 +177,14 @@ class Decoder(nn.Module):
         super().__init__()
         skips, ch, res = list(encoder.skips), Fixed(encoder.out_ch), encoder.bottom_res
         emb = Fixed(encoder.emb_ch)
-        self.up = nn.ModuleList()
-        for level, mult in reversed(list(enumerate(cfg.channel_mults))):
-            for _ in range(cfg.num_res_blocks + 1):
-                blocks = [ResBlock(kit, (ch, Fixed(skips.pop())), channels * mult, emb, cfg.dropout)]
-                if res in cfg.attention_resolutions:
-                    blocks.append(AttnBlock(kit, channels * mult, cfg.head_dim))
-                self.up.append(nn.ModuleList(blocks))
-                ch = channels * mult
-            if level != 0:
-                self.up.append(Upsample(kit, ch))
-                res *= 2
+
+        def stage(c: int, skip: int, out: int, r: int) -> nn.ModuleList:  # the encoder's skips stay full size
+            blocks = [ResBlock(kit, (c, Fixed(skip)), out, emb, cfg.dropout)]
+            if r in cfg.attention_resolutions:
+                blocks.append(AttnBlock(kit, out, cfg.head_dim))
+            return nn.ModuleList(blocks)
+
+        self.up, ch = up_path(kit, cfg, channels, ch, skips, res, stage)
         self.norm_out = kit.norm(ch)
         self.conv_out = kit.conv(ch, img_ch, 3, padding=1, slim_out=False)
 

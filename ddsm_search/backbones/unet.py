@@ -11,16 +11,19 @@ leave the network exactly as it was: the same parameters, bit-identical outputs.
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import UNetConfig
 from ..errors import DDSMError
 from ..space.subnet import Subnet, SubnetSpace
 from .base import SlimModel
 from .slim import Channels, SlimGroupNorm, SlimKit, StaticKit
+
+if TYPE_CHECKING:  # annotations only: a backbone reads its section's fields
+    from ..config import UNetConfig
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, flip_sin_to_cos: bool = True,
@@ -144,6 +147,22 @@ def check_image_shape(cfg: UNetConfig, image_shape: tuple[int, int, int]) -> Non
                         f"{halvings} times; the image size must be a multiple of {2**halvings}")
 
 
+def up_path(kit, cfg, base: int, ch: int, skips: list, res: int, stage) -> tuple[nn.ModuleList, int]:
+    """Return a U-Net's up path (coarsest level first: num_res_blocks + 1 stages per level, then an
+    upsampler) and its output channels. `stage(channels in, skip channels, channels out, resolution)`
+    builds one stage, which reads h and the skip popped from `skips`; modules are made in the order they
+    run, so their initial weights are drawn in that order."""
+    up = nn.ModuleList()
+    for level, mult in reversed(list(enumerate(cfg.channel_mults))):
+        for _ in range(cfg.num_res_blocks + 1):
+            up.append(stage(ch, skips.pop(), base * mult, res))
+            ch = base * mult
+        if level != 0:
+            up.append(Upsample(kit, ch))
+            res *= 2
+    return up, ch
+
+
 class UNet(nn.Module):
     """A U-Net epsilon-predictor on torch's layers; its layers come from `kit` (slimmable, or static at
     one width). The fused CPU kernel runs it as a backend (`backends.fused.unet_graph`)."""
@@ -175,16 +194,10 @@ class UNet(nn.Module):
         if cfg.mid_attention:
             mid.append(AttnBlock(kit, ch, cfg.head_dim, cfg.attn_heads, cfg.mid_attn_norm, cfg.mid_scale))
         self.mid = nn.ModuleList(mid + [self._resblock(kit, ch, ch, emb_ch, cfg.mid_scale)])
-        self.up = nn.ModuleList()
         up_attention = cfg.up_attention_resolutions
         up_attention = cfg.attention_resolutions if up_attention is None else up_attention
-        for level, mult in reversed(list(enumerate(cfg.channel_mults))):
-            for _ in range(cfg.num_res_blocks + 1):
-                self.up.append(self._stage(kit, (ch, skips.pop()), base * mult, emb_ch, res in up_attention))
-                ch = base * mult
-            if level != 0:
-                self.up.append(Upsample(kit, ch))
-                res *= 2
+        self.up, ch = up_path(kit, cfg, base, ch, skips, res, lambda c, skip, out, r: self._stage(
+            kit, (c, skip), out, emb_ch, r in up_attention))
         self.norm_out = kit.norm(ch)
         self.conv_out = kit.conv(ch, img_ch, 3, padding=1, slim_out=False)
         self.to(memory_format=torch.channels_last)

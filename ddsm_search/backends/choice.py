@@ -11,7 +11,6 @@ measured.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import platform
 import time
@@ -68,12 +67,13 @@ class ChoiceCache:
     """Timings of static networks per backend on this machine, read from and written to one JSON file."""
 
     def __init__(self, cache_dir: str | Path | None = None):
-        from ..metrics import default_cache_dir
+        from ..io import cache_dir as default_cache_dir
+        from ..io import read_json
 
         self.path = Path(cache_dir or default_cache_dir()) / "backends" / f"{machine_key()}.json"
         try:
-            self.entries = json.loads(self.path.read_text()) if self.path.is_file() else {}
-        except (OSError, ValueError):
+            self.entries = read_json(self.path) if self.path.is_file() else {}
+        except DDSMError:
             self.entries = {}  # a damaged cache is measured again, not trusted
 
     def get(self, key: str) -> dict | None:

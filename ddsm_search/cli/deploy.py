@@ -1,12 +1,10 @@
-"""The `export-onnx` command: its arguments and the call into the exporter.
-
-Kept apart from the exporter so that building the CLI's parser imports neither torch nor onnx;
-cli.py adds it with `add_export_onnx_parser(subparsers)`.
-"""
+"""`export-onnx`: a schedule as ONNX graphs and a manifest that numpy and onnxruntime alone run."""
 
 from __future__ import annotations
 
 import argparse
+
+from .args import add_quiet
 
 
 def cmd_export_onnx(args: argparse.Namespace) -> int:
@@ -22,13 +20,12 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_export_onnx_parser(subparsers) -> argparse.ArgumentParser:
-    """Add the `export-onnx` command to the CLI's subparsers; return its parser."""
-    p = subparsers.add_parser("export-onnx", help="write a schedule as ONNX graphs (one per distinct subnet) and a "
-                              "manifest that runs with numpy and onnxruntime alone (no torch)")
+def add_parsers(sub) -> None:
+    """Add `export-onnx` to the CLI's sub-parsers."""
+    p = sub.add_parser("export-onnx", help="write a schedule as ONNX graphs (one per distinct subnet) and a "
+                       "manifest that runs with numpy and onnxruntime alone (no torch)")
     p.add_argument("schedule", help="schedule JSON (from export); one with an exit policy is refused")
     p.add_argument("--out", required=True, help="a new (or empty) folder for the graphs and manifest.json")
     p.add_argument("--supernet", help="the schedule's supernet directory (default: the schedule's supernet.path)")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
+    add_quiet(p)
     p.set_defaults(func=cmd_export_onnx)
-    return p

@@ -5,11 +5,34 @@ validation.py checks ranges and consistency.
 """
 
 from .reading import config_from_dict, load_config
-from .schema import (BACKEND_CHOICES, DataConfig, DecoderConfig, DiffusionConfig, DiTConfig,
-                     ExperimentConfig, ModelConfig, MultiStageConfig, SampleConfig, SearchConfig, SparsityConfig,
-                     TrainConfig, UNetConfig, equal_stage_boundaries)
-from .validation import (COST_CHOICES, budget_gflops, channels_at, parse_budget, validate, validate_dit,
-                         validate_multistage, validate_search, validate_sparsity, validate_unet)
+from .schema import (
+                     BACKEND_CHOICES,
+                     DataConfig,
+                     DecoderConfig,
+                     DiffusionConfig,
+                     DiTConfig,
+                     ExperimentConfig,
+                     ModelConfig,
+                     MultiStageConfig,
+                     SampleConfig,
+                     SearchConfig,
+                     SparsityConfig,
+                     TrainConfig,
+                     UNetConfig,
+                     equal_stage_boundaries,
+)
+from .validation import (
+                     COST_CHOICES,
+                     budget_gflops,
+                     channels_at,
+                     parse_budget,
+                     validate,
+                     validate_dit,
+                     validate_multistage,
+                     validate_search,
+                     validate_sparsity,
+                     validate_unet,
+)
 
 __all__ = ["BACKEND_CHOICES", "COST_CHOICES", "DataConfig", "DecoderConfig", "DiffusionConfig",
            "DiTConfig", "ExperimentConfig", "ModelConfig", "MultiStageConfig", "SampleConfig", "SearchConfig",

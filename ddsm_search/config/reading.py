@@ -13,6 +13,7 @@ import yaml
 
 from ..backbones.registry import config_class, list_backbones
 from ..errors import DDSMError
+from ..io import read_text
 from .schema import ExperimentConfig, MultiStageConfig, equal_stage_boundaries
 from .validation import validate
 
@@ -96,12 +97,9 @@ def config_from_dict(data: dict) -> ExperimentConfig:
 def load_config(path: str | Path) -> ExperimentConfig:
     """Return the validated experiment config stored in a YAML file."""
     path = Path(path)
-    if not path.is_file():
-        raise DDSMError(f"config file not found: {path}")
+    text = read_text(path, "config", "a YAML experiment")
     try:
-        data = yaml.safe_load(path.read_text())
-    except UnicodeDecodeError:
-        raise DDSMError(f"{path} is not a text file (expected a YAML experiment)") from None
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

@@ -1,4 +1,4 @@
-"""A diffusers-style pipeline that runs an exported schedule: its subnets, exit policy and group weights.
+"""A diffusers-style pipeline that runs an exported schedule: its plan, with whatever its settings add.
 
     pipe = DDSMPipeline.from_schedule("results/digits-search/schedule_50%.json")   # supernet: as recorded
     images = pipe(batch_size=16, seed=0).images                                     # NHWC floats in [0, 1]
@@ -53,18 +53,22 @@ OUTPUT_TYPES = ("np", "pt", "pil")
 
 
 class DDSMPipeline(_Base or object):
-    """Sample a schedule from its supernet: one static subnet per step (its group's fine-tuned weights
-    where the schedule has them, its exit policy's per-image early exit where it has one)."""
+    """Sample a schedule from its supernet: the schedule's plan (sampling.Plan), one callable per step
+    (a static subnet, or what the schedule's method families make of it)."""
 
-    def __init__(self, supernet, schedule, *, heads=None, weights=None, backend: str = "torch"):
+    def __init__(self, supernet, schedule, *, backend: str = "torch"):
         if DIFFUSERS:
             super().__init__()
             self.register_to_config(_schedule_steps=schedule.steps)  # diffusers' config: none of our modules
-        self.supernet, self.schedule = supernet, schedule
-        self.subnets = supernet.step_subnets(schedule.subnets)  # checked (a multi-stage U-Net: each step's stage)
-        self.exit = schedule.exit if schedule.exit is not None and schedule.exit.dynamic else None
-        self.heads, self.weights, self.backend = heads, weights, backend
+        self.supernet, self.schedule, self.backend = supernet, schedule, backend
         self._device = torch.device(next(supernet.model.parameters()).device)
+        self._plan()
+
+    def _plan(self) -> None:
+        from ..sampling import Runtime
+
+        runtime = Runtime(self.supernet, device=self._device.type, backend=self.backend)
+        self.plan = runtime.plan_schedule(self.schedule)  # checked (a multi-stage U-Net: each step's stage)
 
     @classmethod
     def from_schedule(cls, schedule_path: str | Path, supernet_dir: str | Path | None = None, *,
@@ -81,13 +85,7 @@ class DDSMPipeline(_Base or object):
                 raise DDSMError(f"schedule {schedule_path} names no supernet: pass supernet_dir")
         device = resolve_device(device)
         supernet = load_supernet(supernet_dir, device)
-        schedule = load_schedule(schedule_path, supernet)
-        heads = None
-        if schedule.exit is not None and schedule.exit.dynamic:
-            from ..methods.early_exit.finetune import load_exit_heads
-
-            heads = load_exit_heads(supernet, device)
-        return cls(supernet, schedule, heads=heads, weights=schedule.weights, backend=backend)
+        return cls(supernet, load_schedule(schedule_path, supernet), backend=backend)
 
     @property
     def device(self) -> torch.device:
@@ -102,15 +100,14 @@ class DDSMPipeline(_Base or object):
     @property
     def components(self) -> dict:
         """Return what the pipeline is made of (diffusers' name for it)."""
-        return {"supernet": self.supernet, "schedule": self.schedule, "heads": self.heads, "weights": self.weights}
+        return {"supernet": self.supernet, "schedule": self.schedule}
 
     def to(self, device) -> "DDSMPipeline":
-        """Move the supernet (and exit heads) to `device`; return self."""
+        """Move the supernet (and the networks of its steps) to `device`; return self."""
         device = torch.device(device)
         self.supernet.model.to(device)
-        if self.heads is not None:
-            self.heads.to(device)
         self._device = device
+        self._plan()
         return self
 
     @property
@@ -134,10 +131,8 @@ class DDSMPipeline(_Base or object):
                             f"num_inference_steps={num_inference_steps}")
         if generator is not None and seed is not None:
             raise DDSMError("pass a generator or a seed, not both")
-        x = generate(self.supernet.model, self.supernet.config.diffusion, self.subnets, n=batch_size,
-                     seed=0 if seed is None else seed, generator=generator, sampler=self.schedule.sampler,
-                     eta=self.schedule.eta, batch_size=batch, device=str(self.device), progress=progress,
-                     backend=self.backend, exit=self.exit, heads=self.heads, weights=self.weights)
+        x = generate(self.plan, n=batch_size, seed=0 if seed is None else seed, generator=generator, batch_size=batch,
+                     progress=progress)
         images = to_output(x, output_type)
         return ImagePipelineOutput(images=images) if return_dict else (images,)
 

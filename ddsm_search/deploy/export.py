@@ -5,12 +5,11 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from ..checkpoint import load_supernet
 from ..config import budget_gflops
 from ..errors import DDSMError
 from ..report.tables import load_run, pick
-from ..search.results import run_info, supernet_of_run
 from ..schedule import Schedule, save_schedule
+from ..search.results import run_info, supernet_of_run
 
 
 def _number(value) -> float | None:
@@ -119,8 +118,7 @@ def export_schedule(run: str | Path, budget: float | str | None = None, out: str
         figures["executed"] = {**chosen["executed"], "samples": n, "seed_set": chosen["seed_set"]}
     if net.sparse:  # both figures of a sparse supernet's schedule, side by side
         figures["sparse_flops_per_image"] = net.with_cost("sparse").schedule_flops(list(row["subnets"]))
-    schedule = Schedule(subnets=list(row["subnets"]), sampler=q["sampler"], eta=float(q["eta"]), exit=row["exit"],
-                        extra=figures)
+    schedule = Schedule.from_steps(list(row["steps"]), sampler=q["sampler"], eta=float(q["eta"]), extra=figures)
     label = (str(budget).replace("%", "pct") if budget is not None else "") + \
         ("" if max_loss is None else f"{'_' if budget is not None else ''}maxloss{max_loss:g}")
     # the file's own flops_per_image stays dense, as every loader of a schedule recomputes it; gflops_per_image

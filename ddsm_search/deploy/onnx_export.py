@@ -13,8 +13,8 @@ TOLERANCE. Tracing records one path through the network, so a network whose cont
 on its inputs would be caught here rather than exported wrong.
 
 The output folder is new or empty and written whole or not at all: everything goes into a temporary
-folder beside it that is renamed into place at the end. A schedule with an exit policy (per-image
-early exit, a different amount of network per image) is refused: it is not one static graph per step.
+folder beside it that is renamed into place at the end. A schedule whose steps decide per image how
+much network runs (an early exit's policy) is refused: it is not one static graph per step.
 """
 
 from __future__ import annotations
@@ -42,15 +42,18 @@ def _check_out(out: Path) -> None:
 
 
 def _load(schedule_path: Path, supernet):
-    """Return (schedule, supernet) checked against each other; refuse an exit policy first."""
+    """Return (schedule, supernet) checked against each other; refuse dynamic steps first."""
     from ..checkpoint import Supernet, load_supernet
     from ..schedule import load_schedule
+    from ..space.plugins import family_of_field
 
     schedule = load_schedule(schedule_path)
-    if schedule.exit is not None and schedule.exit.dynamic:
-        raise DDSMError(f"schedule {schedule_path} has an exit policy (settings.exit): per-image early exit is "
-                        "dynamic and cannot be exported as one static ONNX graph per step; export a schedule "
-                        "without it")
+    dynamic = sorted({f for s in schedule.step_keys() for f in s.fields if family_of_field(f).dynamic})
+    if dynamic:
+        family = family_of_field(dynamic[0])
+        raise DDSMError(f"schedule {schedule_path} has steps whose {family.field} (settings.{family.setting}) decides "
+                        "per image how much network runs: it cannot be exported as one static ONNX graph per step; "
+                        "export a schedule without it")
     if not isinstance(supernet, Supernet):
         where = supernet if supernet is not None else schedule.supernet_path
         if where is None:
@@ -63,33 +66,21 @@ def _load(schedule_path: Path, supernet):
     return load_schedule(schedule_path, supernet), supernet
 
 
-def _graph_plan(schedule, supernet) -> tuple[list[str], dict[str, dict]]:
-    """Return (the graph key of each step, {key: its subnet, group and the timesteps it serves})."""
+def _graph_plan(schedule, runtime) -> tuple[list[str], dict[str, dict]]:
+    """Return (the graph key of each step, {key: its step and the timesteps it serves})."""
     from ..diffusion import sampling_timesteps
 
-    model = supernet.model
-    timesteps = sampling_timesteps(supernet.config.diffusion.timesteps, schedule.steps)
-    subnets = [model.check_subnet(s) for s in schedule.subnets]
+    timesteps = sampling_timesteps(runtime.supernet.config.diffusion.timesteps, schedule.steps)
     # a multi-stage U-Net's step runs its timestep's stage: one graph per (stage, width), never a router
-    concrete = model.step_subnets(subnets, timesteps) if hasattr(model, "step_subnets") else subnets
-    groups = schedule.weights.step_keys(subnets, model.space) if schedule.weights is not None else None
+    steps = runtime.steps_of(schedule.step_keys(), timesteps)
     keys, plan = [], {}
-    for i, (subnet, t) in enumerate(zip(concrete, timesteps)):
-        group = groups[i] if groups is not None else None
-        key = subnet.key if group is None else f"{subnet.key} group {group.group}"
-        name = subnet.slug if group is None else f"{subnet.slug}_group-{group.group}"
-        entry = plan.setdefault(key, {"subnet": subnet, "group": group, "file": f"{name}.onnx", "timesteps": []})
+    for step, t in zip(steps, timesteps):
+        name = "_".join([step.subnet.slug, *(f"{f}-{v}" for f, v in step.extras)])
+        entry = plan.setdefault(step.key, {"step": step, "file": f"{name}.onnx", "timesteps": []})
         if t not in entry["timesteps"]:
             entry["timesteps"].append(t)
-        keys.append(key)
+        keys.append(step.key)
     return keys, plan
-
-
-def _network(supernet, schedule, entry):
-    """Return the static torch network of one graph, in eval mode on the CPU."""
-    if entry["group"] is not None:
-        return schedule.weights.network(supernet.model, entry["group"], "cpu")
-    return supernet.model.export(entry["subnet"]).to("cpu").eval()
 
 
 def _export_graph(net, path: Path, image_shape, t0: int, opset: int) -> None:
@@ -157,11 +148,14 @@ def export_onnx(schedule_path: str | Path, out_dir: str | Path, supernet=None, *
         raise DDSMError(f"export-onnx needs {' and '.join(missing)} (pip install 'ddsm-search[deploy]')")
     from ..diffusion import NoiseSchedule, sampling_timesteps
     from ..io import sha256_file
+    from ..sampling import Runtime
 
     schedule_path, out = Path(schedule_path), Path(out_dir)
     _check_out(out)
     schedule, supernet = _load(schedule_path, supernet)
-    keys, plan = _graph_plan(schedule, supernet)
+    runtime = Runtime(supernet, device="cpu")
+    runtime.use(schedule.settings)
+    keys, plan = _graph_plan(schedule, runtime)
     diffusion, shape = supernet.config.diffusion, tuple(supernet.image_shape)
     created = _make_parents(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
@@ -173,7 +167,7 @@ def export_onnx(schedule_path: str | Path, out_dir: str | Path, supernet=None, *
         for n, (key, entry) in enumerate(plan.items()):
             if progress:
                 print(f"exporting graph {n + 1}/{len(plan)}: {key}", flush=True)
-            net, path = _network(supernet, schedule, entry), tmp / entry["file"]
+            net, path = runtime.network(entry["step"]), tmp / entry["file"]
             try:
                 _export_graph(net, path, shape, entry["timesteps"][0], opset)
             except Exception as exc:  # the exporter's errors are many kinds; say which network and why
@@ -184,9 +178,10 @@ def export_onnx(schedule_path: str | Path, out_dir: str | Path, supernet=None, *
                 raise DDSMError(f"the ONNX graph of {key} differs from its torch network by {error:.3g} (relative; "
                                 f"tolerance {TOLERANCE:g}) at one of timesteps {entry['timesteps']}; not exported")
             _fsync(path)
-            graphs[key] = {"file": entry["file"], "sha256": sha256_file(path), "subnet": entry["subnet"].as_dict(),
-                           **({"group": entry["group"].group} if entry["group"] is not None else {}),
-                           "timesteps": entry["timesteps"], "flops_per_image": supernet.flops.get(entry["subnet"]),
+            step = entry["step"]
+            graphs[key] = {"file": entry["file"], "sha256": sha256_file(path), "subnet": step.subnet.as_dict(),
+                           **{f: v if isinstance(v, (int, float)) else str(v) for f, v in step.extras},
+                           "timesteps": entry["timesteps"], "flops_per_image": supernet.flops.get(step.subnet),
                            "max_error": error}
         manifest = {
             "format": FORMAT, "version": VERSION,

@@ -18,7 +18,10 @@ from pathlib import Path
 
 import torch
 
-from ..io import write_atomic, write_json_atomic
+from ..errors import DDSMError
+from ..io import cache_dir as default_cache_dir
+from ..io import read_json, write_atomic, write_json_atomic
+from ..metrics import seed_for
 from ..sampling import generate
 
 log = logging.getLogger(__name__)
@@ -37,8 +40,6 @@ def _stem(key: dict) -> str:
 
 
 def _folders(supernet, cache_dir) -> list[Path]:
-    from ..metrics import default_cache_dir
-
     spare = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     return [Path(supernet.path) / FOLDER, spare / FOLDER / supernet.sha256[:16]]
 
@@ -48,7 +49,7 @@ def _read(stem: Path, key: dict) -> torch.Tensor | None:
 
     meta_path, data_path = stem.with_suffix(".json"), stem.with_suffix(".safetensors")
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = read_json(meta_path)
         if meta.get("format") != FORMAT or meta.get("version") != VERSION or meta.get("key") != key:
             return None
         blob = data_path.read_bytes()
@@ -56,7 +57,7 @@ def _read(stem: Path, key: dict) -> torch.Tensor | None:
             log.warning("full-size samples %s are damaged (checksum); making them again", data_path)
             return None
         return load_file(str(data_path))["images"]
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, DDSMError):
         return None
 
 
@@ -69,28 +70,25 @@ def _write(stem: Path, key: dict, images: torch.Tensor) -> None:
                                                   "sha256": hashlib.sha256(blob).hexdigest()})
 
 
-def full_size_samples(supernet, *, n: int, seed_set: str, seed: int, sampler: str, eta: float, steps: int,
-                      batch_size: int = 500, device: str = "cpu", denoisers: dict | None = None, cache=None,
+def full_size_samples(plan, *, n: int, seed_set: str, batch_size: int = 500, cache=None,
                       cache_dir=None) -> torch.Tensor:
-    """Return the full-size model's `n` images on a seed set (CPU float tensor in [-1, 1]), from disk
-    if made before, else sampled now and kept (beside the supernet, or in the cache directory)."""
+    """Return full size's `n` images on a seed set under `plan`'s sampler and number of steps (a CPU
+    float tensor in [-1, 1]), from disk if made before, else sampled now and kept (beside the supernet,
+    or in the cache directory)."""
     from ..backends import backend_of
-    from ..sampling import make_denoisers
 
-    full = supernet.step_subnets([supernet.model.full] * steps)  # a multi-stage supernet: each step's stage
-    if denoisers is None:
-        denoisers = make_denoisers(supernet.model, list(dict.fromkeys(full)), device)
+    full = plan.full()  # a multi-stage supernet: each step's stage
+    supernet = full.supernet
     # the backend is part of what made the images: another one differs in the last bits, and drift of
     # full size from itself must be exactly 0
-    key = {**_key(supernet, n=n, seed_set=seed_set, sampler=sampler, eta=eta, steps=steps),
-           "backend": "+".join(sorted({backend_of(denoisers[s]) for s in full}))}
+    key = {**_key(supernet, n=n, seed_set=seed_set, sampler=full.sampler, eta=full.eta, steps=len(full)),
+           "backend": "+".join(sorted({backend_of(full.denoiser(s)) for s in full.steps}))}
     folders = _folders(supernet, cache_dir)
     for folder in folders:
         images = _read(folder / _stem(key), key)
         if images is not None:
             return images
-    images = generate(supernet.model, supernet.config.diffusion, full, n=n, seed=seed, sampler=sampler, eta=eta,
-                      batch_size=batch_size, device=device, denoisers=denoisers, cache=cache)
+    images = generate(full, n=n, seed=seed_for(seed_set), batch_size=batch_size, cache=cache)
     for folder in folders:
         try:
             folder.mkdir(parents=True, exist_ok=True)

@@ -17,12 +17,10 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from ..errors import DDSMError
-from .quality import evaluate
-from .full_samples import full_size_samples
 from ..io import write_atomic
-from ..methods.early_exit.policy import plan_key
-from ..metrics import seed_for
-from ..sampling import PrefixCache, make_denoisers
+from ..sampling import PrefixCache, Runtime
+from .full_samples import full_size_samples
+from .quality import evaluate
 from .scoring import FullReference, make_scorer
 
 HELDOUT_FILE = "heldout.csv"
@@ -42,45 +40,30 @@ class Confirmer:
             raise DDSMError(f"--confidence must be between 0 and 1, got {confidence}")
         if n < 2:
             raise DDSMError(f"held-out images must be at least 2, got {n}")
-        self.supernet, self.n, self.confidence, self.device = supernet, n, confidence, device
+        self.supernet, self.n, self.confidence = supernet, n, confidence
         self.metric = search["metric"]
-        self.kwargs = dict(n=n, seed_set=HELDOUT_SEEDS, device=device, batch_size=int(search["batch_size"]),
-                           sampler=search["sampler"], eta=float(search["eta"]), cache_dir=cache_dir)
+        self.sampler, self.eta = search["sampler"], float(search["eta"])
+        self.batch_size, self.cache_dir = int(search["batch_size"]), cache_dir
         self.scorer = make_scorer(supernet, metric=self.metric, drift_space=search.get("drift_space", "auto"),
                                   device=device, cache_dir=cache_dir)
         # the search's backend choice is not part of its settings: "auto" picks the faster here
-        self.backend = search.get("backend", "auto")
-        self.heads = None
-        if search.get("exit_thresholds"):  # a search over exit policies: its schedules need the heads
-            from ..methods.early_exit.finetune import load_exit_heads
-
-            self.heads = load_exit_heads(supernet, device)
-        self.denoisers = self._denoisers([supernet.model.full])
+        self.runtime = Runtime(supernet, device=device, backend=search.get("backend", "auto"),
+                               batch_size=min(n, self.batch_size))
         self.cache = PrefixCache(boundaries)
         self.steps = int(search["steps"])
-        k = self.kwargs
-        self.full = FullReference(full_size_samples(
-            supernet, n=n, seed_set=HELDOUT_SEEDS, seed=seed_for(HELDOUT_SEEDS), sampler=k["sampler"], eta=k["eta"],
-            steps=self.steps, batch_size=k["batch_size"], device=device, denoisers=self.denoisers, cache=self.cache,
-            cache_dir=cache_dir))
-        self.full_result = self._evaluate([supernet.model.full] * self.steps)
+        full = self.plan([supernet.model.full] * self.steps)
+        self.full = FullReference(full_size_samples(full, n=n, seed_set=HELDOUT_SEEDS, batch_size=self.batch_size,
+                                                    cache=self.cache, cache_dir=cache_dir))
+        self.full_result = self.result(full)
 
-    def _denoisers(self, subnets) -> dict:
-        return make_denoisers(self.supernet.model, subnets, self.device, self.backend,
-                              min(self.n, self.kwargs["batch_size"]))
+    def plan(self, steps, settings: dict | None = None):
+        """Return the plan of `steps` (Steps or subnets) under the run's sampler."""
+        return self.runtime.plan(steps, sampler=self.sampler, eta=self.eta, settings=settings)
 
-    def result(self, subnets, exit=None, weights=None) -> dict:
-        """Return the full held-out evaluation of a schedule (features and executed FLOPs included), run
-        with its fine-tuned group `weights` if given."""
-        return self._evaluate(subnets, exit, weights)
-
-    def _evaluate(self, subnets, exit=None, weights=None) -> dict:
-        missing = [s for s in dict.fromkeys(subnets) if s not in self.denoisers]
-        if missing:  # exported as the schedules need them
-            self.denoisers.update(self._denoisers(missing))
-        # dynamic steps are made by evaluate (torch, with the heads) and kept in the same map
-        return evaluate(self.supernet, subnets, scorer=self.scorer, full=self.full, denoisers=self.denoisers,
-                        cache=self.cache, keep=True, exit=exit, heads=self.heads, weights=weights, **self.kwargs)
+    def result(self, plan) -> dict:
+        """Return the full held-out evaluation of a plan (features and executed FLOPs included)."""
+        return evaluate(plan, self.scorer, n=self.n, seed_set=HELDOUT_SEEDS, batch_size=self.batch_size,
+                        cache=self.cache, full=self.full, keep=True, cache_dir=self.cache_dir)
 
     def loss(self, result: dict) -> dict:
         """Return the loss of an evaluated schedule against full size: value, low, high, method."""
@@ -103,19 +86,20 @@ class Confirmer:
         return {"metric": self.metric, "value": float(value), "low": float(low), "high": float(high),
                 "confidence": self.confidence, "method": method, "samples": self.n, "seed_set": HELDOUT_SEEDS}
 
-    def score(self, subnets, exit=None, *, with_loss: bool = False) -> dict:
-        """Return a held-out record of a schedule (with its exit policy, if any): fid, kid, drift, GFLOPs
-        (executed, for a dynamic one, with `executed`: their spread and the depth per step), and its
-        loss against full size."""
-        result = self._evaluate(subnets, exit)
-        return {"schedule": plan_key(subnets, exit), "samples": self.n, "seed_set": HELDOUT_SEEDS,
+    def score(self, steps, *, with_loss: bool = False) -> dict:
+        """Return a held-out record of a schedule's steps: fid, kid, drift, GFLOPs (executed, for a
+        dynamic one, with `executed`: their spread and each recorded figure per step), and its loss
+        against full size."""
+        plan = self.plan(steps)
+        result = self.result(plan)
+        return {"schedule": plan.key, "samples": self.n, "seed_set": HELDOUT_SEEDS,
                 "fid": result["fid"], "kid": result["kid"], "drift": result["drift"],
                 "gflops": result["gflops_per_image"], "executed": result["executed"],
                 "loss": self.loss(result) if with_loss else None}
 
-    def confirm(self, subnets, exit=None) -> dict:
+    def confirm(self, steps) -> dict:
         """Return a held-out record of a schedule with its loss against full size."""
-        return self.score(subnets, exit, with_loss=True)
+        return self.score(steps, with_loss=True)
 
     def full_record(self) -> dict:
         """Return the held-out scores of full size itself."""
@@ -125,10 +109,10 @@ class Confirmer:
 
 
 def confirm_many(confirmer: Confirmer, rows: list, *, progress: bool = False, stop=None) -> list[dict]:
-    """Confirm schedules (rows with `subnets`) in order; stop after the first for which `stop(record)` holds."""
+    """Confirm schedules (rows with `steps`) in order; stop after the first for which `stop(record)` holds."""
     records = []
     for row in tqdm(rows, desc="held-out check", unit="schedule", disable=not progress, leave=False):
-        records.append(confirmer.confirm(list(row["subnets"]), row.get("exit")))
+        records.append(confirmer.confirm(list(row["steps"])))
         if stop is not None and stop(records[-1]):
             break
     return records

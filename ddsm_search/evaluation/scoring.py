@@ -16,9 +16,9 @@ import numpy as np
 import torch
 
 from ..config import DataConfig
-from ..data import dataset_key, load_dataset
+from ..data import data_key, load_data
 from ..errors import DDSMError
-from ..metrics import FeatureExtractor, ReferenceStats, reference_stats
+from ..metrics import FeatureExtractor, ReferenceStats, default_extractor_for, get_extractor, reference_stats
 
 METRICS = ("fid", "kid", "drift")
 DRIFT_SPACES = ("auto", "features", "pixels")
@@ -69,8 +69,6 @@ def make_scorer(supernet, *, metric: str, drift_space: str = "auto", device: str
     drift it is used if it loads without downloading anything, so FID and KID are recorded beside drift
     where they can be, and left out (NaN) where they cannot.
     """
-    from ..metrics import default_extractor_for, get_extractor
-
     if metric not in METRICS:
         raise DDSMError(f"search.metric: expected one of {', '.join(METRICS)}, got {metric!r}")
     kind = supernet.config.data.kind
@@ -124,16 +122,26 @@ def score_images(scorer: Scorer, images: torch.Tensor, *, full: FullReference | 
 def training_reference(data: DataConfig, extractor: FeatureExtractor, *, cache_dir=None,
                        batch_size: int = 500) -> ReferenceStats:
     """Return the (cached) reference statistics of an experiment's training images."""
-    images = load_dataset(data.kind, data.path, split=data.split, image_size=data.image_size, channels=data.channels,
-                          limit=data.limit)
+    images = load_data(data)
     if len(images) < 2:
         raise DDSMError(f"data.limit: the reference statistics (FID, KID) need at least 2 training images, "
                         f"got {len(images)}")
-    key = dataset_key(data.kind, data.path, data.split, data.image_size, data.channels)
-    return reference_stats(images, dataset=key, split=data.split, extractor=extractor, cache_dir=cache_dir,
+    return reference_stats(images, dataset=data_key(data), split=data.split, extractor=extractor, cache_dir=cache_dir,
                            batch_size=batch_size)
 
 
-def _check_reference(reference: ReferenceStats, extractor: FeatureExtractor) -> None:
+def check_reference(reference: ReferenceStats, extractor: FeatureExtractor) -> None:
+    """Raise ValueError unless the reference statistics were made with this extractor."""
     if reference.key["extractor"] != extractor.key:
         raise ValueError(f"reference statistics were made with {reference.key['extractor']}, not {extractor.key}")
+
+
+def scorer_for(supernet, *, extractor: str | None = None, drift_space: str = "auto", device: str = "cpu",
+               cache_dir=None, batch_size: int = 500) -> Scorer:
+    """Return the scorer of a supernet's samples with a named feature `extractor` (default: the data's:
+    digits-cnn for digits, inception elsewhere), FID/KID against its training images and drift in the
+    space `drift_space` says (features or pixels)."""
+    data = supernet.config.data
+    feats = get_extractor(extractor or default_extractor_for(data.kind), device)
+    reference = training_reference(data, feats, cache_dir=cache_dir, batch_size=batch_size)
+    return Scorer(feats, reference, feats if drift_space_for(data.kind, drift_space) == "features" else None)

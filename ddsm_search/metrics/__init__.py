@@ -5,12 +5,12 @@ A building block: imports no stage. clean-fid is imported only when the Inceptio
 
 from .features import EXTRACTORS, FeatureExtractor, default_extractor_for, get_extractor, inception_weights_path
 from .fid import fid_kid, frechet_distance, gaussian_stats, kernel_distance
-from .reference import ReferenceStats, default_cache_dir, reference_stats
+from .reference import ReferenceStats, reference_stats
 from .seeds import HELDOUT, SEARCH, is_heldout, replicates, seed_for
 
 __all__ = [
     "EXTRACTORS", "FeatureExtractor", "default_extractor_for", "get_extractor", "inception_weights_path",
     "fid_kid", "frechet_distance", "gaussian_stats", "kernel_distance",
-    "ReferenceStats", "default_cache_dir", "reference_stats",
+    "ReferenceStats", "reference_stats",
     "HELDOUT", "SEARCH", "is_heldout", "replicates", "seed_for",
 ]

@@ -9,7 +9,6 @@ rebuilt with one logged line, never used.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import os
 import re
@@ -19,14 +18,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..io import sha256_file, write_atomic, write_json_atomic
+from ..errors import DDSMError
+from ..io import cache_dir as cache_dir_default
+from ..io import read_json, sha256_file, write_atomic, write_json_atomic
 from .features import FeatureExtractor
 from .fid import fid_kid, gaussian_stats
 
 log = logging.getLogger(__name__)
 
 FORMAT, VERSION = "ddsm-search/reference", 1
-CACHE_ENV = "DDSM_SEARCH_CACHE"
 KID_ROWS = 5000  # feature rows kept for KID: clean-fid's subsets hold at most 1000, so 5000 is plenty
 
 
@@ -48,11 +48,6 @@ class ReferenceStats:
     def score(self, feats: np.ndarray, *, kid: bool = True, seed: int = 0) -> dict:
         """Return {fid, kid, kid_std} of a feature matrix against these statistics."""
         return fid_kid(feats, self.mu, self.sigma, self.feats, kid=kid, seed=seed)
-
-
-def default_cache_dir() -> Path:
-    """Return the cache directory: $DDSM_SEARCH_CACHE, else ~/.cache/ddsm-search."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "ddsm-search").expanduser()
 
 
 def images_sha256(images: torch.Tensor) -> str:
@@ -85,8 +80,8 @@ def _read(stem: Path, key: dict) -> tuple[ReferenceStats | None, str]:
     if not meta_path.is_file() or not arrays_path.is_file():
         return None, "missing"
     try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError):
+        meta = read_json(meta_path)
+    except DDSMError:
         return None, "corrupt (unreadable JSON)"
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or meta.get("version") != VERSION:
         return None, "stale (another format version)"
@@ -132,7 +127,7 @@ def reference_stats(data, *, dataset: str, split: str, extractor: FeatureExtract
     key = {"dataset": dataset, "split": split, "extractor": extractor.key, "extractor_name": extractor.name,
            "requested": "all" if n is None else str(n), "count": count,
            "images_sha256": images_sha256(data.images[:count])}
-    stem = Path(cache_dir if cache_dir is not None else default_cache_dir()).expanduser() / "reference" / _entry_stem(key)
+    stem = Path(cache_dir if cache_dir is not None else cache_dir_default()).expanduser() / "reference" / _entry_stem(key)
     stats, why = _read(stem, key)
     if stats is not None:
         return stats

@@ -21,7 +21,7 @@ def heldout_front(run: str | Path, n: int, *, device: str = "cpu", supernet: str
     from scipy.stats import spearmanr
     from tqdm.auto import tqdm
 
-    from ..deploy.export import supernet_of_run
+    from ..search.results import supernet_of_run
 
     info = run_info(run)
     metric = info["search"]["metric"]
@@ -32,7 +32,7 @@ def heldout_front(run: str | Path, n: int, *, device: str = "cpu", supernet: str
     if todo:
         confirmer = Confirmer(supernet_of_run(run, device, supernet), info["search"], n=n, device=device,
                               cache_dir=cache_dir, boundaries=[start for start, _ in info["segments"][1:]])
-        records = [confirmer.score(list(row["subnets"]), row["exit"])
+        records = [confirmer.score(list(row["steps"]))
                    for row in tqdm(todo, desc="held-out front", unit="schedule", disable=not progress, leave=False)]
         record_heldout(run, records, "report")
         known = pd.concat([known, pd.DataFrame(records).set_index("schedule")[["fid", "kid", "drift"]]])

@@ -38,15 +38,14 @@ def plot_front(table: pd.DataFrame, path: str | Path, metric: str = "fid", chose
     front = table[table["on_front"]].sort_values("gflops")
     ax.plot(front["gflops"], front[metric], "-o", color="C0", lw=2, ms=5, label="Pareto front")
     uniform = table[table["uniform"].notna()].sort_values("gflops")
-    markers = {"full": ("o", "k"), "width": ("s", "C3"), "depth": ("^", "C4"), "exit": ("v", "C1")}
+    markers = {"full": ("o", "k"), "width": ("s", "C3"), "depth": ("^", "C4")}
     for kind, group in uniform.groupby(uniform["uniform"].map(_uniform_kind), sort=False):
         marker, color = markers.get(kind, ("D", "C5"))
         ax.scatter(group["gflops"], group[metric], marker=marker, s=50, facecolors="none", edgecolors=color, lw=1.5,
-                   label="full size" if kind == "full" else
-                   ("dynamic exit at full size" if kind == "exit" else f"uniform {kind}"), zorder=3)
+                   label="full size" if kind == "full" else f"uniform {kind}", zorder=3)
         for _, row in group.iterrows():
             if kind != "full":
-                ax.annotate(row["uniform"].split("=", 1)[-1] if kind in markers else row["uniform"],
+                ax.annotate(row["uniform"].split("=", 1)[-1] if kind != "mixed" else row["uniform"],
                             (row["gflops"], row[metric]), textcoords="offset points", xytext=(5, 4), color=color,
                             fontsize=8)
     if chosen is not None:
@@ -88,34 +87,39 @@ def _uniform_kind(label: str) -> str:
     return axes[0] if len(axes) == 1 else "mixed"
 
 
-def plot_schedule(subnets: Sequence, path: str | Path, title: str = "", space=None, exit=None,
-                  depth: dict | None = None) -> Path:
+def plot_schedule(steps: Sequence, path: str | Path, title: str = "", space=None, executed: dict | None = None) -> Path:
     """Write a schedule's value of every axis at each sampling step (noisiest step on the left), one
-    panel per axis, each panel's range that axis's choices (from `space`, a SubnetSpace, if given).
+    panel per axis, each panel's range that axis's choices (from `space`, a SubnetSpace, if given), then
+    one panel per field of its steps' extras (space.steps.Step; an early exit's threshold, say).
 
-    With an `exit` policy (exit_policy.ExitPolicy), a panel of its thresholds, and `depth` ({"mean":
-    [...], "sd": [...]} per step, measured while sampling) drawn in the depth panel: the depth each step
-    executed, its mean over images and a band of one standard deviation, under the subnet's cap.
+    `steps` may be Steps or Subnets. With `executed` (sampling.executed_summary of a dynamic plan), each
+    figure it recorded per step is drawn in the panel of the axis of that name (`depth_per_step` in the
+    depth panel): its mean over images and a band of one standard deviation, under the subnet's cap.
     """
+    from ..space.steps import Step
+
+    steps = [s if isinstance(s, Step) else Step(s) for s in steps]
+    fields = sorted({f for s in steps for f in s.fields})
+    axes = [a for a, _ in steps[0].subnet.items] + fields
     plt = _figure()
-    axes = [a for a, _ in subnets[0].items] + (["exit threshold"] if exit is not None else [])
     fig, panels = plt.subplots(len(axes), 1, figsize=(6.4, 1.2 + 1.5 * len(axes)), sharex=True, squeeze=False)
-    steps = np.arange(len(subnets))
+    x = np.arange(len(steps))
     for ax, axis in zip(panels[:, 0], axes):
-        if axis == "exit threshold":
-            values = [np.nan if t is None else t for t in exit.thresholds]
-            ax.step(steps, values, where="mid", color="C1", lw=2)
-            ax.set_ylim(0, 1.05)
-            ax.set_ylabel("exit\nthreshold")
+        if axis in fields:
+            values = [np.nan if s.get(axis) is None else float(s.get(axis)) for s in steps]
+            ax.step(x, values, where="mid", color="C1", lw=2)
+            ax.set_ylim(0, max(1.05, np.nanmax(values) * 1.08) if not np.all(np.isnan(values)) else 1.05)
+            ax.set_ylabel(axis)
             ax.grid(alpha=0.3)
             continue
-        values = [s[axis] for s in subnets]
-        label = "depth cap" if axis == "depth" and depth is not None else None
-        ax.step(steps, values, where="mid", color="C0" if axis == "width" else "C4", lw=2, label=label)
-        if axis == "depth" and depth is not None:
-            mean, sd = np.asarray(depth["mean"], dtype=float), np.asarray(depth["sd"], dtype=float)
-            ax.plot(steps, mean, "-", color="C1", lw=1.5, label="executed depth (mean over images)")
-            ax.fill_between(steps, mean - sd, mean + sd, color="C1", alpha=0.25, lw=0, label="+/- 1 sd")
+        values = [s.subnet[axis] for s in steps]
+        measured = (executed or {}).get(f"{axis}_per_step")
+        label = f"{axis} cap" if measured is not None else None
+        ax.step(x, values, where="mid", color="C0" if axis == "width" else "C4", lw=2, label=label)
+        if measured is not None:
+            mean, sd = np.asarray(measured["mean"], dtype=float), np.asarray(measured["sd"], dtype=float)
+            ax.plot(x, mean, "-", color="C1", lw=1.5, label=f"executed {axis} (mean over images)")
+            ax.fill_between(x, mean - sd, mean + sd, color="C1", alpha=0.25, lw=0, label="+/- 1 sd")
             ax.legend(fontsize=7, loc="lower right")
         top = max(space.choices(axis)) if space is not None else max(values)
         ax.set_ylim(0, top * 1.08)

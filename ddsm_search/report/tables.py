@@ -14,44 +14,46 @@ import pandas as pd
 
 from ..config import budget_gflops
 from ..errors import DDSMError
-from ..methods.early_exit.policy import ExitPolicy, parse_plan
-from ..space.subnet import Subnet
-from ..search.pareto import front_mask, fully_evaluated, hv_reference, hypervolume as _hypervolume
+from ..search.pareto import front_mask, fully_evaluated, hv_reference
+from ..search.pareto import hypervolume as _hypervolume
 from ..search.results import EVALUATIONS, GENERATIONS, read_evaluations, run_dir, run_info
+from ..space.steps import Step, parse_plan_key
+from ..space.subnet import Subnet
 
 
-def uniform_label(subnets: list[Subnet], full: Subnet, exit: ExitPolicy | None = None, step_axes=()):
-    """Return what a uniform schedule (one subnet at every step, one exit threshold if any) changes from
-    full size: 'full', 'width=0.5', 'depth=4', 'width=0.5,depth=4' or 'exit=0.8'; NaN for a schedule
-    whose subnet or threshold changes. Axes that each step's timestep decides (`step_axes`: a multi-stage
-    supernet's stage) are not part of it."""
+def uniform_label(steps: list, full: Subnet, step_axes=()):
+    """Return what a uniform schedule (one step at every step: one subnet, the same extras) changes from
+    full size: 'full', 'width=0.5', 'depth=4', 'width=0.5,depth=4' or a field's value such as
+    'exit=0.8'; NaN for a schedule whose steps change. Axes that each step's timestep decides
+    (`step_axes`: a multi-stage supernet's stage) are not part of it."""
+    steps = [s if isinstance(s, Step) else Step(s) for s in steps]  # subnets too
     if step_axes:
-        subnets = [Subnet.of(**{a: v for a, v in s.items if a not in step_axes}) for s in subnets]
-    if len(set(subnets)) != 1 or (exit is not None and len(set(exit.thresholds)) != 1):
+        steps = [s.replace(Subnet.of(**{a: v for a, v in s.subnet.items if a not in step_axes})) for s in steps]
+    if len(set(steps)) != 1:
         return np.nan
-    changed = {a: v for a, v in subnets[0].items if v != full.get(a)}
-    parts = ([Subnet.of(**changed).key] if changed else []) + ([f"exit={exit.thresholds[0]!r}"] if exit else [])
+    step = steps[0]
+    changed = {a: v for a, v in step.subnet.items if v != full.get(a)}
+    parts = ([Subnet.of(**changed).key] if changed else []) + [f"{f}={v!r}" for f, v in step.extras]
     return ",".join(parts) if parts else "full"
 
 
 def load_run(run: str | Path) -> pd.DataFrame:
-    """Return one row per evaluated schedule, with `subnets` (one Subnet per step), `exit` (its exit
-    policy, None for a static schedule; `gflops` are then those executed, `gflops_sd` their spread over
-    images), `uniform` (for a
-    schedule that runs one subnet throughout, what it changes from full size: see `uniform_label`;
-    else NaN), `fully_evaluated` (scored on the run's full sample count, not screened out) and
-    `on_front` (True for the non-dominated fully evaluated schedules on GFLOPs and the run's metric)."""
+    """Return one row per evaluated schedule, with `steps` (what each step runs: space.steps.Step; a
+    schedule with dynamic steps has its `gflops` executed, `gflops_sd` their spread over images),
+    `subnets` (one Subnet per step), `uniform` (for a schedule that runs one step throughout, what it
+    changes from full size: see `uniform_label`; else NaN), `fully_evaluated` (scored on the run's full
+    sample count, not screened out) and `on_front` (True for the non-dominated fully evaluated schedules
+    on GFLOPs and the run's metric)."""
     path = run_dir(run)
     info = run_info(path)
     search = info["search"]
     metric, samples = search["metric"], int(search["samples"])
     full = Subnet.parse(info["base"]) if isinstance(info.get("base"), str) else Subnet.of(width=1.0)
     table = read_evaluations(path / EVALUATIONS)
-    plans = table["schedule"].map(parse_plan)
-    table["subnets"] = plans.map(lambda p: p[0])
-    table["exit"] = plans.map(lambda p: p[1])
+    table["steps"] = table["schedule"].map(parse_plan_key)
+    table["subnets"] = table["steps"].map(lambda steps: [s.subnet for s in steps])
     step_axes = tuple(info.get("step_values", {}))
-    table["uniform"] = [uniform_label(s, full, e, step_axes) for s, e in zip(table["subnets"], table["exit"])]
+    table["uniform"] = [uniform_label(s, full, step_axes) for s in table["steps"]]
     table["fully_evaluated"] = fully_evaluated(table, metric, samples)
     table["on_front"] = front_mask(table, metric, samples)
     table.attrs.update(metric=metric, samples=samples, cost=info.get("cost", "dense"))

@@ -36,8 +36,9 @@ def write_report(run: str | Path, *, budget: str | None = "50%", device: str = "
     Everything the report needs is read and checked first (run files, budget, supernet), so a bad
     input writes no plot.
     """
-    from ..deploy.export import supernet_of_run
-    from ..sampling import generate
+    from ..sampling import Runtime, executed_summary, generate
+    from ..search.results import supernet_of_run
+    from ..space.steps import ExecutedRecord
 
     run = Path(run)
     if budget is not None:
@@ -63,24 +64,17 @@ def write_report(run: str | Path, *, budget: str | None = "50%", device: str = "
         print(f"{len(table)} schedules evaluated, {int(table['on_front'].sum())} on the front ({cost_note(table)}):")
         print(format_front(table))
     if chosen is not None:
-        subnets, exit = list(chosen["subnets"]), chosen["exit"]
-        title = f"best within {budget}: {chosen['gflops']:.3f} GFLOPs ({chosen['flops_share']:.0%}), {metric.upper()} {chosen[metric]:.3f}"
         q = info["search"]
-        kwargs = dict(n=n_grid, seed=0, sampler=q["sampler"], eta=float(q["eta"]), device=device)
-        depth = None
-        if exit is not None:  # the depth each step executed, on the same images as the grid
-            from ..methods.early_exit.policy import ExitRecord
-            from ..methods.early_exit.finetune import executed, load_exit_heads
-
-            record = ExitRecord()
-            images = generate(net.model, net.config.diffusion, subnets, **kwargs, exit=exit,
-                              heads=load_exit_heads(net, device), record=record)
-            depth = executed(net, subnets, record, n_grid)["depth_per_step"]
-            title += f"\nexecuted depth over {n_grid} images (mean, sd)"
-        else:
-            images = generate(net.model, net.config.diffusion, subnets, **kwargs)
-        paths.append(plot_schedule(subnets, out / "schedule.png", title, net.model.space, exit, depth))
-        full = generate(net.model, net.config.diffusion, [net.model.full] * len(subnets), **kwargs)
+        runtime = Runtime(net, device=device)
+        plan = runtime.plan(list(chosen["steps"]), sampler=q["sampler"], eta=float(q["eta"]))
+        title = f"best within {budget}: {chosen['gflops']:.3f} GFLOPs ({chosen['flops_share']:.0%}), {metric.upper()} {chosen[metric]:.3f}"
+        record = ExecutedRecord()  # what dynamic steps executed, on the same images as the grid
+        images = generate(plan, n=n_grid, seed=0, record=record)
+        executed = executed_summary(plan, record, n_grid) if plan.dynamic else None
+        if executed is not None:
+            title += f"\nexecuted per step over {n_grid} images (mean, sd)"
+        paths.append(plot_schedule(list(plan.steps), out / "schedule.png", title, net.model.space, executed))
+        full = generate(plan.full(), n=n_grid, seed=0)
         paths.append(plot_grids(images, full, out / "samples.png",
                                 (f"schedule ({chosen['flops_share']:.0%} of the FLOPs)", "full size, same noise")))
     if heldout:

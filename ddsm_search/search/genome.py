@@ -2,11 +2,11 @@
 
 Segment i covers a fixed run of consecutive sampling steps (noisiest first); on it every searched
 axis has one gene, an index into that axis's choices (largest first). Axes that are not searched stay
-at their full value. The genome is axis-major: all width genes, then all depth genes. With exit
-thresholds (AdaDiff's dynamic exit on a DiT), one more gene per segment follows: 0 is "off" (the
-static subnet), i > 0 the i-th threshold, highest (most blocks run) first; the depth gene is then the
-cap the exit may not pass. Encoding and decoding are exact for every schedule (and exit policy) that
-is constant on each segment.
+at their full value. The genome is axis-major: all width genes, then all depth genes. Method families
+may add genes per segment for their step field (space.plugins `genes`), after the axes' genes, in the
+table's order: early exit's threshold gene (0 is "off", i > 0 the i-th threshold, highest first; the
+depth gene is then the cap the exit may not pass). Encoding and decoding are exact for every schedule
+that is constant on each segment.
 
 A supernet whose space has a step axis (a multi-stage U-Net's stage) gets no gene for it: each step's
 value is fixed by the sampler's timestep (`step_values`, from `for_supernet`), so a segment that
@@ -22,7 +22,8 @@ from typing import Sequence
 import numpy as np
 
 from ..errors import DDSMError
-from ..methods.early_exit.policy import ExitPolicy
+from ..space.plugins import families
+from ..space.steps import Step
 from ..space.subnet import Subnet, SubnetSpace
 
 Genome = tuple[int, ...]
@@ -36,15 +37,11 @@ class SearchSpace:
     base: Subnet  # every axis of the supernet at the value it keeps when not searched (full)
     steps: int
     segments: int
-    thresholds: tuple[float, ...] = ()  # exit thresholds searched per segment, highest first (none: static)
-    exit_depths: tuple[int, ...] = ()  # the supernet's depth choices: where an image may exit
+    genes: tuple = ()  # method families' genes per segment (space.plugins: Genes), in the table's order
     step_axis: str | None = None  # an axis each step's timestep decides (a multi-stage U-Net's stage), not searched
     step_values: tuple[int, ...] = ()  # its value at each step
 
     def __post_init__(self):
-        object.__setattr__(self, "thresholds", tuple(sorted({float(t) for t in self.thresholds}, reverse=True)))
-        if self.thresholds and "depth" not in self.base.as_dict():
-            raise DDSMError("search.exit_thresholds: early exit needs a supernet with a depth axis (a DiT)")
         if not self.searched.axes:
             raise DDSMError("search.axes: needs at least one axis")
         if not 1 <= self.segments <= self.steps:
@@ -55,11 +52,10 @@ class SearchSpace:
 
     @classmethod
     def of(cls, supernet_space: SubnetSpace, steps: int, segments: int, axes: Sequence[str] | None = None,
-           choices: dict | None = None, exit_thresholds: Sequence[float] | None = None,
-           step_values: Sequence[int] | None = None) -> "SearchSpace":
+           choices: dict | None = None, genes: Sequence = (), step_values: Sequence[int] | None = None) -> "SearchSpace":
         """Return the space searching `axes` (default: all of the supernet's but its step axis) with
-        `choices` (default: all), an exit threshold per segment if `exit_thresholds` are given, and, for a
-        supernet with a step axis, its value at each step (`step_values`)."""
+        `choices` (default: all), method families' `genes` per segment, and, for a supernet with a step
+        axis, its value at each step (`step_values`)."""
         step_axis = supernet_space.step_axis
         if step_axis is not None and (step_axis in (axes or ()) or step_axis in (choices or {})):
             raise DDSMError(f"search.axes: the {step_axis} follows each step's timestep; it is not searched")
@@ -72,14 +68,14 @@ class SearchSpace:
             mine = supernet_space.choices(axis)
             wanted = (choices or {}).get(axis)
             picked[axis] = mine if wanted is None else [supernet_space.check({axis: v})[axis] for v in wanted]
-        depths = supernet_space.choices("depth") if "depth" in supernet_space.names else ()
-        return cls(SubnetSpace.of(picked), supernet_space.full, steps, segments, tuple(exit_thresholds or ()),
-                   tuple(depths), step_axis, tuple(step_values or ()))
+        return cls(SubnetSpace.of(picked), supernet_space.full, steps, segments, tuple(genes), step_axis,
+                   tuple(step_values or ()))
 
     @classmethod
     def of_search(cls, supernet_space: SubnetSpace, q, step_values: Sequence[int] | None = None) -> "SearchSpace":
-        """Return the space a SearchConfig describes."""
-        return cls.of(supernet_space, q.steps, q.segments, q.axes, q.choices, q.exit_thresholds, step_values)
+        """Return the space a SearchConfig describes (with the genes its method families add)."""
+        genes = [g for f in families() if (g := f.genes(supernet_space, q)) is not None]
+        return cls.of(supernet_space, q.steps, q.segments, q.axes, q.choices, genes, step_values)
 
     @classmethod
     def for_supernet(cls, supernet, q) -> "SearchSpace":
@@ -105,13 +101,13 @@ class SearchSpace:
     @property
     def gene_choices(self) -> list[int]:
         """Return the number of choices of each gene, in genome order."""
-        exit = [len(self.thresholds) + 1] * self.segments if self.thresholds else []
-        return [len(self.searched.choices(a)) for a in self.axes for _ in range(self.segments)] + exit
+        extra = [g.choices for g in self.genes for _ in range(self.segments)]
+        return [len(self.searched.choices(a)) for a in self.axes for _ in range(self.segments)] + extra
 
     @property
     def n_genes(self) -> int:
         """Return the genome length."""
-        return (len(self.axes) + bool(self.thresholds)) * self.segments
+        return (len(self.axes) + len(self.genes)) * self.segments
 
     @property
     def size(self) -> int:
@@ -144,26 +140,20 @@ class SearchSpace:
         if len(genome) != self.n_genes or not all(0 <= int(g) < n for g, n in zip(genome, counts)):
             raise DDSMError(f"genome {tuple(genome)} does not fit {self.n_genes} genes with {counts} choices")
 
-    def exit(self, genome: Sequence[int]) -> ExitPolicy | None:
-        """Return the exit policy a genome stands for (None if every segment is static). A segment whose
-        depth cap is the supernet's shallowest depth is static whatever its gene: several genomes then
-        stand for one schedule, which the search evaluates once (by its key)."""
-        self._check(genome)
-        if not self.thresholds:
-            return None
-        genes, subnets = genome[len(self.axes) * self.segments:], self.decode(genome)
-        shallowest = min(self.exit_depths, default=0)
-        per_step: list[float | None] = []
-        for gene, (start, stop) in zip(genes, self.bounds):
-            # a cap at the shallowest depth leaves nowhere to exit before it: the static subnet, one key
-            static = int(gene) == 0 or subnets[start]["depth"] <= shallowest
-            per_step += [None if static else self.thresholds[int(gene) - 1]] * (stop - start)
-        policy = ExitPolicy(tuple(per_step))
-        return policy if policy.dynamic else None
-
-    def plan(self, genome: Sequence[int]) -> tuple[list[Subnet], ExitPolicy | None]:
-        """Return (the subnets per step, the exit policy or None) a genome stands for."""
-        return self.decode(genome), self.exit(genome)
+    def plan(self, genome: Sequence[int]) -> list[Step]:
+        """Return the steps a genome stands for: its subnets, and the values its families' genes decode
+        (a value may depend on the segment's subnet: several genomes may then stand for one schedule,
+        which the search evaluates once, by its key)."""
+        subnets = self.decode(genome)
+        values: dict[str, list] = {}
+        for k, genes in enumerate(self.genes):
+            offset = (len(self.axes) + k) * self.segments
+            per_step = []
+            for seg, (start, stop) in enumerate(self.bounds):
+                per_step += [genes.decode(genome[offset + seg], subnets[start])] * (stop - start)
+            if any(v is not None for v in per_step):
+                values[genes.field] = per_step
+        return [Step.of(s, **{f: v[i] for f, v in values.items()}) for i, s in enumerate(subnets)]
 
     def decode(self, genome: Sequence[int]) -> list[Subnet]:
         """Return the schedule (one subnet per sampling step) a genome stands for."""
@@ -174,23 +164,24 @@ class SearchSpace:
             schedule += [self.at_step(self.subnet(values), i) for i in range(start, stop)]
         return schedule
 
-    def encode(self, schedule: Sequence[Subnet], exit: ExitPolicy | None = None) -> Genome:
-        """Return the genome of a schedule (and exit policy) that is constant on every segment and keeps
+    def encode(self, schedule: Sequence) -> Genome:
+        """Return the genome of a schedule (steps, or subnets) that is constant on every segment and keeps
         unsearched axes at base."""
         if len(schedule) != self.steps:
             raise DDSMError(f"the schedule has {len(schedule)} subnets but the search samples {self.steps} steps")
+        steps = [s if isinstance(s, Step) else Step(s) for s in schedule]
         genome = [0] * self.n_genes
-        if exit is not None and exit.dynamic:
-            if not self.thresholds:
-                raise DDSMError("this search space has no exit thresholds (search.exit_thresholds)")
+        fields = {g.field: k for k, g in enumerate(self.genes)}
+        unknown = sorted({f for s in steps for f in s.fields} - set(fields))
+        if unknown:
+            raise DDSMError(f"this search space has no genes for the steps' {unknown[0]} (search settings of its family)")
+        for name, k in fields.items():
             for seg, (start, stop) in enumerate(self.bounds):
-                distinct = set(exit.thresholds[start:stop])
+                distinct = {s.get(name) for s in steps[start:stop]}
                 if len(distinct) != 1:
-                    raise DDSMError(f"steps {start}..{stop - 1} use several exit thresholds; one segment has one")
-                t = distinct.pop()
-                if t is not None and t not in self.thresholds:
-                    raise DDSMError(f"exit threshold {t!r} is not a search choice ({', '.join(map(repr, self.thresholds))})")
-                genome[len(self.axes) * self.segments + seg] = 0 if t is None else self.thresholds.index(t) + 1
+                    raise DDSMError(f"steps {start}..{stop - 1} use several values of {name}; one segment has one")
+                genome[(len(self.axes) + k) * self.segments + seg] = self.genes[k].encode(distinct.pop())
+        schedule = [s.subnet for s in steps]
         for seg, (start, stop) in enumerate(self.bounds):
             distinct = set(self._off_step(s, i) for i, s in enumerate(schedule[start:stop], start))
             if len(distinct) != 1:
@@ -225,8 +216,8 @@ class SearchSpace:
 
     def uniform(self) -> list[Genome]:
         """Return the genomes of the uniform schedules of every axis: each choice of one axis at every
-        step, the other searched axes at their largest (full size first, once); then, with exit
-        thresholds, full size with each threshold at every step."""
+        step, the other searched axes at their largest (full size first, once); then, for each family's
+        genes, full size with each of its sweep's genes at every step (early exit: each threshold)."""
         out: list[Genome] = []
         for k, axis in enumerate(self.axes):
             for i in range(len(self.searched.choices(axis))):
@@ -234,10 +225,12 @@ class SearchSpace:
                 genome[k * self.segments:(k + 1) * self.segments] = [i] * self.segments
                 if tuple(genome) not in out:
                     out.append(tuple(genome))
-        for i in range(1, len(self.thresholds) + 1):  # the threshold sweep at full size
-            genome = [0] * self.n_genes
-            genome[len(self.axes) * self.segments:] = [i] * self.segments
-            out.append(tuple(genome))
+        for k, genes in enumerate(self.genes):  # each family's sweep at full size
+            offset = (len(self.axes) + k) * self.segments
+            for gene in genes.sweep():
+                genome = [0] * self.n_genes
+                genome[offset:offset + self.segments] = [gene] * self.segments
+                out.append(tuple(genome))
         return out
 
     def random(self, n: int, rng: np.random.Generator) -> list[Genome]:

@@ -6,15 +6,14 @@ whole files, and `--resume` finds every finished evaluation on disk.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pandas as pd
 
-from ..errors import DDSMError
-from ..io import write_atomic, write_json_atomic
 from ..checkpoint import load_supernet
-from ..methods.early_exit.policy import canonical_plan_key
+from ..errors import DDSMError
+from ..io import read_json, write_atomic, write_json_atomic
+from ..space.steps import canonical_plan_key
 
 EVALUATIONS, GENERATIONS, FRONT, RUN = "evaluations.csv", "generations.csv", "front.csv", "run.json"
 COLUMNS = ["schedule", "genome", "gflops", "gflops_sd", "flops_share", "fid", "kid", "drift", "samples", "seed_set", "generation",
@@ -89,13 +88,8 @@ class RunFiles:
 
 def read_run_json(path: Path) -> dict:
     """Return a run's run.json, or raise DDSMError saying why it cannot be read."""
-    try:
-        info = json.loads(Path(path).read_text())
-    except UnicodeDecodeError:
-        raise DDSMError(f"{path} is not a text file") from None
-    except json.JSONDecodeError as exc:
-        raise DDSMError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
-    if not isinstance(info, dict) or info.get("format") != "ddsm-search/search-run":
+    info = read_json(path)
+    if info.get("format") != "ddsm-search/search-run":
         raise DDSMError(f"{path} is not a ddsm-search search run file")
     search = info.get("search")
     if (not isinstance(search, dict) or search.get("metric") not in ("fid", "kid", "drift")

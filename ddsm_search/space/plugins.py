@@ -6,7 +6,7 @@ A method family (a folder under `ddsm_search/methods/`) exposes one `MethodFamil
 - schedule settings: the key a family owns in a schedule file's `settings` (read, write, check
   against the supernet), and the per-step values it gives the schedule's steps (its step `field`);
 - step runtime: the static network a step runs (`network`, e.g. a group's fine-tuned copy) and what
-  wraps it (`wrap`, e.g. a per-image early exit with its heads), made once per `space.plan.Runtime`;
+  wraps it (`wrap`, e.g. a per-image early exit with its heads), made once per `sampling.Runtime`;
 - supernet add-on files: files kept beside a supernet (masks, heads) read when it loads, or listed;
 - training: a hook into every training step (sparse masks);
 - search genes and seeds: genes per segment for its field, and genomes for the first generation;
@@ -36,6 +36,7 @@ class MethodFamily:
     setting: str | None = None  # the key it owns in a schedule file's settings
     field: str | None = None  # the name of its per-step value in a Step (and in plan keys)
     addons: tuple[str, ...] = ()  # files it may keep beside a supernet
+    dynamic: bool = False  # its field decides per image, while sampling, how much network a step runs
 
     # -- schedule settings -------------------------------------------------------------------------
     def read_setting(self, value, steps: int, where: str):

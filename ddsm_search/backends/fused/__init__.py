@@ -62,10 +62,10 @@ class _Slot(ctypes.Structure):
 
 
 def cache_dir() -> Path:
-    """Return where built kernels are kept: $DDSM_SEARCH_CACHE, else $XDG_CACHE_HOME/ddsm-search, else ~/.cache."""
-    if os.environ.get("DDSM_SEARCH_CACHE"):
-        return Path(os.environ["DDSM_SEARCH_CACHE"]) / "kernels"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ddsm-search" / "kernels"
+    """Return where built kernels are kept: the package's cache folder (io.cache_dir) / kernels."""
+    from ...io import cache_dir as root
+
+    return root() / "kernels"
 
 
 def _cpu_ok() -> str:

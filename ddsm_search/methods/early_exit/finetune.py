@@ -15,7 +15,6 @@ SHA-256, the heads' SHA-256, the settings and the last losses), written atomical
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -24,7 +23,7 @@ from tqdm.auto import tqdm
 from ...checkpoint import Supernet, load_supernet
 from ...diffusion import NoiseSchedule
 from ...errors import DDSMError
-from ...io import sha256_file, write_atomic, write_json_atomic
+from ...io import read_json, sha256_file, write_atomic, write_json_atomic
 
 HEADS, HEADS_META = "exit_heads.safetensors", "exit_heads.json"
 FORMAT = "ddsm-search/exit-heads"
@@ -39,15 +38,15 @@ def _require_dit(supernet: Supernet) -> None:
 def finetune_exit(supernet_dir: str | Path, *, steps: int = 500, batch_size: int = 64, lr: float = 1e-3,
                   seed: int = 0, device: str = "cpu", progress: bool = True) -> Path:
     """Train certainty heads on the frozen supernet with AdaDiff's loss; write them beside it; return the JSON path."""
+    from ...data import load_data
     from .heads import CertaintyHeads, adadiff_loss
-    from ...training import load_training_data
 
     if steps < 1 or batch_size < 1 or not lr > 0:
         raise DDSMError("finetune-exit: --steps and --batch-size must be at least 1 and --lr positive")
     supernet = load_supernet(supernet_dir, device)
     _require_dit(supernet)
     model, cfg = supernet.model, supernet.config
-    data = load_training_data(cfg)
+    data = load_data(cfg.data)
     torch.manual_seed(seed)
     heads = CertaintyHeads(cfg.model.hidden_size, cfg.model.blocks).to(device)
     opt = torch.optim.AdamW(heads.parameters(), lr=lr)
@@ -107,11 +106,8 @@ def _checked_heads(supernet: Supernet) -> Path:
     path = Path(supernet.path)
     if not (path / HEADS_META).is_file():
         raise DDSMError(f"{path} has no exit heads; train them with 'ddsm-search finetune-exit {path}'")
-    try:
-        meta = json.loads((path / HEADS_META).read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise DDSMError(f"{path / HEADS_META} is not valid JSON") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    meta = read_json(path / HEADS_META)
+    if meta.get("format") != FORMAT:
         raise DDSMError(f"{path / HEADS_META} is not a ddsm-search exit-heads file")
     if meta.get("supernet_sha256") != supernet.sha256:
         raise DDSMError(f"the exit heads in {path} were trained for another supernet; run finetune-exit again")
@@ -136,20 +132,3 @@ def load_exit_heads(supernet: Supernet, device: str = "cpu"):
 def heads_sha256(supernet: Supernet) -> str:
     """Return the SHA-256 of the exit heads kept beside `supernet` (checked), for a schedule to name them."""
     return sha256_file(_checked_heads(supernet))
-
-
-def executed(supernet: Supernet, subnets, record, n: int) -> dict:
-    """Return what a schedule executed per image over a sampling run of n images whose dynamic steps
-    wrote `record`: FLOPs per image (mean, sd, min, max; heads included) and depth per step (mean, sd)."""
-    subnets = [supernet.model.check_subnet(s) for s in subnets]
-    flops = record.per_image([supernet.flops[s] for s in subnets], n)
-    depths = record.depth_per_step([s.get("depth", 0) for s in subnets], n)
-    return {"flops_per_image": {"mean": float(flops.mean()), "sd": float(flops.std(unbiased=False)),
-                                "min": float(flops.min()), "max": float(flops.max()), "images": n},
-            "depth_per_step": depths, "per_image": flops}
-
-
-def describe(flops: torch.Tensor, full: float) -> str:
-    """Return 'mean +/- sd GFLOPs per image (share of full size)' for executed FLOPs."""
-    return (f"{flops.mean() / 1e9:.4f} +/- {flops.std(unbiased=False) / 1e9:.4f} GFLOPs executed per image "
-            f"({float(flops.mean()) / full:.0%} of full size)")

@@ -167,10 +167,11 @@ class DynamicExitDenoiser:
         self._log.append((depths.cpu(), self.last_flops))
         return out
 
-    def drain(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return the depths and executed FLOPs per image of every call since the last drain, in call
-        order (a sampling step split into chunks gives its images in order), and forget them."""
+    def drain(self) -> tuple[torch.Tensor, dict]:
+        """Return the executed FLOPs per image of every call since the last drain, in call order (a
+        sampling step split into chunks gives its images in order), with {"depth": blocks run per
+        image}, and forget them (space.steps.ExecutedRecord keeps them per step)."""
         log, self._log = self._log, []
         if not log:
-            return torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.float64)
-        return torch.cat([d for d, _ in log]), torch.cat([f for _, f in log])
+            return torch.zeros(0, dtype=torch.float64), {"depth": torch.zeros(0, dtype=torch.long)}
+        return torch.cat([f for _, f in log]), {"depth": torch.cat([d for d, _ in log])}

@@ -33,8 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from ...config import ExperimentConfig, load_config
-from ...data import ImageData, dataset_key, load_dataset
-from ...diffusion import NoiseSchedule
+from ...data import ImageData, data_key, load_data
+from ...diffusion import NoiseSchedule, log_snr
 from ...errors import DDSMError
 from ...io import write_atomic, write_json_atomic
 
@@ -88,12 +88,6 @@ def optimal_denoiser(x_t: torch.Tensor, t, data: ImageData | torch.Tensor, alpha
             m = m_new
         out[q:q + rows] = acc / total
     return out.reshape(x_t.shape).to(x_t.dtype)
-
-
-def log_snr(alphas_cumprod) -> np.ndarray:
-    """Return log SNR = log(abar / (1 - abar)) per timestep."""
-    a = np.asarray(torch.as_tensor(alphas_cumprod, dtype=torch.float64))
-    return np.log(a) - np.log1p(-a)
 
 
 def grid_timesteps(num_timesteps: int, grid: int) -> list[int]:
@@ -343,7 +337,7 @@ def find_stages(cfg: ExperimentConfig | str | Path, k: int, cost: str = "denoise
     if cost == "logsnr":
         matrix = logsnr_cost(timesteps, abar)
     else:
-        data = load_dataset(d.kind, d.path, split=d.split, image_size=d.image_size, channels=d.channels, limit=d.limit)
+        data = load_data(d)
         if cost == "denoiser":
             matrix = denoiser_cost(data, timesteps, abar, samples=samples, seed=seed, metric=metric)
         else:
@@ -353,7 +347,7 @@ def find_stages(cfg: ExperimentConfig | str | Path, k: int, cost: str = "denoise
     stops = [t - 1 for t in split["boundary_timesteps"]] + [T - 1]
     return {
         "format": FORMAT, "version": VERSION, "experiment": cfg.name,
-        "dataset": dataset_key(d.kind, d.path, d.split, d.image_size, d.channels),
+        "dataset": data_key(d),
         "images": None if data is None else len(data), "diffusion": cfg.to_dict()["diffusion"],
         "cost": cost, "metric": metric if cost == "denoiser" else None, "segment_cost": segment_cost,
         "balance": balance, "k": int(k), "samples": samples if cost != "logsnr" else None, "seed": seed,

@@ -12,8 +12,6 @@ block_out_channels that are whole multiples of the first.
 from __future__ import annotations
 
 import inspect
-import json
-from pathlib import Path
 
 from ...config import DiffusionConfig, UNetConfig
 from ...errors import DDSMError
@@ -21,19 +19,6 @@ from ...errors import DDSMError
 DOWN_BLOCKS = ("DownBlock2D", "AttnDownBlock2D")
 UP_BLOCKS = ("UpBlock2D", "AttnUpBlock2D")
 ATTENTION_BLOCKS = ("AttnDownBlock2D", "AttnUpBlock2D")
-
-
-def read_json(path: Path, what: str) -> dict:
-    """Return the JSON object in `path`, or raise DDSMError saying what is wrong with it."""
-    try:
-        data = json.loads(path.read_text())
-    except UnicodeDecodeError:
-        raise DDSMError(f"{path} is not a text file (expected {what})") from None
-    except json.JSONDecodeError as exc:
-        raise DDSMError(f"{path} is not valid JSON: {exc.msg} at line {exc.lineno}") from None
-    if not isinstance(data, dict):
-        raise DDSMError(f"{path} is not a JSON object (expected {what})")
-    return data
 
 
 def unet2d_class():

@@ -26,8 +26,8 @@ from torch import nn
 
 from ...config import DataConfig, ExperimentConfig, UNetConfig, config_from_dict, load_config
 from ...errors import DDSMError
-from ...io import write_json_atomic
-from .diffusers_config import diffusion_config, read_json, unet2d_class, unet_config
+from ...io import read_json, write_json_atomic
+from .diffusers_config import diffusion_config, unet2d_class, unet_config
 
 __all__ = ["DEFAULT_WIDTHS", "IMPORT_FILE", "copy_weights", "differences", "import_diffusers", "locate"]
 
@@ -246,7 +246,7 @@ def _target(out_dir: str | Path) -> Path:
 def _write(out: Path, cfg: ExperimentConfig, model, flops, record: dict) -> Path:
     """Write the supernet into a temporary folder beside `out` and rename it into place."""
     from ...checkpoint import save_supernet
-    from ...data import dataset_key
+    from ...data import data_key
 
     tmp = out.parent / f".{out.name}.importing-{os.getpid()}"
     if tmp.exists():
@@ -256,7 +256,7 @@ def _write(out: Path, cfg: ExperimentConfig, model, flops, record: dict) -> Path
         write_json_atomic(tmp / IMPORT_FILE, record)
         d = cfg.data
         save_supernet(tmp, config=cfg, ema=model, train_state=_train_state(model, cfg.train.seed), step=0,
-                      flops=flops, dataset=dataset_key(d.kind, d.path, d.split, d.image_size, d.channels))
+                      flops=flops, dataset=data_key(d))
         os.replace(tmp, out)
     finally:
         if tmp.exists():
@@ -271,14 +271,14 @@ def import_diffusers(model_dir: str | Path, out_dir: str | Path, *, widths=DEFAU
     with `importance` > 0, order its channels by Taylor importance on that many training images first.
     The experiment's other sections come from `config` (a YAML path or config), the noise process from
     the pipeline's scheduler where there is one. Return the supernet directory."""
-    from ...backbones.registry import build_supernet
     from ...backbones.cost import flops_table
+    from ...backbones.registry import build_supernet
 
     out = _target(out_dir)
     unet_dir, scheduler = locate(model_dir)
-    model_cfg, shape = unet_config(read_json(unet_dir / "config.json", "a UNet2DModel config"), tuple(widths),
+    model_cfg, shape = unet_config(read_json(unet_dir / "config.json", "UNet2DModel config"), tuple(widths),
                                    image_size)
-    diffusion = diffusion_config(read_json(scheduler, "a scheduler config") if scheduler else None)
+    diffusion = diffusion_config(read_json(scheduler, "scheduler config") if scheduler else None)
     base = load_config(config) if isinstance(config, (str, Path)) else config
     cfg = experiment(model_cfg, shape, diffusion, name or out.name or "imported", base)
     theirs = load_diffusers(unet_dir)
@@ -287,15 +287,13 @@ def import_diffusers(model_dir: str | Path, out_dir: str | Path, *, widths=DEFAU
         ours = build_supernet(cfg.model, shape).eval()
     copy_weights(theirs, ours)
     steps = sorted({0, cfg.diffusion.timesteps // 2, cfg.diffusion.timesteps - 1})
-    record = {"source": str(Path(model_dir).resolve()), "diffusers_config": read_json(unet_dir / "config.json", ""),
+    record = {"source": str(Path(model_dir).resolve()), "diffusers_config": read_json(unet_dir / "config.json"),
               "scheduler": str(scheduler) if scheduler else None}
     if importance > 0:
-        from ...data import load_dataset
+        from ...data import load_data
         from .importance import reorder_by_importance
 
-        d = cfg.data
-        data = load_dataset(d.kind, d.path, split=d.split, image_size=d.image_size, channels=d.channels,
-                            limit=d.limit)
+        data = load_data(cfg.data)
         record["importance"] = reorder_by_importance(ours, data, cfg.diffusion, images=importance,
                                                      seed=cfg.train.seed)
         if progress:

@@ -40,9 +40,9 @@ from tqdm.auto import tqdm
 from ...config import DiffusionConfig
 from ...diffusion import NoiseSchedule, sampling_timesteps
 from ...errors import DDSMError
-from .weights import GroupWeights, WeightGroup
 from ...io import write_atomic
 from ...space.subnet import Subnet
+from .weights import GroupWeights, WeightGroup
 
 
 def plan_groups(subnets: Sequence[Subnet], diffusion: DiffusionConfig,
@@ -53,7 +53,8 @@ def plan_groups(subnets: Sequence[Subnet], diffusion: DiffusionConfig,
     timesteps = sampling_timesteps(T, len(subnets))
     label = [0] * len(subnets)
     if snr_groups:
-        from .groups import group_index, snr_groups as find
+        from .groups import group_index
+        from .groups import snr_groups as find
 
         found = find(diffusion, snr_groups)
         label = [group_index(found, t) for t in timesteps]
@@ -113,23 +114,25 @@ def finetune_schedule(schedule_path: str | Path, supernet_dir: str | Path, out: 
     names them (`out`); return what was written. Groups not in `only` (if given) keep the supernet's
     weights for their subnet."""
     from ...checkpoint import load_supernet
+    from ...data import load_data
     from ...schedule import check_against, load_schedule
-    from ...training import load_training_data
+    from ...space.plugins import family_of_field
 
     out = Path(out)
     check_finetune_args(out, steps, batch_size, lr, distill, snr_groups)
     supernet = load_supernet(supernet_dir, device)
     schedule = load_schedule(schedule_path, supernet)
-    if schedule.exit is not None and schedule.exit.dynamic:
-        raise DDSMError(f"schedule {schedule_path} has an exit policy: fine-tuned group weights and early exit "
-                        "together are not supported (the exit heads were trained on the supernet's weights)")
+    dynamic = sorted({f for s in schedule.step_keys() for f in s.fields if family_of_field(f).dynamic})
+    if dynamic:
+        raise DDSMError(f"schedule {schedule_path} has steps whose {dynamic[0]} is decided per image: fine-tuned group "
+                        "weights and it together are not supported (its parts were trained on the supernet's weights)")
     model, cfg = supernet.model, supernet.config
     timesteps = sampling_timesteps(cfg.diffusion.timesteps, schedule.steps)
     subnets = model.step_subnets(schedule.subnets, timesteps)  # what each step runs (a stage: from its t)
     groups = plan_groups(subnets, cfg.diffusion, snr_groups)
     if only is not None and not set(only) <= set(range(len(groups))):
         raise DDSMError(f"finetune: only groups {sorted(set(only))} asked for, the schedule has {len(groups)}")
-    data = load_training_data(cfg)
+    data = load_data(cfg.data)
     noise_schedule = NoiseSchedule(cfg.diffusion)
     networks, losses, teachers = {}, {}, {}
     for k, group in enumerate(groups):
@@ -141,9 +144,8 @@ def finetune_schedule(schedule_path: str | Path, supernet_dir: str | Path, out: 
                 teachers[full] = model.export(full).to(device).eval().requires_grad_(False)
             teacher = teachers[full]
         if only is None or k in only:
-            losses[k] = _train_group(net, group, k, data, noise_schedule, cfg, teacher, steps=steps, lr=lr,
-                                     batch_size=batch_size, distill=distill, seed=seed, device=device,
-                                     progress=progress)
+            losses[k] = _train_group(net, group, k, (data, noise_schedule, cfg), teacher,
+                                     GroupTraining(steps, lr, batch_size, distill, seed), device, progress)
         else:
             losses[k] = math.nan
         networks[k] = net.eval().requires_grad_(False)
@@ -162,7 +164,7 @@ def finetune_schedule(schedule_path: str | Path, supernet_dir: str | Path, out: 
     extra = dict(schedule.extra)
     if "quality" in extra:  # measured with the supernet's weights, not with these
         extra["quality_before_finetune"] = extra.pop("quality")
-    result = replace(schedule, weights=weights, extra=extra)
+    result = replace(schedule, settings={**schedule.settings, "weights": weights}, extra=extra)
     check_against(result, supernet, out)
     data_out = result.to_dict(supernet, out.parent)  # everything checked and built before the first write
     write_atomic(target, lambda tmp: tmp.write_bytes(blob))
@@ -172,10 +174,23 @@ def finetune_schedule(schedule_path: str | Path, supernet_dir: str | Path, out: 
     return FinetuneResult(schedule=out, weights=target, groups=groups, networks=networks, losses=losses)
 
 
-def _train_group(net: torch.nn.Module, group: WeightGroup, k: int, data, noise_schedule: NoiseSchedule, cfg,
-                 teacher, *, steps: int, lr: float, batch_size: int, distill: float, seed: int, device: str,
-                 progress: bool) -> float:
-    """Train one group's network in place on its timesteps; return its mean loss over the last 10 steps."""
+@dataclass(frozen=True)
+class GroupTraining:
+    """How every group is fine-tuned: steps, AdamW's rate, batch size, distillation weight, seed."""
+
+    steps: int
+    lr: float
+    batch_size: int
+    distill: float
+    seed: int
+
+
+def _train_group(net: torch.nn.Module, group: WeightGroup, k: int, source: tuple, teacher, how: GroupTraining,
+                 device: str, progress: bool) -> float:
+    """Train one group's network in place on its timesteps (`source`: the training images, the noise
+    schedule and the supernet's config); return its mean loss over the last 10 steps."""
+    data, noise_schedule, cfg = source
+    steps, lr, batch_size, distill, seed = how.steps, how.lr, how.batch_size, how.distill, how.seed
     g = torch.Generator().manual_seed(group_seed(seed, k))
     torch.manual_seed(group_seed(seed, k))  # dropout, if the model has any
     net.train().requires_grad_(True)

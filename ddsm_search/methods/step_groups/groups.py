@@ -64,18 +64,12 @@ class TimestepGroup:
         return self.last - self.first + 1
 
 
-def log_snr(diffusion: DiffusionConfig) -> np.ndarray:
-    """Return log(abar_t / (1 - abar_t)) for t = 0 .. T-1 (float64, strictly falling)."""
-    abar = NoiseSchedule(diffusion).alphas_cumprod.numpy()
-    return np.log(abar) - np.log1p(-abar)
-
-
 def snr_groups(diffusion: DiffusionConfig, k: int) -> list[TimestepGroup]:
     """Return K contiguous timestep groups of equal log-SNR spans, noisiest first (see the module doc)."""
     T = diffusion.timesteps
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= T:
         raise DDSMError(f"timestep groups: need between 1 and {T} groups (the timesteps), got {k!r}")
-    lam = log_snr(diffusion)
+    lam = NoiseSchedule(diffusion).log_snr()
     if not np.all(np.isfinite(lam)) or not np.all(np.diff(lam) < 0):
         raise DDSMError("timestep groups: the noise schedule's log-SNR is not finite and strictly falling")
     top, bottom = float(lam[0]), float(lam[-1])

@@ -13,9 +13,9 @@ timesteps lo .. hi (inclusive); the groups cover the steps in order, without gap
 holds every group's weights in one safetensors file, keys prefixed `group<i>.`; its SHA-256 is checked
 when the schedule loads and again on the bytes the weights are read from.
 
-A step run with group weights has the key `GroupStep(subnet, group, sha256)` in the sampler's denoiser
-map (beside a Subnet, or (subnet, threshold) for an exit policy's dynamic steps), so two groups that
-run the same subnet keep two networks, and prefixes cached with other weights are never reused.
+A step run with group weights has `group=GroupRef(group, sha256)` among its extras (space.steps.Step),
+so two groups that run the same subnet keep two networks, and prefixes cached with other weights are
+never reused.
 """
 
 from __future__ import annotations
@@ -48,21 +48,15 @@ class WeightGroup:
         return {"steps": [self.start, self.stop], "subnet": self.subnet.as_dict(), "timesteps": list(self.timesteps)}
 
 
-@dataclass(frozen=True)
-class GroupStep:
-    """What a step runs with fine-tuned group weights: its group's copy of the subnet's network."""
+@dataclass(frozen=True, order=True)
+class GroupRef:
+    """A step's `group` value: which group's fine-tuned copy of its subnet runs it, in which weights file."""
 
-    subnet: Subnet
     group: int
     weights: str  # the SHA-256 of the weights file
 
-    @property
-    def key(self) -> str:
-        """Return a readable name: 'width=0.5 group 1'."""
-        return f"{self.subnet.key} group {self.group}"
-
-    def __repr__(self) -> str:
-        return f"GroupStep({self.key})"
+    def __str__(self) -> str:
+        return str(self.group)
 
 
 @dataclass(eq=False)
@@ -114,18 +108,9 @@ class GroupWeights:
                 raise DDSMError(f"settings.weights.groups[{k}]: timesteps [{lo}, {hi}] do not hold its steps' "
                                 f"timesteps {min(inside)} .. {max(inside)} (within 0 .. {num_timesteps - 1})")
 
-    def step_keys(self, subnets: Sequence[Subnet], space=None) -> list[GroupStep]:
-        """Return each step's key, GroupStep(its subnet, its group, the file's hash)."""
-        if len(subnets) != self.steps:
-            raise DDSMError(f"the weight groups cover {self.steps} steps but the schedule has {len(subnets)}")
-        out = []
-        for k, g in enumerate(self.groups):
-            mine = space.check(g.subnet) if space is not None else g.subnet
-            for i in range(g.start, g.stop):
-                if subnets[i] != mine:
-                    raise DDSMError(f"weight group {k} runs {mine.key}, but step {i} runs {subnets[i].key}")
-                out.append(GroupStep(mine, k, self.sha256))
-        return out
+    def refs(self) -> list[GroupRef]:
+        """Return each step's group value: GroupRef(its group, the file's hash)."""
+        return [GroupRef(k, self.sha256) for k, g in enumerate(self.groups) for _ in range(g.start, g.stop)]
 
     def states(self) -> dict[int, dict]:
         """Return {group: its state dict} read from the file, after checking the SHA-256 of those bytes."""
@@ -156,16 +141,16 @@ class GroupWeights:
             self._states = states
         return self._states
 
-    def network(self, model, step: GroupStep, device: str = "cpu"):
-        """Return the static network of a group step: its subnet exported from `model`, its group's weights
-        loaded (strictly), in eval mode on `device`."""
-        if step.weights != self.sha256:
-            raise DDSMError(f"{step!r} belongs to other group weights than {self.path}")
-        net = model.export(step.subnet)
+    def network(self, model, subnet: Subnet, ref: GroupRef, device: str = "cpu"):
+        """Return the static network of a group step: `subnet` exported from `model`, the weights of the
+        group `ref` names loaded (strictly), in eval mode on `device`."""
+        if ref.weights != self.sha256:
+            raise DDSMError(f"group {ref} belongs to other group weights than {self.path}")
+        net = model.export(subnet)
         try:
-            net.load_state_dict(self.states()[step.group], strict=True)
+            net.load_state_dict(self.states()[ref.group], strict=True)
         except RuntimeError:
-            raise DDSMError(f"{self.path}: the weights of group {step.group} do not fit subnet {step.subnet.key} "
+            raise DDSMError(f"{self.path}: the weights of group {ref.group} do not fit subnet {subnet.key} "
                             "of this supernet") from None
         return net.to(device).eval()
 

@@ -27,7 +27,7 @@ from typing import Callable, Iterator, Sequence
 from ...errors import DDSMError
 from ..ray_cluster import connect_ray
 
-Job = tuple[str, object]  # (schedule key, one subnet per step, or (subnets, exit policy))
+Job = tuple[str, list]  # (schedule key, its steps: space.steps.Step per sampling step)
 
 
 class LocalPool:
@@ -45,11 +45,9 @@ class LocalPool:
         """Nothing to release."""
 
 
-def prefix_order(plan) -> tuple:
-    """Order plans (subnets, or (subnets, exit policy)) so that schedules sharing a prefix are neighbours."""
-    subnets, exit = (plan, None) if not isinstance(plan, tuple) else plan
-    steps = [(s, -1.0) for s in subnets] if exit is None else \
-        [(s, -1.0 if t is None else t) for s, t in zip(subnets, exit.thresholds)]
+def prefix_order(steps) -> tuple:
+    """Order schedules (their steps) so that schedules sharing a prefix are neighbours (a step without
+    extras before the same subnet with some)."""
     return tuple(steps)
 
 
@@ -328,3 +326,27 @@ class RayPool:
         self._pings.clear()
         if self.started:
             self.ray.shutdown()
+
+
+class PoolExecutor:
+    """Runs the generations on a pool (LocalPool or RayPool), one batch of evaluations at a time."""
+
+    def __init__(self, loop, algorithm, pool):  # loop: search.loop.Loop
+        self.loop, self.algorithm, self.pool = loop, algorithm, pool
+
+    def run(self) -> None:
+        """Run every generation (or until the space is exhausted)."""
+        for gen in range(self.loop.q.generations):
+            generation = self.loop.start(gen, self.algorithm)
+            if generation is None:
+                self.loop.exhausted(gen)
+                return
+            while (batch := generation.next_batch()) is not None:
+                jobs, samples = batch
+                for key, result, worker in self.pool.run(jobs, samples):
+                    generation.add(key, result, worker)
+            self.loop.finish(generation)
+
+    def close(self) -> None:
+        """Stop the pool."""
+        self.pool.close()

@@ -2,10 +2,10 @@
 
 Tune knows one metric and one mode; our algorithms are two-objective and generational. So the
 Searcher carries both objectives itself: it hands out the new schedules of the current generation
-(its `_Generation` batches, the same the actor pool runs), records each trial's result as a row of
+(its `loop.Generation` batches, the same the actor pool runs), records each trial's result as a row of
 the run table as it lands, and on the last result of a generation tells the ask/tell algorithm and
 asks the next one; once every generation is done it answers Searcher.FINISHED. The run's files are
-the pool's, written by the same code (runner._Loop), so `report` and `export` read a Tune run as any.
+the pool's, written by the same code (search/loop.py), so `report` and `export` read a Tune run as any.
 
 Each trial evaluates one schedule on a reused Tune actor that keeps its Evaluator (supernet, subnets,
 reference, prefix cache) between trials. Tune's experiment lies in RUN/tune, with Tune's loggers
@@ -69,9 +69,9 @@ def evaluate_trial(config: dict, evaluator_args: dict, threads: int | None) -> N
     import ray
     from ray import tune
 
-    from ...methods.early_exit.policy import plan_key
-    from ..worker import Evaluator
+    from ...space.steps import plan_key
     from ..genome import SearchSpace
+    from ..worker import Evaluator
 
     token = repr(sorted(evaluator_args.items()))
     if token not in _EVALUATORS:
@@ -81,10 +81,10 @@ def evaluate_trial(config: dict, evaluator_args: dict, threads: int | None) -> N
     evaluator, space = _EVALUATORS[token]
     metric = evaluator.search.metric
     try:
-        subnets, exit = space.plan(tuple(config["genome"]))
-        if plan_key(subnets, exit) != config["schedule"]:
+        steps = space.plan(tuple(config["genome"]))
+        if plan_key(steps) != config["schedule"]:
             raise DDSMError(f"trial config: genome {config['genome']} is not schedule {config['schedule']}")
-        result = evaluator.evaluate(subnets if exit is None else (subnets, exit), config["samples"])
+        result = evaluator.evaluate(steps, config["samples"])
     except DDSMError as exc:  # a user error: the same on every worker, so the search stops with its one line
         tune.report({"ddsm_error": str(exc), metric: math.nan})
         return

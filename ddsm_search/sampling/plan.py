@@ -1,5 +1,8 @@
 """Plans: a schedule resolved against a supernet, what every step runs, made once and passed around.
 
+(The plan lives beside the loop that runs it, not in space/: it makes callables on a backend, and
+backbones, which backends run, stand on space's subnets.)
+
 A `Runtime` holds one supernet on one device and backend and makes, once, the callable that runs each
 step it is asked for: the subnet's exported static network on its backend, or what the step's method
 families make of it (a group's fine-tuned network, a per-image early exit with its heads). A `Plan`
@@ -13,11 +16,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
+import torch
+
 from ..diffusion import sampling_timesteps
 from ..errors import DDSMError
-from .plugins import MethodFamily, family_of_field, family_of_setting
-from .steps import Step, plan_key
-from .subnet import Subnet
+from ..space.plugins import MethodFamily, family_of_field
+from ..space.steps import Step, plan_key
+from ..space.subnet import Subnet
 
 
 class Runtime:
@@ -64,11 +69,15 @@ class Runtime:
         subnets = self.model.step_subnets([s.subnet for s in steps], timesteps)
         return [s if s.subnet == subnet else s.replace(subnet) for s, subnet in zip(steps, subnets)]
 
-    def plan(self, what: Sequence, *, sampler: str = "ddim", eta: float = 0.0, settings: dict | None = None) -> "Plan":
+    def plan(self, what: Sequence, *, sampler: str | None = None, eta: float | None = None,
+             settings: dict | None = None) -> "Plan":
         """Return the plan of `what` (Steps or subnets, one per sampling step, noisiest first) under
-        `sampler`, with the callables of its steps made (`settings`: its schedule's, see `use`)."""
+        `sampler` and `eta` (default: the supernet's sample section's), with the callables of its steps
+        made (`settings`: its schedule's, see `use`)."""
         if not len(what):
             raise DDSMError("a schedule needs at least one step")
+        sample = self.supernet.config.sample
+        sampler, eta = sampler or sample.sampler, sample.eta if eta is None else eta
         if settings:
             self.use(settings)
         timesteps = sampling_timesteps(self.supernet.config.diffusion.timesteps, len(what))
@@ -87,9 +96,8 @@ class Runtime:
             return
         static, wrapped = {}, {}
         for step in new:
+            base = self.network(step)
             owners = [family_of_field(f) for f in step.fields]
-            network = self._one(step, [(f, f.network(self, step)) for f in owners], "network")
-            base = network if network is not None else self.export(step.subnet)
             wrapper = self._one(step, [(f, f.wrap(self, step, base)) for f in owners], "runtime")
             if wrapper is not None:
                 wrapped[step] = wrapper
@@ -97,6 +105,13 @@ class Runtime:
                 static[step] = base
         self.denoisers.update(self._on_backend(static))
         self.denoisers.update(wrapped)
+
+    def network(self, step: Step):
+        """Return the static network `step` runs: what its family makes (a group's fine-tuned copy), else
+        its subnet's export, on this runtime's device in eval mode."""
+        owners = [family_of_field(f) for f in step.fields]
+        network = self._one(step, [(f, f.network(self, step)) for f in owners], "network")
+        return network if network is not None else self.export(step.subnet)
 
     @staticmethod
     def _one(step: Step, made: list[tuple[MethodFamily, object]], what: str):
@@ -175,3 +190,14 @@ class Plan:
     def with_steps(self, steps: Sequence) -> "Plan":
         """Return the plan of other steps (or subnets) with the same sampler."""
         return self.runtime.plan(steps, sampler=self.sampler, eta=self.eta)
+
+
+def resolve_device(device: str) -> str:
+    """Return 'cuda' or 'cpu' for 'auto' | 'cpu' | 'cuda', or raise DDSMError if CUDA is asked for and absent."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise DDSMError("--device cuda was asked for but no CUDA device is available")
+    if device not in ("cpu", "cuda"):
+        raise DDSMError(f"unknown device {device!r} (choose auto, cpu or cuda)")
+    return device
