@@ -26,6 +26,7 @@ from safetensors.torch import load_file, save
 from .backbones.base import SlimModel
 from .backbones.registry import build_supernet
 from .config import ExperimentConfig, config_from_dict
+from .diffusion import sampling_timesteps
 from .errors import DDSMError
 from .io import read_json, sha256_file, write_atomic, write_json_atomic
 from .space.plugins import families
@@ -70,19 +71,18 @@ class Supernet:
             raise DDSMError(f"search.cost: expected auto, dense or sparse, got {cost!r}")
         return dataclasses.replace(self, flops=self.flops_tables[cost], cost=cost)
 
-    def step_subnets(self, subnets) -> list[Subnet]:
+    def step_subnets(self, subnets, timesteps=None) -> list[Subnet]:
         """Return the subnet each step of a schedule runs (a multi-stage supernet: with the stage of the
-        step's timestep under this supernet's sampler timesteps)."""
-        from .diffusion import sampling_timesteps
-
+        step's timestep, from `timesteps` or the uniform grid of as many steps)."""
         subnets = list(subnets)
         staged = self.model.num_stages > 1 and subnets
-        timesteps = sampling_timesteps(self.config.diffusion.timesteps, len(subnets)) if staged else None
-        return self.model.step_subnets(subnets, timesteps)
+        if staged and timesteps is None:
+            timesteps = sampling_timesteps(self.config.diffusion.timesteps, len(subnets))
+        return self.model.step_subnets(subnets, timesteps if staged else None)
 
-    def schedule_flops(self, subnets) -> int:
+    def schedule_flops(self, subnets, timesteps=None) -> int:
         """Return the FLOPs per image of a schedule: the sum over its steps."""
-        return sum(self.flops[s] for s in self.step_subnets(subnets))
+        return sum(self.flops[s] for s in self.step_subnets(subnets, timesteps))
 
     def full_schedule_flops(self, steps: int) -> int:
         """Return the FLOPs per image of full size over `steps` sampling steps."""

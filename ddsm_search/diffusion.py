@@ -1,8 +1,8 @@
-"""Noise schedule and the DDIM / ancestral DDPM samplers that run a schedule (one subnet per step).
+"""The noise schedule (betas, cumulative alphas, log-SNR), the uniform timestep grid, and the sampling
+loop that runs one denoiser per step under a solver's run (solvers/).
 
-A sampler takes one subnet per sampling step (noisiest step first) and a denoiser for each subnet. It
-loops over steps outermost and over chunks of the batch inside, so the noise drawn for image i never
-depends on the chunk size: the same seed gives the same images at any batch size.
+The loop goes over steps outermost and over chunks of the batch inside, so the noise drawn for image i
+never depends on the chunk size: the same seed gives the same images at any batch size.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from .config import DiffusionConfig
 from .errors import DDSMError
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-SAMPLERS = ("ddim", "ddpm")
 
 
 class NoiseSchedule:
@@ -59,23 +58,6 @@ def sampling_timesteps(num_timesteps: int, steps: int) -> list[int]:
     return [int(v) for v in np.round(np.linspace(num_timesteps - 1, 0, steps))]
 
 
-def _step(x: torch.Tensor, eps: torch.Tensor, a_t: float, a_prev: float, sampler: str, eta: float,
-          z: torch.Tensor | None) -> torch.Tensor:
-    """Return x at the previous timestep from x_t and the predicted noise (x0 clipped to [-1, 1])."""
-    x0 = ((x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)).clamp_(-1, 1)
-    if a_prev >= 1.0:
-        return x0
-    eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)  # consistent with the clipped x0
-    if sampler == "ddpm":
-        # ancestral step: mean and variance of the posterior q(x_prev | x_t, x0) over the respaced chain
-        beta = 1 - a_t / a_prev
-        mean = (math.sqrt(a_prev) * beta / (1 - a_t)) * x0 + (math.sqrt(1 - beta) * (1 - a_prev) / (1 - a_t)) * x
-        return mean + math.sqrt(beta * (1 - a_prev) / (1 - a_t)) * z
-    sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
-    x_prev = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - sigma**2, 0.0)) * eps
-    return x_prev + sigma * z if sigma > 0 else x_prev
-
-
 def check_schedule(subnets: Sequence[Hashable], timesteps: Sequence[int]) -> None:
     """Raise DDSMError unless there is exactly one subnet per sampling step."""
     if len(subnets) != len(timesteps):
@@ -83,34 +65,26 @@ def check_schedule(subnets: Sequence[Hashable], timesteps: Sequence[int]) -> Non
 
 
 @torch.inference_mode()
-def sample_loop(denoisers: Mapping[Hashable, Denoiser], schedule: NoiseSchedule, subnets: Sequence[Hashable],
-                timesteps: Sequence[int], x: torch.Tensor, *, sampler: str = "ddim", eta: float = 0.0,
-                generator: torch.Generator | None = None, batch_size: int = 500,
+def sample_loop(denoisers: Mapping[Hashable, Denoiser], steps: Sequence[Hashable], timesteps: Sequence[int],
+                x: torch.Tensor, run, *, generator: torch.Generator | None = None, batch_size: int = 500,
                 callback: Callable[[int, torch.Tensor], None] | None = None, start: int = 0) -> torch.Tensor:
-    """Return images in [-1, 1] after denoising `x` along `timesteps` with one subnet per step.
+    """Return images after denoising `x` along `timesteps` with one denoiser per step and a solver's run
+    (solvers.SolverRun: what the network sees, and the update to the next step).
 
-    `x` is pure noise, or with `start` = k the latent after the first k steps (resuming a shared
-    prefix). Step noise (DDPM, or DDIM with eta > 0) is drawn on the CPU from `generator` for the
-    whole batch, so results do not depend on `batch_size` or on the device's random number generator.
+    `x` is the run's initial latent, or with `start` = k the latent after the first k steps (resuming a
+    shared prefix, `run` then as it stood). Step noise is drawn on the CPU from `generator` for the whole
+    batch, so results do not depend on `batch_size` or on the device's random number generator.
     `callback(i, x)` sees the latent after step i.
     """
-    if sampler not in SAMPLERS:
-        raise DDSMError(f"unknown sampler {sampler!r} (choose from {', '.join(SAMPLERS)})")
-    check_schedule(subnets, timesteps)
-    stochastic = sampler == "ddpm" or eta > 0
-    if stochastic and generator is None:
-        raise ValueError("a stochastic sampler needs a generator")
-    abar = schedule.alphas_cumprod
+    check_schedule(steps, timesteps)
     for i in range(start, len(timesteps)):
-        t, net = timesteps[i], denoisers[subnets[i]]
-        a_t = float(abar[t])
-        a_prev = float(abar[timesteps[i + 1]]) if i + 1 < len(timesteps) else 1.0
-        t_tensor = torch.tensor(t, device=x.device)
-        chunks = x.split(batch_size)
+        net = denoisers[steps[i]]
+        t_tensor = torch.tensor(timesteps[i], device=x.device)
+        inp = run.model_input(x, i)
+        chunks = inp.split(batch_size)
         # one chunk: no concatenation copy in the sampling loop
-        eps = net(x, t_tensor) if len(chunks) == 1 else torch.cat([net(c, t_tensor) for c in chunks])
-        z = torch.randn(x.shape, generator=generator).to(x.device) if stochastic and a_prev < 1.0 else None
-        x = _step(x, eps, a_t, a_prev, sampler, eta, z)
+        eps = net(inp, t_tensor) if len(chunks) == 1 else torch.cat([net(c, t_tensor) for c in chunks])
+        x = run.step(i, eps, x, generator)
         if callback is not None:
             callback(i, x)
     return x

@@ -1,10 +1,12 @@
-"""The deployable schedule: one subnet per sampling step, the sampler it was made for and settings, as JSON.
+"""The deployable schedule: what each sampling step runs, the solver and its timesteps, and settings, as JSON.
 
-Format version 2 lists one subnet per step as an object of axis values ({"width": 0.5, "depth": 6});
-axes left out take their full value. A minimal hand-written schedule is just {"subnets": [...]}.
-Version-1 files ({"widths": [...]}, one width per step) keep loading and sample identically. Files
-written by ddsm-search also name the supernet (path and SHA-256) and the sampler, and loading checks
-both against the supernet in use.
+Format version 3 names the solver and its options (`solver`: {"name": "unipc", "order": 2}), the
+timesteps (noisiest first), and one entry per step: its timestep and its subnet as an object of axis
+values ({"timestep": 999, "subnet": {"width": 0.5, "depth": 6}}; axes left out take their full value).
+Version 2 files list `subnets` with a DDIM or DDPM `sampler` on the uniform grid, version 1 files
+`widths`: both keep loading and sample bit for bit as they did. A minimal hand-written schedule is just
+{"subnets": [...]}. Files written by ddsm-search also name the supernet (path and SHA-256), and loading
+checks both against the supernet in use.
 
 `settings` holds what is not a subnet, one key per method family that owns it (space.plugins): each
 family reads, writes and checks its own, and gives the steps their per-step values. Today: `exit`, an
@@ -21,25 +23,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .checkpoint import Supernet
-from .diffusion import SAMPLERS, sampling_timesteps
 from .errors import DDSMError
 from .io import read_json, write_json_atomic
+from .solvers.base import Solver, check_timesteps, timesteps_for
 from .space.plugins import families, family_of_field, family_of_setting, settings_known
 from .space.steps import Step, steps_of
 from .space.subnet import Subnet
 
 FORMAT = "ddsm-search/schedule"
-VERSION = 2
+VERSION = 3
+VERSIONS = (1, 2, 3)
 
 
 @dataclass
 class Schedule:
-    """One subnet per sampling step (noisiest first), the sampler that runs them and settings that are
-    not per step ({setting key: the owning family's object}, e.g. {"exit": ExitPolicy})."""
+    """One subnet per sampling step (noisiest first), the solver that runs them on its timesteps (None:
+    the uniform grid) and settings that are not per step ({setting key: the owning family's object},
+    e.g. {"exit": ExitPolicy})."""
 
     subnets: list[Subnet]
-    sampler: str = "ddim"
-    eta: float = 0.0
+    solver: Solver = field(default_factory=Solver)
+    timesteps: list[int] | None = None
     supernet_sha256: str | None = None
     supernet_path: str | None = None
     settings: dict = field(default_factory=dict)
@@ -49,6 +53,10 @@ class Schedule:
     def steps(self) -> int:
         """Return the number of sampling steps."""
         return len(self.subnets)
+
+    def grid(self, num_timesteps: int) -> list[int]:
+        """Return the timesteps of its steps in a process of `num_timesteps` (its own, or the uniform grid)."""
+        return list(self.timesteps) if self.timesteps is not None else timesteps_for(num_timesteps, self.steps)
 
     def step_keys(self) -> list[Step]:
         """Return what each step runs: its subnet and the values its settings' families give it."""
@@ -73,23 +81,25 @@ class Schedule:
         return cls(subnets=[s.subnet for s in steps], settings=settings, **kwargs)
 
     def to_dict(self, supernet: Supernet, base: str | Path | None = None) -> dict:
-        """Return the self-describing JSON form of this schedule for `supernet` (files its settings name
-        relative to `base`, the folder the schedule is written to)."""
+        """Return the self-describing JSON form (version 3) of this schedule for `supernet` (files its
+        settings name relative to `base`, the folder the schedule is written to)."""
         settings = {}
         for key, setting in self.settings.items():
             written = family_of_setting(key).write_setting(setting, supernet, Path(base).resolve() if base else None)
             if written is not None:
                 settings[key] = written
+        timesteps = self.grid(supernet.config.diffusion.timesteps)
+        subnets = supernet.step_subnets(self.subnets, timesteps)  # each step's stage too
         return {
             "format": FORMAT,
             "version": VERSION,
             "supernet": {"path": str(supernet.path), "sha256": supernet.sha256},
-            "sampler": {"name": self.sampler, "steps": self.steps, "eta": self.eta,
-                        "timesteps": sampling_timesteps(supernet.config.diffusion.timesteps, self.steps)},
+            "solver": self.solver.to_json(),
+            "timesteps": timesteps,
             "axes": list(supernet.model.space.names),
-            "subnets": [s.as_dict() for s in supernet.step_subnets(self.subnets)],  # each step's stage too
+            "steps": [{"timestep": t, "subnet": s.as_dict()} for t, s in zip(timesteps, subnets)],
             "settings": settings,
-            "flops_per_image": supernet.schedule_flops(self.subnets),
+            "flops_per_image": supernet.schedule_flops(self.subnets, timesteps),
             **self.extra,
         }
 
@@ -102,28 +112,38 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-KNOWN_KEYS = {"format", "version", "supernet", "sampler", "widths", "axes", "subnets", "settings", "flops_per_image"}
+KNOWN_KEYS = {"format", "version", "supernet", "sampler", "solver", "timesteps", "widths", "axes", "subnets", "steps",
+              "settings", "flops_per_image"}
 
 
-def _read_subnets(data: dict, path: Path) -> list[Subnet]:
-    """Return the per-step subnets of a version-2 ('subnets') or version-1 ('widths') schedule."""
-    if data.get("version", VERSION if "subnets" in data else 1) == 1:
+def _subnet(entry, where: str, path: Path) -> Subnet:
+    if not isinstance(entry, dict) or not entry or not all(_is_number(v) and math.isfinite(v) for v in entry.values()):
+        raise _fail(path, f"{where}: expected an object of axis values such as {{\"width\": 0.5}}, got {entry!r}")
+    try:
+        return Subnet.of(**entry)
+    except DDSMError as exc:
+        raise _fail(path, f"{where}: {exc}") from None
+
+
+def _read_subnets(data: dict, version: int, path: Path) -> list[Subnet]:
+    """Return the per-step subnets of a version-3 ('steps'), 2 ('subnets') or 1 ('widths') schedule."""
+    if version == 1:
         widths = data.get("widths")
         if not isinstance(widths, list) or not widths or not all(_is_number(w) for w in widths):
             raise _fail(path, "'widths' must be a non-empty list of numbers")
         return [Subnet.of(width=w) for w in widths]
-    subnets = data.get("subnets")
-    if not isinstance(subnets, list) or not subnets:
-        raise _fail(path, "'subnets' must be a non-empty list (one subnet per step)")
-    out = []
-    for i, entry in enumerate(subnets):
-        if not isinstance(entry, dict) or not entry or not all(_is_number(v) and math.isfinite(v) for v in entry.values()):
-            raise _fail(path, f"subnets[{i}]: expected an object of axis values such as {{\"width\": 0.5}}, got {entry!r}")
-        try:
-            out.append(Subnet.of(**entry))
-        except DDSMError as exc:
-            raise _fail(path, f"subnets[{i}]: {exc}") from None
-    return out
+    if version == 2:
+        subnets = data.get("subnets")
+        if not isinstance(subnets, list) or not subnets:
+            raise _fail(path, "'subnets' must be a non-empty list (one subnet per step)")
+        return [_subnet(entry, f"subnets[{i}]", path) for i, entry in enumerate(subnets)]
+    steps = data.get("steps")
+    if not isinstance(steps, list) or not steps:
+        raise _fail(path, "'steps' must be a non-empty list (one entry per step)")
+    for i, entry in enumerate(steps):
+        if not isinstance(entry, dict) or set(entry) != {"timestep", "subnet"}:
+            raise _fail(path, f"steps[{i}]: expected {{\"timestep\": T, \"subnet\": {{...}}}}, got {entry!r}")
+    return [_subnet(entry["subnet"], f"steps[{i}].subnet", path) for i, entry in enumerate(steps)]
 
 
 def _read_settings(data: dict, steps: int, path: Path) -> dict:
@@ -141,52 +161,82 @@ def _read_settings(data: dict, steps: int, path: Path) -> dict:
     return out
 
 
+def _read_sampler(data: dict, version: int, steps: int, path: Path) -> tuple[Solver, list[int] | None]:
+    """Return (the solver, the recorded timesteps or None) of a file: version 3's solver and timesteps,
+    or the DDIM / DDPM sampler of versions 1 and 2 (on the uniform grid)."""
+    if version == 3:
+        spec, timesteps = data.get("solver", {"name": "ddim"}), data.get("timesteps")
+        given = [entry["timestep"] for entry in data["steps"]]
+        if timesteps is None:
+            timesteps = given
+        elif given != timesteps:
+            raise _fail(path, "the timesteps of its steps are not its 'timesteps'")
+        if not isinstance(spec, dict) or not isinstance(spec.get("name", "ddim"), str):
+            raise _fail(path, f"'solver' must be an object with a name, got {spec!r}")
+        try:
+            solver = Solver(**{"name": "ddim", **spec})
+        except TypeError:
+            raise _fail(path, f"solver: unknown options in {spec!r} (eta, order)") from None
+        except DDSMError as exc:
+            raise _fail(path, f"solver: {exc}") from None
+    else:
+        sampler = data.get("sampler", {})
+        if not isinstance(sampler, dict):
+            raise _fail(path, "'sampler' must be an object")
+        name, eta = sampler.get("name", "ddim"), sampler.get("eta", 0.0)
+        if name not in ("ddim", "ddpm"):
+            raise _fail(path, f"sampler.name: unknown sampler {name!r} (choose from ddim, ddpm)")
+        if not _is_number(eta) or not math.isfinite(eta) or eta < 0:
+            raise _fail(path, f"sampler.eta: expected a finite number >= 0, got {eta!r}")
+        count = sampler.get("steps", steps)
+        if not isinstance(count, int) or isinstance(count, bool):
+            raise _fail(path, f"sampler.steps: expected a whole number, got {count!r}")
+        if count != steps:
+            raise _fail(path, f"the schedule has {steps} subnets but its sampler runs {count} steps")
+        solver, timesteps = Solver.of_sampler(name, float(eta)), sampler.get("timesteps")
+    if timesteps is not None:
+        if not isinstance(timesteps, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in timesteps):
+            raise _fail(path, f"timesteps: expected a list of whole numbers, got {timesteps!r}")
+        if len(timesteps) != steps:
+            raise _fail(path, f"{len(timesteps)} timesteps for {steps} steps")
+    return solver, timesteps
+
+
 def load_schedule(path: str | Path, supernet: Supernet | None = None) -> Schedule:
     """Return the schedule stored at `path`, checked against `supernet` if given."""
     path = Path(path)
     data = read_json(path, "schedule")
-    if "widths" not in data and "subnets" not in data:
-        raise _fail(path, "expected a JSON object with a 'subnets' list (or a version-1 'widths' list)")
+    if not {"widths", "subnets", "steps"} & set(data):
+        raise _fail(path, "expected a JSON object with a 'steps' list (or a version-2 'subnets', version-1 'widths')")
     if "format" in data and data["format"] != FORMAT:
         raise _fail(path, f"format {data['format']!r} is not {FORMAT!r}")
-    if data.get("version", VERSION) not in (1, VERSION):
-        raise _fail(path, f"format version {data.get('version')!r} is not 1 or {VERSION}")
-    subnets = _read_subnets(data, path)
+    version = data.get("version", 3 if "steps" in data else 2 if "subnets" in data else 1)
+    if version not in VERSIONS:
+        raise _fail(path, f"format version {version!r} is not one of {', '.join(map(str, VERSIONS))}")
+    subnets = _read_subnets(data, version, path)
     settings = _read_settings(data, len(subnets), path)
-    sampler = data.get("sampler", {})
+    solver, timesteps = _read_sampler(data, version, len(subnets), path)
     supernet_ref = data.get("supernet", {})
-    if not isinstance(sampler, dict) or not isinstance(supernet_ref, dict):
-        raise _fail(path, "'sampler' and 'supernet' must be objects")
-    name = sampler.get("name", "ddim")
-    if name not in SAMPLERS:
-        raise _fail(path, f"sampler.name: unknown sampler {name!r} (choose from {', '.join(SAMPLERS)})")
-    eta = sampler.get("eta", 0.0)
-    if not _is_number(eta) or not math.isfinite(eta) or eta < 0:
-        raise _fail(path, f"sampler.eta: expected a finite number >= 0, got {eta!r}")
-    for key, value in (("sampler.steps", sampler.get("steps", 1)), ("flops_per_image", data.get("flops_per_image", 0))):
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise _fail(path, f"{key}: expected a whole number, got {value!r}")
-    timesteps = sampler.get("timesteps", [])
-    if not isinstance(timesteps, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in timesteps):
-        raise _fail(path, f"sampler.timesteps: expected a list of whole numbers, got {timesteps!r}")
+    if not isinstance(supernet_ref, dict):
+        raise _fail(path, "'supernet' must be an object")
+    if not isinstance(data.get("flops_per_image", 0), int) or isinstance(data.get("flops_per_image"), bool):
+        raise _fail(path, f"flops_per_image: expected a whole number, got {data.get('flops_per_image')!r}")
     for key in ("sha256", "path"):
         if not isinstance(supernet_ref.get(key, ""), str):
             raise _fail(path, f"supernet.{key}: expected text, got {supernet_ref.get(key)!r}")
-    schedule = Schedule(subnets=subnets, sampler=name, eta=float(eta), settings=settings,
+    # versions 1 and 2 ran the uniform grid: what they recorded is checked against it, not run
+    own = timesteps if version == 3 else None
+    schedule = Schedule(subnets=subnets, solver=solver, timesteps=own, settings=settings,
                         supernet_sha256=supernet_ref.get("sha256"), supernet_path=supernet_ref.get("path"),
                         extra={k: v for k, v in data.items() if k not in KNOWN_KEYS})
-    if "steps" in sampler and sampler["steps"] != schedule.steps:
-        raise _fail(path, f"the schedule has {schedule.steps} subnets but its sampler runs {sampler['steps']} steps")
     for key, setting in settings.items():  # what a setting asks of the others (and of the steps)
         family_of_setting(key).check_setting(setting, schedule, None, f"schedule {path}")
     if supernet is not None:
         check_against(schedule, supernet, path)
-        recorded = {"flops_per_image": data.get("flops_per_image"), "timesteps": sampler.get("timesteps")}
         actual = schedule.to_dict(supernet)
-        for key, value in recorded.items():
-            computed = actual[key] if key == "flops_per_image" else actual["sampler"]["timesteps"]
-            if value is not None and value != computed:
-                raise _fail(path, f"its recorded {key} does not match its subnets (edited by hand?); re-export it")
+        for key, value in (("flops_per_image", data.get("flops_per_image")), ("timesteps", timesteps)):
+            if value is not None and value != actual[key]:
+                raise _fail(path, f"its recorded {key} does not match its steps (edited by hand?); re-export it")
     return schedule
 
 
@@ -201,8 +251,11 @@ def check_against(schedule: Schedule, supernet: Supernet, path: str | Path = "<s
             supernet.model.check_subnet(subnet)
         except DDSMError as exc:
             raise DDSMError(f"schedule {path}: step {i}: {exc}") from None
-    try:  # a multi-stage supernet: a step that names a stage must be in it
-        supernet.step_subnets(schedule.subnets)
+    T = supernet.config.diffusion.timesteps
+    try:  # its own timesteps in the process; a multi-stage supernet: a step that names a stage must be in it
+        if schedule.timesteps is not None:
+            check_timesteps(schedule.timesteps, T)
+        supernet.step_subnets(schedule.subnets, schedule.grid(T))
     except DDSMError as exc:
         raise DDSMError(f"schedule {path}: {exc}") from None
     for key, setting in schedule.settings.items():

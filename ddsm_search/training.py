@@ -292,7 +292,7 @@ def write_sample_grids(supernet, out: Path, device: str, seed: int = 0, progress
     runtime = Runtime(supernet, device=device, batch_size=cfg.sample.batch_size)
     paths = []
     for subnet in tqdm(grid_subnets(model.space), desc="sample grids", unit="subnet", disable=not progress):
-        plan = runtime.plan([subnet] * cfg.sample.steps, sampler=cfg.sample.sampler, eta=cfg.sample.eta)
+        plan = runtime.plan([subnet] * cfg.sample.steps)  # the config's sampler
         images = generate(plan, n=cfg.sample.grid_size, seed=seed, batch_size=cfg.sample.batch_size)
         paths.append(save_grid(out / "samples" / f"{subnet.slug}.png", images))
     return paths

@@ -80,7 +80,7 @@ def main() -> None:
                "flops_sd": spread / full_flops, "fid": r["fid"], "loss": loss["value"], "loss_low": loss["low"],
                "loss_high": loss["high"]}
         if args.time_n:
-            _, seconds, full_seconds, _ = time_against_full(runtime.plan(steps, sampler="ddim", eta=0.0),
+            _, seconds, full_seconds, _ = time_against_full(runtime.plan(steps, solver="ddim"),
                                                             n=args.time_n, seed=0, record=ExecutedRecord())
             row.update(seconds=seconds, full_seconds=full_seconds, speedup=full_seconds / seconds,
                        flops_speedup=full_flops / (r["gflops_per_image"] * 1e9))

@@ -65,12 +65,13 @@ def drift_spread(supernet, search: dict, ns: list[int], sets: list[str], device:
     """Return, per uniform width and n, drift and the paired FID gap to full width: mean, sd over seed sets, z."""
     from ddsm_search.evaluation.full_samples import full_size_samples
     from ddsm_search.evaluation.scoring import FullReference, make_scorer
+    from ddsm_search.solvers.base import Solver
 
     scorer = make_scorer(supernet, metric="fid", device=device, cache_dir=cache_dir)
     steps, sampler, eta = int(search["steps"]), search["sampler"], float(search["eta"])
     widths = list(supernet.model.space.choices("width"))
     runtime = Runtime(supernet, device=device)
-    plans = {w: runtime.plan([w] * steps, sampler=sampler, eta=eta) for w in widths}
+    plans = {w: runtime.plan([w] * steps, solver=Solver.of_sampler(sampler, eta)) for w in widths}
     rows = []
     for n in ns:
         for seed_set in sets:

@@ -38,6 +38,7 @@ from ddsm_search.sampling import (
     generate,  # noqa: E402
 )
 from ddsm_search.schedule import Schedule, load_schedule, save_schedule  # noqa: E402
+from ddsm_search.solvers.base import Solver  # noqa: E402
 from ddsm_search.space.subnet import schedule_key  # noqa: E402
 
 
@@ -78,24 +79,24 @@ def bench(args: argparse.Namespace, supernet, work: Path, ort_version: str) -> N
         schedule_path = Path(args.schedule)
     else:
         schedule = Schedule(subnets=ramp(supernet, args.steps or supernet.config.sample.steps),
-                            sampler=supernet.config.sample.sampler, eta=supernet.config.sample.eta)
+                            solver=Solver.of_sampler(supernet.config.sample.sampler, supernet.config.sample.eta))
         schedule_path = save_schedule(work / "schedule.json", schedule, supernet)
     subnets = [model.check_subnet(s) for s in schedule.subnets]
-    full = Schedule(subnets=[model.full] * len(subnets), sampler=schedule.sampler, eta=schedule.eta)
+    full = Schedule(subnets=[model.full] * len(subnets), solver=schedule.solver, timesteps=schedule.timesteps)
     plans = {"schedule": (subnets, schedule_path), "full size": (full.subnets, save_schedule(work / "full.json", full,
                                                                                            supernet))}
     n, steps = args.batch, len(subnets)
     g = torch.Generator().manual_seed(args.seed)  # the draws `generate` makes from this seed, in its order
     noise = torch.randn((n, *supernet.image_shape), generator=g)
     step_noise = np.stack([torch.randn(noise.shape, generator=g).numpy() for _ in range(steps - 1)]) \
-        if schedule.sampler == "ddpm" or schedule.eta > 0 else None
+        if schedule.solver.stochastic else None
     runners, reference, chosen = {}, {}, {}
     for name, (plan, path) in plans.items():
         started = time.perf_counter()
         folder, _ = export_onnx(path, work / f"onnx-{name.replace(' ', '-')}", supernet=supernet)
         print(f"exported {name} in {time.perf_counter() - started:.1f} s: {folder}", flush=True)
         runtime = Runtime(supernet, backend=args.backend, batch_size=n)
-        torch_plan = runtime.plan(plan, sampler=schedule.sampler, eta=schedule.eta)
+        torch_plan = runtime.plan(plan, solver=schedule.solver, timesteps=schedule.timesteps)
         chosen.update(runtime.backends())
 
         def torch_run(torch_plan=torch_plan):
@@ -122,8 +123,8 @@ def bench(args: argparse.Namespace, supernet, work: Path, ort_version: str) -> N
 
     gflops = supernet.schedule_flops(subnets) / 1e9
     print(f"\n{datetime.date.today()} | {cpu_name()} | {torch.get_num_threads()} torch threads, onnxruntime "
-          f"{ort_version}, torch {torch.__version__} | batch {n}, {steps} {schedule.sampler} steps "
-          f"(eta {schedule.eta:g}), median of {args.repeats} | torch path: {args.backend} ("
+          f"{ort_version}, torch {torch.__version__} | batch {n}, {steps} {schedule.solver} steps, "
+          f"median of {args.repeats} | torch path: {args.backend} ("
           + ", ".join(f"{k} {v}" for k, v in chosen.items()) + ")")
     print(f"schedule: {schedule_key(subnets)} ({gflops:.3f} GFLOPs per image, "
           f"{gflops / (supernet.full_flops * steps / 1e9):.0%} of full size)\n")

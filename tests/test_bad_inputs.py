@@ -65,6 +65,15 @@ def _schedule_v1(tmp: Path, **fields) -> str:
     return str(path)
 
 
+def _schedule_v3(tmp: Path, steps=None, **fields) -> str:
+    """A schedule file of format version 3 (a solver, and a timestep and subnet per step), with `fields` set."""
+    steps = steps if steps is not None else [{"timestep": t, "subnet": {"width": 1.0}} for t in (99, 74, 49, 24, 0)]
+    data = {"version": 3, "solver": {"name": "unipc", "order": 2}, "steps": steps, **fields}
+    path = tmp / "schedule.json"
+    path.write_text(json.dumps(data))
+    return str(path)
+
+
 def _sample(n, t, *flags):
     return ["sample", str(n), *flags, "--out", str(t / "g.png")]
 
@@ -100,12 +109,26 @@ CASES = [
         (f"schedule eta null{version}", lambda t, n, r, make=make: _sample(
             n, t, "--schedule", make(t, sampler={"eta": None})), "sampler.eta"),
         (f"schedule sampler null{version}", lambda t, n, r, make=make: _sample(
-            n, t, "--schedule", make(t, sampler=None)), "must be objects"),
+            n, t, "--schedule", make(t, sampler=None)), "'sampler' must be an object"),
         (f"schedule steps text{version}", lambda t, n, r, make=make: _sample(
             n, t, "--schedule", make(t, sampler={"steps": "five"})), "sampler.steps"),
-        (f"schedule format version 3{version}", lambda t, n, r, make=make: _sample(
-            n, t, "--schedule", make(t, version=3)), "format version 3"),
+        (f"schedule format version 4{version}", lambda t, n, r, make=make: _sample(
+            n, t, "--schedule", make(t, version=4)), "format version 4"),
     ]],
+    ("schedule unknown solver", lambda t, n, r: _sample(n, t, "--schedule", _schedule_v3(t, solver={"name": "heun"})),
+     "unknown solver 'heun'"),
+    ("schedule solver option it lacks", lambda t, n, r: _sample(
+        n, t, "--schedule", _schedule_v3(t, solver={"name": "unipc", "eta": 0.5})), "takes no eta"),
+    ("schedule solver order 4", lambda t, n, r: _sample(
+        n, t, "--schedule", _schedule_v3(t, solver={"name": "dpmsolver++", "order": 4})), "order must be 1, 2 or 3"),
+    ("schedule timesteps rising", lambda t, n, r: _sample(n, t, "--schedule", _schedule_v3(
+        t, steps=[{"timestep": t, "subnet": {"width": 1.0}} for t in (0, 24, 49, 74, 99)])), "must fall strictly"),
+    ("schedule timestep past the process", lambda t, n, r: _sample(n, t, "--schedule", _schedule_v3(
+        t, steps=[{"timestep": t, "subnet": {"width": 1.0}} for t in (100, 74, 49, 24, 0)])), "within 0 .. 99"),
+    ("schedule step without its timestep", lambda t, n, r: _sample(n, t, "--schedule", _schedule_v3(
+        t, steps=[{"subnet": {"width": 1.0}}] * 5)), "steps[0]: expected"),
+    ("schedule timesteps list disagrees", lambda t, n, r: _sample(
+        n, t, "--schedule", _schedule_v3(t, timesteps=[99, 75, 49, 24, 0])), "not its 'timesteps'"),
     ("schedule widths null", lambda t, n, r: _sample(n, t, "--schedule", _schedule_v1(t, widths=None)), "'widths'"),
     ("schedule widths text", lambda t, n, r: _sample(n, t, "--schedule", _schedule_v1(t, widths=[1.0, "x"])),
      "'widths'"),
@@ -195,6 +218,18 @@ CASES = [
                                                   "--out", str(t / "o")], "train.sparsity.density"),
     ("train.sparsity unknown key", lambda t, n, r: ["train", _config(t, train={"sparsity": {"densty": 0.5}}),
                                                     "--out", str(t / "o")], "train.sparsity.densty"),
+    ("search.solvers unknown", lambda t, n, r: ["search", _config(t, search={**SEARCH, "solvers": ["ddim", "heun"]}),
+                                                "--supernet", str(n), "--out", str(t / "run")], "search.solvers"),
+    ("search.step_choices past the process", lambda t, n, r: [
+        "search", _config(t, search={**SEARCH, "step_choices": [4, 500]}), "--supernet", str(n), "--out",
+        str(t / "run")], "search.step_choices"),
+    ("search.spacings unknown", lambda t, n, r: ["search", _config(t, search={**SEARCH, "spacings": ["karras"]}),
+                                                 "--supernet", str(n), "--out", str(t / "run")], "search.spacings"),
+    ("sample --solver unknown", lambda t, n, r: _sample(n, t, "--width", "1", "--solver", "heun"), "unknown solver"),
+    ("sample --solver bad option", lambda t, n, r: _sample(n, t, "--width", "1", "--solver", "unipc(order=x)"),
+     "order='x' is not a number"),
+    ("sample --eta with unipc", lambda t, n, r: _sample(n, t, "--width", "1", "--solver", "unipc", "--eta", "0.5"),
+     "takes no eta"),
     ("search.cost unknown", lambda t, n, r: ["search", _config(t, search={**SEARCH, "cost": "cheap"}), "--supernet",
                                              str(n), "--out", str(t / "run")], "search.cost"),
     ("masks.safetensors tampered", lambda t, n, r: _sample(_sparse_tampered(t), t, "--width", "1"),

@@ -9,6 +9,7 @@ import torch
 
 from ddsm_search.config import DiffusionConfig
 from ddsm_search.diffusion import NoiseSchedule, sample_loop, sampling_timesteps
+from ddsm_search.solvers.base import Solver
 from ddsm_search.errors import DDSMError
 from ddsm_search.space.subnet import Subnet
 
@@ -49,8 +50,8 @@ def test_oracle_denoiser_recovers_the_data(sampler, eta):
     x0 = torch.rand(6, 1, 4, 4) * 1.6 - 0.8
     ts = sampling_timesteps(100, 10)
     g = torch.Generator().manual_seed(0)
-    out = sample_loop({1.0: _oracle(s, x0)}, s, [1.0] * 10, ts, torch.randn(6, 1, 4, 4, generator=g),
-                      sampler=sampler, eta=eta, generator=g)
+    out = sample_loop({1.0: _oracle(s, x0)}, [1.0] * 10, ts, torch.randn(6, 1, 4, 4, generator=g),
+                      Solver.of_sampler(sampler, eta).run(s, ts), generator=g)
     torch.testing.assert_close(out, x0, rtol=0, atol=1e-5)
 
 
@@ -65,7 +66,7 @@ def test_each_step_uses_its_own_subnet():
     denoisers = {k: (lambda k: lambda x, t: seen.append((k, int(t))) or torch.zeros_like(x))(k)
                  for k in (full, half, shallow)}
     ts = sampling_timesteps(100, 4)
-    sample_loop(denoisers, s, [half, half, shallow, full], ts, torch.randn(2, 1, 2, 2))
+    sample_loop(denoisers, [half, half, shallow, full], ts, torch.randn(2, 1, 2, 2), Solver().run(s, ts))
     assert seen == [(half, ts[0]), (half, ts[1]), (shallow, ts[2]), (full, ts[3])]
 
 
@@ -76,7 +77,7 @@ def test_stochastic_sampling_is_seeded_and_batch_size_invariant():
     def run(seed, batch_size):
         g = torch.Generator().manual_seed(seed)
         x = torch.randn(7, 1, 4, 4, generator=g)
-        return sample_loop({1.0: _noisy_denoiser}, s, [1.0] * 8, ts, x, sampler="ddpm", generator=g,
+        return sample_loop({1.0: _noisy_denoiser}, [1.0] * 8, ts, x, Solver("ddpm").run(s, ts), generator=g,
                            batch_size=batch_size)
 
     torch.testing.assert_close(run(3, 7), run(3, 2), rtol=0, atol=0)
@@ -85,10 +86,15 @@ def test_stochastic_sampling_is_seeded_and_batch_size_invariant():
 
 def test_schedule_length_must_match_steps():
     s = NoiseSchedule(DiffusionConfig(timesteps=100))
+    ts = sampling_timesteps(100, 4)
     with pytest.raises(DDSMError, match="3 subnets but the sampler runs 4 steps"):
-        sample_loop({1.0: _noisy_denoiser}, s, [1.0] * 3, sampling_timesteps(100, 4), torch.randn(1, 1, 2, 2))
-    with pytest.raises(DDSMError, match="unknown sampler"):
-        sample_loop({1.0: _noisy_denoiser}, s, [1.0], [5], torch.randn(1, 1, 2, 2), sampler="euler")
+        sample_loop({1.0: _noisy_denoiser}, [1.0] * 3, ts, torch.randn(1, 1, 2, 2), Solver().run(s, ts))
+    with pytest.raises(DDSMError, match="unknown solver 'euler2'"):
+        Solver("euler2")
+    with pytest.raises(DDSMError, match="unknown solver option 'etta'"):
+        Solver.parse("ddim(etta=1)")
+    with pytest.raises(DDSMError, match="takes no eta"):
+        Solver.parse("unipc(eta=0.5)")
 
 
 def test_prefix_cache_gives_the_same_images_as_sampling_from_scratch():
@@ -107,11 +113,16 @@ def test_prefix_cache_gives_the_same_images_as_sampling_from_scratch():
     first = [w[0.5], w[0.5], w[1.0], w[1.0], w[0.75], w[0.75]]
     second = [w[0.5], w[0.5], w[1.0], w[1.0], w[1.0], w[1.0]]  # shares the first 4 steps
     runtime = Runtime(in_memory(cfg, model))
-    for sampler, eta in [("ddim", 0.0), ("ddpm", 0.0)]:
+    # every solver: multistep ones carry their history of model outputs across the cached prefix
+    for solver in ["ddim", "ddpm", "ddim(eta=1.0)", "dpmsolver++", "dpmsolver++(order=3)", "sde-dpmsolver++", "unipc",
+                   "euler"]:
         cache = PrefixCache(boundaries=[2, 4])
         kwargs = dict(n=5, seed=7)
-        generate(runtime.plan(first, sampler=sampler, eta=eta), cache=cache, **kwargs)
-        cached = generate(runtime.plan(second, sampler=sampler, eta=eta), cache=cache, **kwargs)
-        fresh = generate(runtime.plan(second, sampler=sampler, eta=eta), **kwargs)
-        torch.testing.assert_close(cached, fresh, rtol=0, atol=0)
-        assert (cache.steps_saved, cache.steps_run) == (4, 6 + 2)
+        generate(runtime.plan(first, solver=solver), cache=cache, **kwargs)
+        cached = generate(runtime.plan(second, solver=solver), cache=cache, **kwargs)
+        fresh = generate(runtime.plan(second, solver=solver), **kwargs)
+        torch.testing.assert_close(cached, fresh, rtol=0, atol=0, msg=lambda m: f"{solver}: {m}")
+        assert (cache.steps_saved, cache.steps_run) == (4, 6 + 2), solver
+        # a prefix run by another solver is not shared
+        other = generate(runtime.plan(second, solver="ddim" if solver != "ddim" else "unipc"), cache=cache, **kwargs)
+        assert cache.steps_saved == 4 and not torch.equal(other, fresh)

@@ -103,7 +103,7 @@ def test_sampling_accounts_for_what_each_image_executed(dit):
 
     def plan(policy=None):
         settings = {} if policy is None else {"exit": policy}
-        return runtime.plan_schedule(Schedule(subnets, sampler="ddim", settings=settings))
+        return runtime.plan_schedule(Schedule(subnets, settings=settings))
 
     kwargs = dict(n=5, seed=3)
     static = generate(plan(), **kwargs)

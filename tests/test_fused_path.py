@@ -22,6 +22,7 @@ from ddsm_search.sampling import PrefixCache, Runtime, generate
 from ddsm_search.search.runner import run_search
 from ddsm_search.space.steps import Step
 from ddsm_search.space.subnet import Subnet
+from ddsm_search.solvers.base import Solver
 from tests.conftest import tiny_dict
 
 FUSED = {"model": {"base_channels": 16, "channel_mults": [1, 2], "group_size": 8, "head_dim": 8, "widths": [1.0, 0.5],
@@ -93,9 +94,9 @@ def test_prefix_cache_is_bit_identical_on_the_kernel(fused_supernet, kernel_call
     cache = PrefixCache(boundaries=[2, 4])
     runtime = Runtime(supernet, backend="fused")
     kwargs = dict(n=6, seed=7)
-    generate(runtime.plan(MIXED, sampler=sampler, eta=eta), cache=cache, **kwargs)
-    cached = generate(runtime.plan(second, sampler=sampler, eta=eta), cache=cache, **kwargs)
-    fresh = generate(runtime.plan(second, sampler=sampler, eta=eta), **kwargs)
+    generate(runtime.plan(MIXED, solver=Solver.of_sampler(sampler, eta)), cache=cache, **kwargs)
+    cached = generate(runtime.plan(second, solver=Solver.of_sampler(sampler, eta)), cache=cache, **kwargs)
+    fresh = generate(runtime.plan(second, solver=Solver.of_sampler(sampler, eta)), **kwargs)
     torch.testing.assert_close(cached, fresh, rtol=0, atol=0)
     assert cache.steps_saved == 4 and kernel_calls["n"] == 6 + 2 + 6
 

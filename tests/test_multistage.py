@@ -156,7 +156,7 @@ def test_search_schedules_carry_the_stage_of_each_step_and_export_and_sample_the
     path, data = export_schedule(tmp_path / "run", "100%", tmp_path / "s.json", heldout_samples=8, candidates=1,
                                  cache_dir=str(tmp_path / "c"))
     saved = json.loads(path.read_text())
-    assert [s["stage"] for s in saved["subnets"]] == stages
+    assert [s["subnet"]["stage"] for s in saved["steps"]] == stages
     assert main(["sample", str(trained), "--schedule", str(path), "--out", str(tmp_path / "a.npz"), "--n", "2",
                  "--quiet"]) == 0
     capsys.readouterr()

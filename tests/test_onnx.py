@@ -32,6 +32,7 @@ from ddsm_search.sampling import (
     generate,  # noqa: E402
 )
 from ddsm_search.schedule import Schedule, save_schedule  # noqa: E402
+from ddsm_search.solvers.base import Solver
 from tests.conftest import tiny_dict  # noqa: E402
 from tests.test_exit_stage import TINY_DIT  # noqa: E402
 
@@ -106,7 +107,7 @@ def test_unet_schedule_images_equal_generate(unet):
     supernet, subnets, _, folder = unet
     n = 9  # odd: two sessions take 4 and 5 images
     noise, _ = _draws(3, n, supernet.image_shape, len(subnets))
-    ref = generate(Runtime(supernet).plan(subnets, sampler="ddim", eta=0.0), n=n, seed=3).numpy()
+    ref = generate(Runtime(supernet).plan(subnets, solver="ddim"), n=n, seed=3).numpy()
     for sessions, batch_size in ((1, None), (2, None), (2, 2)):
         got = OnnxSampler(folder, sessions=sessions).sample(n, noise=noise, batch_size=batch_size)
         _close(got, ref, IMAGES)
@@ -118,13 +119,13 @@ def test_unet_schedule_images_equal_generate(unet):
 def test_stochastic_samplers_equal_generate_on_the_same_step_noise(tiny_supernet, tmp_path):
     supernet = load_supernet(tiny_supernet)
     subnets = [supernet.model.check_subnet(0.5)] * 5
-    path = save_schedule(tmp_path / "ddpm.json", Schedule(subnets=subnets, sampler="ddpm"), supernet)
+    path = save_schedule(tmp_path / "ddpm.json", Schedule(subnets=subnets, solver=Solver("ddpm")), supernet)
     sampler = OnnxSampler(export_onnx(path, tmp_path / "onnx")[0], sessions=2)
     n = 5
     noise, step_noise = _draws(11, n, supernet.image_shape, len(subnets))
     for name, eta in (("ddpm", 0.0), ("ddim", 0.7)):
         sampler.sampler, sampler.eta = name, eta  # the same graphs, the other stochastic step
-        ref = generate(Runtime(supernet).plan(subnets, sampler=name, eta=eta), n=n, seed=11).numpy()
+        ref = generate(Runtime(supernet).plan(subnets, solver=Solver.of_sampler(name, eta)), n=n, seed=11).numpy()
         _close(sampler.sample(n, noise=noise, step_noise=step_noise), ref, IMAGES)
         _close(sampler.sample(n, noise=noise, step_noise=lambda i: step_noise[i]), ref, IMAGES)
     with pytest.raises(DDSMError, match="step_noise holds 2 steps' noise"):
@@ -153,7 +154,7 @@ def test_group_weights_export_each_groups_network(tiny_supernet, tmp_path):
     assert manifest["steps"] == ["width=0.5 group 0"] * 2 + ["width=1.0 group 1"] * 3
     noise, _ = _draws(2, 4, supernet.image_shape, 5)
     ref = generate(Runtime(supernet).plan_schedule(schedule), n=4, seed=2).numpy()
-    plain = generate(Runtime(supernet).plan(subnets, sampler="ddim", eta=0.0), n=4, seed=2).numpy()
+    plain = generate(Runtime(supernet).plan(subnets, solver="ddim"), n=4, seed=2).numpy()
     assert np.abs(ref - plain).max() > 1e-3, "the group weights change the images"
     _close(OnnxSampler(folder).sample(4, noise=noise), ref, IMAGES)
 
@@ -188,7 +189,7 @@ def test_dit_width_and_depth_schedule_round_trip(dit):
         _graph_matches_subnet(folder, supernet, key)
     n = 5
     noise, _ = _draws(4, n, supernet.image_shape, len(subnets))
-    ref = generate(Runtime(supernet).plan(subnets, sampler="ddim", eta=0.0), n=n, seed=4).numpy()
+    ref = generate(Runtime(supernet).plan(subnets, solver="ddim"), n=n, seed=4).numpy()
     _close(OnnxSampler(folder, sessions=2).sample(n, noise=noise), ref, IMAGES)
 
 

@@ -18,6 +18,7 @@ from ddsm_search.methods.step_groups.finetune import finetune_schedule
 from ddsm_search.sampling import Runtime, generate
 from ddsm_search.schedule import Schedule, load_schedule, save_schedule
 from ddsm_search.space.subnet import Subnet
+from ddsm_search.solvers.base import Solver
 from tests.conftest import tiny_dict
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
@@ -27,8 +28,7 @@ def _expected(supernet, schedule, *, settings: bool = True, **kwargs) -> torch.T
     """Return generate's images of the schedule (without its settings: its static subnets alone), as the
     pipeline returns them."""
     runtime = Runtime(supernet)
-    plan = runtime.plan_schedule(schedule) if settings else runtime.plan(schedule.subnets, sampler=schedule.sampler,
-                                                                          eta=schedule.eta)
+    plan = runtime.plan_schedule(schedule) if settings else runtime.plan(schedule.subnets, solver=schedule.solver)
     images = generate(plan, **kwargs)
     return (images / 2 + 0.5).clamp(0, 1)
 
@@ -36,7 +36,7 @@ def _expected(supernet, schedule, *, settings: bool = True, **kwargs) -> torch.T
 def test_pipeline_images_equal_generate(tiny_supernet, tmp_path):
     supernet = load_supernet(tiny_supernet)
     subnets = [Subnet.of(width=w) for w in (0.5, 0.5, 0.75, 1.0, 1.0)]
-    path = save_schedule(tmp_path / "s.json", Schedule(subnets=subnets, sampler="ddim", eta=0.5), supernet)
+    path = save_schedule(tmp_path / "s.json", Schedule(subnets=subnets, solver=Solver("ddim", eta=0.5)), supernet)
     pipe = DDSMPipeline.from_schedule(path)  # the supernet the schedule recorded
     if DIFFUSERS:
         from diffusers import DiffusionPipeline

@@ -13,11 +13,13 @@ from ddsm_search.checkpoint import load_supernet
 from ddsm_search.cli.main import main
 from ddsm_search.config import config_from_dict
 from ddsm_search.deploy.export import export_schedule
+from ddsm_search.diffusion import sampling_timesteps
 from ddsm_search.errors import DDSMError
 from ddsm_search.pipeline import quickstart
 from ddsm_search.report import tables as report
 from ddsm_search.schedule import load_schedule
 from ddsm_search.search.runner import run_search
+from ddsm_search.solvers.base import Solver
 from ddsm_search.space.subnet import Subnet, SubnetSpace, schedule_key
 from tests.conftest import tiny_dict
 
@@ -65,37 +67,43 @@ def test_pick_is_the_lowest_fid_within_budget(run):
 
 def test_export_writes_a_self_describing_checked_schedule(run, tmp_path):
     path, data = export_schedule(run, "70%", tmp_path / "s.json", heldout_samples=40)
-    assert data["format"] == "ddsm-search/schedule" and data["version"] == 2
-    assert data["axes"] == ["width"] and data["settings"] == {} and "widths" not in data
-    assert all(set(s) == {"width"} for s in data["subnets"])
-    assert len(data["subnets"]) == data["sampler"]["steps"] == len(data["sampler"]["timesteps"]) == 6
+    assert data["format"] == "ddsm-search/schedule" and data["version"] == 3
+    assert data["axes"] == ["width"] and data["settings"] == {} and not {"widths", "subnets", "sampler"} & set(data)
+    assert data["solver"] == {"name": "ddim", "eta": 0.0}
+    assert all(set(s) == {"timestep", "subnet"} and set(s["subnet"]) == {"width"} for s in data["steps"])
+    assert [s["timestep"] for s in data["steps"]] == data["timesteps"] == sampling_timesteps(100, 6)
     assert data["flops_share"] <= 0.7 + 1e-9 and data["supernet"]["sha256"]
     q = data["quality"]
     assert q["search"]["seed_set"] == "search" and q["heldout"]["seed_set"] == "heldout"
     assert np.isfinite(q["heldout"]["fid"]) and np.isfinite(q["full_size_heldout"]["fid"])
     supernet = load_supernet(data["supernet"]["path"])
     schedule = load_schedule(path, supernet)
-    assert schedule.subnets == [Subnet.of(**s) for s in data["subnets"]] and schedule.extra["quality"] == q
+    assert schedule.subnets == [Subnet.of(**s["subnet"]) for s in data["steps"]] and schedule.extra["quality"] == q
     assert data["flops_per_image"] == supernet.schedule_flops(schedule.subnets)
 
 
 def test_tampered_or_mismatched_schedules_are_refused(run, tmp_path):
     path, data = export_schedule(run, "100%", tmp_path / "s.json", heldout_samples=40)
     supernet = load_supernet(data["supernet"]["path"])
-    edited = dict(data, subnets=[{"width": 0.5}] * 6)
+    halved = [dict(s, subnet={"width": 0.5}) for s in data["steps"]]
+    edited = dict(data, steps=halved)
     (tmp_path / "edited.json").write_text(json.dumps(edited))
-    if edited["subnets"] != data["subnets"]:
-        with pytest.raises(DDSMError, match="does not match its subnets"):
+    if edited["steps"] != data["steps"]:
+        with pytest.raises(DDSMError, match="recorded flops_per_image does not match its steps"):
             load_schedule(tmp_path / "edited.json", supernet)
+    moved = dict(data, steps=[dict(s, timestep=s["timestep"] + 1) for s in data["steps"][:-1]] + data["steps"][-1:])
+    (tmp_path / "moved.json").write_text(json.dumps(moved))
+    with pytest.raises(DDSMError, match="not its 'timesteps'"):
+        load_schedule(tmp_path / "moved.json", supernet)
     other = dict(data, supernet={"path": "x", "sha256": "f" * 64})
     (tmp_path / "other.json").write_text(json.dumps(other))
     with pytest.raises(DDSMError, match="made for another supernet"):
         load_schedule(tmp_path / "other.json", supernet)
-    bad_width = dict(data, subnets=[{"width": 0.3}] * 6)
+    bad_width = dict(data, steps=[dict(s, subnet={"width": 0.3}) for s in data["steps"]])
     (tmp_path / "w.json").write_text(json.dumps(bad_width))
     with pytest.raises(DDSMError, match="width 0.3 is not in the supernet"):
         load_schedule(tmp_path / "w.json", supernet)
-    version_1 = {k: v for k, v in data.items() if k not in ("subnets", "axes", "settings")}
+    version_1 = {k: v for k, v in data.items() if k not in ("steps", "axes", "settings", "solver", "timesteps")}
     (tmp_path / "v1.json").write_text(json.dumps(dict(version_1, version=1, widths=[0.3] * 6)))
     with pytest.raises(DDSMError, match="width 0.3 is not in the supernet"):
         load_schedule(tmp_path / "v1.json", supernet)
@@ -141,38 +149,52 @@ def test_quickstart_refuses_a_bad_budget_before_any_work(tmp_path, capsys):
     assert "--budget" in capsys.readouterr().err and not (tmp_path / "qs").exists()
 
 
-def test_version_1_schedules_load_and_sample_as_version_2_ones(tiny_supernet, tmp_path):
+def test_version_1_and_2_schedules_load_and_sample_as_they_always_did(tiny_supernet, tmp_path):
+    """Files written before solvers were searched ran DDIM / DDPM on the uniform grid: they still do, and
+    saving one again writes version 3 with the same steps, solver and timesteps."""
     from ddsm_search.sampling import Runtime, generate
-    from ddsm_search.schedule import FORMAT, Schedule, save_schedule
+    from ddsm_search.schedule import FORMAT, save_schedule
 
     supernet = load_supernet(tiny_supernet)
     widths = [0.5, 0.5, 0.75, 1.0, 1.0]
     subnets = [Subnet.of(width=w) for w in widths]
-    v2 = save_schedule(tmp_path / "v2.json", Schedule(subnets=subnets, sampler="ddim", eta=0.5), supernet)
-    written = json.loads(v2.read_text())
-    assert written["version"] == 2 and written["subnets"] == [{"width": w} for w in widths]
+    grid = sampling_timesteps(100, 5)
+    flops = supernet.schedule_flops(subnets)
+    ref = {"path": str(supernet.path), "sha256": supernet.sha256}
+    v2 = tmp_path / "v2.json"  # as ddsm-search wrote them before version 3
+    v2.write_text(json.dumps({"format": FORMAT, "version": 2, "supernet": ref,
+                              "sampler": {"name": "ddim", "steps": 5, "eta": 0.5, "timesteps": grid},
+                              "axes": ["width"], "subnets": [{"width": w} for w in widths], "settings": {},
+                              "flops_per_image": flops}))
     bare = tmp_path / "bare.json"  # a hand-written version-1 schedule
     bare.write_text(json.dumps({"widths": widths, "sampler": {"eta": 0.5}}))
-    full = tmp_path / "full.json"  # as ddsm-search wrote them: format, version 1, the supernet's hash
-    full.write_text(json.dumps({"format": FORMAT, "version": 1,
-                                "supernet": {"path": str(supernet.path), "sha256": supernet.sha256},
-                                "sampler": {"name": "ddim", "steps": 5, "eta": 0.5,
-                                            "timesteps": written["sampler"]["timesteps"]},
-                                "widths": widths, "flops_per_image": written["flops_per_image"]}))
-    loaded = {path.name: load_schedule(path, supernet) for path in (v2, bare, full)}
+    full = tmp_path / "full.json"  # version 1 as ddsm-search wrote it: format, version 1, the supernet's hash
+    full.write_text(json.dumps({"format": FORMAT, "version": 1, "supernet": ref,
+                                "sampler": {"name": "ddim", "steps": 5, "eta": 0.5, "timesteps": grid},
+                                "widths": widths, "flops_per_image": flops}))
+    ddpm = tmp_path / "ddpm.json"
+    ddpm.write_text(json.dumps({"version": 2, "sampler": {"name": "ddpm", "eta": 0.3},
+                                "subnets": [{"width": w} for w in widths]}))
+    loaded = {path.name: load_schedule(path, supernet) for path in (v2, bare, full, ddpm)}
     kwargs = dict(n=6, seed=3)
     runtime = Runtime(supernet)
-    want = generate(runtime.plan(subnets, sampler="ddim", eta=0.5), **kwargs)
+    want = generate(runtime.plan(subnets, solver=Solver("ddim", eta=0.5)), **kwargs)
     for name, schedule in loaded.items():
-        assert schedule.subnets == subnets and (schedule.sampler, schedule.eta) == ("ddim", 0.5), name
+        expected = Solver("ddpm") if name == "ddpm.json" else Solver("ddim", eta=0.5)  # ddpm ignored eta
+        assert schedule.subnets == subnets and schedule.solver == expected and schedule.grid(100) == grid, name
         got = generate(runtime.plan_schedule(schedule), **kwargs)
-        assert torch.equal(got, want), name
-    other = generate(runtime.plan(subnets[::-1], sampler="ddim", eta=0.5), **kwargs)
+        if name != "ddpm.json":
+            assert torch.equal(got, want), name
+        again = save_schedule(tmp_path / f"again-{name}", schedule, supernet)
+        written = json.loads(again.read_text())
+        assert written["version"] == 3 and written["timesteps"] == grid, name
+        assert torch.equal(generate(runtime.plan_schedule(load_schedule(again, supernet)), **kwargs), got), name
+    other = generate(runtime.plan(subnets[::-1], solver=Solver("ddim", eta=0.5)), **kwargs)
     assert not torch.equal(other, want)
     stale = json.loads(full.read_text())
     stale["flops_per_image"] += 1
     full.write_text(json.dumps(stale))
-    with pytest.raises(DDSMError, match="does not match its subnets"):
+    with pytest.raises(DDSMError, match="recorded flops_per_image does not match its steps"):
         load_schedule(full, supernet)
 
 

@@ -3,7 +3,7 @@
 The oracle tests in test_diffusion.py predict x0 exactly, so they cannot see a wrong coefficient in the
 update. Here:
 
-* each step of `_step`, and whole `sample_loop` trajectories, are compared with diffusers'
+* each step of `ddim_step`, and whole `sample_loop` trajectories, are compared with diffusers'
   DDIMScheduler / DDPMScheduler built on our betas, fed the same x_t, the same model output (a fixed
   non-oracle function of x and t, whose predicted x0 is clipped for some pixels and not for others)
   and the same step noise;
@@ -25,7 +25,9 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
 from ddsm_search.config import DiffusionConfig
-from ddsm_search.diffusion import NoiseSchedule, _step, sample_loop, sampling_timesteps
+from ddsm_search.diffusion import NoiseSchedule, sample_loop, sampling_timesteps
+from ddsm_search.solvers.base import Solver
+from ddsm_search.solvers.ddim import ddim_step
 
 T = 1000
 SHAPE = (8, 2, 4, 4)  # 32 values per image for the model's linear map
@@ -138,7 +140,7 @@ def test_ddim_steps_match_diffusers(kind, spacing, steps, eta):
         z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(100 + i), dtype=torch.float64)
         expected = ref.step(eps, t, x, eta=eta, use_clipped_model_output=True,
                             variance_noise=z if eta > 0 else None).prev_sample
-        got = _step(x.clone(), eps, a_t, a_prev, "ddim", eta, z if eta > 0 else None)
+        got = ddim_step(x.clone(), eps, a_t, a_prev, False, eta, z if eta > 0 else None)
         torch.testing.assert_close(got, expected, rtol=0, atol=STEP_ATOL, msg=lambda m: f"step {i} (t={t}): {m}")
         clipped.append(_clipped_fraction(x, eps, a_t))
         x = expected
@@ -153,7 +155,7 @@ def test_ddim_steps_match_diffusers_on_our_timesteps(kind, eta):
 
     DDIMScheduler only steps by T // steps, so it is given the 15-step chain itself as its schedule:
     betas 1 - a(t_k) / a(t_k+1), for which its timesteps 14 .. 0 are our 999 .. 0 (and t - 1 the next).
-    This compares _step on pairs (a_t, a_prev) that no fixed-stride schedule produces.
+    This compares ddim_step on pairs (a_t, a_prev) that no fixed-stride schedule produces.
     """
     s = _schedule(kind)
     ts = sampling_timesteps(T, 15)
@@ -172,7 +174,7 @@ def test_ddim_steps_match_diffusers_on_our_timesteps(kind, eta):
         z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(200 + i), dtype=torch.float64)
         expected = ref.step(eps, k, x, eta=eta, use_clipped_model_output=True,
                             variance_noise=z if eta > 0 else None).prev_sample
-        got = _step(x.clone(), eps, a_t, a_prev, "ddim", eta, z if eta > 0 else None)
+        got = ddim_step(x.clone(), eps, a_t, a_prev, False, eta, z if eta > 0 else None)
         torch.testing.assert_close(got, expected, rtol=0, atol=STEP_ATOL, msg=lambda m: f"step {i} (t={t}): {m}")
         x = expected
 
@@ -199,7 +201,7 @@ def test_ddpm_steps_match_diffusers(kind, timesteps):
         # the generator's device (randn_tensor), and only for t > 0: the same draw from an equal generator
         expected = ref.step(eps, t, x, generator=torch.Generator().manual_seed(300 + i)).prev_sample
         z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(300 + i), dtype=torch.float64) if t > 0 else None
-        got = _step(x.clone(), eps, a_t, a_prev, "ddpm", 0.0, z)
+        got = ddim_step(x.clone(), eps, a_t, a_prev, True, 0.0, z)
         torch.testing.assert_close(got, expected, rtol=0, atol=STEP_ATOL, msg=lambda m: f"step {i} (t={t}): {m}")
         x = expected
 
@@ -229,7 +231,7 @@ def test_sample_loop_matches_a_diffusers_ddim_loop(kind, eta):
     model = _model(s.alphas_cumprod)
     g_ours, g_ref = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
     x_ours, x_ref = torch.randn(SHAPE, generator=g_ours), torch.randn(SHAPE, generator=g_ref)
-    ours = sample_loop({1.0: model}, s, [1.0] * len(ts), ts, x_ours, sampler="ddim", eta=eta, generator=g_ours)
+    ours = sample_loop({1.0: model}, [1.0] * len(ts), ts, x_ours, Solver("ddim", eta=eta).run(s, ts), generator=g_ours)
     # DDIMScheduler.step draws even on the last step (where sigma = 0): after everything that matters
     theirs = _run_diffusers(ref, model, ts, x_ref, g_ref, eta=eta, use_clipped_model_output=True)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=TRAJECTORY_ATOL)
@@ -249,7 +251,7 @@ def test_sample_loop_matches_a_diffusers_ddpm_loop(kind, timesteps):
     model = _model(s.alphas_cumprod)
     g_ours, g_ref = torch.Generator().manual_seed(6), torch.Generator().manual_seed(6)
     x_ours, x_ref = torch.randn(SHAPE, generator=g_ours), torch.randn(SHAPE, generator=g_ref)
-    ours = sample_loop({1.0: model}, s, [1.0] * len(ts), ts, x_ours, sampler="ddpm", generator=g_ours)
+    ours = sample_loop({1.0: model}, [1.0] * len(ts), ts, x_ours, Solver("ddpm").run(s, ts), generator=g_ours)
     theirs = _run_diffusers(ref, model, ts, x_ref, g_ref)
     torch.testing.assert_close(ours, theirs, rtol=0, atol=TRAJECTORY_ATOL)
 
@@ -262,8 +264,8 @@ def test_ddim_with_eta_one_is_ancestral_ddpm():
 
     def run(sampler, eta):
         g = torch.Generator().manual_seed(8)
-        return sample_loop({1.0: model}, s, [1.0] * len(ts), ts, torch.randn(SHAPE, generator=g), sampler=sampler,
-                           eta=eta, generator=g)
+        return sample_loop({1.0: model}, [1.0] * len(ts), ts, torch.randn(SHAPE, generator=g),
+                           Solver.of_sampler(sampler, eta).run(s, ts), generator=g)
 
     torch.testing.assert_close(run("ddim", 1.0), run("ddpm", 0.0), rtol=0, atol=2e-5)
 
@@ -316,8 +318,8 @@ def _sample_gaussian(kind, steps, sampler, eta, n_pixels, seed):
     ts = sampling_timesteps(T, steps)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(n_pixels // 64, 1, 8, 8, generator=g)
-    out = sample_loop({1.0: _gaussian_denoiser(s.alphas_cumprod)}, s, [1.0] * steps, ts, x, sampler=sampler, eta=eta,
-                      generator=g, batch_size=len(x)).double()
+    out = sample_loop({1.0: _gaussian_denoiser(s.alphas_cumprod)}, [1.0] * steps, ts, x,
+                      Solver.of_sampler(sampler, eta).run(s, ts), generator=g, batch_size=len(x)).double()
     return out.mean().item(), out.var().item(), _chain_moments(s.alphas_cumprod, ts, sampler, eta)
 
 

@@ -95,10 +95,10 @@ class _SyntheticEvaluator:
     def __init__(self, *args, **kwargs):
         pass
 
-    def evaluate(self, steps, samples=None):
+    def evaluate(self, candidate, samples=None):
         import zlib
 
-        widths = [s.subnet["width"] for s in steps]
+        widths = [s.subnet["width"] for s in candidate.steps]
         quality = sum((1 - w) * (i + 1) for i, w in enumerate(widths))  # late steps matter most
         jitter = (zlib.crc32(repr((widths, samples)).encode()) % 1000) / 1000 - 0.5
         fid = quality + 4 * jitter / samples ** 0.5

@@ -209,3 +209,36 @@ def test_search_cli_bad_inputs(supernet, tmp_path, capsys):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and match in err[0], (extra, err)
         assert not out.exists(), "nothing may be written when the input is bad"
+
+
+def test_joint_search_over_solvers_and_step_counts_exports_and_samples_its_pick(supernet, tmp_path, capsys):
+    """solvers x step counts x widths: the baselines are evaluated in the first generation, the tables
+    name each row's solver and steps, and the export runs the solver and timesteps it chose."""
+    from ddsm_search.report.tables import load_run
+    from ddsm_search.schedule import load_schedule
+    from ddsm_search.solvers.base import head_of, spacing_of
+    from ddsm_search.space.steps import plan_key
+
+    search = {"solvers": ["ddim", "unipc"], "step_choices": [3, 6], "generations": 2}
+    _search(supernet, tmp_path / "run", tmp_path / "cache", search=search)
+    table = load_run(tmp_path / "run")
+    full = table[table["schedule"].str.fullmatch(r"(\[\S+ uniform\] )?width=1\.0\*\d")]
+    assert {(r.solver, r.sampling_steps) for r in full.itertuples()} == {("ddim", 3), ("ddim", 6), ("unipc", 3),
+                                                                        ("unipc", 6)}
+    assert set(table["solver"]) <= {"ddim", "unipc"} and set(table["sampling_steps"]) <= {3, 6}
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["search"]["solvers"] == ["ddim", "unipc"] and info["search"]["step_choices"] == [3, 6]
+    # full size at 3 steps costs half of the reference (6 steps)
+    assert full.loc[full["sampling_steps"] == 3, "flops_share"].tolist() == pytest.approx([0.5, 0.5])
+    out = tmp_path / "s.json"
+    assert main(["export", str(tmp_path / "run"), "--budget", "55%", "--out", str(out), "--n", "40", "--quiet"]) == 0
+    data = json.loads(out.read_text())
+    schedule = load_schedule(out)
+    spacing = spacing_of(schedule.timesteps, 100)
+    key = plan_key(schedule.step_keys(), head_of(schedule.solver, schedule.timesteps, spacing))
+    row = table[table["schedule"] == key].iloc[0]  # the export is a searched row, solver and steps included
+    assert (row["solver"], row["sampling_steps"]) == (schedule.solver.key, len(data["steps"]))
+    assert data["flops_share"] <= 0.55 + 1e-9 and data["quality"]["confirmed"][0]["schedule"] in set(table["schedule"])
+    capsys.readouterr()
+    assert main(["sample", str(supernet), "--schedule", str(out), "--n", "4", "--out", str(tmp_path / "a.npz"),
+                 "--quiet"]) == 0

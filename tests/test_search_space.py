@@ -12,6 +12,7 @@ from ddsm_search.errors import DDSMError
 from ddsm_search.search.algorithms import gene_bounds, initial_population, make_algorithm
 from ddsm_search.search.genome import SearchSpace
 from ddsm_search.search.pareto import front_of, hypervolume, pareto_mask
+from ddsm_search.solvers.base import Solver
 from ddsm_search.space.subnet import Subnet, SubnetSpace
 
 SPACE = SearchSpace.of(SubnetSpace.of({"width": [1.0, 0.75, 0.5, 0.25]}), steps=10, segments=4)
@@ -227,3 +228,59 @@ def test_seeds_join_the_uniform_schedules_in_the_first_generation(name):
     algo = make_algorithm(name, SPACE, 8, 0, lambda g: True, seeds=[seed])
     first = algo.ask()
     assert seed in first and all(g in first for g in SPACE.uniform())
+
+
+# ---------------------------------------------------------------- the sampler in the genome
+
+JOINT = SearchSpace.of(SubnetSpace.of({"width": [1.0, 0.5]}), steps=10, segments=3,
+                       solvers=(Solver(), Solver("unipc"), Solver("dpmsolver++")), step_choices=(4, 6, 10),
+                       spacings=("uniform", "trailing"), num_timesteps=100)
+
+
+def test_joint_genome_chooses_solver_steps_and_spacing_first():
+    assert [w for w, _ in JOINT.sampler_genes] == ["solver", "steps", "spacing"]
+    assert JOINT.n_genes == 3 + 3 and JOINT.gene_choices == [3, 3, 2, 2, 2, 2]
+    c = JOINT.candidate((1, 0, 1, 1, 0, 0))  # unipc, 4 steps, trailing; widths 0.5 | 1.0 | 1.0
+    assert c.solver == Solver("unipc") and c.spacing == "trailing" and len(c.steps) == 4
+    assert c.timesteps == (99, 74, 49, 24)
+    # 4 steps in 3 segments: round(linspace(0, 4, 4)) = 0, 1, 3, 4
+    assert [s.subnet["width"] for s in c.steps] == [0.5, 1.0, 1.0, 1.0]
+    assert c.key == "[unipc trailing] width=0.5 width=1.0*3"
+    assert JOINT.candidate((0, 2, 0, 0, 0, 0)).key == "width=1.0*10"  # DDIM, uniform: keys as before
+    rng = np.random.default_rng(1)
+    for genome in JOINT.random(100, rng):
+        c = JOINT.candidate(genome)
+        assert JOINT.encode(c.steps, c.solver, c.spacing) == genome
+        assert len(c.steps) == len(c.timesteps) in (4, 6, 10)
+
+
+def test_segments_cover_every_step_count():
+    from ddsm_search.search.genome import segment_bounds
+
+    for n in range(1, 25):
+        for k in range(1, 6):
+            bounds = segment_bounds(n, k)
+            assert bounds[0][0] == 0 and bounds[-1][1] == n and len(bounds) == k
+            assert all(a <= b for a, b in bounds) and all(b == c for (_, b), (c, _) in zip(bounds, bounds[1:]))
+            sizes = [b - a for a, b in bounds]
+            assert max(sizes) - min(sizes) <= 1  # near-equal runs
+
+
+def test_first_generation_holds_full_size_under_every_solver_at_every_step_count():
+    first = [JOINT.candidate(g) for g in JOINT.first()]
+    baselines = {(c.solver.key, len(c.steps)) for c in first[:9]}
+    assert baselines == {(s, n) for s in ("ddim", "unipc", "dpmsolver++") for n in (4, 6, 10)}
+    assert all(s.subnet == Subnet.of(width=1.0) for c in first[:9] for s in c.steps)
+    assert all(c.spacing == "uniform" for c in first[:9])
+    assert len(set(JOINT.first())) == len(JOINT.first())
+    assert SPACE.baselines() == []  # one solver, one step count: no baselines beyond full size
+
+
+def test_joint_genome_errors():
+    with pytest.raises(DDSMError, match="steps 5, not a search choice"):
+        JOINT.encode([W(1.0)] * 5)
+    with pytest.raises(DDSMError, match="solver euler, not a search choice"):
+        JOINT.encode([W(1.0)] * 4, Solver("euler"))
+    with pytest.raises(DDSMError, match="steps must be between 1 and 100"):
+        SearchSpace.of(SubnetSpace.of({"width": [1.0]}), steps=10, segments=1, step_choices=(10, 200),
+                       num_timesteps=100)

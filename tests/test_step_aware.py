@@ -72,8 +72,8 @@ def test_dit_pipeline_width_by_depth(tmp_path):
     assert "depth=2" in keys and "width=0.25" in keys, "the first generation holds each axis's uniform schedules"
     assert main(["export", str(run), "--budget", "100%", "--n", "40", "--quiet", "--out", str(tmp_path / "s.json")]) == 0
     schedule = json.loads((tmp_path / "s.json").read_text())
-    assert schedule["version"] == 2 and schedule["axes"] == ["width", "depth"]
-    assert all(set(s) == {"width", "depth"} for s in schedule["subnets"]) and len(schedule["subnets"]) == 4
+    assert schedule["version"] == 3 and schedule["axes"] == ["width", "depth"]
+    assert all(set(s["subnet"]) == {"width", "depth"} for s in schedule["steps"]) and len(schedule["steps"]) == 4
     out = tmp_path / "s.npz"
     assert main(["sample", str(net), "--schedule", str(tmp_path / "s.json"), "--n", "5", "--out", str(out),
                  "--quiet"]) == 0

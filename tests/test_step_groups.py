@@ -14,6 +14,7 @@ from ddsm_search.cli.main import main
 from ddsm_search.config import DiffusionConfig
 from ddsm_search.diffusion import NoiseSchedule, sample_loop, sampling_timesteps
 from ddsm_search.errors import DDSMError
+from ddsm_search.solvers.base import Solver
 from ddsm_search.images import to_uint8
 from ddsm_search.methods.step_groups.finetune import finetune_schedule, plan_groups
 from ddsm_search.methods.step_groups.groups import (
@@ -144,8 +145,8 @@ def _by_hand(supernet, networks, groups, n: int, seed: int) -> torch.Tensor:
     steps = len(SCHEDULE)
     per_step = {i: networks[k] for k, g in enumerate(groups) for i in range(g.start, g.stop)}
     x = torch.randn((n, *supernet.image_shape), generator=torch.Generator().manual_seed(seed))
-    return sample_loop(per_step, NoiseSchedule(supernet.config.diffusion), list(range(steps)),
-                       sampling_timesteps(supernet.config.diffusion.timesteps, steps), x)
+    ts = sampling_timesteps(supernet.config.diffusion.timesteps, steps)
+    return sample_loop(per_step, list(range(steps)), ts, x, Solver().run(NoiseSchedule(supernet.config.diffusion), ts))
 
 
 def test_finetune_writes_weights_the_schedule_references(tuned, tmp_path, capsys):
@@ -163,7 +164,7 @@ def test_finetune_writes_weights_the_schedule_references(tuned, tmp_path, capsys
     runtime = Runtime(supernet)
     images = generate(runtime.plan_schedule(loaded), n=4, seed=3)
     assert torch.equal(images, _by_hand(supernet, result.networks, result.groups, 4, 3))
-    plain = generate(runtime.plan(loaded.subnets, sampler=loaded.sampler, eta=loaded.eta), n=4, seed=3)
+    plain = generate(runtime.plan(loaded.subnets, solver=loaded.solver), n=4, seed=3)
     assert not torch.equal(images, plain), "fine-tuning changed what the steps run"
     out = tmp_path / "s.npz"
     assert main(["sample", str(supernet.path), "--schedule", str(result.schedule), "--n", "4", "--seed", "3",
@@ -189,7 +190,7 @@ def test_evaluate_scores_the_group_weights(tuned, tmp_path, capsys):
     tuned_r = evaluate(tuned_plan, scorer, n=8, kid=False)
     images = generate(tuned_plan, n=8, seed=seed_for("search"))
     assert tuned_r["fid"] == pytest.approx(score_images(scorer, images, kid=False)["fid"], rel=1e-9)
-    plain_r = evaluate(runtime.plan(loaded.subnets, sampler=loaded.sampler, eta=loaded.eta), scorer, n=8, kid=False)
+    plain_r = evaluate(runtime.plan(loaded.subnets, solver=loaded.solver), scorer, n=8, kid=False)
     assert plain_r["fid"] != pytest.approx(tuned_r["fid"], rel=1e-6), "the weights change the score"
     assert plain_r["gflops_per_image"] == tuned_r["gflops_per_image"]
     out = tmp_path / "r.json"

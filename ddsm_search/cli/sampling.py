@@ -8,27 +8,41 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..errors import DDSMError
+from ..solvers.names import SOLVERS, SPACINGS
 from .args import add_device, add_quiet, add_seed, device_of, eta, finite, positive
+
+
+def _solver(args: argparse.Namespace, default):
+    """Return the solver --solver (or --sampler) and --eta ask for, over `default`'s."""
+    from ..solvers.base import Solver
+
+    solver = Solver.parse(args.solver) if args.solver else default
+    if args.eta is not None:
+        solver = Solver(solver.name, eta=args.eta, order=solver.order)
+    return solver
 
 
 def _schedule(args: argparse.Namespace, supernet):
     """Return the schedule to run: --schedule FILE, or one subnet at every step (--subnet/--width), with
-    --sampler, --eta and --exit-threshold applied (an early exit's threshold at every step, over the
-    schedule's own policy), checked against the supernet."""
+    --solver, --eta, --spacing and --exit-threshold applied (an early exit's threshold at every step,
+    over the schedule's own policy), checked against the supernet."""
     from ..schedule import Schedule, check_against, load_schedule
+    from ..solvers.base import Solver, timesteps_for
 
     cfg = supernet.config.sample
     if args.schedule:
         schedule = load_schedule(args.schedule, supernet)
         if args.steps is not None and args.steps != schedule.steps:
             raise DDSMError(f"the schedule has {schedule.steps} subnets but --steps asks for {args.steps}")
-        schedule = replace(schedule, sampler=args.sampler or schedule.sampler,
-                           eta=args.eta if args.eta is not None else schedule.eta)
+        schedule = replace(schedule, solver=_solver(args, schedule.solver))
     else:
         # --width 0.5 is shorthand for --subnet width=0.5 (every other axis at its full value)
         subnet = supernet.model.check_subnet(args.subnet if args.subnet is not None else args.width)
-        schedule = Schedule([subnet] * (args.steps or cfg.steps), sampler=args.sampler or cfg.sampler,
-                            eta=args.eta if args.eta is not None else cfg.eta)
+        schedule = Schedule([subnet] * (args.steps or cfg.steps), solver=_solver(args, Solver.of_sampler(
+            cfg.sampler, cfg.eta)))
+    if args.spacing:
+        schedule = replace(schedule, timesteps=timesteps_for(supernet.config.diffusion.timesteps, schedule.steps,
+                                                             args.spacing))
     if args.exit_threshold is not None:
         from ..methods.early_exit.policy import ExitPolicy
 
@@ -129,8 +143,13 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     which.add_argument("--subnet", help="run every step on this subnet, e.g. width=0.5,depth=6 (axes left out: full)")
     which.add_argument("--width", type=float, help="shorthand for --subnet width=W")
     which.add_argument("--schedule", help="schedule JSON: one subnet per sampling step")
-    p.add_argument("--sampler", choices=["ddim", "ddpm"], help="default: the schedule's, else the config's")
+    p.add_argument("--solver", "--sampler", dest="solver", metavar="SOLVER",
+                   help=f"how each step updates the latent: {', '.join(SOLVERS)}, with options such as "
+                   "dpmsolver++(order=3) or ddim(eta=0.5) (default: the schedule's, else the config's sampler)")
     p.add_argument("--steps", type=positive, help="sampling steps with --subnet/--width (default: the config's)")
+    p.add_argument("--spacing", choices=SPACINGS,
+                   help="timesteps: uniform (T-1 down to 0), or diffusers' linspace, leading, trailing "
+                   "(default: the schedule's, else uniform)")
     p.add_argument("--eta", type=eta, help="DDIM eta (0 = deterministic)")
     p.add_argument("--batch-size", type=positive, default=500)
     add_device(p)

@@ -212,9 +212,16 @@ class SampleConfig:
 class SearchConfig:
     """The schedule search: space, objective measurement, algorithm and its size."""
 
-    steps: int = 50  # sampling steps of every candidate schedule
+    steps: int = 50  # the reference: full size under `sampler` over this many steps is 100% of the FLOPs
     sampler: str = "ddim"
     eta: float = 0.0
+    # what the search chooses per schedule beside the subnets (empty: `sampler` with `eta`, at `steps`, on
+    # the uniform grid): solvers by name and options ("ddim", "ddpm", "dpmsolver++", "dpmsolver++(order=3)",
+    # "sde-dpmsolver++", "unipc", "euler"), numbers of steps, and timestep spacings (uniform: T-1 down to 0;
+    # diffusers' linspace, leading, trailing)
+    solvers: tuple[str, ...] = ()
+    step_choices: tuple[int, ...] = ()
+    spacings: tuple[str, ...] = ()
     axes: tuple[str, ...] | None = None  # the axes searched (default: every axis of the supernet); others stay full
     choices: dict[str, tuple[float, ...]] | None = None  # per axis, the choices searched (default: all)
     segments: int = 10  # consecutive steps that share one subnet; one gene per searched axis per segment

@@ -190,7 +190,15 @@ def validate_search(cfg: ExperimentConfig) -> None:
     q = cfg.search
     _check(q.sampler in ("ddim", "ddpm"), f"search.sampler: expected ddim or ddpm, got {q.sampler!r}")
     _check(1 <= q.steps <= cfg.diffusion.timesteps, f"search.steps: must be between 1 and diffusion.timesteps={cfg.diffusion.timesteps}")
-    _check(1 <= q.segments <= q.steps, f"search.segments: must be between 1 and search.steps={q.steps}")
+    _check(1 <= q.segments <= max([q.steps, *q.step_choices]),
+           f"search.segments: must be between 1 and the most sampling steps ({max([q.steps, *q.step_choices])})")
+    _check(all(1 <= n <= cfg.diffusion.timesteps for n in q.step_choices) and len(set(q.step_choices)) == len(q.step_choices),
+           f"search.step_choices: distinct numbers of steps between 1 and diffusion.timesteps="
+           f"{cfg.diffusion.timesteps}, got {list(q.step_choices)}")
+    _check(all(s in ("uniform", "linspace", "leading", "trailing") for s in q.spacings)
+           and len(set(q.spacings)) == len(q.spacings),
+           f"search.spacings: distinct spacings among uniform, linspace, leading, trailing, got {list(q.spacings)}")
+    _check(len(set(q.solvers)) == len(q.solvers), f"search.solvers: each solver once, got {list(q.solvers)}")
     _check(q.eta >= 0.0, "search.eta: must be >= 0")
     axes = cfg.model.axes()
     for axis in q.axes or ():

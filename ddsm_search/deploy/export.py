@@ -9,7 +9,7 @@ from ..config import budget_gflops
 from ..errors import DDSMError
 from ..report.tables import load_run, pick
 from ..schedule import Schedule, save_schedule
-from ..search.results import run_info, supernet_of_run
+from ..search.results import run_info, segment_starts, supernet_of_run
 
 
 def _number(value) -> float | None:
@@ -68,7 +68,7 @@ def export_schedule(run: str | Path, budget: float | str | None = None, out: str
     net = supernet_of_run(run, device, supernet)
     n = heldout_samples or max(4 * int(q["samples"]), 1000)
     confirmer = Confirmer(net, q, n=n, confidence=confidence, device=device, cache_dir=cache_dir,
-                          boundaries=[start for start, _ in info["segments"][1:]])
+                          boundaries=segment_starts(info))
     full_gflops = float((table["gflops"] / table["flops_share"]).iloc[0])
     limit = None if budget is None else budget_gflops(budget, full_gflops) * (1 + 1e-9)
 
@@ -118,7 +118,8 @@ def export_schedule(run: str | Path, budget: float | str | None = None, out: str
         figures["executed"] = {**chosen["executed"], "samples": n, "seed_set": chosen["seed_set"]}
     if net.sparse:  # both figures of a sparse supernet's schedule, side by side
         figures["sparse_flops_per_image"] = net.with_cost("sparse").schedule_flops(list(row["subnets"]))
-    schedule = Schedule.from_steps(list(row["steps"]), sampler=q["sampler"], eta=float(q["eta"]), extra=figures)
+    plan = confirmer.plan(row["schedule"])
+    schedule = Schedule.from_steps(list(plan.steps), solver=plan.solver, timesteps=list(plan.timesteps), extra=figures)
     label = (str(budget).replace("%", "pct") if budget is not None else "") + \
         ("" if max_loss is None else f"{'_' if budget is not None else ''}maxloss{max_loss:g}")
     # the file's own flops_per_image stays dense, as every loader of a schedule recomputes it; gflops_per_image

@@ -48,6 +48,9 @@ def _load(schedule_path: Path, supernet):
     from ..space.plugins import family_of_field
 
     schedule = load_schedule(schedule_path)
+    if schedule.solver.name not in ("ddim", "ddpm"):
+        raise DDSMError(f"schedule {schedule_path} runs solver {schedule.solver}: export-onnx writes the DDIM and DDPM "
+                        "updates only")
     dynamic = sorted({f for s in schedule.step_keys() for f in s.fields if family_of_field(f).dynamic})
     if dynamic:
         family = family_of_field(dynamic[0])
@@ -68,9 +71,7 @@ def _load(schedule_path: Path, supernet):
 
 def _graph_plan(schedule, runtime) -> tuple[list[str], dict[str, dict]]:
     """Return (the graph key of each step, {key: its step and the timesteps it serves})."""
-    from ..diffusion import sampling_timesteps
-
-    timesteps = sampling_timesteps(runtime.supernet.config.diffusion.timesteps, schedule.steps)
+    timesteps = schedule.grid(runtime.supernet.config.diffusion.timesteps)
     # a multi-stage U-Net's step runs its timestep's stage: one graph per (stage, width), never a router
     steps = runtime.steps_of(schedule.step_keys(), timesteps)
     keys, plan = [], {}
@@ -146,7 +147,7 @@ def export_onnx(schedule_path: str | Path, out_dir: str | Path, supernet=None, *
     missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
     if missing:
         raise DDSMError(f"export-onnx needs {' and '.join(missing)} (pip install 'ddsm-search[deploy]')")
-    from ..diffusion import NoiseSchedule, sampling_timesteps
+    from ..diffusion import NoiseSchedule
     from ..io import sha256_file
     from ..sampling import Runtime
 
@@ -191,8 +192,8 @@ def export_onnx(schedule_path: str | Path, out_dir: str | Path, supernet=None, *
             "io": {"inputs": {"x": {"dtype": "float32", "shape": ["batch", *shape]},
                               "t": {"dtype": "float32", "shape": ["batch"]}},
                    "outputs": {OUTPUT: {"dtype": "float32", "shape": ["batch", *shape]}}, "opset": opset},
-            "sampler": {"name": schedule.sampler, "eta": schedule.eta, "steps": schedule.steps,
-                        "timesteps": sampling_timesteps(diffusion.timesteps, schedule.steps)},
+            "sampler": {"name": schedule.solver.name, "eta": schedule.solver.eta, "steps": schedule.steps,
+                        "timesteps": schedule.grid(diffusion.timesteps)},
             "noise_schedule": {"timesteps": diffusion.timesteps, "beta_schedule": diffusion.beta_schedule,
                                "alphas_cumprod": [float(a) for a in NoiseSchedule(diffusion).alphas_cumprod]},
             "graphs": graphs,

@@ -3,7 +3,7 @@
 Drift compares each image of a schedule with the full-size image made from the same initial noise
 (common random numbers), so every worker needs the full-size samples of its seed set. They are made
 once and kept on disk beside the supernet (`full_size_samples/`), keyed by everything that decides
-them: the supernet's hash, seed set, image count, sampler, eta and steps. A supernet folder that
+them: the supernet's hash, seed set, image count, solver and timesteps. A supernet folder that
 cannot be written keeps them in the cache directory instead. Entries are written atomically and
 checked by their SHA-256 before use; a stale or damaged one is made again, never used.
 """
@@ -29,14 +29,15 @@ FOLDER = "full_size_samples"
 FORMAT, VERSION = "ddsm-search/full-size-samples", 1
 
 
-def _key(supernet, *, n: int, seed_set: str, sampler: str, eta: float, steps: int) -> dict:
-    return {"supernet_sha256": supernet.sha256, "seed_set": seed_set, "n": int(n), "sampler": sampler,
-            "eta": float(eta), "steps": int(steps)}
+def _key(plan, *, n: int, seed_set: str) -> dict:
+    return {"supernet_sha256": plan.supernet.sha256, "seed_set": seed_set, "n": int(n), "solver": plan.solver.key,
+            "timesteps": [int(t) for t in plan.timesteps]}
 
 
 def _stem(key: dict) -> str:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-    return f"{key['seed_set'].replace('/', '-')}-n{key['n']}-{key['sampler']}-{key['steps']}steps-{digest}"
+    solver = key["solver"].partition("(")[0]
+    return f"{key['seed_set'].replace('/', '-')}-n{key['n']}-{solver}-{len(key['timesteps'])}steps-{digest}"
 
 
 def _folders(supernet, cache_dir) -> list[Path]:
@@ -72,7 +73,7 @@ def _write(stem: Path, key: dict, images: torch.Tensor) -> None:
 
 def full_size_samples(plan, *, n: int, seed_set: str, batch_size: int = 500, cache=None,
                       cache_dir=None) -> torch.Tensor:
-    """Return full size's `n` images on a seed set under `plan`'s sampler and number of steps (a CPU
+    """Return full size's `n` images on a seed set under `plan`'s solver and timesteps (a CPU
     float tensor in [-1, 1]), from disk if made before, else sampled now and kept (beside the supernet,
     or in the cache directory)."""
     from ..backends import backend_of
@@ -81,7 +82,7 @@ def full_size_samples(plan, *, n: int, seed_set: str, batch_size: int = 500, cac
     supernet = full.supernet
     # the backend is part of what made the images: another one differs in the last bits, and drift of
     # full size from itself must be exactly 0
-    key = {**_key(supernet, n=n, seed_set=seed_set, sampler=full.sampler, eta=full.eta, steps=len(full)),
+    key = {**_key(full, n=n, seed_set=seed_set),
            "backend": "+".join(sorted({backend_of(full.denoiser(s)) for s in full.steps}))}
     folders = _folders(supernet, cache_dir)
     for folder in folders:

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from ..errors import DDSMError
 from ..io import write_atomic
 from ..sampling import PrefixCache, Runtime
+from ..solvers.base import Solver
 from .full_samples import full_size_samples
 from .quality import evaluate
 from .scoring import FullReference, make_scorer
@@ -33,16 +34,19 @@ class Confirmer:
     """Scores schedules of one search run on held-out noise beside full size, with loss intervals."""
 
     def __init__(self, supernet, search: dict, *, n: int, confidence: float = 0.95, device: str = "cpu",
-                 cache_dir=None, boundaries=()):
-        """`boundaries`: the run's segment starts, where the latents of shared schedule prefixes are kept
-        (a front's schedules share long prefixes: they are sampled once)."""
+                 cache_dir=None, boundaries=(), reference: tuple | None = None):
+        """`boundaries`: the run's segment starts (or a function of the number of steps), where the latents
+        of shared schedule prefixes are kept (a front's schedules share long prefixes: they are sampled
+        once). `reference`: (solver, steps) of the full-size run losses are measured against (default:
+        the search's sampler and steps)."""
         if not 0 < confidence < 1:
             raise DDSMError(f"--confidence must be between 0 and 1, got {confidence}")
         if n < 2:
             raise DDSMError(f"held-out images must be at least 2, got {n}")
         self.supernet, self.n, self.confidence = supernet, n, confidence
         self.metric = search["metric"]
-        self.sampler, self.eta = search["sampler"], float(search["eta"])
+        self.default = Solver.of_sampler(search["sampler"], float(search["eta"]))
+        solver, steps = reference or (self.default, int(search["steps"]))
         self.batch_size, self.cache_dir = int(search["batch_size"]), cache_dir
         self.scorer = make_scorer(supernet, metric=self.metric, drift_space=search.get("drift_space", "auto"),
                                   device=device, cache_dir=cache_dir)
@@ -50,15 +54,17 @@ class Confirmer:
         self.runtime = Runtime(supernet, device=device, backend=search.get("backend", "auto"),
                                batch_size=min(n, self.batch_size))
         self.cache = PrefixCache(boundaries)
-        self.steps = int(search["steps"])
-        full = self.plan([supernet.model.full] * self.steps)
-        self.full = FullReference(full_size_samples(full, n=n, seed_set=HELDOUT_SEEDS, batch_size=self.batch_size,
-                                                    cache=self.cache, cache_dir=cache_dir))
-        self.full_result = self.result(full)
+        self.reference = self.runtime.plan([supernet.model.full] * steps, solver=Solver.parse(solver))
+        self.full = FullReference(full_size_samples(self.reference, n=n, seed_set=HELDOUT_SEEDS,
+                                                    batch_size=self.batch_size, cache=self.cache, cache_dir=cache_dir))
+        self.full_result = self.result(self.reference)
 
-    def plan(self, steps, settings: dict | None = None):
-        """Return the plan of `steps` (Steps or subnets) under the run's sampler."""
-        return self.runtime.plan(steps, sampler=self.sampler, eta=self.eta, settings=settings)
+    def plan(self, what, settings: dict | None = None):
+        """Return the plan of `what`: a plan key (its head names the solver and timesteps; a key without one
+        runs DDIM on the uniform grid), or Steps or subnets under the search's sampler on the uniform grid."""
+        if isinstance(what, str):
+            return self.runtime.plan_key(what, settings=settings)
+        return self.runtime.plan(what, solver=self.default, settings=settings)
 
     def result(self, plan) -> dict:
         """Return the full held-out evaluation of a plan (features and executed FLOPs included)."""
@@ -86,20 +92,20 @@ class Confirmer:
         return {"metric": self.metric, "value": float(value), "low": float(low), "high": float(high),
                 "confidence": self.confidence, "method": method, "samples": self.n, "seed_set": HELDOUT_SEEDS}
 
-    def score(self, steps, *, with_loss: bool = False) -> dict:
-        """Return a held-out record of a schedule's steps: fid, kid, drift, GFLOPs (executed, for a
-        dynamic one, with `executed`: their spread and each recorded figure per step), and its loss
-        against full size."""
-        plan = self.plan(steps)
+    def score(self, what, *, with_loss: bool = False) -> dict:
+        """Return a held-out record of a schedule (a plan key, or steps: see `plan`): fid, kid, drift,
+        GFLOPs (executed, for a dynamic one, with `executed`: their spread and each recorded figure per
+        step), and its loss against the reference."""
+        plan = self.plan(what)
         result = self.result(plan)
         return {"schedule": plan.key, "samples": self.n, "seed_set": HELDOUT_SEEDS,
                 "fid": result["fid"], "kid": result["kid"], "drift": result["drift"],
                 "gflops": result["gflops_per_image"], "executed": result["executed"],
                 "loss": self.loss(result) if with_loss else None}
 
-    def confirm(self, steps) -> dict:
-        """Return a held-out record of a schedule with its loss against full size."""
-        return self.score(steps, with_loss=True)
+    def confirm(self, what) -> dict:
+        """Return a held-out record of a schedule with its loss against the reference."""
+        return self.score(what, with_loss=True)
 
     def full_record(self) -> dict:
         """Return the held-out scores of full size itself."""
@@ -109,10 +115,11 @@ class Confirmer:
 
 
 def confirm_many(confirmer: Confirmer, rows: list, *, progress: bool = False, stop=None) -> list[dict]:
-    """Confirm schedules (rows with `steps`) in order; stop after the first for which `stop(record)` holds."""
+    """Confirm schedules (rows of a run table: their `schedule` keys) in order; stop after the first for
+    which `stop(record)` holds."""
     records = []
     for row in tqdm(rows, desc="held-out check", unit="schedule", disable=not progress, leave=False):
-        records.append(confirmer.confirm(list(row["steps"])))
+        records.append(confirmer.confirm(row["schedule"]))
         if stop is not None and stop(records[-1]):
             break
     return records

@@ -29,7 +29,7 @@ def evaluate(plan, scorer: Scorer, *, n: int, seed_set: str = "search", batch_si
 
     Every plan scored on the same seed set starts from the same noise (common random numbers). Make
     the `scorer` (evaluation.scoring.scorer_for or make_scorer) once when scoring many plans, and pass a
-    `sampling.PrefixCache` (one per n, seed set and sampler) to resume from latents of a shared prefix.
+    `sampling.PrefixCache` (one per n and seed set) to resume from latents of a shared prefix.
     With `drift` (or a `full` reference given), drift from full size's images of the same noise is
     measured too (they are made once and kept beside the supernet); with `keep`, the per-image values
     that confidence intervals need come back as well (`features`, `drift_values`). A plan with dynamic
@@ -68,8 +68,8 @@ def evaluate(plan, scorer: Scorer, *, n: int, seed_set: str = "search", batch_si
         "extractor": scorer.extractor.name if scorer.extractor is not None else None,
         "reference": scorer.reference.name if scorer.reference is not None else None,
         "drift_space": scorer.drift_space if full is not None else None,
-        "sampler": plan.sampler,
-        "eta": plan.eta,
+        "solver": plan.solver.key,
+        "timesteps": list(plan.timesteps),
         "steps": len(plan),
         "schedule": plan.key,
         "supernet": str(supernet.path),

@@ -21,7 +21,7 @@ def heldout_front(run: str | Path, n: int, *, device: str = "cpu", supernet: str
     from scipy.stats import spearmanr
     from tqdm.auto import tqdm
 
-    from ..search.results import supernet_of_run
+    from ..search.results import segment_starts, supernet_of_run
 
     info = run_info(run)
     metric = info["search"]["metric"]
@@ -31,8 +31,8 @@ def heldout_front(run: str | Path, n: int, *, device: str = "cpu", supernet: str
     todo = [row for _, row in rows.iterrows() if row["schedule"] not in known.index]
     if todo:
         confirmer = Confirmer(supernet_of_run(run, device, supernet), info["search"], n=n, device=device,
-                              cache_dir=cache_dir, boundaries=[start for start, _ in info["segments"][1:]])
-        records = [confirmer.score(list(row["steps"]))
+                              cache_dir=cache_dir, boundaries=segment_starts(info))
+        records = [confirmer.score(row["schedule"])
                    for row in tqdm(todo, desc="held-out front", unit="schedule", disable=not progress, leave=False)]
         record_heldout(run, records, "report")
         known = pd.concat([known, pd.DataFrame(records).set_index("schedule")[["fid", "kid", "drift"]]])

@@ -16,8 +16,8 @@ from ..config import budget_gflops
 from ..errors import DDSMError
 from ..search.pareto import front_mask, fully_evaluated, hv_reference
 from ..search.pareto import hypervolume as _hypervolume
-from ..search.results import EVALUATIONS, GENERATIONS, read_evaluations, run_dir, run_info
-from ..space.steps import Step, parse_plan_key
+from ..search.results import EVALUATIONS, GENERATIONS, legacy_head, read_evaluations, run_dir, run_info
+from ..space.steps import Step, parse_plan_key, split_head
 from ..space.subnet import Subnet
 
 
@@ -40,17 +40,22 @@ def uniform_label(steps: list, full: Subnet, step_axes=()):
 def load_run(run: str | Path) -> pd.DataFrame:
     """Return one row per evaluated schedule, with `steps` (what each step runs: space.steps.Step; a
     schedule with dynamic steps has its `gflops` executed, `gflops_sd` their spread over images),
-    `subnets` (one Subnet per step), `uniform` (for a schedule that runs one step throughout, what it
-    changes from full size: see `uniform_label`; else NaN), `fully_evaluated` (scored on the run's full
-    sample count, not screened out) and `on_front` (True for the non-dominated fully evaluated schedules
-    on GFLOPs and the run's metric)."""
+    `subnets` (one Subnet per step), `solver` (its text), `sampling_steps` and `spacing` (its timesteps'
+    spacing, or "t=..." for an explicit list), `uniform` (for a schedule that runs one step throughout,
+    what it changes from full size: see `uniform_label`; else NaN), `fully_evaluated` (scored on the
+    run's full sample count, not screened out) and `on_front` (True for the non-dominated fully
+    evaluated schedules on GFLOPs and the run's metric)."""
     path = run_dir(run)
     info = run_info(path)
     search = info["search"]
     metric, samples = search["metric"], int(search["samples"])
     full = Subnet.parse(info["base"]) if isinstance(info.get("base"), str) else Subnet.of(width=1.0)
-    table = read_evaluations(path / EVALUATIONS)
+    table = read_evaluations(path / EVALUATIONS, legacy_head(info))
     table["steps"] = table["schedule"].map(parse_plan_key)
+    heads = table["schedule"].map(lambda key: (split_head(key)[0] or "ddim uniform").rpartition(" "))
+    table["solver"] = heads.map(lambda h: h[0])
+    table["sampling_steps"] = table["steps"].map(len)
+    table["spacing"] = heads.map(lambda h: h[2])
     table["subnets"] = table["steps"].map(lambda steps: [s.subnet for s in steps])
     step_axes = tuple(info.get("step_values", {}))
     table["uniform"] = [uniform_label(s, full, step_axes) for s in table["steps"]]

@@ -64,9 +64,7 @@ def write_report(run: str | Path, *, budget: str | None = "50%", device: str = "
         print(f"{len(table)} schedules evaluated, {int(table['on_front'].sum())} on the front ({cost_note(table)}):")
         print(format_front(table))
     if chosen is not None:
-        q = info["search"]
-        runtime = Runtime(net, device=device)
-        plan = runtime.plan(list(chosen["steps"]), sampler=q["sampler"], eta=float(q["eta"]))
+        plan = Runtime(net, device=device).plan_key(chosen["schedule"])
         title = f"best within {budget}: {chosen['gflops']:.3f} GFLOPs ({chosen['flops_share']:.0%}), {metric.upper()} {chosen[metric]:.3f}"
         record = ExecutedRecord()  # what dynamic steps executed, on the same images as the grid
         images = generate(plan, n=n_grid, seed=0, record=record)

@@ -4,57 +4,60 @@ steps executed."""
 
 from __future__ import annotations
 
+import copy
 from collections import OrderedDict
 from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
-from ..diffusion import NoiseSchedule, sample_loop
+from ..diffusion import sample_loop
 from ..errors import DDSMError
 from ..space.steps import ExecutedRecord
 
 
 class PrefixCache:
-    """Latents after the first k steps of a schedule, keyed by those k steps, for one sampling setup.
+    """Latents after the first k steps of a schedule, keyed by its solver, its timesteps and those k
+    steps, for one (supernet, n, seed) setup.
 
-    Two schedules that start with the same steps, run from the same noise (common random numbers),
-    pass through identical latents, so a later schedule can resume from the longest shared prefix.
-    The generator state is stored too, so stochastic samplers resume exactly as well, and what dynamic
-    steps executed. Entries are kept at the given step boundaries only, least recently used first out
-    beyond `max_bytes`. A cache must only ever see one (supernet, n, seed, sampler, eta, number of
-    steps) setup.
+    Two schedules with the same solver and timesteps that start with the same steps, run from the same
+    noise (common random numbers), pass through identical latents, so a later schedule can resume from
+    the longest shared prefix. The solver's run (a multistep solver's history), the generator's state
+    and what dynamic steps executed are stored with the latent, so every solver resumes exactly.
+    Entries are kept at step boundaries only (`boundaries`: the same for every number of steps, or a
+    function of it), least recently used first out beyond `max_bytes`.
     """
 
-    def __init__(self, boundaries: Sequence[int], max_bytes: int = 512 << 20):
-        self.boundaries = set(int(b) for b in boundaries)
+    def __init__(self, boundaries, max_bytes: int = 512 << 20):
+        self.boundaries = boundaries if callable(boundaries) else (lambda n, kept=frozenset(boundaries): kept)
         self.max_bytes = max_bytes
         self.entries: OrderedDict[tuple, tuple] = OrderedDict()
         self.nbytes = 0
         self.steps_run = 0
         self.steps_saved = 0
 
-    def longest(self, steps: Sequence) -> tuple[int, tuple | None]:
-        """Return (k, (latent, generator state, what the record held of those steps)) for the longest
-        cached prefix of `steps`, or (0, None)."""
-        for k in sorted(self.boundaries, reverse=True):
-            key = tuple(steps[:k])
-            if k < len(steps) and key in self.entries:
+    def longest(self, setup: tuple, steps: Sequence) -> tuple[int, tuple | None]:
+        """Return (k, (latent, generator state, what the record held of those steps, the solver's run))
+        for the longest cached prefix of `steps` under `setup` (a plan's cache_key), or (0, None)."""
+        for k in sorted(self.boundaries(len(steps)), reverse=True):
+            key = (setup, tuple(steps[:k]))
+            if 0 < k < len(steps) and key in self.entries:
                 self.entries.move_to_end(key)
                 return k, self.entries[key]
         return 0, None
 
-    def store(self, steps: Sequence, k: int, x: torch.Tensor, state: torch.Tensor, record=None) -> None:
-        """Keep the latent after the first `k` steps, if `k` is a boundary (with what `record` holds of
-        those steps, so that a run resumed from it accounts for them)."""
-        key = tuple(steps[:k])
-        if k not in self.boundaries or key in self.entries:
+    def store(self, setup: tuple, steps: Sequence, k: int, x: torch.Tensor, state: torch.Tensor, record=None,
+              run=None) -> None:
+        """Keep the latent after the first `k` steps, if `k` is a boundary, with a copy of the solver's
+        `run` and what `record` holds of those steps (so a run resumed from it accounts for them)."""
+        key = (setup, tuple(steps[:k]))
+        if k not in self.boundaries(len(steps)) or key in self.entries:
             return
         x = x.detach().to("cpu", copy=True)
-        self.entries[key] = (x, state, record.prefix(k) if record is not None else {})
+        self.entries[key] = (x, state, record.prefix(k) if record is not None else {}, copy.deepcopy(run))
         self.nbytes += x.nbytes
         while self.nbytes > self.max_bytes and len(self.entries) > 1:
-            _, (old, _, _) = self.entries.popitem(last=False)
+            _, (old, *_) = self.entries.popitem(last=False)
             self.nbytes -= old.nbytes
 
 
@@ -78,14 +81,17 @@ def generate(plan, *, n: int, seed: int, batch_size: int = 500, progress: bool =
         raise DDSMError(f"the generator must be a CPU generator (the same images on any device), not "
                         f"{generator.device}")
     x = torch.randn((n, *supernet.model.image_shape), generator=generator)
-    start = 0
+    run, start = plan.run(), 0
+    if run.init_noise_sigma != 1.0:  # a sigma-space solver (Euler) starts from scaled noise
+        x = x * run.init_noise_sigma
     if cache is not None:
-        start, hit = cache.longest(steps)
+        start, hit = cache.longest(plan.cache_key, steps)
         if hit is not None:
-            x = hit[0]
-            generator.set_state(hit[1])
+            x, state, done, kept = hit
+            generator.set_state(state)
+            run = copy.deepcopy(kept)  # the cache keeps its own copy for the next schedule
             if record is not None:
-                record.restore(hit[2])
+                record.restore(done)
         cache.steps_saved += start
         cache.steps_run += len(steps) - start
     bar = tqdm(total=len(steps), initial=start, desc="sampling", unit="step", disable=not progress, leave=False)
@@ -99,11 +105,10 @@ def generate(plan, *, n: int, seed: int, batch_size: int = 500, progress: bool =
             if record is not None:
                 record.add(i, flops, stats)
         if cache is not None:
-            cache.store(steps, i + 1, latent, generator.get_state(), record)
+            cache.store(plan.cache_key, steps, i + 1, latent, generator.get_state(), record, run)
 
-    out = sample_loop(denoisers, NoiseSchedule(supernet.config.diffusion), steps, list(plan.timesteps), x.to(device),
-                      sampler=plan.sampler, eta=plan.eta, generator=generator, batch_size=batch_size,
-                      callback=after_step, start=start)
+    out = sample_loop(denoisers, steps, list(plan.timesteps), x.to(device), run, generator=generator,
+                      batch_size=batch_size, callback=after_step, start=start)
     bar.close()
     return out.cpu()
 

@@ -18,10 +18,11 @@ from typing import Iterable, Sequence
 
 import torch
 
-from ..diffusion import sampling_timesteps
+from ..diffusion import NoiseSchedule
 from ..errors import DDSMError
+from ..solvers.base import Solver, check_timesteps, head_of, read_head, spacing_of, timesteps_for
 from ..space.plugins import MethodFamily, family_of_field
-from ..space.steps import Step, plan_key
+from ..space.steps import Step, parse_plan_key, plan_key, split_head
 from ..space.subnet import Subnet
 
 
@@ -69,25 +70,41 @@ class Runtime:
         subnets = self.model.step_subnets([s.subnet for s in steps], timesteps)
         return [s if s.subnet == subnet else s.replace(subnet) for s, subnet in zip(steps, subnets)]
 
-    def plan(self, what: Sequence, *, sampler: str | None = None, eta: float | None = None,
+    def plan(self, what: Sequence, *, solver=None, timesteps: Sequence[int] | None = None, spacing: str = "uniform",
              settings: dict | None = None) -> "Plan":
         """Return the plan of `what` (Steps or subnets, one per sampling step, noisiest first) under
-        `sampler` and `eta` (default: the supernet's sample section's), with the callables of its steps
-        made (`settings`: its schedule's, see `use`)."""
+        `solver` (a solvers.Solver or its text; default: the supernet's sample section's sampler) on
+        explicit `timesteps` or those of `spacing`, with the callables of its steps made (`settings`: its
+        schedule's, see `use`)."""
         if not len(what):
             raise DDSMError("a schedule needs at least one step")
-        sample = self.supernet.config.sample
-        sampler, eta = sampler or sample.sampler, sample.eta if eta is None else eta
+        sample, T = self.supernet.config.sample, self.supernet.config.diffusion.timesteps
+        solver = Solver.of_sampler(sample.sampler, sample.eta) if solver is None else Solver.parse(solver)
+        if timesteps is None:
+            timesteps = timesteps_for(T, len(what), spacing)
+        else:
+            timesteps = check_timesteps(timesteps, T)
+            if len(timesteps) != len(what):
+                raise DDSMError(f"{len(timesteps)} timesteps for {len(what)} steps")
+            spacing = spacing_of(timesteps, T)
         if settings:
             self.use(settings)
-        timesteps = sampling_timesteps(self.supernet.config.diffusion.timesteps, len(what))
         steps = self.steps_of(what, timesteps)
         self.prepare(steps)
-        return Plan(self, tuple(steps), tuple(timesteps), sampler, float(eta))
+        return Plan(self, tuple(steps), tuple(timesteps), solver, spacing)
+
+    def plan_key(self, key: str, default=None, settings: dict | None = None) -> "Plan":
+        """Return the plan a plan key names (space.steps.plan_key): its steps, and the solver and timesteps
+        of its head (a key without one: `default`, a solvers.Solver, on the uniform grid)."""
+        steps = parse_plan_key(key)
+        solver, timesteps, _ = read_head(split_head(key)[0], self.supernet.config.diffusion.timesteps, len(steps),
+                                         default)
+        return self.plan(steps, solver=solver, timesteps=timesteps, settings=settings)
 
     def plan_schedule(self, schedule) -> "Plan":
-        """Return the plan of a schedule.Schedule: its steps, sampler and settings."""
-        return self.plan(schedule.step_keys(), sampler=schedule.sampler, eta=schedule.eta, settings=schedule.settings)
+        """Return the plan of a schedule.Schedule: its steps, solver, timesteps and settings."""
+        return self.plan(schedule.step_keys(), solver=schedule.solver, timesteps=schedule.timesteps,
+                         settings=schedule.settings)
 
     def prepare(self, steps: Iterable[Step]) -> None:
         """Make the callable of every step not made yet."""
@@ -140,13 +157,14 @@ class Runtime:
 
 @dataclass(frozen=True, eq=False)
 class Plan:
-    """One schedule resolved against a runtime: its steps, their timesteps (noisiest first), the sampler."""
+    """One schedule resolved against a runtime: its steps, their timesteps (noisiest first), the solver
+    (and the named spacing the timesteps come from, None for an explicit list)."""
 
     runtime: Runtime = field(repr=False)
     steps: tuple[Step, ...]
     timesteps: tuple[int, ...]
-    sampler: str = "ddim"
-    eta: float = 0.0
+    solver: Solver = Solver()
+    spacing: str | None = "uniform"
 
     @property
     def supernet(self):
@@ -154,9 +172,24 @@ class Plan:
         return self.runtime.supernet
 
     @property
+    def head(self) -> str | None:
+        """Return the text of its solver and timesteps ('unipc trailing', 'euler t=999,500,0'), None for
+        DDIM on the uniform grid (what every schedule ran before solvers could be chosen)."""
+        return head_of(self.solver, self.timesteps, self.spacing)
+
+    @property
     def key(self) -> str:
-        """Return the plan's text key (space.steps.plan_key)."""
-        return plan_key(self.steps)
+        """Return the plan's text key (space.steps.plan_key, with its head)."""
+        return plan_key(self.steps, self.head)
+
+    @property
+    def cache_key(self) -> tuple:
+        """Return what a prefix cache must hold equal besides the steps: the solver and the timesteps."""
+        return self.solver.key, self.timesteps
+
+    def run(self):
+        """Return a fresh run of the plan's solver over its timesteps (solvers.SolverRun)."""
+        return self.solver.run(NoiseSchedule(self.supernet.config.diffusion), self.timesteps)
 
     @property
     def subnets(self) -> list[Subnet]:
@@ -184,12 +217,15 @@ class Plan:
         return sum(self.static_flops())
 
     def full(self) -> "Plan":
-        """Return full size's plan over as many steps with the same sampler."""
-        return self.runtime.plan([self.runtime.model.full] * len(self.steps), sampler=self.sampler, eta=self.eta)
+        """Return full size's plan with the same solver and timesteps."""
+        return self.runtime.plan([self.runtime.model.full] * len(self.steps), solver=self.solver,
+                                 timesteps=self.timesteps)
 
     def with_steps(self, steps: Sequence) -> "Plan":
-        """Return the plan of other steps (or subnets) with the same sampler."""
-        return self.runtime.plan(steps, sampler=self.sampler, eta=self.eta)
+        """Return the plan of other steps (or subnets) with the same solver (and spacing, or timesteps)."""
+        if self.spacing is not None:
+            return self.runtime.plan(steps, solver=self.solver, spacing=self.spacing)
+        return self.runtime.plan(steps, solver=self.solver, timesteps=self.timesteps)
 
 
 def resolve_device(device: str) -> str:

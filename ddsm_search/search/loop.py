@@ -11,7 +11,6 @@ import time
 from tqdm.auto import tqdm
 
 from ..config import SearchConfig
-from ..space.steps import plan_key
 from .genome import SearchSpace
 from .pareto import front_of, hv_reference, hypervolume
 from .results import RunFiles
@@ -109,10 +108,9 @@ class Loop:
             return None
         todo = {}
         for g in genomes:
-            steps = self.space.plan(g)
-            key = plan_key(steps)
-            if self.feasible(g) and key not in self.files.rows:
-                todo[key] = (steps, g)
+            candidate = self.space.candidate(g)
+            if self.feasible(g) and candidate.key not in self.files.rows:
+                todo[candidate.key] = (candidate, g)
         return Generation(self, gen, algorithm, genomes, todo, started)
 
     def exhausted(self, gen: int) -> None:
@@ -127,7 +125,7 @@ class Loop:
         generation.bar.close()
         objectives = []
         for g in genomes:
-            row = self.files.rows.get(plan_key(self.space.plan(g)))
+            row = self.files.rows.get(self.space.candidate(g).key)
             # a dynamic schedule's FLOPs are known once sampled: over the budget, it is infeasible
             fits = row is not None and self.feasible(g) and (self.limit is None or row["gflops"] * 1e9 <= self.limit)
             gflops = float(row["gflops"]) if row is not None else self.flops_of(g) / 1e9

@@ -8,14 +8,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from ..checkpoint import load_supernet
 from ..errors import DDSMError
 from ..io import read_json, write_atomic, write_json_atomic
+from ..solvers.base import Solver, head_of
 from ..space.steps import canonical_plan_key
 
 EVALUATIONS, GENERATIONS, FRONT, RUN = "evaluations.csv", "generations.csv", "front.csv", "run.json"
+RUN_VERSION = 2  # 2: keys name their solver and timesteps (a head) unless DDIM on the uniform grid
 COLUMNS = ["schedule", "genome", "gflops", "gflops_sd", "flops_share", "fid", "kid", "drift", "samples", "seed_set", "generation",
            "worker", "seconds", "steps_run", "steps_saved", "screen_score"]
 
@@ -24,8 +27,19 @@ COLUMNS = ["schedule", "genome", "gflops", "gflops_sd", "flops_share", "fid", "k
 TEXT_COLUMNS = {"schedule": str, "genome": str, "seed_set": str}
 
 
-def read_evaluations(path: Path) -> pd.DataFrame:
-    """Return evaluations.csv as a DataFrame with text keys in canonical form, or raise DDSMError."""
+def legacy_head(info: dict | None) -> str | None:
+    """Return the head the keys of a run written before solvers could be chosen (run.json version 1) leave
+    out: its search's sampler on the uniform grid, unless that is DDIM (which needs no head)."""
+    if not info or info.get("version", 1) >= 2:
+        return None
+    search = info.get("search", {})
+    solver = Solver.of_sampler(search.get("sampler", "ddim"), float(search.get("eta", 0.0)))
+    return head_of(solver, (), "uniform")
+
+
+def read_evaluations(path: Path, head: str | None = None) -> pd.DataFrame:
+    """Return evaluations.csv as a DataFrame with text keys in canonical form (a key without a head gets
+    `head`: see legacy_head), or raise DDSMError."""
     try:
         frame = pd.read_csv(path, dtype=TEXT_COLUMNS)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError, ValueError) as exc:
@@ -39,7 +53,7 @@ def read_evaluations(path: Path) -> pd.DataFrame:
     missing = set(COLUMNS) - set(frame.columns)
     if missing:
         raise DDSMError(f"{path} lacks columns {sorted(missing)}")
-    frame["schedule"] = frame["schedule"].map(canonical_plan_key)
+    frame["schedule"] = frame["schedule"].map(lambda key: canonical_plan_key(key, head))
     return frame
 
 
@@ -54,7 +68,8 @@ class RunFiles:
         self.dir = Path(out_dir)
         self.rows: dict[str, dict] = {}
         if (self.dir / EVALUATIONS).is_file():
-            frame = read_evaluations(self.dir / EVALUATIONS)
+            head = legacy_head(read_run_json(self.dir / RUN)) if (self.dir / RUN).is_file() else None
+            frame = read_evaluations(self.dir / EVALUATIONS, head)
             self.rows = {r["schedule"]: r for r in frame[COLUMNS].to_dict("records")}
         self.generations: list[dict] = []
 
@@ -123,3 +138,10 @@ def run_dir(run: str | Path) -> Path:
 def run_info(run: str | Path) -> dict:
     """Return a run's run.json: its supernet, search settings, searched axes and segments."""
     return read_run_json(run_dir(run) / RUN)
+
+
+def segment_starts(info: dict):
+    """Return where a run's prefix caches keep latents, for any number of steps: its segments' starts
+    (run.json's `segments` are those of the reference number of steps; their count is the run's)."""
+    count = len(info["segments"])
+    return lambda n: {int(start) for start in np.linspace(0, n, count + 1).round()[1:-1]}

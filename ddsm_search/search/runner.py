@@ -21,26 +21,27 @@ from ..checkpoint import load_supernet
 from ..config import ExperimentConfig, SearchConfig, budget_gflops, validate_search
 from ..errors import DDSMError
 from ..space.plugins import families, family_of_field
+from ..solvers.base import timesteps_for
 from ..space.subnet import schedule_key
 from .algorithms import make_algorithm
 from .executors.pool import LocalPool, PoolExecutor, RayPool
 from .genome import SearchSpace
 from .loop import Loop
 from .ray_cluster import in_ray_job
-from .results import RunFiles
+from .results import RUN_VERSION, RunFiles
 
 # settings that do not change what a run finds: a run may be resumed with other values of them
 _NOT_RECORDED = ("generations", "workers", "backend", "executor")
 
 
 def _run_info(q: SearchConfig, supernet, space: SearchSpace) -> dict:
-    info = {"format": "ddsm-search/search-run", "version": 1,
+    info = {"format": "ddsm-search/search-run", "version": RUN_VERSION,
             "supernet": {"path": str(supernet.path.resolve()), "sha256": supernet.sha256},
             "search": {k: v for k, v in asdict(q).items() if k not in _NOT_RECORDED},
             "axes": space.searched.to_json(), "base": space.base.key, "segments": [list(b) for b in space.bounds],
             "cost": supernet.cost}  # the FLOPs the run counts: dense, or sparse (nonzero weights; search.cost)
-    if space.step_axis is not None:  # a multi-stage supernet: the stage each step runs (not searched)
-        info["step_values"] = {space.step_axis: list(space.step_values)}
+    if space.step_axis is not None:  # a multi-stage supernet: the stage each step of the reference grid runs
+        info["step_values"] = {space.step_axis: list(dict(space.grid_values)[(q.steps, space.spacings[0])])}
     return json.loads(json.dumps(info))  # as it reads back from run.json (tuples become lists)
 
 
@@ -53,7 +54,8 @@ def _same_run(saved: dict, info: dict) -> bool:
 
     def strip(d: dict) -> dict:
         search = {**{k: defaults[k] for k in defaults if k in info["search"]}, **d.get("search", {})}
-        return {"cost": "dense", **d, "search": search, "supernet": {"sha256": d.get("supernet", {}).get("sha256")}}
+        return {"cost": "dense", **d, "search": search, "supernet": {"sha256": d.get("supernet", {}).get("sha256")},
+                "version": None}  # a run's keys are read in the current form whatever version wrote them
     return strip(saved) == strip(info)
 
 
@@ -84,7 +86,8 @@ def run_search(cfg: ExperimentConfig, supernet_dir: str | Path, out_dir: str | P
     full = supernet.full_schedule_flops(q.steps)
     limit = None if q.budget is None else budget_gflops(q.budget, full / 1e9) * 1e9  # FLOPs per image
     cheapest_plan = space.cheapest(supernet.flops.__getitem__)
-    cheapest = supernet.schedule_flops(cheapest_plan)
+    cheapest = supernet.schedule_flops(cheapest_plan, timesteps_for(space.num_timesteps, len(cheapest_plan),
+                                                                    space.spacings[0]))
     if limit is not None and cheapest > limit:
         raise DDSMError(f"budget {q.budget} ({limit / 1e9:.4f} GFLOPs per image) is below the cheapest schedule "
                         f"({cheapest / 1e9:.4f} GFLOPs, {schedule_key(cheapest_plan)})")
@@ -93,13 +96,13 @@ def run_search(cfg: ExperimentConfig, supernet_dir: str | Path, out_dir: str | P
         """Return a schedule's FLOPs per image; for a dynamic one, a lower bound known before sampling
         (each dynamic step at the cheapest subnet its family says it may execute): what it executes is
         measured."""
-        subnets = []
-        for step in space.plan(genome):
+        candidate, subnets = space.candidate(genome), []
+        for step in candidate.steps:
             subnet = step.subnet
             for name, value in step.extras:
                 subnet = family_of_field(name).lower_bound(subnet, value, supernet.model.space)
             subnets.append(subnet)
-        return supernet.schedule_flops(subnets)
+        return supernet.schedule_flops(subnets, candidate.timesteps)
 
     def feasible(genome) -> bool:
         return limit is None or flops_of(genome) <= limit

@@ -13,7 +13,8 @@ from ..evaluation.quality import evaluate
 from ..evaluation.scoring import FullReference, make_scorer
 from ..sampling import PrefixCache, Runtime
 from ..space.steps import Step
-from .genome import SearchSpace
+from ..solvers.base import Solver
+from .genome import SearchSpace, segment_bounds
 
 SEARCH_SEEDS = "search"  # the search only ever sees this seed set; winners are re-checked on "heldout"
 # Fault injection for tests: if this names a file that does not exist yet, the first evaluation to
@@ -21,13 +22,19 @@ SEARCH_SEEDS = "search"  # the search only ever sees this seed set; winners are 
 FAULT_ENV = "DDSM_SEARCH_KILL_WORKER_ONCE"
 
 
-def _runtime(supernet, q: SearchConfig, device: str, backend) -> tuple[Runtime, SearchSpace]:
-    """Return the runtime of a search's worker, every subnet the space can run made, and the space."""
+def _runtime(supernet, q: SearchConfig, device: str, backend) -> tuple[Runtime, SearchSpace, object]:
+    """Return the runtime of a search's worker, with every subnet the space can run made, the space,
+    and the reference plan (full size under the search's sampler over its steps: drift's reference)."""
     space = SearchSpace.for_supernet(supernet, q)
     runtime = Runtime(supernet, device=device, backend=backend, batch_size=min(q.samples, q.batch_size))
     runtime.prepare(Step(s) for s in space.subnets())
-    runtime.plan([supernet.model.full] * q.steps, sampler=q.sampler, eta=q.eta)  # full size at each step's stage
-    return runtime, space
+    reference = runtime.plan([supernet.model.full] * q.steps, solver=Solver.of_sampler(q.sampler, q.eta))
+    return runtime, space, reference
+
+
+def boundaries(space: SearchSpace):
+    """Return where a prefix cache keeps latents, for any number of steps: the segments' starts."""
+    return lambda n: {start for start, _ in segment_bounds(n, space.segments)[1:]}
 
 
 def prepare_reference(supernet_dir: str, search: dict, device: str = "cpu", cache_dir: str | None = None) -> dict:
@@ -38,12 +45,14 @@ def prepare_reference(supernet_dir: str, search: dict, device: str = "cpu", cach
     backend}, for the workers."""
     q = SearchConfig(**search)
     supernet = load_supernet(supernet_dir, device)
-    runtime, space = _runtime(supernet, q, device, q.backend)
+    runtime, space, reference = _runtime(supernet, q, device, q.backend)
     runtime.prepare(step for g in space.uniform() for step in space.plan(g))  # families' callables: fail now
+    for g in space.baselines()[:1]:  # each solver builds (diffusers importable) before anything is written
+        for solver in space.solvers:
+            runtime.plan(space.plan(g), solver=solver, timesteps=space.candidate(g).timesteps).run()
     make_scorer(supernet, metric=q.metric, drift_space=q.drift_space, device=device, cache_dir=cache_dir)
-    full = runtime.plan([supernet.model.full] * q.steps, sampler=q.sampler, eta=q.eta)
     for n in {q.samples, q.screen_samples} - {None}:
-        full_size_samples(full, n=n, seed_set=SEARCH_SEEDS, batch_size=q.batch_size, cache_dir=cache_dir)
+        full_size_samples(reference, n=n, seed_set=SEARCH_SEEDS, batch_size=q.batch_size, cache_dir=cache_dir)
     return {s.subnet.key: backend_of(d) for s, d in runtime.denoisers.items() if not s.fields}
 
 
@@ -59,14 +68,15 @@ class Evaluator:
         self.search = q = SearchConfig(**search)
         self.supernet = load_supernet(supernet_dir, device).with_cost(q.cost)  # the run's FLOPs
         # the driver's choice of backends (prepare_reference), so every worker runs each subnet alike
-        self.runtime, space = _runtime(self.supernet, q, device, backends if backends is not None else q.backend)
+        self.runtime, space, self.reference = _runtime(self.supernet, q, device,
+                                                       backends if backends is not None else q.backend)
         self.scorer = make_scorer(self.supernet, metric=q.metric, drift_space=q.drift_space, device=device,
                                   cache_dir=cache_dir)
         self.cache_dir = cache_dir
         self.full: dict[int, FullReference] = {}  # per sample count: the full-size images drift is measured from
-        boundaries = [start for start, _ in space.bounds[1:]]
         # cached latents belong to one sample count: one cache for full evaluations, one for screens
-        self.caches = {n: PrefixCache(boundaries) for n in {q.samples, q.screen_samples} if n}
+        self.boundaries = boundaries(space)
+        self.caches = {n: PrefixCache(self.boundaries) for n in {q.samples, q.screen_samples} if n}
 
     def ping(self) -> str:
         """Answer that this Ray actor is up, with its node's id (the pool gives work only to actors that answer)."""
@@ -74,9 +84,10 @@ class Evaluator:
 
         return ray.get_runtime_context().get_node_id()
 
-    def evaluate(self, steps, samples: int | None = None) -> dict:
+    def evaluate(self, candidate, samples: int | None = None) -> dict:
         """Return fid, kid, samples, seed_set, seconds, the denoising steps run and saved and, for a
-        dynamic schedule, the executed GFLOPs per image (mean and spread) of a schedule's steps."""
+        dynamic schedule, the executed GFLOPs per image (mean and spread) of a schedule
+        (search.genome.Candidate: its steps, solver and timesteps)."""
         marker = os.environ.get(FAULT_ENV)
         if marker and not os.path.exists(marker):
             open(marker, "w").close()
@@ -84,12 +95,13 @@ class Evaluator:
         q = self.search
         n = samples or q.samples
         if n not in self.caches:
-            self.caches[n] = PrefixCache(self.caches[q.samples].boundaries)
+            self.caches[n] = PrefixCache(self.boundaries)
         cache = self.caches[n]
-        plan = self.runtime.plan(list(steps), sampler=q.sampler, eta=q.eta)
+        plan = self.runtime.plan(list(candidate.steps), solver=candidate.solver, timesteps=candidate.timesteps)
         if n not in self.full:  # made once (or read from beside the supernet); its latents seed the prefix cache
-            self.full[n] = FullReference(full_size_samples(plan, n=n, seed_set=SEARCH_SEEDS, batch_size=q.batch_size,
-                                                           cache=cache, cache_dir=self.cache_dir))
+            self.full[n] = FullReference(full_size_samples(self.reference, n=n, seed_set=SEARCH_SEEDS,
+                                                           batch_size=q.batch_size, cache=cache,
+                                                           cache_dir=self.cache_dir))
         run_before, saved_before = cache.steps_run, cache.steps_saved
         result = evaluate(plan, self.scorer, n=n, seed_set=SEARCH_SEEDS, batch_size=q.batch_size, cache=cache,
                           full=self.full[n])

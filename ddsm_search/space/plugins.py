@@ -83,7 +83,11 @@ class MethodFamily:
 
     # -- search genes and seeds --------------------------------------------------------------------------
     def genes(self, supernet_space, search):
-        """Return the genes this family adds per segment to a search (a search.genome.Genes), or None."""
+        """Return the genes this family adds per segment to a search (`search`: its config), or None.
+
+        Genes offer: `field` (the step field they decide), `choices` (per gene), `decode(gene, subnet,
+        start)` (the value a segment running `subnet` from step `start` gets; None: nothing), `encode(value)`
+        and `sweep()` (the genes of the uniform schedules at full size in the first generation)."""
         return None
 
     def seed_genomes(self, space, diffusion, search) -> list:

@@ -12,7 +12,9 @@ coded (`off` for a step without one):
     width=1.0,depth=4*2 width=0.5,depth=2*2 | exit 0.8*2 off 0.5
 
 Keys of static schedules are plain schedule keys, so run tables written before fields existed read
-unchanged. `ExecutedRecord` keeps what dynamic steps executed per image while sampling (FLOPs, and
+unchanged. A schedule sampled by another solver or on another timestep grid than DDIM on the uniform
+grid has a head naming them, `[unipc trailing] width=0.5*4 width=1.0*4` (the text of its solver, then
+the spacing or `t=` and its timesteps); `plan_key` and `parse_plan_key` carry it as text. `ExecutedRecord` keeps what dynamic steps executed per image while sampling (FLOPs, and
 what else they measure, such as the depth each image ran): their cost is measured, not assumed.
 """
 
@@ -126,16 +128,30 @@ def read_run_length(text: str, key=None) -> list:
     return out
 
 
-def plan_key(steps: Sequence[Step]) -> str:
-    """Return the text key of a schedule's steps (a plain schedule key when no step has extras)."""
+def plan_key(steps: Sequence[Step], head: str | None = None) -> str:
+    """Return the text key of a schedule's steps (a plain schedule key when no step has extras), after
+    `[head] ` where a head (its solver and timesteps) is given."""
     key = schedule_key([s.subnet for s in steps])
     fields = sorted({f for s in steps for f in s.fields})
-    return key + "".join(f"{SEPARATOR}{f} {run_length([s.get(f) for s in steps])}" for f in fields)
+    key += "".join(f"{SEPARATOR}{f} {run_length([s.get(f) for s in steps])}" for f in fields)
+    return f"[{head}] {key}" if head else key
+
+
+def split_head(key) -> tuple[str | None, str]:
+    """Return (the head of a plan key, or None; the rest of the key)."""
+    text = str(key).strip()
+    if not text.startswith("["):
+        return None, text
+    head, sep, rest = text[1:].partition("]")
+    if not sep or not head.strip():
+        raise DDSMError(f"{key!r} is not a plan key (a head is '[solver timesteps]' before the subnets)")
+    return head.strip(), rest.strip()
 
 
 def parse_plan_key(key) -> list[Step]:
-    """Return the steps of a key written by `plan_key` (or a schedule key, version-1 width keys included)."""
-    body, *parts = str(key).split(SEPARATOR)
+    """Return the steps of a key written by `plan_key` (its head aside: `split_head`), or of a schedule
+    key (version-1 width keys included)."""
+    body, *parts = split_head(key)[1].split(SEPARATOR)
     subnets = parse_schedule(body)
     values: dict[str, list] = {}
     for part in parts:
@@ -148,9 +164,10 @@ def parse_plan_key(key) -> list[Step]:
     return steps_of(subnets, **values)
 
 
-def canonical_plan_key(key) -> str:
-    """Return a plan key (or a schedule key, version-1 width keys included) in canonical form."""
-    return plan_key(parse_plan_key(key))
+def canonical_plan_key(key, head: str | None = None) -> str:
+    """Return a plan key (or a schedule key, version-1 width keys included) in canonical form; `head`
+    stands for a key's missing head (a run's solver where its keys were written without one)."""
+    return plan_key(parse_plan_key(key), split_head(key)[0] or head)
 
 
 class ExecutedRecord:

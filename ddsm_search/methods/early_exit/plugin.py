@@ -28,8 +28,8 @@ class ExitGenes:
         """Return the number of choices of each gene."""
         return len(self.thresholds) + 1
 
-    def decode(self, gene: int, subnet):
-        """Return the threshold a gene gives a segment running `subnet` (None: static)."""
+    def decode(self, gene: int, subnet, start: int):
+        """Return the threshold a gene gives a segment running `subnet` from step `start` (None: static)."""
         return None if int(gene) == 0 or subnet["depth"] <= self.shallowest else self.thresholds[int(gene) - 1]
 
     def encode(self, value) -> int:

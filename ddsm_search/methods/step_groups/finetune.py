@@ -45,12 +45,13 @@ from ...space.subnet import Subnet
 from .weights import GroupWeights, WeightGroup
 
 
-def plan_groups(subnets: Sequence[Subnet], diffusion: DiffusionConfig,
-                snr_groups: int | None = None) -> list[WeightGroup]:
-    """Return the weight groups of a schedule: runs of one subnet (cut at SNR group edges with
-    `snr_groups`), each with the interval of timesteps it trains on (see the module doc)."""
+def plan_groups(subnets: Sequence[Subnet], diffusion: DiffusionConfig, snr_groups: int | None = None,
+                timesteps: Sequence[int] | None = None) -> list[WeightGroup]:
+    """Return the weight groups of a schedule run on `timesteps` (default: the uniform grid): runs of one
+    subnet (cut at SNR group edges with `snr_groups`), each with the interval of timesteps it trains on
+    (see the module doc)."""
     T = diffusion.timesteps
-    timesteps = sampling_timesteps(T, len(subnets))
+    timesteps = list(timesteps) if timesteps is not None else sampling_timesteps(T, len(subnets))
     label = [0] * len(subnets)
     if snr_groups:
         from .groups import group_index
@@ -127,9 +128,9 @@ def finetune_schedule(schedule_path: str | Path, supernet_dir: str | Path, out: 
         raise DDSMError(f"schedule {schedule_path} has steps whose {dynamic[0]} is decided per image: fine-tuned group "
                         "weights and it together are not supported (its parts were trained on the supernet's weights)")
     model, cfg = supernet.model, supernet.config
-    timesteps = sampling_timesteps(cfg.diffusion.timesteps, schedule.steps)
+    timesteps = schedule.grid(cfg.diffusion.timesteps)
     subnets = model.step_subnets(schedule.subnets, timesteps)  # what each step runs (a stage: from its t)
-    groups = plan_groups(subnets, cfg.diffusion, snr_groups)
+    groups = plan_groups(subnets, cfg.diffusion, snr_groups, timesteps)
     if only is not None and not set(only) <= set(range(len(groups))):
         raise DDSMError(f"finetune: only groups {sorted(set(only))} asked for, the schedule has {len(groups)}")
     data = load_data(cfg.data)

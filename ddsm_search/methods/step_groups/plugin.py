@@ -27,9 +27,7 @@ class StepGroups(MethodFamily):
     def check_setting(self, weights, schedule, supernet, where: str) -> None:
         if supernet is None:
             return
-        from ...diffusion import sampling_timesteps
-
-        timesteps = sampling_timesteps(supernet.config.diffusion.timesteps, schedule.steps)
+        timesteps = schedule.grid(supernet.config.diffusion.timesteps)
         try:
             weights.check(supernet.model.step_subnets(schedule.subnets, timesteps), supernet.model.space,
                           timesteps, supernet.config.diffusion.timesteps)

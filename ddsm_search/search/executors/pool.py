@@ -27,7 +27,7 @@ from typing import Callable, Iterator, Sequence
 from ...errors import DDSMError
 from ..ray_cluster import connect_ray
 
-Job = tuple[str, list]  # (schedule key, its steps: space.steps.Step per sampling step)
+Job = tuple[str, object]  # (schedule key, what it stands for: a search.genome.Candidate)
 
 
 class LocalPool:
@@ -45,10 +45,12 @@ class LocalPool:
         """Nothing to release."""
 
 
-def prefix_order(steps) -> tuple:
-    """Order schedules (their steps) so that schedules sharing a prefix are neighbours (a step without
-    extras before the same subnet with some)."""
-    return tuple(steps)
+def prefix_order(candidate) -> tuple:
+    """Order schedules (search.genome.Candidate, or their steps) so that schedules sharing a solver, a
+    timestep grid and a prefix are neighbours (a step without extras before the same subnet with some)."""
+    if hasattr(candidate, "steps"):
+        return candidate.head or "", candidate.timesteps, tuple(candidate.steps)
+    return "", (), tuple(candidate)
 
 
 _WAITING, _LIVE, _GONE = "waiting", "live", "gone"  # an actor's state, as this pool last heard from it

@@ -69,7 +69,6 @@ def evaluate_trial(config: dict, evaluator_args: dict, threads: int | None) -> N
     import ray
     from ray import tune
 
-    from ...space.steps import plan_key
     from ..genome import SearchSpace
     from ..worker import Evaluator
 
@@ -81,10 +80,10 @@ def evaluate_trial(config: dict, evaluator_args: dict, threads: int | None) -> N
     evaluator, space = _EVALUATORS[token]
     metric = evaluator.search.metric
     try:
-        steps = space.plan(tuple(config["genome"]))
-        if plan_key(steps) != config["schedule"]:
+        candidate = space.candidate(tuple(config["genome"]))
+        if candidate.key != config["schedule"]:
             raise DDSMError(f"trial config: genome {config['genome']} is not schedule {config['schedule']}")
-        result = evaluator.evaluate(steps, config["samples"])
+        result = evaluator.evaluate(candidate, config["samples"])
     except DDSMError as exc:  # a user error: the same on every worker, so the search stops with its one line
         tune.report({"ddsm_error": str(exc), metric: math.nan})
         return

@@ -1,0 +1,14 @@
+"""The solvers and timestep spacings by name: plain data, so that the command line can list them without
+importing torch."""
+
+# name -> (what it is, its options and their defaults); ddim and ddpm are this project's own updates,
+# the others diffusers' schedulers (solvers/schedulers.py)
+SOLVERS: dict[str, tuple[str, dict]] = {
+    "ddim": ("DDIM, x0 clipped to [-1, 1]; eta > 0 adds noise", {"eta": 0.0}),
+    "ddpm": ("ancestral DDPM over the respaced chain, x0 clipped", {}),
+    "dpmsolver++": ("diffusers' DPM-Solver++ multistep (order 2: 2M, 3: 3M)", {"order": 2}),
+    "sde-dpmsolver++": ("diffusers' SDE-DPM-Solver++ 2M (stochastic)", {"order": 2}),
+    "unipc": ("diffusers' UniPC multistep, bh2 (order 2 or 3)", {"order": 2}),
+    "euler": ("diffusers' Euler (discrete)", {}),
+}
+SPACINGS = ("uniform", "linspace", "leading", "trailing")
