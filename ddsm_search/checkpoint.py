@@ -29,7 +29,7 @@ from .config import ExperimentConfig, config_from_dict
 from .diffusion import sampling_timesteps
 from .errors import DDSMError
 from .io import read_json, sha256_file, write_atomic, write_json_atomic
-from .space.plugins import families
+from .space.plugins import families, family_of_field
 from .space.subnet import Subnet
 
 FORMAT = "ddsm-search/supernet"
@@ -53,6 +53,7 @@ class Supernet:
     masks: dict[str, torch.Tensor] | None = None  # a sparse supernet's, per masked layer (None: dense)
     flops_tables: dict[str, dict[Subnet, int]] = field(default_factory=dict)  # "dense", "sparse"
     cost: str = "dense"  # which table `flops` is: dense, or sparse (nonzero weights under the masks only)
+    measured: dict = field(default_factory=dict)  # what families measured of steps their values change, by cost
 
     def __post_init__(self):
         self.flops_tables = {"dense": self.flops, "sparse": self.flops, **self.flops_tables}
@@ -81,8 +82,24 @@ class Supernet:
         return self.model.step_subnets(subnets, timesteps if staged else None)
 
     def schedule_flops(self, subnets, timesteps=None) -> int:
-        """Return the FLOPs per image of a schedule: the sum over its steps."""
+        """Return the FLOPs per image of a schedule of subnets: the sum over its steps."""
         return sum(self.flops[s] for s in self.step_subnets(subnets, timesteps))
+
+    def step_flops(self, step) -> int:
+        """Return the FLOPs per image of one step (space.steps.Step, its subnet as the step runs it):
+        what the family of a field that changes what the step runs measures (a cached step), else its
+        subnet's from the table."""
+        for name, value in step.extras:
+            flops = family_of_field(name).step_flops(self, step.subnet, value)
+            if flops is not None:
+                return flops
+        return self.flops[step.subnet]
+
+    def steps_flops(self, steps, timesteps=None) -> int:
+        """Return the FLOPs per image of a schedule of steps (a multi-stage supernet: each step's subnet
+        with the stage of its timestep, as `step_subnets`)."""
+        subnets = self.step_subnets([s.subnet for s in steps], timesteps)
+        return sum(self.step_flops(s.replace(subnet)) for s, subnet in zip(steps, subnets))
 
     def full_schedule_flops(self, steps: int) -> int:
         """Return the FLOPs per image of full size over `steps` sampling steps."""

@@ -67,23 +67,29 @@ def check_schedule(subnets: Sequence[Hashable], timesteps: Sequence[int]) -> Non
 @torch.inference_mode()
 def sample_loop(denoisers: Mapping[Hashable, Denoiser], steps: Sequence[Hashable], timesteps: Sequence[int],
                 x: torch.Tensor, run, *, generator: torch.Generator | None = None, batch_size: int = 500,
-                callback: Callable[[int, torch.Tensor], None] | None = None, start: int = 0) -> torch.Tensor:
+                callback: Callable[[int, torch.Tensor], None] | None = None, start: int = 0,
+                state: dict | None = None) -> torch.Tensor:
     """Return images after denoising `x` along `timesteps` with one denoiser per step and a solver's run
     (solvers.SolverRun: what the network sees, and the update to the next step).
 
     `x` is the run's initial latent, or with `start` = k the latent after the first k steps (resuming a
-    shared prefix, `run` then as it stood). Step noise is drawn on the CPU from `generator` for the whole
-    batch, so results do not depend on `batch_size` or on the device's random number generator.
-    `callback(i, x)` sees the latent after step i.
+    shared prefix, `run` and `state` then as they stood). Step noise is drawn on the CPU from `generator`
+    for the whole batch, so results do not depend on `batch_size` or on the device's random number
+    generator. A denoiser marked `stateful` (a step that keeps or reuses features of earlier steps) is
+    called on the whole batch as `net(x, t, state=, batch_size=)`, `state` being the run's dict it keeps
+    them in. `callback(i, x)` sees the latent after step i.
     """
     check_schedule(steps, timesteps)
+    state = {} if state is None else state
     for i in range(start, len(timesteps)):
         net = denoisers[steps[i]]
         t_tensor = torch.tensor(timesteps[i], device=x.device)
         inp = run.model_input(x, i)
         chunks = inp.split(batch_size)
-        # one chunk: no concatenation copy in the sampling loop
-        eps = net(inp, t_tensor) if len(chunks) == 1 else torch.cat([net(c, t_tensor) for c in chunks])
+        if getattr(net, "stateful", False):
+            eps = net(inp, t_tensor, state=state, batch_size=batch_size)
+        else:  # one chunk: no concatenation copy in the sampling loop
+            eps = net(inp, t_tensor) if len(chunks) == 1 else torch.cat([net(c, t_tensor) for c in chunks])
         x = run.step(i, eps, x, generator)
         if callback is not None:
             callback(i, x)

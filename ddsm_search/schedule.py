@@ -99,7 +99,7 @@ class Schedule:
             "axes": list(supernet.model.space.names),
             "steps": [{"timestep": t, "subnet": s.as_dict()} for t, s in zip(timesteps, subnets)],
             "settings": settings,
-            "flops_per_image": supernet.schedule_flops(self.subnets, timesteps),
+            "flops_per_image": supernet.steps_flops(self.step_keys(), timesteps),
             **self.extra,
         }
 

@@ -67,8 +67,15 @@ def test_policy_keys_round_trip_and_bad_inputs():
         parse_plan_key("width=1.0*4 | exit 0.5*3")
 
 
+class _Supernet:
+    """What exit's genes read of a supernet's model: its space."""
+
+    def __init__(self, space):
+        self.space = space
+
+
 def _exit_genes(supernet_space, thresholds):
-    return [EARLY_EXIT.genes(supernet_space, SearchConfig(exit_thresholds=list(thresholds)))]
+    return [EARLY_EXIT.genes(_Supernet(supernet_space), SearchConfig(exit_thresholds=list(thresholds)))]
 
 
 def test_exit_genes_round_trip_and_seed_the_threshold_sweep():
@@ -88,7 +95,7 @@ def test_exit_genes_round_trip_and_seed_the_threshold_sweep():
     assert all([s.subnet for s in steps] == [Subnet.of(width=1.0, depth=4)] * 6 for steps in sweep), \
         "the sweep is at full size"
     assert all(not s.fields for s in space.plan((0,) * 9)), "every segment off is a static schedule"
-    with pytest.raises(DDSMError, match="several values of exit"):
+    with pytest.raises(DDSMError, match="several exit thresholds"):
         space.encode(steps_of([Subnet.of(width=1.0, depth=4)] * 6, exit=[0.9, 0.5, 0.9, 0.9, 0.5, 0.5]))
     with pytest.raises(DDSMError, match="depth axis"):
         width_only = SubnetSpace.of({"width": [1.0, 0.5]})

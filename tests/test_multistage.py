@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 
 from ddsm_search.backbones.cost import flops_table
 from ddsm_search.backbones.registry import build_supernet
@@ -203,3 +204,23 @@ def test_bad_configs_are_one_line_naming_the_key(model, key):
 def test_the_stage_is_not_a_search_axis():
     with pytest.raises(DDSMError, match="search.axes: the stage of a multistage supernet follows"):
         config_from_dict({**ms_dict(), "search": {**SEARCH, "axes": ["stage", "width"]}})
+
+
+def test_feature_caching_is_refused_on_a_backbone_without_cache_points(trained, tmp_path, capsys):
+    """The multi-stage U-Net has no `deep_forward`: a cached schedule or a caching search is one line."""
+    data = {"version": 3, "solver": {"name": "ddim"},
+            "steps": [{"timestep": t, "subnet": {"width": 1.0}} for t in (99, 74, 49, 24, 0)],
+            "settings": {"cache": {"steps": ["keep1", "reuse1", "keep1", "reuse1", "keep1"]}}}
+    path = tmp_path / "cached.json"
+    path.write_text(json.dumps(data))
+    out = tmp_path / "a.npz"
+    assert main(["sample", str(trained), "--schedule", str(path), "--n", "2", "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs a backbone with cache points" in err[0] and "has none" in err[0], err
+    assert not out.exists()
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(ms_dict() | {"search": {**SEARCH, "cache_intervals": [2]}}))
+    assert main(["search", str(config), "--supernet", str(trained), "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "search.cache_intervals: feature caching needs a backbone with cache points" in err[0]
+    assert not (tmp_path / "run").exists()

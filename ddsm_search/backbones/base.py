@@ -61,6 +61,11 @@ class SlimModel(nn.Module):
         subnet that leaves the stage to the step stands for one per stage."""
         return [self.check_subnet(subnet)]
 
+    def cache_branches_at(self, subnet) -> int:
+        """Return the branches a cached step running `subnet` may choose from, 1 .. this (feature caching,
+        methods/caching; the backbone's `deep_forward`); 0: a backbone without cache points."""
+        return 0
+
     def apply_subnet(self, subnet: Subnet) -> None:
         """Hand an already checked subnet's axis values to the layers (per backbone)."""
         raise NotImplementedError

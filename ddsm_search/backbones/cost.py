@@ -3,6 +3,7 @@ sparse supernet, counting only the nonzero weights under its masks."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import TYPE_CHECKING
 
 import torch
@@ -54,12 +55,45 @@ def flops_tables(cfg: ModelConfig, image_shape: tuple[int, int, int],
     2 x positions x zeros (as the flop counter's convolution and matmul formulas), come off the dense
     figure.
     """
+    net, x, t = _meta_supernet(cfg, image_shape)
+    dense, sparse = {}, {}
+    with _masked_zeros(net, masks) as saved:
+        for subnet in net.space:
+            net.set_subnet(subnet)
+            saved[0] = 0
+            dense[subnet] = count_flops(net, x, t)
+            sparse[subnet] = dense[subnet] - saved[0]
+    net.set_subnet(net.full)
+    return dense, sparse
+
+
+def cached_step_flops(cfg: ModelConfig, image_shape: tuple[int, int, int], subnet: Subnet, branch: int,
+                      masks: dict[str, torch.Tensor] | None = None) -> tuple[int, int]:
+    """Return (dense, sparse) FLOPs per image of a cached step of `subnet` at `branch` (the backbone's
+    `deep_forward` from a recorded feature: methods/caching), measured on the meta device as the table is."""
+    net, x, t = _meta_supernet(cfg, image_shape)
+    net.set_subnet(subnet)
+    with torch.no_grad():
+        _, kept = net.deep_forward(x, t, record=(branch,))
+    counter = FlopCounterMode(display=False)
+    with _masked_zeros(net, masks) as saved, counter, torch.no_grad():
+        net.deep_forward(x, t, branch=branch, feature=kept[branch])
+    dense = int(counter.get_total_flops())
+    return dense, dense - saved[0]
+
+
+def _meta_supernet(cfg: ModelConfig, image_shape: tuple[int, int, int]):
+    """Return (the supernet, one image, one timestep) on the meta device: shapes only, no memory."""
     from .registry import build_supernet
 
     with torch.device("meta"):
-        net = build_supernet(cfg, image_shape)
-        x = torch.empty(1, *image_shape)
-        t = torch.zeros(1)
+        return build_supernet(cfg, image_shape), torch.empty(1, *image_shape), torch.zeros(1)
+
+
+@contextmanager
+def _masked_zeros(net: nn.Module, masks: dict[str, torch.Tensor] | None):
+    """Count, while active, the FLOPs of the zeros of `masks` in the calls of the masked layers of `net`:
+    yields a one-element list that the hooks add to."""
     modules = dict(net.named_modules())
     saved = [0]
 
@@ -71,15 +105,8 @@ def flops_tables(cfg: ModelConfig, image_shape: tuple[int, int, int],
         return record
 
     handles = [modules[name].register_forward_hook(hook(name)) for name in (masks or {})]
-    dense, sparse = {}, {}
     try:
-        for subnet in net.space:
-            net.set_subnet(subnet)
-            saved[0] = 0
-            dense[subnet] = count_flops(net, x, t)
-            sparse[subnet] = dense[subnet] - saved[0]
+        yield saved
     finally:
         for handle in handles:
             handle.remove()
-    net.set_subnet(net.full)
-    return dense, sparse

@@ -176,13 +176,33 @@ class DiT(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Return predicted noise for images x (B, C, H, W) at timesteps t: (B,) or a scalar for all."""
+        return self.deep_forward(x, t)[0]
+
+    # -- block caching (Delta-DiT's Delta-Cache of the back blocks; methods/caching) ----------------
+    @property
+    def cache_branches(self) -> int:
+        """Return the most blocks a cached step may run fresh: depth - 1 (at least one block is cached)."""
+        return self.depth - 1
+
+    def deep_forward(self, x: torch.Tensor, t: torch.Tensor, *, branch: int | None = None,
+                     feature: torch.Tensor | None = None, record=()) -> tuple[torch.Tensor, dict]:
+        """Return (predicted noise, {b: the change blocks b .. depth-1 made to the tokens} for b in `record`).
+
+        With `branch` b and `feature` (that change, recorded at a full step), run only the first b
+        blocks and add the recorded change for the others (Delta-DiT's Delta-Cache).
+        """
         t = torch.as_tensor(t, device=x.device)
         # every modulation starts with SiLU of the conditioning: computed once here, not once per layer
         c = F.silu(self.time_embed(timestep_embedding(t, FREQ_SIZE).to(x.dtype)))
         h = self.patch_embed(x).flatten(2).transpose(1, 2) + self.pos_embed.to(x.dtype)
-        for block in self.blocks[: self.depth]:
+        before = {}
+        for i, block in enumerate(self.blocks[: self.depth if branch is None else branch]):
+            if i in record:
+                before[i] = h
             h = block(h, c)
-        return self.unpatchify(self.final_layer(h, c))
+        if branch is not None:
+            h = h + feature
+        return self.unpatchify(self.final_layer(h, c)), {b: h - before[b] for b in record}
 
 
 class SlimDiT(DiT, SlimModel):
@@ -197,6 +217,10 @@ class SlimDiT(DiT, SlimModel):
             if c % cfg.head_dim:
                 raise DDSMError(f"model.widths: width {w!r} gives {c} attention channels, not a whole number of "
                                 f"heads of model.head_dim={cfg.head_dim}")
+
+    def cache_branches_at(self, subnet) -> int:
+        """Return depth - 1: a cached step runs 1 .. depth - 1 of the subnet's blocks fresh."""
+        return self.check_subnet(subnet)["depth"] - 1
 
     def apply_subnet(self, subnet: Subnet) -> None:
         """Make every slimmable layer run at the subnet's width, and run its number of blocks."""

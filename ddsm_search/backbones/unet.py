@@ -228,23 +228,56 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Return predicted noise for images x (B, C, H, W) at timesteps t: (B,) or a scalar for all."""
+        return self.deep_forward(x, t)[0]
+
+    # -- DeepCache (Ma et al. 2024; methods/caching) ------------------------------------------------
+    @property
+    def cache_branches(self) -> int:
+        """Return the number of skip branches: a cached step runs the b outermost, 1 <= b <= this (the
+        last skips only the middle blocks)."""
+        return len(self.down) + 1
+
+    def _branch_stage(self, branch: int) -> int:
+        """Return the index in `up` of the stage that reads skip branch `branch` (1: the input
+        convolution's output, the last stage; cache_branches: the deepest, the first stage)."""
+        readers = [i for i, stage in enumerate(self.up) if not isinstance(stage, Upsample)]
+        return readers[len(self.down) - (branch - 1)]
+
+    def deep_forward(self, x: torch.Tensor, t: torch.Tensor, *, branch: int | None = None,
+                     feature: torch.Tensor | None = None, record=()) -> tuple[torch.Tensor, dict]:
+        """Return (predicted noise, {b: the main-branch input of the up stage that reads skip branch b}
+        for each b in `record`).
+
+        With `branch` b and `feature` (what a full step recorded for b), run only the b outermost skip
+        branches: the input convolution, the first b - 1 down stages and the up path from the stage
+        that reads skip b, its main-branch input taken from `feature` (DeepCache's partial inference).
+        """
         t = torch.as_tensor(t, device=x.device)
         emb = self.time_embedding(t, x.dtype)
         if self.cfg.center_input:
             x = 2 * x - 1.0
         h = self.conv_in(x.contiguous(memory_format=torch.channels_last))
         hs = [h]
-        for stage in self.down:
+        for stage in self.down if branch is None else self.down[: branch - 1]:
             h = self._run(stage, h, emb)
             hs.append(h)
-        for block in self.mid:
-            h = block(h, emb) if isinstance(block, ResBlock) else block(h)
-        for stage in self.up:
+        if branch is None:
+            for block in self.mid:
+                h = block(h, emb) if isinstance(block, ResBlock) else block(h)
+            start = 0
+        else:
+            h, start = feature, self._branch_stage(branch)
+        wanted = {self._branch_stage(b): b for b in record}
+        kept = {}
+        for i in range(start, len(self.up)):
+            stage = self.up[i]
+            if i in wanted:
+                kept[wanted[i]] = h
             if isinstance(stage, Upsample):
                 h = stage(h)
             else:
                 h = self._run(stage, torch.cat([h, hs.pop()], dim=1), emb)
-        return self.conv_out(F.silu(self.norm_out(h), inplace=not torch.is_grad_enabled()))
+        return self.conv_out(F.silu(self.norm_out(h), inplace=not torch.is_grad_enabled())), kept
 
 
 class SlimUNet(UNet, SlimModel):
@@ -264,6 +297,11 @@ class SlimUNet(UNet, SlimModel):
                     if c % block.group_size:
                         raise DDSMError(f"model.norm_groups: a GroupNorm of {block.num_channels} channels in groups "
                                         f"of {block.group_size} has {c} channels at width {w!r}, not whole groups")
+
+    def cache_branches_at(self, subnet) -> int:
+        """Return the skip branches of the U-Net, whatever the width."""
+        self.check_subnet(subnet)
+        return self.cache_branches
 
     def apply_subnet(self, subnet: Subnet) -> None:
         """Make every slimmable layer run at the subnet's width."""

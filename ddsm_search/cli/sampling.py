@@ -12,6 +12,18 @@ from ..solvers.names import SOLVERS, SPACINGS
 from .args import add_device, add_quiet, add_seed, device_of, eta, finite, positive
 
 
+def cache_option(text: str) -> tuple[int, int]:
+    """Parse --cache INTERVAL[:BRANCH] (whole numbers, interval >= 1, branch >= 1)."""
+    interval, _, branch = text.partition(":")
+    try:
+        values = int(interval), int(branch or 1)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected INTERVAL[:BRANCH] (whole numbers), got {text!r}") from None
+    if values[0] < 1 or values[1] < 1:
+        raise argparse.ArgumentTypeError(f"interval and branch must be >= 1, got {text!r}")
+    return values
+
+
 def _solver(args: argparse.Namespace, default):
     """Return the solver --solver (or --sampler) and --eta ask for, over `default`'s."""
     from ..solvers.base import Solver
@@ -24,7 +36,7 @@ def _solver(args: argparse.Namespace, default):
 
 def _schedule(args: argparse.Namespace, supernet):
     """Return the schedule to run: --schedule FILE, or one subnet at every step (--subnet/--width), with
-    --solver, --eta, --spacing and --exit-threshold applied (an early exit's threshold at every step,
+    --solver, --eta, --spacing, --cache and --exit-threshold applied (an early exit's threshold at every step,
     over the schedule's own policy), checked against the supernet."""
     from ..schedule import Schedule, check_against, load_schedule
     from ..solvers.base import Solver, timesteps_for
@@ -43,6 +55,14 @@ def _schedule(args: argparse.Namespace, supernet):
     if args.spacing:
         schedule = replace(schedule, timesteps=timesteps_for(supernet.config.diffusion.timesteps, schedule.steps,
                                                              args.spacing))
+    if args.cache is not None:
+        from ..methods.caching.plugin import CacheSetting
+        from ..methods.caching.steps import uniform
+
+        owners = [s.replace(cache=None) for s in schedule.step_keys()]
+        values = uniform(owners, *args.cache)
+        schedule = replace(schedule, settings={**schedule.settings, "cache": CacheSetting(tuple(values))})
+        check_against(schedule, supernet, args.schedule or "(--cache)")
     if args.exit_threshold is not None:
         from ..methods.early_exit.policy import ExitPolicy
 
@@ -157,6 +177,10 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
                    help="how subnets run: torch's layers, the fused CPU kernel (U-Net), or auto: the faster here, "
                    "measured per subnet and batch size and remembered per machine (default: the config's "
                    "sample.backend, auto)")
+    p.add_argument("--cache", type=cache_option, metavar="INTERVAL[:BRANCH]",
+                   help="feature caching (DeepCache on a U-Net, block caching on a DiT): a full step every INTERVAL "
+                   "steps, the steps between it run only the BRANCH outermost branches (U-Net skip branches, DiT "
+                   "leading blocks; default 1) and reuse its features; overrides a schedule's own caching")
     p.add_argument("--exit-threshold", type=finite, metavar="T",
                    help="DiT with exit heads (finetune-exit): at every step each image leaves at the first depth "
                    "choice whose certainty reaches T (overrides a schedule's own exit policy); FLOPs are then "

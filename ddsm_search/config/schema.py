@@ -228,6 +228,11 @@ class SearchConfig:
     # AdaDiff's dynamic exit (a DiT with exit heads): one more gene per segment, its certainty threshold,
     # "off" (static) or one of these; the depth gene is then the exit's cap. FLOPs are those executed.
     exit_thresholds: tuple[float, ...] | None = None
+    # feature caching (DeepCache on a U-Net, block caching on a DiT): one more gene per segment, "off" or
+    # a caching interval (a full step, then interval - 1 cached ones) with a branch (how much of the
+    # network a cached step still runs: U-Net skip branches, DiT leading blocks); none: not searched
+    cache_intervals: tuple[int, ...] = ()
+    cache_branches: tuple[int, ...] = (1,)
     # Step-Adaptive Training's prior (step_groups.prior_schedule with K SNR groups) joins the first
     # generation beside the uniform schedules
     seed_prior: int | None = None

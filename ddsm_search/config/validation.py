@@ -185,6 +185,10 @@ def validate_sparsity(p: SparsityConfig) -> None:
     _check(0.0 <= p.stop_at <= 1.0, f"train.sparsity.stop_at: must be in [0, 1] (a share of train.steps), got {p.stop_at}")
 
 
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def validate_search(cfg: ExperimentConfig) -> None:
     """Raise DDSMError naming the key if the search section is out of range."""
     q = cfg.search
@@ -213,6 +217,12 @@ def validate_search(cfg: ExperimentConfig) -> None:
            f"search.{'axes' if 'stage' in (q.axes or ()) else 'choices'}: the stage of a multistage supernet "
            "follows each step's timestep (model.stage_boundaries); it is not searched")
     _check(q.seed_prior is None or q.seed_prior >= 1, "search.seed_prior: must be at least 1 (SNR groups) or null")
+    _check(all(_whole(n) and n >= 2 for n in q.cache_intervals) and len(set(q.cache_intervals)) == len(q.cache_intervals),
+           f"search.cache_intervals: distinct whole numbers of steps >= 2 (a full step, then interval - 1 cached "
+           f"ones), got {list(q.cache_intervals)}")
+    _check(len(q.cache_branches) > 0 and all(_whole(b) and b >= 1 for b in q.cache_branches)
+           and len(set(q.cache_branches)) == len(q.cache_branches),
+           f"search.cache_branches: distinct whole numbers >= 1, got {list(q.cache_branches)}")
     if q.exit_thresholds is not None:
         _check(cfg.model.kind == "dit", f"search.exit_thresholds: early exit needs a DiT (model.kind: dit), "
                                         f"not a {cfg.model.kind}")

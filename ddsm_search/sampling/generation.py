@@ -22,8 +22,9 @@ class PrefixCache:
 
     Two schedules with the same solver and timesteps that start with the same steps, run from the same
     noise (common random numbers), pass through identical latents, so a later schedule can resume from
-    the longest shared prefix. The solver's run (a multistep solver's history), the generator's state
-    and what dynamic steps executed are stored with the latent, so every solver resumes exactly.
+    the longest shared prefix. The solver's run (a multistep solver's history), the generator's state,
+    the features steps kept for later ones (feature caching) and what dynamic steps executed are
+    stored with the latent, so every solver and every cached step resumes exactly.
     Entries are kept at step boundaries only (`boundaries`: the same for every number of steps, or a
     function of it), least recently used first out beyond `max_bytes`.
     """
@@ -37,7 +38,8 @@ class PrefixCache:
         self.steps_saved = 0
 
     def longest(self, setup: tuple, steps: Sequence) -> tuple[int, tuple | None]:
-        """Return (k, (latent, generator state, what the record held of those steps, the solver's run))
+        """Return (k, (latent, generator state, what the record held of those steps, the solver's run,
+        the steps' kept state))
         for the longest cached prefix of `steps` under `setup` (a plan's cache_key), or (0, None)."""
         for k in sorted(self.boundaries(len(steps)), reverse=True):
             key = (setup, tuple(steps[:k]))
@@ -47,18 +49,31 @@ class PrefixCache:
         return 0, None
 
     def store(self, setup: tuple, steps: Sequence, k: int, x: torch.Tensor, state: torch.Tensor, record=None,
-              run=None) -> None:
-        """Keep the latent after the first `k` steps, if `k` is a boundary, with a copy of the solver's
-        `run` and what `record` holds of those steps (so a run resumed from it accounts for them)."""
+              run=None, kept: dict | None = None) -> None:
+        """Keep the latent after the first `k` steps, if `k` is a boundary, with copies of the solver's
+        `run` and of what steps `kept` for later ones (cached features), and what `record` holds of
+        those steps (so a run resumed from it accounts for them)."""
         key = (setup, tuple(steps[:k]))
         if k not in self.boundaries(len(steps)) or key in self.entries:
             return
         x = x.detach().to("cpu", copy=True)
-        self.entries[key] = (x, state, record.prefix(k) if record is not None else {}, copy.deepcopy(run))
-        self.nbytes += x.nbytes
+        kept = copy.deepcopy(kept or {})
+        self.entries[key] = (x, state, record.prefix(k) if record is not None else {}, copy.deepcopy(run), kept)
+        self.nbytes += x.nbytes + _nbytes(kept)
         while self.nbytes > self.max_bytes and len(self.entries) > 1:
-            _, (old, *_) = self.entries.popitem(last=False)
-            self.nbytes -= old.nbytes
+            _, (old, *_, old_kept) = self.entries.popitem(last=False)
+            self.nbytes -= old.nbytes + _nbytes(old_kept)
+
+
+def _nbytes(kept: dict) -> int:
+    """Return the bytes of the tensors in a run's kept state (nested dicts, lists and tuples)."""
+    if isinstance(kept, torch.Tensor):
+        return kept.nbytes
+    if isinstance(kept, dict):
+        return sum(_nbytes(v) for v in kept.values())
+    if isinstance(kept, (list, tuple)):
+        return sum(_nbytes(v) for v in kept)
+    return 0
 
 
 def generate(plan, *, n: int, seed: int, batch_size: int = 500, progress: bool = False,
@@ -81,15 +96,15 @@ def generate(plan, *, n: int, seed: int, batch_size: int = 500, progress: bool =
         raise DDSMError(f"the generator must be a CPU generator (the same images on any device), not "
                         f"{generator.device}")
     x = torch.randn((n, *supernet.model.image_shape), generator=generator)
-    run, start = plan.run(), 0
+    run, start, kept = plan.run(), 0, {}
     if run.init_noise_sigma != 1.0:  # a sigma-space solver (Euler) starts from scaled noise
         x = x * run.init_noise_sigma
     if cache is not None:
         start, hit = cache.longest(plan.cache_key, steps)
         if hit is not None:
-            x, state, done, kept = hit
+            x, state, done, run, kept = hit
             generator.set_state(state)
-            run = copy.deepcopy(kept)  # the cache keeps its own copy for the next schedule
+            run, kept = copy.deepcopy(run), copy.deepcopy(kept)  # the cache keeps its own for the next schedule
             if record is not None:
                 record.restore(done)
         cache.steps_saved += start
@@ -105,10 +120,10 @@ def generate(plan, *, n: int, seed: int, batch_size: int = 500, progress: bool =
             if record is not None:
                 record.add(i, flops, stats)
         if cache is not None:
-            cache.store(plan.cache_key, steps, i + 1, latent, generator.get_state(), record, run)
+            cache.store(plan.cache_key, steps, i + 1, latent, generator.get_state(), record, run, kept)
 
     out = sample_loop(denoisers, steps, list(plan.timesteps), x.to(device), run, generator=generator,
-                      batch_size=batch_size, callback=after_step, start=start)
+                      batch_size=batch_size, callback=after_step, start=start, state=kept)
     bar.close()
     return out.cpu()
 

@@ -209,8 +209,8 @@ class Plan:
         return any(hasattr(self.denoiser(s), "drain") for s in self.steps)
 
     def static_flops(self) -> list[int]:
-        """Return each step's FLOPs per image from the supernet's table (a dynamic step's: its cap's)."""
-        return [self.supernet.flops[s.subnet] for s in self.steps]
+        """Return each step's FLOPs per image (a cached step's as measured, a dynamic step's: its cap's)."""
+        return [self.supernet.step_flops(s) for s in self.steps]
 
     def flops(self) -> int:
         """Return the FLOPs per image of the whole schedule from the supernet's table."""

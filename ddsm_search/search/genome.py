@@ -128,7 +128,7 @@ class SearchSpace:
                     grid = timesteps_for(T, n, spacing)
                     subnets = supernet.step_subnets([supernet.model.full] * n, grid)
                     grid_values.append(((n, spacing), tuple(s[space.step_axis] for s in subnets)))
-        genes = [g for f in families() if (g := f.genes(space, q)) is not None]
+        genes = [g for f in families() if (g := f.genes(supernet.model, q)) is not None]
         return cls.of(space, q.steps, q.segments, q.axes, q.choices, genes, grid_values, solvers=solvers,
                       step_choices=step_choices, spacings=spacings, num_timesteps=T)
 
@@ -226,7 +226,7 @@ class SearchSpace:
             offset = len(self.sampler_genes) + (len(self.axes) + k) * self.segments
             per_step = []
             for seg, (start, stop) in enumerate(segment_bounds(len(subnets), self.segments)):
-                per_step += [genes.decode(genome[offset + seg], subnets[start], start)] * (stop - start) \
+                per_step += genes.decode(genome[offset + seg], subnets[start], start, stop - start) \
                     if stop > start else []
             if any(v is not None for v in per_step):
                 values[genes.field] = per_step
@@ -258,11 +258,11 @@ class SearchSpace:
             raise DDSMError(f"this search space has no genes for the steps' {unknown[0]} (search settings of its family)")
         for name, k in fields.items():
             for seg, (start, stop) in enumerate(bounds):
-                distinct = {s.get(name) for s in steps[start:stop]}
-                if len(distinct) > 1:
-                    raise DDSMError(f"steps {start}..{stop - 1} use several values of {name}; one segment has one")
-                value = distinct.pop() if distinct else None
-                genome[offset + (len(self.axes) + k) * self.segments + seg] = self.genes[k].encode(value)
+                try:
+                    gene = self.genes[k].encode([s.get(name) for s in steps[start:stop]])
+                except DDSMError as exc:
+                    raise DDSMError(f"steps {start}..{stop - 1}: {exc}") from None
+                genome[offset + (len(self.axes) + k) * self.segments + seg] = gene
         plain = self._off_steps([s.subnet for s in steps], chosen["spacing"])
         for seg, (start, stop) in enumerate(bounds):
             distinct = set(plain[start:stop])

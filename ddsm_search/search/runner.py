@@ -96,13 +96,13 @@ def run_search(cfg: ExperimentConfig, supernet_dir: str | Path, out_dir: str | P
         """Return a schedule's FLOPs per image; for a dynamic one, a lower bound known before sampling
         (each dynamic step at the cheapest subnet its family says it may execute): what it executes is
         measured."""
-        candidate, subnets = space.candidate(genome), []
+        candidate, steps = space.candidate(genome), []
         for step in candidate.steps:
             subnet = step.subnet
             for name, value in step.extras:
                 subnet = family_of_field(name).lower_bound(subnet, value, supernet.model.space)
-            subnets.append(subnet)
-        return supernet.schedule_flops(subnets, candidate.timesteps)
+            steps.append(step.replace(subnet))
+        return supernet.steps_flops(steps, candidate.timesteps)
 
     def feasible(genome) -> bool:
         return limit is None or flops_of(genome) <= limit

@@ -10,8 +10,9 @@ A method family (a folder under `ddsm_search/methods/`) exposes one `MethodFamil
 - supernet add-on files: files kept beside a supernet (masks, heads) read when it loads, or listed;
 - training: a hook into every training step (sparse masks);
 - search genes and seeds: genes per segment for its field, and genomes for the first generation;
-- executed cost: the cheapest subnet a dynamic step may run, for budgets known before sampling
-  (what it executed is measured while sampling: `space.steps.ExecutedRecord`).
+- cost: what a step with the family's value costs when it is not its subnet's (a cached step), and
+  the cheapest subnet a dynamic step may run, for budgets known before sampling (what it executed is
+  measured while sampling: `space.steps.ExecutedRecord`).
 
 The core never imports a family by name: `families()` loads the table's modules by their names, as
 entry points are loaded, so the core's imports name no method and families import none of each other.
@@ -25,7 +26,7 @@ from typing import Sequence
 from ..errors import DDSMError
 
 # the built-in families, in the order their fields appear in keys and their hooks run
-FAMILIES = ("early_exit", "step_groups", "multistage", "sparsity", "pretrained")
+FAMILIES = ("early_exit", "step_groups", "multistage", "sparsity", "pretrained", "caching")
 
 
 class MethodFamily:
@@ -82,12 +83,19 @@ class MethodFamily:
         return None
 
     # -- search genes and seeds --------------------------------------------------------------------------
-    def genes(self, supernet_space, search):
-        """Return the genes this family adds per segment to a search (`search`: its config), or None.
+    def genes(self, model, search):
+        """Return the genes this family adds per segment to a search of supernet `model` (a SlimModel:
+        its `space`, its backbone) under `search` (its config), or None.
 
         Genes offer: `field` (the step field they decide), `choices` (per gene), `decode(gene, subnet,
-        start)` (the value a segment running `subnet` from step `start` gets; None: nothing), `encode(value)`
-        and `sweep()` (the genes of the uniform schedules at full size in the first generation)."""
+        start, count)` (the values of the `count` steps of a segment running `subnet` from step `start`;
+        None: nothing), `encode(values)` (the gene of a segment's values, or DDSMError) and `sweep()`
+        (the genes of the uniform schedules at full size in the first generation)."""
+        return None
+
+    def step_flops(self, supernet, subnet, value) -> int | None:
+        """Return the FLOPs per image of a step running `subnet` with this family's `value`, where the
+        value changes what a step runs (None: the subnet's, from the supernet's table)."""
         return None
 
     def seed_genomes(self, space, diffusion, search) -> list:

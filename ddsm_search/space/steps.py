@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import re
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -32,7 +33,8 @@ SEPARATOR = " | "
 
 
 def _value_text(value) -> str:
-    """Return a field value as written in keys: off (None), on (True), a float in shortest round-trip form."""
+    """Return a field value as written in keys: off (None), on (True), a float in shortest round-trip form,
+    a word as it is."""
     if value is None:
         return "off"
     if value is True:
@@ -40,11 +42,16 @@ def _value_text(value) -> str:
     return repr(float(value)) if isinstance(value, (int, float)) else str(value)
 
 
+_WORD = re.compile(r"^[a-z]+[0-9]*$")
+
+
 def _read_value(text: str, key) -> object:
     if text == "off":
         return None
     if text == "on":
         return True
+    if _WORD.match(text):  # a word value, such as feature caching's keep2 / reuse2
+        return text
     try:
         value = float(text)
     except ValueError:

@@ -28,12 +28,18 @@ class ExitGenes:
         """Return the number of choices of each gene."""
         return len(self.thresholds) + 1
 
-    def decode(self, gene: int, subnet, start: int):
-        """Return the threshold a gene gives a segment running `subnet` from step `start` (None: static)."""
-        return None if int(gene) == 0 or subnet["depth"] <= self.shallowest else self.thresholds[int(gene) - 1]
+    def decode(self, gene: int, subnet, start: int, count: int) -> list:
+        """Return the thresholds a gene gives the `count` steps of a segment running `subnet` from step
+        `start` (None: static): one threshold for all of them."""
+        value = None if int(gene) == 0 or subnet["depth"] <= self.shallowest else self.thresholds[int(gene) - 1]
+        return [value] * count
 
-    def encode(self, value) -> int:
-        """Return the gene of a threshold (None: 0)."""
+    def encode(self, values) -> int:
+        """Return the gene of a segment's thresholds (all None: 0)."""
+        distinct = set(values)
+        if len(distinct) > 1:
+            raise DDSMError("a segment's steps use several exit thresholds; one segment has one")
+        value = distinct.pop() if distinct else None
         if value is None:
             return 0
         if value not in self.thresholds:
@@ -128,9 +134,10 @@ class EarlyExit(MethodFamily):
         """A dynamic step may execute as little as the shallowest depth (its heads left out)."""
         return subnet if value is None else subnet.replace(depth=min(space.choices("depth")))
 
-    def genes(self, supernet_space, search):
+    def genes(self, model, search):
         if not search.exit_thresholds:
             return None
+        supernet_space = model.space
         if "depth" not in supernet_space.names:
             raise DDSMError("search.exit_thresholds: early exit needs a supernet with a depth axis (a DiT)")
         thresholds = tuple(sorted({float(t) for t in search.exit_thresholds}, reverse=True))
