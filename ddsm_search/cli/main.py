@@ -1,8 +1,8 @@
 """The `ddsm-search` command line: parses arguments, calls the API, turns user errors into one line + exit 2.
 
 One module per command family adds its commands: training (train), sampling (sample, evaluate), search (search,
-report, export, quickstart), methods (finetune-exit, finetune, stages, import-diffusers) and deploy
-(export-onnx); `args` holds the argument types and options they share.
+report, export, quickstart), methods (finetune-exit, finetune, stages, import-diffusers), deploy
+(export-onnx) and configs (the shipped experiment configs); `args` holds the argument types and options they share.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import argparse
 import sys
 
 from ..errors import DDSMError
-from . import deploy, methods, sampling, search, training
+from . import configs, deploy, methods, sampling, search, training
 from .args import Parser
 
-FAMILIES = (training, sampling, search, methods, deploy)  # in the order `--help` lists their commands
+FAMILIES = (training, sampling, search, methods, deploy, configs)  # in the order `--help` lists their commands
 
 
 def build_parser() -> argparse.ArgumentParser:

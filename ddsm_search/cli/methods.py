@@ -122,7 +122,8 @@ def add_parsers(sub) -> None:
 
     p = sub.add_parser("stages", help="timestep stages for a multi-decoder U-Net: contiguous intervals by "
                        "dynamic programming over the optimal denoiser's, log-SNR or gradient dissimilarity")
-    p.add_argument("config", help="experiment YAML whose training data define the optimal denoiser")
+    p.add_argument("config", help="experiment (a shipped config's name or a YAML file) whose training data "
+                   "define the optimal denoiser")
     p.add_argument("--k", type=int, required=True, help="number of stages")
     p.add_argument("--cost", default="denoiser",
                    help="denoiser (default): change of E[x0|x_t] between timesteps; logsnr: |log SNR difference|; "
@@ -150,7 +151,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--out", required=True, help="supernet directory to write (must not exist, or be empty)")
     p.add_argument("--widths", type=widths,
                    help="the widths the supernet serves, comma-separated (default 1,0.75,0.5,0.25)")
-    p.add_argument("--config", help="experiment YAML whose data, sample and search sections the supernet takes "
+    p.add_argument("--config", help="experiment (a shipped config's name or a YAML file) whose data, sample and "
+                   "search sections the supernet takes "
                    "(default: data guessed from the image shape)")
     p.add_argument("--name", help="experiment name (default: the --out folder's name)")
     p.add_argument("--image-size", type=at_least(1), help="image size, if config.json has no sample_size")

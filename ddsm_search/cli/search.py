@@ -76,7 +76,8 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 def add_parsers(sub) -> None:
     """Add `search`, `report`, `export` and `quickstart` to the CLI's sub-parsers."""
     p = sub.add_parser("search", help="evolutionary search for per-step schedules (FLOPs vs quality)")
-    p.add_argument("config", help="experiment YAML whose 'search' section describes the search")
+    p.add_argument("config", help="experiment (a shipped config's name or a YAML file) whose 'search' section "
+                   "describes the search")
     p.add_argument("--supernet", required=True, help="supernet directory written by 'train'")
     p.add_argument("--out", help="run directory (default: results/<experiment name>-search)")
     p.add_argument("--generations", type=positive)
@@ -131,8 +132,9 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("quickstart", help="train, search, report and export on the embedded digits "
-                       "(or on the experiment given, e.g. search_spaces/digits-dit.yaml)")
-    p.add_argument("config", nargs="?", help="experiment YAML (default: search_spaces/digits.yaml)")
+                       "(or on the experiment given, e.g. digits-dit)")
+    p.add_argument("config", nargs="?", help="experiment: a shipped config's name (ddsm-search configs) or a YAML "
+                   "file (default: digits)")
     p.add_argument("--out", help="default: results/quickstart, or results/quickstart-<name> for a config")
     p.add_argument("--max-loss", type=float, default=0.05,
                    help="export the cheapest schedule within FID +X of full size on 2,000 held-out images at 95%% "

@@ -25,7 +25,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 def add_parsers(sub) -> None:
     """Add `train` to the CLI's sub-parsers."""
     p = sub.add_parser("train", help="train a supernet (model.kind: unet, dit or multistage)")
-    p.add_argument("config", help="experiment YAML, e.g. search_spaces/digits.yaml")
+    p.add_argument("config", help="experiment: a shipped config by name (ddsm-search configs), e.g. digits, or a "
+                   "YAML file")
     p.add_argument("--out", help="checkpoint directory (default: results/<experiment name>)")
     p.add_argument("--steps", type=positive, help="total training steps (overrides train.steps)")
     add_device(p)
