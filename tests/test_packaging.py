@@ -1,9 +1,10 @@
 """What a user gets from `pip install`: the wheel carries the experiment configs, the LICENSE and py.typed,
 and works from an empty folder in a fresh virtual environment (help, the configs by name, a few training
-steps of a shipped config)."""
+steps of a shipped config); diffusers imports beside ddsm_search (no torchvision that cannot load)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -50,7 +51,7 @@ def test_the_wheel_installs_and_runs_from_an_empty_folder(tmp_path):
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     python, cli = venv / "bin" / "python", venv / "bin" / "ddsm-search"
-    _skip_if_offline(_pip(python, "install", "-q", "-c", str(ROOT / "constraints-cpu.txt"), str(wheel),
+    _skip_if_offline(_pip(python, "install", "-q", "-c", str(ROOT / "constraints-cpu.txt"), f"{wheel}[diffusers]",
                           cwd=tmp_path, timeout=1200), "installing the wheel")
 
     empty = tmp_path / "empty"
@@ -70,3 +71,23 @@ def test_the_wheel_installs_and_runs_from_an_empty_folder(tmp_path):
     run("train", "digits", "--steps", "2", "--out", "net", "--quiet", "--device", "cpu", timeout=600)
     assert (empty / "net" / "meta.json").is_file() and (empty / "net" / "samples" / "width-0.25.png").is_file()
     assert sorted(p.name for p in empty.iterdir()) == ["net"], "nothing else is written in the working folder"
+    # the install brings no torchvision, so the user's own diffusers imports work beside ddsm-search
+    code = "import ddsm_search.cli.main, importlib.util; from diffusers import DiffusionPipeline; " \
+           "print(importlib.util.find_spec('torchvision') is None)"
+    done = subprocess.run([str(python), "-c", code], cwd=empty, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip() == "True", done.stderr[-4000:]
+
+
+@pytest.mark.skipif(importlib.util.find_spec("diffusers") is None, reason="diffusers is not installed (its extra)")
+def test_diffusers_imports_beside_ddsm_search():
+    """A user's `from diffusers import DiffusionPipeline` works in the environment ddsm-search is installed in,
+    after ddsm_search and its diffusers importer are imported (no private flag of diffusers is patched)."""
+    code = ("import ddsm_search, ddsm_search.methods.pretrained.diffusers_config as c\n"
+            "c.unet2d_class()\n"
+            "import diffusers.utils.import_utils as u\n"
+            "from diffusers import DiffusionPipeline\n"
+            "print(u.is_torchvision_available() == (importlib.util.find_spec('torchvision') is not None))\n")
+    done = subprocess.run([sys.executable, "-c", "import importlib.util\n" + code], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "True", "diffusers' own view of torchvision must be left as it is"
