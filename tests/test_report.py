@@ -187,5 +187,50 @@ def test_uniform_labels_and_a_two_axis_schedule_plot(tmp_path):
     assert np.isnan(report.uniform_label([full, full.replace(depth=2)], full))
     space = SubnetSpace.of({"width": [1.0, 0.5], "depth": [4, 2]})
     schedule = [Subnet.of(width=0.5, depth=2)] * 3 + [full] * 3
-    assert plot_schedule(schedule, tmp_path / "s.png", "two axes", space).stat().st_size > 1000
-    assert plot_schedule([Subnet.of(width=0.5)] * 4, tmp_path / "w.png").stat().st_size > 1000
+    fig = plot_schedule(schedule, tmp_path / "s.png", "two axes", space)
+    assert len(fig.axes) == 2 and (tmp_path / "s.png").stat().st_size > 1000
+    assert len(plot_schedule([Subnet.of(width=0.5)] * 4).axes) == 1, "no path: the Figure alone, nothing written"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.png"]
+
+
+def test_plots_leave_the_matplotlib_backend_alone(run, tmp_path):
+    """Every plot function draws on its own Figure and returns it (writing the PNG only when given a
+    path); the user's backend (svg here) is the same after each, and pyplot holds no new figure."""
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    from ddsm_search.methods.multistage.stages import plot_similarity
+    from ddsm_search.report import plots
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        table = report.load_run(run)
+        held = pd.DataFrame({"schedule": ["a", "b", "c"], "gflops": [1.0, 2.0, 3.0], "flops_share": [0.3, 0.6, 1.0],
+                             "search_fid": [3.0, 2.0, 1.0], "heldout_fid": [3.2, 1.9, 2.0]})
+        held.attrs.update(metric="fid", samples=40)
+        images = torch.zeros(4, 1, 8, 8)
+        calls = {
+            "front": lambda path: plots.plot_front(table, path, "fid", table.iloc[0]),
+            "heldout_front": lambda path: plots.plot_heldout_front(held, path, 0.5),
+            "schedule": lambda path: plots.plot_schedule([Subnet.of(width=0.5)] * 3, path, "title"),
+            "hypervolume": lambda path: plots.plot_hypervolume(report.generations(run), path),
+            "grids": lambda path: plots.plot_grids(images, images, path),
+            "similarity": lambda path: plot_similarity(np.eye(4), [0, 1, 2, 3], [2], path),
+        }
+        for name, call in calls.items():
+            figure = call(None)
+            assert isinstance(figure, Figure) and matplotlib.get_backend() == "svg", name
+            assert isinstance(call(tmp_path / f"{name}.png"), Figure) and matplotlib.get_backend() == "svg", name
+            assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG", name
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{n}.png" for n in calls), "no temporary left"
+        import matplotlib.pyplot as plt
+
+        assert plt.get_fignums() == [], "pyplot never saw the figures"
+        # the fronts are staircases: a front's quality holds until the next, costlier schedule improves on it
+        lines = {ln.get_label(): ln for ln in plots.plot_front(table).axes[0].get_lines()}
+        assert lines["Pareto front"].get_drawstyle() == "steps-post"
+        lines = {ln.get_label(): ln for ln in plots.plot_heldout_front(held).axes[0].get_lines()}
+        assert {lines["front, search noise"].get_drawstyle(), lines["held-out front"].get_drawstyle()} == {"steps-post"}
+    finally:
+        matplotlib.use(before)

@@ -262,8 +262,10 @@ def test_find_stages_writes_json_and_png(tmp_path):
 
 
 def test_plot_similarity_writes_a_png_atomically(tmp_path):
-    path = plot_similarity(np.random.default_rng(0).random((6, 6)), [0, 20, 40, 60, 80, 99], [2, 4], tmp_path / "s.png")
+    path = tmp_path / "s.png"
+    fig = plot_similarity(np.random.default_rng(0).random((6, 6)), [0, 20, 40, 60, 80, 99], [2, 4], path)
     assert path.read_bytes()[:4] == b"\x89PNG" and [p.name for p in tmp_path.iterdir()] == ["s.png"]
+    assert len(fig.axes) == 2, "the heat map and its colour bar"
 
 
 def _run(argv):

@@ -59,7 +59,9 @@ def write_report(run: str | Path, *, budget: str | None = "50%", device: str = "
     if heldout is not None and heldout < 2:
         raise DDSMError(f"--heldout must be at least 2 images, got {heldout}")
     net = supernet_of_run(run, device, supernet) if chosen is not None or heldout else None
-    paths = [plot_front(table, out / "front.png", metric, chosen), plot_hypervolume(history, out / "hypervolume.png")]
+    paths = [out / "front.png", out / "hypervolume.png"]
+    plot_front(table, paths[0], metric, chosen)
+    plot_hypervolume(history, paths[1])
     if progress:
         print(f"{len(table)} schedules evaluated, {int(table['on_front'].sum())} on the front ({cost_note(table)}):")
         print(format_front(table))
@@ -73,16 +75,18 @@ def write_report(run: str | Path, *, budget: str | None = "50%", device: str = "
         executed = executed_summary(plan, record, n_grid) if plan.dynamic else None
         if executed is not None:
             title += f"\nexecuted per step over {n_grid} images (mean, sd)"
-        paths.append(plot_schedule(list(plan.steps), out / "schedule.png", title, net.model.space, executed))
+        paths.append(out / "schedule.png")
+        plot_schedule(list(plan.steps), paths[-1], title, net.model.space, executed)
         full = generate(plan.full(), n=n_grid, seed=0)
-        paths.append(plot_grids(images, full, out / "samples.png",
-                                (f"schedule ({chosen['flops_share']:.0%} of the FLOPs)", "full size, same noise")))
+        paths.append(out / "samples.png")
+        plot_grids(images, full, paths[-1], (f"schedule ({chosen['flops_share']:.0%} of the FLOPs)", "full size, same noise"))
     if heldout:
         from .heldout import heldout_front
 
         checked, rho = heldout_front(run, heldout, device=device, supernet=supernet, progress=progress,
                                      cache_dir=cache_dir)
-        paths.append(plot_heldout_front(checked, out / "heldout_front.png", rho))
+        paths.append(out / "heldout_front.png")
+        plot_heldout_front(checked, paths[-1], rho)
         if progress:
             print(f"the front on held-out noise ({heldout} images; kept in {run / 'heldout.csv'}):")
             print(checked.drop(columns="schedule").to_string(index=False, float_format=lambda v: f"{v:.4g}"))

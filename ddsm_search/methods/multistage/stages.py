@@ -36,7 +36,8 @@ from ...config import ExperimentConfig, load_config
 from ...data import ImageData, data_key, load_data
 from ...diffusion import NoiseSchedule, log_snr
 from ...errors import DDSMError
-from ...io import write_atomic, write_json_atomic
+from ...images import new_figure, save_figure
+from ...io import write_json_atomic
 
 COSTS = ("denoiser", "logsnr", "gradient")
 SEGMENT_COSTS = ("center", "pairwise")
@@ -264,22 +265,17 @@ def interval_cluster(cost, k: int, balance: float | None = 0.5, segment_cost: st
             "cost": float(best[k, n])}
 
 
-def _figure():
-    import matplotlib
+def plot_similarity(matrix, timesteps: Sequence[int], boundaries: Sequence[int], path: str | Path | None = None,
+                    title: str = "dissimilarity between timesteps"):
+    """Draw the matrix as a heat map (timesteps on both axes) with the stage boundaries, on a matplotlib
+    Figure made without pyplot (the user's backend is left alone); write it to `path` as a PNG if given;
+    return the Figure."""
+    from matplotlib.patches import Rectangle
 
-    matplotlib.use("Agg")  # files only: no display on servers and CI
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_similarity(matrix, timesteps: Sequence[int], boundaries: Sequence[int], path: str | Path,
-                    title: str = "dissimilarity between timesteps") -> Path:
-    """Write the matrix as a PNG heat map (timesteps on both axes) with the stage boundaries drawn; return the path."""
-    plt = _figure()
     matrix = np.asarray(matrix, dtype=float)
     n = len(matrix)
-    fig, ax = plt.subplots(figsize=(5.6, 4.8))
+    fig = new_figure(5.6, 4.8)
+    ax = fig.subplots()
     im = ax.imshow(matrix, origin="lower", cmap="viridis", interpolation="nearest")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     edges = [-0.5] + [b - 0.5 for b in boundaries] + [n - 0.5]
@@ -287,18 +283,16 @@ def plot_similarity(matrix, timesteps: Sequence[int], boundaries: Sequence[int],
         ax.axhline(b - 0.5, color="w", lw=0.8, alpha=0.7)
         ax.axvline(b - 0.5, color="w", lw=0.8, alpha=0.7)
     for a, b in zip(edges[:-1], edges[1:]):  # each stage's own block
-        ax.add_patch(plt.Rectangle((a, a), b - a, b - a, fill=False, edgecolor="r", lw=1.5, zorder=3))
+        ax.add_patch(Rectangle((a, a), b - a, b - a, fill=False, edgecolor="r", lw=1.5, zorder=3))
     ticks = sorted(set(np.linspace(0, n - 1, min(n, 6)).round().astype(int).tolist()))
     ax.set_xticks(ticks, [str(timesteps[i]) for i in ticks])
     ax.set_yticks(ticks, [str(timesteps[i]) for i in ticks])
     ax.set_xlabel("timestep t")
     ax.set_ylabel("timestep t")
     ax.set_title(title, fontsize=9)
-    try:
-        write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
-    finally:
-        plt.close(fig)
-    return Path(path)
+    if path is not None:
+        save_figure(fig, path)
+    return fig
 
 
 def check_stage_args(num_timesteps: int, k, cost: str, has_model: bool, grid: int | None, samples: int | None,
@@ -364,7 +358,8 @@ def write_stages(result: dict, out_dir: str | Path) -> tuple[Path, Path]:
     if out.exists() and not out.is_dir():
         raise DDSMError(f"--out {out} is a file, not a directory")
     title = f"{result['cost']} dissimilarity, {result['k']} stages ({result['experiment']})"
-    png = plot_similarity(result["matrix"], result["grid"], result["boundaries"], out / SIMILARITY_PNG, title=title)
+    png = out / SIMILARITY_PNG
+    plot_similarity(result["matrix"], result["grid"], result["boundaries"], png, title=title)
     return write_json_atomic(out / STAGES_JSON, result), png
 
 
