@@ -31,7 +31,7 @@ from ddsm_search.checkpoint import load_supernet
 from ddsm_search.evaluation.heldout import Confirmer
 from ddsm_search.metrics.stats import fid_gap_interval
 from ddsm_search.report.plots import _figure, _save
-from ddsm_search.report.tables import load_run
+from ddsm_search.report.tables import load_run, steps_of
 from ddsm_search.sampling import Runtime, time_against_full
 from ddsm_search.space.steps import ExecutedRecord, steps_of
 
@@ -68,8 +68,8 @@ def main() -> None:
         if run:
             table = load_run(run)
             for _, row in table[table["on_front"]].sort_values("gflops").iterrows():
-                if len(row["steps"]) == args.steps:
-                    plans.append((policy, row["schedule"], list(row["steps"])))
+                if len(steps_of(row)) == args.steps:
+                    plans.append((policy, row["schedule"], steps_of(row)))
     rows, features = [], {}
     for policy, setting, steps in plans:
         plan = confirmer.plan(steps)

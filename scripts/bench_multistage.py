@@ -38,7 +38,7 @@ from ddsm_search.data import load_data
 from ddsm_search.evaluation.heldout import Confirmer
 from ddsm_search.metrics.stats import fid_gap_interval
 from ddsm_search.report.plots import _figure, _save
-from ddsm_search.report.tables import front, load_run
+from ddsm_search.report.tables import front, load_run, subnets_of
 from ddsm_search.search.runner import run_search
 from ddsm_search.training import TrainingRun, train
 
@@ -131,7 +131,7 @@ def main() -> None:
         confirmer = Confirmer(supernet, {**json.loads((run / "run.json").read_text())["search"], "backend": "torch"},
                               n=args.heldout)
         for _, row in front(table).sort_values("gflops").iterrows():
-            r = confirmer.score(list(row["subnets"]))
+            r = confirmer.score(subnets_of(row))
             held.append({"model": name, "schedule": row["schedule"], "gflops": row["gflops"],
                          "search FID": row["fid"], "held-out FID": r["fid"]})
         print(f"  {name}: searched ({len(table)} evaluations), front of {len(front(table))} re-scored "

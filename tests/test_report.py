@@ -36,18 +36,73 @@ def run(tiny_supernet, tmp_path_factory):
 def test_dataframe_front_matches_an_independent_check(run):
     table = report.load_run(run)
     assert table["schedule"].is_unique and {"subnets", "uniform", "on_front"} <= set(table.columns)
-    assert (table["subnets"].map(schedule_key) == table["schedule"]).all(), "keys are canonical schedule keys"
-    assert table["subnets"].map(len).eq(6).all()
+    subnets = table.apply(report.subnets_of, axis=1)
+    assert (subnets.map(schedule_key) == table["schedule"]).all(), "keys are canonical schedule keys"
+    assert (table["subnets"] == table["schedule"]).all(), "a static run's steps are its subnets"
+    assert subnets.map(len).eq(6).all()
     points = table[["gflops", "fid"]].to_numpy()
     brute = [not any((q <= p).all() and (q < p).any() for q in points) for p in points]
     assert table["on_front"].tolist() == brute
     front = report.front(table)
     assert front["gflops"].is_monotonic_increasing and len(front) == sum(brute)
     assert set(table["uniform"].dropna()) == {"full", "width=0.75", "width=0.5"}
-    assert (table["uniform"].isna() == (table["subnets"].map(lambda s: len(set(s))) > 1)).all()
+    assert (table["uniform"].isna() == (subnets.map(lambda s: len(set(s))) > 1)).all()
     full = table.loc[table["uniform"] == "full"].iloc[0]
     assert full["schedule"] == "width=1.0*6" and full["flops_share"] == pytest.approx(1.0)
     assert report.hypervolume(table) > 0
+
+
+def test_run_tables_have_plain_columns_and_round_trip_through_parquet(run, tmp_path):
+    import ddsm_search as ds
+
+    table = ds.load_run(run)
+    genes = [c for c in table.columns if c.startswith("gene_")]
+    assert genes == ["gene_0", "gene_1", "gene_2"] and all(table[c].dtype == "int64" for c in genes)
+    assert "genome" not in table.columns and "steps" not in table.columns
+    on_disk = pd.read_csv(run / "evaluations.csv", dtype={"genome": str})
+    assert table[genes].astype(str).agg(" ".join, axis=1).tolist() == on_disk["genome"].tolist()
+    assert table["generation"].min() == 1 and ds.generations(run)["generation"].tolist() == [1, 2], \
+        "generations are numbered from 1, as the progress lines say"
+    table.to_parquet(tmp_path / "run.parquet")
+    back = pd.read_parquet(tmp_path / "run.parquet")
+    pd.testing.assert_frame_equal(back, table)
+    assert back.attrs == table.attrs == {"metric": "fid", "samples": 40, "cost": "dense"}
+    row = table.iloc[0]
+    assert [s.subnet for s in ds.steps_of(row)] == ds.subnets_of(row) and len(ds.subnets_of(row)) == 6
+
+    per_step = ds.steps(table)
+    assert list(per_step.columns) == ["schedule", "step", "width"] and len(per_step) == 6 * len(table)
+    first = per_step[per_step["schedule"] == row["schedule"]]
+    assert first["step"].tolist() == list(range(6))
+    assert first["width"].tolist() == [s.get("width") for s in ds.subnets_of(row)]
+    exits = ds.steps(pd.DataFrame({"schedule": ["width=1.0*2 | exit 0.8 off"]}))
+    assert exits["exit"].iloc[0] == 0.8 and pd.isna(exits["exit"].iloc[1]), "a family's field, per step"
+    per_step.to_parquet(tmp_path / "steps.parquet")
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "steps.parquet"), per_step)
+
+
+def test_a_run_written_before_generations_counted_from_1_reads_and_resumes(run, tmp_path, tiny_supernet):
+    """run.json version 1 (generations from 0 in the files) reads numbered from 1; resumed, it is rewritten
+    as version 2 with the same rows."""
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(run, old)
+    info = json.loads((old / "run.json").read_text())
+    assert info["version"] == 2
+    (old / "run.json").write_text(json.dumps({**info, "version": 1}))
+    for name in ("evaluations.csv", "generations.csv"):
+        frame = pd.read_csv(old / name, dtype={"schedule": str, "genome": str, "seed_set": str})
+        frame["generation"] -= 1
+        frame.to_csv(old / name, index=False)
+    pd.testing.assert_frame_equal(report.load_run(old), report.load_run(run))
+    pd.testing.assert_frame_equal(report.generations(old), report.generations(run))
+    cfg = config_from_dict(tiny_dict(search=SEARCH))
+    run_search(cfg, tiny_supernet, old, resume=True, progress=False, cache_dir=str(tmp_path / "cache"))
+    assert json.loads((old / "run.json").read_text())["version"] == 2
+    for name in ("evaluations.csv", "generations.csv"):
+        kept, made = (pd.read_csv(r / name) for r in (old, run))
+        assert kept["generation"].tolist() == made["generation"].tolist(), name
 
 
 def test_pick_is_the_lowest_fid_within_budget(run):

@@ -108,11 +108,11 @@ class Confirmer:
                 "gflops_per_image": r["gflops_per_image"]}
 
 
-def confirm_many(confirmer: Confirmer, rows: list, *, progress: bool = False, stop=None) -> list[dict]:
-    """Confirm schedules (rows with `steps`) in order; stop after the first for which `stop(record)` holds."""
+def confirm_many(confirmer: Confirmer, plans: list, *, progress: bool = False, stop=None) -> list[dict]:
+    """Confirm schedules (each a list of steps) in order; stop after the first for which `stop(record)` holds."""
     records = []
-    for row in tqdm(rows, desc="held-out check", unit="schedule", disable=not progress, leave=False):
-        records.append(confirmer.confirm(list(row["steps"])))
+    for steps in tqdm(plans, desc="held-out check", unit="schedule", disable=not progress, leave=False):
+        records.append(confirmer.confirm(list(steps)))
         if stop is not None and stop(records[-1]):
             break
     return records

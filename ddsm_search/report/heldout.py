@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..evaluation.heldout import Confirmer, read_heldout, record_heldout
-from .tables import front, load_run, run_info
+from .tables import front, load_run, run_info, steps_of
 
 
 def heldout_front(run: str | Path, n: int, *, device: str = "cpu", supernet: str | Path | None = None,
@@ -32,7 +32,7 @@ def heldout_front(run: str | Path, n: int, *, device: str = "cpu", supernet: str
     if todo:
         confirmer = Confirmer(supernet_of_run(run, device, supernet), info["search"], n=n, device=device,
                               cache_dir=cache_dir, boundaries=[start for start, _ in info["segments"][1:]])
-        records = [confirmer.score(list(row["steps"]))
+        records = [confirmer.score(steps_of(row))
                    for row in tqdm(todo, desc="held-out front", unit="schedule", disable=not progress, leave=False)]
         record_heldout(run, records, "report")
         known = pd.concat([known, pd.DataFrame(records).set_index("schedule")[["fid", "kid", "drift"]]])

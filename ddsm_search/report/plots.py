@@ -140,7 +140,7 @@ def plot_hypervolume(generations: pd.DataFrame, path: PathLike = None):
     """Draw the front's hypervolume against generation; return the Figure."""
     fig = new_figure(5.2, 3.2)
     ax = fig.subplots()
-    ax.plot(generations["generation"] + 1, generations["hypervolume"], "-o", color="C0")
+    ax.plot(generations["generation"], generations["hypervolume"], "-o", color="C0")  # numbered from 1
     ax.set_xlabel("generation")
     ax.set_ylabel("hypervolume")
     ax.grid(alpha=0.3)

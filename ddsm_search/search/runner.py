@@ -4,7 +4,7 @@ One generation loop (search/loop.py) serves both executors: the actor pool (`sea
 default) and Ray Tune (`tune`, executors/tune.py), which drives the same `Generation` batches from a Tune
 Searcher, so both write the same rows, fronts and hypervolumes.
 
-Resuming replays the seeded algorithm from generation 0: every schedule already in the run's table
+Resuming replays the seeded algorithm from generation 1: every schedule already in the run's table
 is answered from disk, so an interrupted search (kill -9 included) continues with no finished
 evaluation lost or repeated, and reaches the same front it would have reached uninterrupted.
 """
@@ -27,14 +27,14 @@ from .executors.pool import LocalPool, PoolExecutor, RayPool
 from .genome import SearchSpace
 from .loop import Loop
 from .ray_cluster import in_ray_job
-from .results import RunFiles
+from .results import RUN_VERSION, RunFiles
 
 # settings that do not change what a run finds: a run may be resumed with other values of them
 _NOT_RECORDED = ("generations", "workers", "backend", "executor")
 
 
 def _run_info(q: SearchConfig, supernet, space: SearchSpace) -> dict:
-    info = {"format": "ddsm-search/search-run", "version": 1,
+    info = {"format": "ddsm-search/search-run", "version": RUN_VERSION,
             "supernet": {"path": str(supernet.path.resolve()), "sha256": supernet.sha256},
             "search": {k: v for k, v in asdict(q).items() if k not in _NOT_RECORDED},
             "axes": space.searched.to_json(), "base": space.base.key, "segments": [list(b) for b in space.bounds],
@@ -53,7 +53,8 @@ def _same_run(saved: dict, info: dict) -> bool:
 
     def strip(d: dict) -> dict:
         search = {**{k: defaults[k] for k in defaults if k in info["search"]}, **d.get("search", {})}
-        return {"cost": "dense", **d, "search": search, "supernet": {"sha256": d.get("supernet", {}).get("sha256")}}
+        return {"cost": "dense", **d, "search": search, "supernet": {"sha256": d.get("supernet", {}).get("sha256")},
+                "version": None}  # how the files number generations: a version-1 run resumes as version 2
     return strip(saved) == strip(info)
 
 

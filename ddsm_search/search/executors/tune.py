@@ -11,7 +11,7 @@ Each trial evaluates one schedule on a reused Tune actor that keeps its Evaluato
 reference, prefix cache) between trials. Tune's experiment lies in RUN/tune, with Tune's loggers
 (CSV, JSON and TensorBoard by default; MLflow and W&B callbacks on request). `--resume` uses
 Tuner.restore on it; as with the pool, the run table is the record of what is done: the restored
-searcher replays the seeded algorithm from generation 0 against it, and trials that were running when
+searcher replays the seeded algorithm from generation 1 against it, and trials that were running when
 the search stopped are not resumed but handed out again (Tune marks them terminated).
 """
 
@@ -116,7 +116,7 @@ class ScheduleSearcher(Searcher):
         super().__init__(metric=loop.q.metric, mode="min")
         self.loop, self.algorithm, self.max_concurrent = loop, algorithm, max_concurrent
         self.token = str(loop.files.dir.resolve())
-        self.gen, self.generation = 0, None
+        self.gen, self.generation = 1, None  # generations are numbered from 1, as in the run's files
         self.queue: deque = deque()  # (key, plan) of the current batch not yet handed out
         self.waiting: set[str] = set()  # keys of the current batch whose result is not in yet
         self.samples = 0
@@ -156,7 +156,7 @@ class ScheduleSearcher(Searcher):
             if self.generation is not None:
                 self.loop.finish(self.generation)
                 self.generation, self.gen = None, self.gen + 1
-            if self.gen >= self.loop.q.generations:
+            if self.gen > self.loop.q.generations:
                 self.done = True
                 return
             self.generation = self.loop.start(self.gen, self.algorithm)
@@ -199,7 +199,7 @@ class ScheduleSearcher(Searcher):
             pickle.dump({"run": self.token, "generation": self.gen, "done": self.done}, f)
 
     def restore(self, checkpoint_path: str) -> None:
-        """Nothing to load: the run table is the state, replayed from generation 0."""
+        """Nothing to load: the run table is the state, replayed from generation 1."""
 
 
 class TuneExecutor:
