@@ -303,7 +303,7 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, steps: int | None = Non
     """Train the supernet (or resume it) up to `steps` total steps; return the checkpoint directory."""
     if steps is not None:
         if steps < 1:
-            raise DDSMError(f"--steps must be at least 1, got {steps}")
+            raise DDSMError(f"--train-steps must be at least 1, got {steps}")
         cfg = replace(cfg, train=replace(cfg.train, steps=steps))
     from .config import validate
 

@@ -39,9 +39,9 @@ def dit(tmp_path_factory):
     data = tiny_dict(search=SEARCH)
     data["model"] = TINY_DIT
     (root / "dit.yaml").write_text(yaml.safe_dump(data))
-    assert main(["train", str(root / "dit.yaml"), "--out", str(root / "net"), "--steps", "3", "--quiet",
+    assert main(["train", str(root / "dit.yaml"), "--out", str(root / "net"), "--train-steps", "3", "--quiet",
                  "--device", "cpu"]) == 0
-    assert main(["finetune-exit", str(root / "net"), "--steps", "3", "--batch-size", "8", "--quiet"]) == 0
+    assert main(["finetune-exit", str(root / "net"), "--train-steps", "3", "--batch-size", "8", "--quiet"]) == 0
     return root / "net", root / "dit.yaml"
 
 

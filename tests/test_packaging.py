@@ -68,7 +68,7 @@ def test_the_wheel_installs_and_runs_from_an_empty_folder(tmp_path):
     listed = run("configs")
     assert all(name in listed for name in ("digits", "digits-dit", "cifar10")), listed
     assert run("configs", "show", "digits").startswith("# The embedded default")
-    run("train", "digits", "--steps", "2", "--out", "net", "--quiet", "--device", "cpu", timeout=600)
+    run("train", "digits", "--train-steps", "2", "--out", "net", "--quiet", "--device", "cpu", timeout=600)
     assert (empty / "net" / "meta.json").is_file() and (empty / "net" / "samples" / "width-0.25.png").is_file()
     assert sorted(p.name for p in empty.iterdir()) == ["net"], "nothing else is written in the working folder"
     # the install brings no torchvision, so the user's own diffusers imports work beside ddsm-search

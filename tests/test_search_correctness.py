@@ -39,7 +39,7 @@ def test_widths_of_any_precision_train_sample_search_and_export(tmp_path, capsys
     config.write_text(yaml.safe_dump(data))
     net, run = tmp_path / "net", tmp_path / "run"
     env = ["--quiet"]
-    assert main(["train", str(config), "--out", str(net), "--steps", "2"] + env) == 0
+    assert main(["train", str(config), "--out", str(net), "--train-steps", "2"] + env) == 0
     assert main(["sample", str(net), "--width", "0.6666666667", "--n", "4", "--out", str(tmp_path / "g.png")] + env) == 0
     assert main(["sample", str(net), "--subnet", "width=0.6666666667", "--n", "4", "--out", str(tmp_path / "g.png")]
                 + env) == 0

@@ -8,7 +8,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from ..errors import DDSMError
-from .args import add_device, add_quiet, add_seed, device_of, eta, finite, positive
+from .args import add_device, add_quiet, add_sample_steps, add_seed, device_of, eta, finite, positive
 
 
 def _schedule(args: argparse.Namespace, supernet):
@@ -20,14 +20,14 @@ def _schedule(args: argparse.Namespace, supernet):
     cfg = supernet.config.sample
     if args.schedule:
         schedule = load_schedule(args.schedule, supernet)
-        if args.steps is not None and args.steps != schedule.steps:
-            raise DDSMError(f"the schedule has {schedule.steps} subnets but --steps asks for {args.steps}")
+        if args.sample_steps is not None and args.sample_steps != schedule.steps:
+            raise DDSMError(f"the schedule has {schedule.steps} subnets but --sample-steps asks for {args.sample_steps}")
         schedule = replace(schedule, sampler=args.sampler or schedule.sampler,
                            eta=args.eta if args.eta is not None else schedule.eta)
     else:
         # --width 0.5 is shorthand for --subnet width=0.5 (every other axis at its full value)
         subnet = supernet.model.check_subnet(args.subnet if args.subnet is not None else args.width)
-        schedule = Schedule([subnet] * (args.steps or cfg.steps), sampler=args.sampler or cfg.sampler,
+        schedule = Schedule([subnet] * (args.sample_steps or cfg.steps), sampler=args.sampler or cfg.sampler,
                             eta=args.eta if args.eta is not None else cfg.eta)
     if args.exit_threshold is not None:
         from ..methods.early_exit.policy import ExitPolicy
@@ -130,7 +130,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     which.add_argument("--width", type=float, help="shorthand for --subnet width=W")
     which.add_argument("--schedule", help="schedule JSON: one subnet per sampling step")
     p.add_argument("--sampler", choices=["ddim", "ddpm"], help="default: the schedule's, else the config's")
-    p.add_argument("--steps", type=positive, help="sampling steps with --subnet/--width (default: the config's)")
+    add_sample_steps(p, "sampling steps with --subnet/--width (default: the config's)")
     p.add_argument("--eta", type=eta, help="DDIM eta (0 = deterministic)")
     p.add_argument("--batch-size", type=positive, default=500)
     add_device(p)
@@ -150,7 +150,7 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("sample", help="sample images with one subnet or a per-step schedule")
     _add_sampling_args(p)
     p.add_argument("--n", type=positive, default=64, help="number of images (default 64)")
-    add_seed(p, "the initial noise")
+    add_seed(p)
     p.add_argument("--out", required=True, help="output .png (grid) or .npz (uint8 images)")
     p.add_argument("--compare", action="store_true",
                    help="also time full size on the same batch and noise (median of 3 turns each) and print "

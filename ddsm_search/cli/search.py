@@ -33,7 +33,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     """Print a search run's front and write its plots."""
     from ..report.writer import write_report
 
-    write_report(args.run, budget=args.budget, device=device_of(args), supernet=args.supernet, heldout=args.heldout)
+    write_report(args.run, budget=args.budget, device=device_of(args), supernet=args.supernet, heldout=args.heldout,
+                 bars=not args.quiet)
     return 0
 
 
@@ -69,7 +70,12 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
     config = load_config(args.config) if args.config else None
     out = args.out or (f"results/quickstart-{config.name}" if config is not None else "results/quickstart")
-    quickstart(out, max_loss=args.max_loss, budget=args.budget, device=device_of(args), progress=True, config=config)
+    figures = quickstart(out, max_loss=args.max_loss, budget=args.budget, device=device_of(args),
+                         progress=not args.quiet, config=config)
+    if args.quiet:  # the result alone
+        print(f"wrote {figures['schedule']}: {figures['flops_share']:.0%} of full size's FLOPs, held-out "
+              f"{figures['metric'].upper()} {figures['heldout']:.4g} vs {figures['full_size_heldout']:.4g} at full size, "
+              f"{figures['speedup']:.2f}x faster")
     return 0
 
 
@@ -111,6 +117,7 @@ def add_parsers(sub) -> None:
                    "the search's scores and plot both fronts (kept in RUN/heldout.csv)")
     p.add_argument("--supernet", help="the run's supernet, if it moved since the search (its hash must match)")
     add_device(p, "cpu")
+    add_quiet(p)
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("export", help="write the cheapest schedule that keeps full-size quality (--max-loss), or the "
@@ -141,4 +148,5 @@ def add_parsers(sub) -> None:
                    "confidence (default 0.05)")
     p.add_argument("--budget", help="also keep the export within this FLOP budget, e.g. 50%%")
     add_device(p, "cpu")
+    add_quiet(p)
     p.set_defaults(func=cmd_quickstart)

@@ -30,8 +30,11 @@ def cost_note(table: pd.DataFrame) -> str:
 
 def write_report(run: str | Path, *, budget: str | None = "50%", device: str = "cpu", n_grid: int = 64,
                  progress: bool = True, supernet: str | Path | None = None, heldout: int | None = None,
-                 cache_dir=None) -> list[Path]:
+                 cache_dir=None, bars: bool | None = None) -> list[Path]:
     """Print the front and write report/*.png into the run directory; return the files written.
+
+    `progress` prints the front and what was written; `bars` (default: as `progress`) shows progress
+    bars while the grids are sampled and the held-out front is scored.
 
     Everything the report needs is read and checked first (run files, budget, supernet), so a bad
     input writes no plot.
@@ -41,6 +44,7 @@ def write_report(run: str | Path, *, budget: str | None = "50%", device: str = "
     from ..space.steps import ExecutedRecord
 
     run = Path(run)
+    bars = progress if bars is None else bars
     if budget is not None:
         parse_budget(budget)
     info = run_info(run)
@@ -71,19 +75,19 @@ def write_report(run: str | Path, *, budget: str | None = "50%", device: str = "
         plan = runtime.plan(steps_of(chosen), sampler=q["sampler"], eta=float(q["eta"]))
         title = f"best within {budget}: {chosen['gflops']:.3f} GFLOPs ({chosen['flops_share']:.0%}), {metric.upper()} {chosen[metric]:.3f}"
         record = ExecutedRecord()  # what dynamic steps executed, on the same images as the grid
-        images = generate(plan, n=n_grid, seed=0, record=record)
+        images = generate(plan, n=n_grid, seed=0, record=record, progress=bars, desc="schedule's grid")
         executed = executed_summary(plan, record, n_grid) if plan.dynamic else None
         if executed is not None:
             title += f"\nexecuted per step over {n_grid} images (mean, sd)"
         paths.append(out / "schedule.png")
         plot_schedule(list(plan.steps), paths[-1], title, net.model.space, executed)
-        full = generate(plan.full(), n=n_grid, seed=0)
+        full = generate(plan.full(), n=n_grid, seed=0, progress=bars, desc="full size's grid")
         paths.append(out / "samples.png")
         plot_grids(images, full, paths[-1], (f"schedule ({chosen['flops_share']:.0%} of the FLOPs)", "full size, same noise"))
     if heldout:
         from .heldout import heldout_front
 
-        checked, rho = heldout_front(run, heldout, device=device, supernet=supernet, progress=progress,
+        checked, rho = heldout_front(run, heldout, device=device, supernet=supernet, progress=bars,
                                      cache_dir=cache_dir)
         paths.append(out / "heldout_front.png")
         plot_heldout_front(checked, paths[-1], rho)

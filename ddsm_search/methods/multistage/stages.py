@@ -112,8 +112,14 @@ def _pick(data: ImageData | torch.Tensor, samples: int, g: torch.Generator) -> t
     return images[idx]
 
 
+def _bar(timesteps: Sequence[int], what: str, progress: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(timesteps, desc=what, unit="timestep", disable=not progress, leave=False)
+
+
 def denoiser_cost(data: ImageData | torch.Tensor, timesteps: Sequence[int], alphas_cumprod, *, samples: int = 256,
-                  seed: int = 0, metric: str = "mse") -> np.ndarray:
+                  seed: int = 0, metric: str = "mse", progress: bool = False) -> np.ndarray:
     """Return the optimal denoiser's dissimilarity between grid timesteps on shared (x0, noise) pairs."""
     if metric not in DENOISER_METRICS:
         raise DDSMError(f"unknown denoiser metric {metric!r} (choose from {', '.join(DENOISER_METRICS)})")
@@ -122,7 +128,7 @@ def denoiser_cost(data: ImageData | torch.Tensor, timesteps: Sequence[int], alph
     noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
     abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
     outs = []
-    for t in timesteps:
+    for t in _bar(timesteps, "optimal denoiser", progress):
         a = abar[t]
         outs.append(optimal_denoiser(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, data, abar).float().flatten())
     n = len(outs)
@@ -136,7 +142,7 @@ def denoiser_cost(data: ImageData | torch.Tensor, timesteps: Sequence[int], alph
 
 
 def gradient_cost(model: torch.nn.Module, data: ImageData | torch.Tensor, timesteps: Sequence[int], alphas_cumprod,
-                  *, samples: int = 64, seed: int = 0, batch_size: int = 256) -> np.ndarray:
+                  *, samples: int = 64, seed: int = 0, batch_size: int = 256, progress: bool = False) -> np.ndarray:
     """Return 1 - cosine similarity of the eps-MSE loss gradients at each pair of grid timesteps."""
     params = list(model.parameters())
     if not params:
@@ -152,7 +158,7 @@ def gradient_cost(model: torch.nn.Module, data: ImageData | torch.Tensor, timest
     try:
         for p in params:
             p.requires_grad_(True)
-        for row, t in enumerate(timesteps):
+        for row, t in enumerate(_bar(timesteps, "loss gradients", progress)):
             a = float(abar[t])
             total = [torch.zeros_like(p) for p in params]
             for c in range(0, len(x0), batch_size):  # the mean loss over the batch, in chunks
@@ -319,8 +325,9 @@ def check_stage_args(num_timesteps: int, k, cost: str, has_model: bool, grid: in
 
 def find_stages(cfg: ExperimentConfig | str | Path, k: int, cost: str = "denoiser", model: torch.nn.Module | None = None,
                 grid: int | None = None, samples: int | None = None, seed: int = 0, balance: float | None = 0.5,
-                segment_cost: str = "center", metric: str = "mse") -> dict:
-    """Return k timestep stages of the experiment's training data: boundaries, the matrix and metadata."""
+                segment_cost: str = "center", metric: str = "mse", progress: bool = False) -> dict:
+    """Return k timestep stages of the experiment's training data: boundaries, the matrix and metadata
+    (`progress`: a bar over the grid's timesteps while the matrix is computed)."""
     cfg = cfg if isinstance(cfg, ExperimentConfig) else load_config(cfg)
     T = cfg.diffusion.timesteps
     grid, samples = check_stage_args(T, k, cost, model is not None, grid, samples, balance, segment_cost, metric)
@@ -333,9 +340,9 @@ def find_stages(cfg: ExperimentConfig | str | Path, k: int, cost: str = "denoise
     else:
         data = load_data(d)
         if cost == "denoiser":
-            matrix = denoiser_cost(data, timesteps, abar, samples=samples, seed=seed, metric=metric)
+            matrix = denoiser_cost(data, timesteps, abar, samples=samples, seed=seed, metric=metric, progress=progress)
         else:
-            matrix = gradient_cost(model, data, timesteps, abar, samples=samples, seed=seed)
+            matrix = gradient_cost(model, data, timesteps, abar, samples=samples, seed=seed, progress=progress)
     split = interval_cluster(matrix, k, balance=balance, segment_cost=segment_cost, timesteps=timesteps)
     starts = [0] + split["boundary_timesteps"]
     stops = [t - 1 for t in split["boundary_timesteps"]] + [T - 1]
