@@ -76,7 +76,7 @@ def quickstart(out: str | Path = "results/quickstart", *, max_loss: float | None
     schedule = load_schedule(path, supernet)
     # each subnet on the faster backend here, so full size runs its fastest path too
     plan = Runtime(supernet, device=device, backend="auto", batch_size=min(n_speed, 500)).plan_schedule(schedule)
-    _, seconds, full_seconds, paths = time_against_full(plan, n=n_speed, seed=0)
+    _, seconds, full_seconds, paths = time_against_full(plan, n=n_speed, seed=0, progress=progress)
     quality = exported["quality"]
     m = quality["metric"]  # the run's metric, fid unless the config chose another
     figures = {"schedule": str(path), "flops_share": exported["flops_share"], "metric": m,

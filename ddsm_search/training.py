@@ -293,7 +293,8 @@ def write_sample_grids(supernet, out: Path, device: str, seed: int = 0, progress
     paths = []
     for subnet in tqdm(grid_subnets(model.space), desc="sample grids", unit="subnet", disable=not progress):
         plan = runtime.plan([subnet] * cfg.sample.steps, sampler=cfg.sample.sampler, eta=cfg.sample.eta)
-        images = generate(plan, n=cfg.sample.grid_size, seed=seed, batch_size=cfg.sample.batch_size)
+        images = generate(plan, n=cfg.sample.grid_size, seed=seed, batch_size=cfg.sample.batch_size,
+                          progress=progress, desc=subnet.key)
         paths.append(save_grid(out / "samples" / f"{subnet.slug}.png", images))
     return paths
 

@@ -157,10 +157,16 @@ def test_tampered_or_mismatched_schedules_are_refused(run, tmp_path):
 
 
 def test_cli_report_export_and_sample(run, tmp_path, capsys):
-    assert main(["report", str(run)]) == 0
-    for name in ("front.png", "hypervolume.png", "schedule.png", "samples.png"):
+    assert main(["report", str(run), "--heldout", "20"]) == 0
+    for name in ("front.png", "hypervolume.png", "schedule.png", "samples.png", "heldout_front.png"):
         assert (run / "report" / name).stat().st_size > 1000, name
-    assert "on the front" in capsys.readouterr().out
+    said = capsys.readouterr()
+    assert "on the front" in said.out
+    for bar in ("schedule's grid", "full size's grid", "held-out front", "full size"):  # the slow parts show bars
+        assert bar in said.err, bar
+    assert main(["report", str(run), "--quiet"]) == 0
+    said = capsys.readouterr()
+    assert "on the front" in said.out and said.err == "", "--quiet: the front, no bars"
     out = tmp_path / "s.json"
     assert main(["export", str(run), "--budget", "80%", "--out", str(out), "--n", "40", "--quiet"]) == 0
     assert "held-out noise" in capsys.readouterr().out

@@ -292,6 +292,12 @@ def test_stages_command_prints_and_writes(config_file, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "2 stage(s) by logsnr cost" in printed and "boundaries at t =" in printed
     assert (out / STAGES_JSON).is_file() and (out / SIMILARITY_PNG).is_file()
+    again = tmp_path / "denoiser"
+    assert _run(["stages", str(config_file), "--k", "2", "--grid", "10", "--samples", "8", "--out", str(again)]) == 0
+    assert "optimal denoiser" in capsys.readouterr().err, "a bar over the grid while the matrix is computed"
+    assert _run(["stages", str(config_file), "--k", "2", "--grid", "10", "--samples", "8", "--out", str(again),
+                 "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize("extra, message", [

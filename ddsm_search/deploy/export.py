@@ -68,7 +68,7 @@ def export_schedule(run: str | Path, budget: float | str | None = None, out: str
     net = supernet_of_run(run, device, supernet)
     n = heldout_samples or max(4 * int(q["samples"]), 1000)
     confirmer = Confirmer(net, q, n=n, confidence=confidence, device=device, cache_dir=cache_dir,
-                          boundaries=[start for start, _ in info["segments"][1:]])
+                          boundaries=[start for start, _ in info["segments"][1:]], progress=progress)
     full_gflops = float((table["gflops"] / table["flops_share"]).iloc[0])
     limit = None if budget is None else budget_gflops(budget, full_gflops) * (1 + 1e-9)
 

@@ -33,9 +33,10 @@ class Confirmer:
     """Scores schedules of one search run on held-out noise beside full size, with loss intervals."""
 
     def __init__(self, supernet, search: dict, *, n: int, confidence: float = 0.95, device: str = "cpu",
-                 cache_dir=None, boundaries=()):
+                 cache_dir=None, boundaries=(), progress: bool = False):
         """`boundaries`: the run's segment starts, where the latents of shared schedule prefixes are kept
-        (a front's schedules share long prefixes: they are sampled once)."""
+        (a front's schedules share long prefixes: they are sampled once). `progress`: a bar while full
+        size's and each schedule's held-out images are sampled."""
         if not 0 < confidence < 1:
             raise DDSMError(f"--confidence must be between 0 and 1, got {confidence}")
         if n < 2:
@@ -43,7 +44,7 @@ class Confirmer:
         self.supernet, self.n, self.confidence = supernet, n, confidence
         self.metric = search["metric"]
         self.sampler, self.eta = search["sampler"], float(search["eta"])
-        self.batch_size, self.cache_dir = int(search["batch_size"]), cache_dir
+        self.batch_size, self.cache_dir, self.progress = int(search["batch_size"]), cache_dir, progress
         self.scorer = make_scorer(supernet, metric=self.metric, drift_space=search.get("drift_space", "auto"),
                                   device=device, cache_dir=cache_dir)
         # the search's backend choice is not part of its settings: "auto" picks the faster here
@@ -53,7 +54,7 @@ class Confirmer:
         self.steps = int(search["steps"])
         full = self.plan([supernet.model.full] * self.steps)
         self.full = FullReference(full_size_samples(full, n=n, seed_set=HELDOUT_SEEDS, batch_size=self.batch_size,
-                                                    cache=self.cache, cache_dir=cache_dir))
+                                                    cache=self.cache, cache_dir=cache_dir, progress=progress))
         self.full_result = self.result(full)
 
     def plan(self, steps, settings: dict | None = None):
@@ -63,7 +64,7 @@ class Confirmer:
     def result(self, plan) -> dict:
         """Return the full held-out evaluation of a plan (features and executed FLOPs included)."""
         return evaluate(plan, self.scorer, n=self.n, seed_set=HELDOUT_SEEDS, batch_size=self.batch_size,
-                        cache=self.cache, full=self.full, keep=True, cache_dir=self.cache_dir)
+                        cache=self.cache, full=self.full, keep=True, cache_dir=self.cache_dir, progress=self.progress)
 
     def loss(self, result: dict) -> dict:
         """Return the loss of an evaluated schedule against full size: value, low, high, method."""
