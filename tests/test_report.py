@@ -36,7 +36,7 @@ def run(tiny_supernet, tmp_path_factory):
 def test_dataframe_front_matches_an_independent_check(run):
     table = report.load_run(run)
     assert table["schedule"].is_unique and {"subnets", "uniform", "on_front"} <= set(table.columns)
-    subnets = table.apply(report.subnets_of, axis=1)
+    subnets = table.apply(report.row_subnets, axis=1)
     assert (subnets.map(schedule_key) == table["schedule"]).all(), "keys are canonical schedule keys"
     assert (table["subnets"] == table["schedule"]).all(), "a static run's steps are its subnets"
     assert subnets.map(len).eq(6).all()
@@ -68,13 +68,13 @@ def test_run_tables_have_plain_columns_and_round_trip_through_parquet(run, tmp_p
     pd.testing.assert_frame_equal(back, table)
     assert back.attrs == table.attrs == {"metric": "fid", "samples": 40, "cost": "dense"}
     row = table.iloc[0]
-    assert [s.subnet for s in ds.steps_of(row)] == ds.subnets_of(row) and len(ds.subnets_of(row)) == 6
+    assert [s.subnet for s in ds.row_steps(row)] == ds.row_subnets(row) and len(ds.row_subnets(row)) == 6
 
     per_step = ds.steps(table)
     assert list(per_step.columns) == ["schedule", "step", "width"] and len(per_step) == 6 * len(table)
     first = per_step[per_step["schedule"] == row["schedule"]]
     assert first["step"].tolist() == list(range(6))
-    assert first["width"].tolist() == [s.get("width") for s in ds.subnets_of(row)]
+    assert first["width"].tolist() == [s.get("width") for s in ds.row_subnets(row)]
     exits = ds.steps(pd.DataFrame({"schedule": ["width=1.0*2 | exit 0.8 off"]}))
     assert exits["exit"].iloc[0] == 0.8 and pd.isna(exits["exit"].iloc[1]), "a family's field, per step"
     per_step.to_parquet(tmp_path / "steps.parquet")

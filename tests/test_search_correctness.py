@@ -47,7 +47,7 @@ def test_widths_of_any_precision_train_sample_search_and_export(tmp_path, capsys
     assert meta["axes"] == {"width": widths} and set(meta["flops_per_image"]) == {f"width={w!r}" for w in widths}
     assert main(["search", str(config), "--supernet", str(net), "--out", str(run)] + env) == 0
     table = report.load_run(run)
-    widths_read = {s["width"] for _, row in table.iterrows() for s in report.subnets_of(row)}
+    widths_read = {s["width"] for _, row in table.iterrows() for s in report.row_subnets(row)}
     assert widths_read <= set(widths), "keys read back to the exact widths"
     assert any("width=0.6666666667" in key or "width=0.3333333333" in key for key in table["schedule"])
     assert main(["export", str(run), "--budget", "100%", "--out", str(tmp_path / "s.json"), "--n", "8"] + env) == 0
@@ -81,7 +81,7 @@ def test_one_step_schedule_keys_stay_text_through_resume_and_report(tiny_superne
                          cache_dir=str(tmp_path / "c"))
     assert set(resumed.rows) == keys, "a resumed run reads its keys back as text and repeats nothing"
     table = report.load_run(tmp_path / "run")
-    assert table["schedule"].map(type).eq(str).all() and table.apply(report.subnets_of, axis=1).map(len).eq(1).all()
+    assert table["schedule"].map(type).eq(str).all() and table.apply(report.row_subnets, axis=1).map(len).eq(1).all()
     assert report.pick(table, "100%")["schedule"] in keys
 
 
@@ -190,7 +190,7 @@ def test_search_choices_restrict_the_space_and_run_json_records_them(tiny_supern
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert info["axes"] == {"width": [1.0, 0.5]} and info["base"] == "width=1.0" and "widths" not in info
     table = report.load_run(tmp_path / "run")
-    assert len(files.rows) == 4 and {s["width"] for _, r in table.iterrows() for s in report.subnets_of(r)} == {1.0, 0.5}
+    assert len(files.rows) == 4 and {s["width"] for _, r in table.iterrows() for s in report.row_subnets(r)} == {1.0, 0.5}
     with pytest.raises(DDSMError, match=r"search.choices.width: \[0.3\] not among the supernet's width choices"):
         _search(tiny_supernet, tmp_path / "bad", tmp_path / "c", choices={"width": [1.0, 0.3]})
     with pytest.raises(DDSMError, match="search.axes: 'depth' is not an axis of the unet"):

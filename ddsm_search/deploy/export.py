@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..config import budget_gflops
 from ..errors import DDSMError
-from ..report.tables import load_run, pick, steps_of, subnets_of
+from ..report.tables import load_run, pick, row_steps, row_subnets
 from ..schedule import Schedule, save_schedule
 from ..search.results import run_info, supernet_of_run
 
@@ -76,7 +76,7 @@ def export_schedule(run: str | Path, budget: float | str | None = None, out: str
         return limit is None or record["gflops"] <= limit
 
     if max_loss is not None:
-        records = confirm_many(confirmer, [steps_of(r) for r in rows], progress=progress,
+        records = confirm_many(confirmer, [row_steps(r) for r in rows], progress=progress,
                                stop=lambda r: r["loss"]["high"] <= max_loss and fits(r))
         passed = [r for r in records if r["loss"]["high"] <= max_loss and fits(r)]
         if not passed:
@@ -86,7 +86,7 @@ def export_schedule(run: str | Path, budget: float | str | None = None, out: str
                             f"{closest['gflops']:.4f} GFLOPs, has a loss of at most {closest['loss']['high']:.4g})")
         chosen = passed[0]
     else:
-        records = confirm_many(confirmer, [steps_of(r) for r in rows], progress=progress)
+        records = confirm_many(confirmer, [row_steps(r) for r in rows], progress=progress)
         within = [r for r in records if fits(r)]
         if not within:
             raise DDSMError(f"every candidate within budget {budget} executed more FLOPs on {n} held-out images "
@@ -117,8 +117,8 @@ def export_schedule(run: str | Path, budget: float | str | None = None, out: str
     if chosen["executed"] is not None:
         figures["executed"] = {**chosen["executed"], "samples": n, "seed_set": chosen["seed_set"]}
     if net.sparse:  # both figures of a sparse supernet's schedule, side by side
-        figures["sparse_flops_per_image"] = net.with_cost("sparse").schedule_flops(subnets_of(row))
-    schedule = Schedule.from_steps(steps_of(row), sampler=q["sampler"], eta=float(q["eta"]), extra=figures)
+        figures["sparse_flops_per_image"] = net.with_cost("sparse").schedule_flops(row_subnets(row))
+    schedule = Schedule.from_steps(row_steps(row), sampler=q["sampler"], eta=float(q["eta"]), extra=figures)
     label = (str(budget).replace("%", "pct") if budget is not None else "") + \
         ("" if max_loss is None else f"{'_' if budget is not None else ''}maxloss{max_loss:g}")
     # the file's own flops_per_image stays dense, as every loader of a schedule recomputes it; gflops_per_image

@@ -8,7 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..evaluation.heldout import Confirmer, read_heldout, record_heldout
-from .tables import front, load_run, run_info, steps_of
+from .tables import front, load_run, row_steps, run_info
 
 
 def heldout_front(run: str | Path, n: int, *, device: str = "cpu", supernet: str | Path | None = None,
@@ -33,7 +33,7 @@ def heldout_front(run: str | Path, n: int, *, device: str = "cpu", supernet: str
         confirmer = Confirmer(supernet_of_run(run, device, supernet), info["search"], n=n, device=device,
                               cache_dir=cache_dir, boundaries=[start for start, _ in info["segments"][1:]],
                               progress=progress)
-        records = [confirmer.score(steps_of(row))
+        records = [confirmer.score(row_steps(row))
                    for row in tqdm(todo, desc="held-out front", unit="schedule", disable=not progress, leave=False)]
         record_heldout(run, records, "report")
         known = pd.concat([known, pd.DataFrame(records).set_index("schedule")[["fid", "kid", "drift"]]])

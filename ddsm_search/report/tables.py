@@ -3,8 +3,8 @@ best schedule for a FLOP budget.
 
 `load_run` returns a DataFrame of plain columns (text, numbers, booleans: `load_run(run).to_parquet(...)`
 works) whose `attrs` hold the run's metric and sample count, so `front`, `hypervolume` and `pick` use
-the run's own metric unless told otherwise. A row's schedule key is text: `steps_of(row)` and
-`subnets_of(row)` parse it into what each step runs; `steps(table)` spreads the schedules into one row
+the run's own metric unless told otherwise. A row's schedule key is text: `row_steps(row)` and
+`row_subnets(row)` parse it into what each step runs; `steps(table)` spreads the schedules into one row
 per step, every axis and field a column. Generations are numbered from 1.
 """
 
@@ -40,14 +40,14 @@ def uniform_label(steps: list, full: Subnet, step_axes=()):
     return ",".join(parts) if parts else "full"
 
 
-def steps_of(row) -> list[Step]:
+def row_steps(row) -> list[Step]:
     """Return what each step of a run table's row runs (space.steps.Step), parsed from its `schedule` key."""
     return list(parse_plan_key(row["schedule"]))
 
 
-def subnets_of(row) -> list[Subnet]:
+def row_subnets(row) -> list[Subnet]:
     """Return the subnet of each step of a run table's row, parsed from its `schedule` key."""
-    return [s.subnet for s in steps_of(row)]
+    return [s.subnet for s in row_steps(row)]
 
 
 def _genes(genomes: pd.Series, path: Path) -> pd.DataFrame:
@@ -64,7 +64,7 @@ def _genes(genomes: pd.Series, path: Path) -> pd.DataFrame:
 
 def load_run(run: str | Path) -> pd.DataFrame:
     """Return one row per evaluated schedule, in plain columns: `schedule` (its key: what each step runs;
-    `steps_of(row)` parses it; a schedule with dynamic steps has its `gflops` executed, `gflops_sd` their
+    `row_steps(row)` parses it; a schedule with dynamic steps has its `gflops` executed, `gflops_sd` their
     spread over images), `gene_0`, `gene_1`, ... (its genome, whole numbers), `generation` (from 1),
     `subnets` (the key of its subnets alone, without the fields of method families), `uniform` (for a
     schedule that runs one step throughout, what it changes from full size: see `uniform_label`; else

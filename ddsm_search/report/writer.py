@@ -9,7 +9,7 @@ import pandas as pd
 from ..config import parse_budget
 from ..errors import DDSMError
 from .plots import plot_front, plot_grids, plot_heldout_front, plot_hypervolume, plot_schedule
-from .tables import front, generations, load_run, pick, run_info, steps_of
+from .tables import front, generations, load_run, pick, row_steps, run_info
 
 FRONT_COLUMNS = ["gflops", "gflops_sd", "flops_share", "fid", "kid", "drift", "samples", "generation", "schedule"]
 
@@ -72,7 +72,7 @@ def write_report(run: str | Path, *, budget: str | None = "50%", device: str = "
     if chosen is not None:
         q = info["search"]
         runtime = Runtime(net, device=device)
-        plan = runtime.plan(steps_of(chosen), sampler=q["sampler"], eta=float(q["eta"]))
+        plan = runtime.plan(row_steps(chosen), sampler=q["sampler"], eta=float(q["eta"]))
         title = f"best within {budget}: {chosen['gflops']:.3f} GFLOPs ({chosen['flops_share']:.0%}), {metric.upper()} {chosen[metric]:.3f}"
         record = ExecutedRecord()  # what dynamic steps executed, on the same images as the grid
         images = generate(plan, n=n_grid, seed=0, record=record, progress=bars, desc="schedule's grid")
