@@ -14,7 +14,8 @@ __version__ = "0.1.0"
 
 _API = {
     "load_run": "report.tables", "front": "report.tables", "hypervolume": "report.tables", "pick": "report.tables",
-    "generations": "report.tables", "run_info": "report.tables", "budget_gflops": "config",
+    "generations": "report.tables", "run_info": "report.tables", "steps": "report.tables",
+    "row_steps": "report.tables", "row_subnets": "report.tables", "budget_gflops": "config",
     "plot_front": "report.plots", "plot_schedule": "report.plots", "plot_hypervolume": "report.plots",
     "plot_grids": "report.plots",
     "export_schedule": "deploy.export", "load_schedule": "schedule", "save_schedule": "schedule", "Schedule": "schedule",

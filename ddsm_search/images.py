@@ -1,4 +1,7 @@
-"""Images in and out: [-1, 1] tensors to uint8, sample grids as PNG, image arrays as .npz."""
+"""Images in and out: [-1, 1] tensors to uint8, sample grids as PNG, image arrays as .npz, figures as PNG.
+
+Figures are `matplotlib.figure.Figure`s made without pyplot: drawing them never touches the user's
+matplotlib backend or pyplot's figure list."""
 
 from __future__ import annotations
 
@@ -56,3 +59,15 @@ def save_images(path: str | Path, images: torch.Tensor, **extra) -> Path:
             np.savez(fh, **arrays)
 
     return write_atomic(path, write)
+
+
+def new_figure(width: float, height: float):
+    """Return a matplotlib Figure of that size in inches, drawn without pyplot (the backend is left alone)."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height))
+
+
+def save_figure(fig, path: str | Path) -> Path:
+    """Write a Figure as a PNG at `path` atomically; return the path."""
+    return write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))

@@ -16,24 +16,37 @@ from .errors import DDSMError
 CACHE_ENV = "DDSM_SEARCH_CACHE"
 
 
+def cannot_write(path: str | os.PathLike, exc: OSError) -> DDSMError:
+    """Return the one-line error of an OS error while writing `path` (permission denied, a full disk, a
+    folder that cannot be made, such as one under /proc)."""
+    return DDSMError(f"cannot write {path}: {exc.strerror or exc}")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+
+    An OSError on the way (making the folder or the temporary file, writing, syncing, renaming) is
+    raised as a DDSMError naming `path`; the temporary file is removed, so nothing that looks whole is left.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result should read like any other file
-    tmp_path = Path(tmp)
+    tmp_path = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result should read like any other file
         yield tmp_path
         with open(tmp_path, "rb+") as fh:  # flush to disk so a crash after rename leaves whole data
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
+    except OSError as exc:
+        raise cannot_write(path, exc) from None
     finally:
-        if tmp_path.exists():
+        if tmp_path is not None and tmp_path.exists():
             tmp_path.unlink()
 
 

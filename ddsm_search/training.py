@@ -15,15 +15,17 @@ addons(image_shape) -> the checkpoint.AddonFile list to keep beside the supernet
 
 from __future__ import annotations
 
-import copy
 import csv
 import io
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.optim.lr_scheduler import LambdaLR
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm.auto import tqdm
 
 from .backbones.base import SlimModel
@@ -55,9 +57,14 @@ def sandwich_subnets(space: SubnetSpace, n_random: int, generator: torch.Generat
     return chosen
 
 
+def warmup_factor(cfg: ExperimentConfig, step: int) -> float:
+    """Return the learning rate's factor at `step` (LambdaLR's lambda): linear warm-up, then 1."""
+    return min(1.0, (step + 1) / max(1, cfg.train.warmup_steps))
+
+
 def learning_rate(cfg: ExperimentConfig, step: int) -> float:
-    """Return the learning rate at `step`: linear warm-up, then constant."""
-    return cfg.train.lr * min(1.0, (step + 1) / max(1, cfg.train.warmup_steps))
+    """Return the learning rate at `step`: linear warm-up, then constant (what the LambdaLR sets)."""
+    return cfg.train.lr * warmup_factor(cfg, step)
 
 
 def ema_decay(cfg: ExperimentConfig, step: int) -> float:
@@ -89,8 +96,16 @@ class TrainingRun:
         self.cfg, self.data, self.device = cfg, data, device
         torch.manual_seed(cfg.train.seed)  # initial weights
         self.model = build_supernet(cfg.model, data.shape).to(device)
-        self.ema = copy.deepcopy(self.model).requires_grad_(False)
+        # torch's AveragedModel keeps the EMA (a copy of the model; parameters averaged, buffers copied, as
+        # the model's are constant). The first update is a decay step like the others (n_averaged starts
+        # at 1, not 0, which would copy the model), and each update's decay is ramped (`ema_decay`): the
+        # averaging function is get_ema_multi_avg_fn of that step's decay, so the floats are those of the
+        # foreach lerp this replaced (tests/test_train.py holds the weights bit-identical).
+        self.averaged = AveragedModel(self.model, use_buffers=False)
+        self.averaged.n_averaged.fill_(1)
+        self.ema = self.averaged.module.requires_grad_(False)
         self.opt = torch.optim.AdamW(self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.lr_schedule = LambdaLR(self.opt, lambda step: warmup_factor(cfg, step))
         self.generator = torch.Generator().manual_seed(cfg.train.seed)
         self.schedule = NoiseSchedule(cfg.diffusion)
         self.step = 0
@@ -130,6 +145,8 @@ class TrainingRun:
         if self.device == "cuda" and "rng.cuda" in tensors:
             torch.cuda.set_rng_state(tensors["rng.cuda"])
         self.step = int(meta["step"])
+        # the warm-up where the run stopped (the scheduler is not saved: the step says where it stands)
+        self.lr_schedule = LambdaLR(self.opt, lambda step: warmup_factor(self.cfg, step), last_epoch=self.step - 1)
         self.log = [row for row in _read_log(out_dir / LOG_FILE) if row["step"] <= self.step]
         for hook in self.hooks:
             hook.restore(out_dir, meta, self.model, tensors)
@@ -196,12 +213,12 @@ class TrainingRun:
             for hook in self.hooks:
                 hook.before_optimizer(self.model)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
-            for group in self.opt.param_groups:
-                group["lr"] = learning_rate(self.cfg, self.step)
             self.opt.step()
-        with torch.no_grad():
-            decay = ema_decay(self.cfg, self.step)
-            torch._foreach_lerp_(list(self.ema.parameters()), list(self.model.parameters()), 1 - decay)
+        with warnings.catch_warnings():  # the warm-up counts training steps, mask updates too (no optimizer step)
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+            self.lr_schedule.step()
+        self.averaged.multi_avg_fn = get_ema_multi_avg_fn(ema_decay(self.cfg, self.step))
+        self.averaged.update_parameters(self.model)
         for hook in self.hooks:  # the EMA weights too: the masked ones exactly zero in both
             hook.after_step(self.model, self.ema)
         self.step += 1
@@ -293,7 +310,8 @@ def write_sample_grids(supernet, out: Path, device: str, seed: int = 0, progress
     paths = []
     for subnet in tqdm(grid_subnets(model.space), desc="sample grids", unit="subnet", disable=not progress):
         plan = runtime.plan([subnet] * cfg.sample.steps)  # the config's sampler
-        images = generate(plan, n=cfg.sample.grid_size, seed=seed, batch_size=cfg.sample.batch_size)
+        images = generate(plan, n=cfg.sample.grid_size, seed=seed, batch_size=cfg.sample.batch_size,
+                          progress=progress, desc=subnet.key)
         paths.append(save_grid(out / "samples" / f"{subnet.slug}.png", images))
     return paths
 
@@ -303,7 +321,7 @@ def train(cfg: ExperimentConfig, out_dir: str | Path, *, steps: int | None = Non
     """Train the supernet (or resume it) up to `steps` total steps; return the checkpoint directory."""
     if steps is not None:
         if steps < 1:
-            raise DDSMError(f"--steps must be at least 1, got {steps}")
+            raise DDSMError(f"--train-steps must be at least 1, got {steps}")
         cfg = replace(cfg, train=replace(cfg.train, steps=steps))
     from .config import validate
 

@@ -30,8 +30,8 @@ from ddsm_search.backends.choice import cpu_name
 from ddsm_search.checkpoint import load_supernet
 from ddsm_search.evaluation.heldout import Confirmer
 from ddsm_search.metrics.stats import fid_gap_interval
-from ddsm_search.report.plots import _figure, _save
-from ddsm_search.report.tables import load_run
+from ddsm_search.images import new_figure, save_figure
+from ddsm_search.report.tables import load_run, row_steps
 from ddsm_search.sampling import Runtime, time_against_full
 from ddsm_search.space.steps import ExecutedRecord, steps_of
 
@@ -68,8 +68,8 @@ def main() -> None:
         if run:
             table = load_run(run)
             for _, row in table[table["on_front"]].sort_values("gflops").iterrows():
-                if len(row["steps"]) == args.steps:
-                    plans.append((policy, row["schedule"], list(row["steps"])))
+                if len(row_steps(row)) == args.steps:
+                    plans.append((policy, row["schedule"], row_steps(row)))
     rows, features = [], {}
     for policy, setting, steps in plans:
         plan = confirmer.plan(steps)
@@ -114,8 +114,8 @@ def main() -> None:
               f"{best['flops_share']:.0%} (FID {best['fid']:.3f}): {gap['estimate']:+.3f} "
               f"[{gap['low']:+.3f}, {gap['high']:+.3f}]: {word}")
 
-    plt = _figure()
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fig = new_figure(6.4, 4.4)
+    ax = fig.subplots()
     styles = {"dynamic exit": "-o", "uniform depth": "s", "searched static front": "-^", "searched dynamic front": "-v"}
     for policy, group in table.groupby("policy", sort=False):
         group = group.sort_values("flops_share")
@@ -125,7 +125,7 @@ def main() -> None:
     ax.set_ylabel(f"FID (held-out, n={args.n})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    _save(fig, out.with_suffix(".png"))
+    save_figure(fig, out.with_suffix(".png"))
     print(f"wrote {out.with_suffix('.csv')} and {out.with_suffix('.png')}")
 
 

@@ -37,8 +37,8 @@ from ddsm_search.config import load_config
 from ddsm_search.data import load_data
 from ddsm_search.evaluation.heldout import Confirmer
 from ddsm_search.metrics.stats import fid_gap_interval
-from ddsm_search.report.plots import _figure, _save
-from ddsm_search.report.tables import front, load_run
+from ddsm_search.images import new_figure, save_figure
+from ddsm_search.report.tables import front, load_run, row_subnets
 from ddsm_search.search.runner import run_search
 from ddsm_search.training import TrainingRun, train
 
@@ -131,7 +131,7 @@ def main() -> None:
         confirmer = Confirmer(supernet, {**json.loads((run / "run.json").read_text())["search"], "backend": "torch"},
                               n=args.heldout)
         for _, row in front(table).sort_values("gflops").iterrows():
-            r = confirmer.score(list(row["subnets"]))
+            r = confirmer.score(row_subnets(row))
             held.append({"model": name, "schedule": row["schedule"], "gflops": row["gflops"],
                          "search FID": row["fid"], "held-out FID": r["fid"]})
         print(f"  {name}: searched ({len(table)} evaluations), front of {len(front(table))} re-scored "
@@ -153,8 +153,8 @@ def main() -> None:
           f"({reference[0]:.4g}, {reference[1]:.4g}): "
           + ", ".join(f"{n} {v:.4g} ({searched[n]} evaluations)" for n, v in hv.items()), flush=True)
 
-    plt = _figure()
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig = new_figure(11, 4.2)
+    a, b = fig.subplots(1, 2)
     for name, group in training.groupby("model", sort=False):
         a.plot(group["training TFLOPs"], group["held-out FID"], "-o", label=name)
     a.set_xlabel("training TFLOPs (forward + backward)")
@@ -168,7 +168,7 @@ def main() -> None:
     for ax in (a, b):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    _save(fig, out / "bench_multistage.png")
+    save_figure(fig, out / "bench_multistage.png")
     (out / "bench_multistage.json").write_text(json.dumps(
         {"date": str(datetime.date.today()), "machine": f"{platform.machine()} {cpu_name()}",
          "training_flops_per_step": per_step, "training_steps": total, "verdict": verdict,

@@ -84,7 +84,7 @@ def main() -> None:
 def compare_axes(cfg, args, base: dict, root: Path, axes: tuple[str, ...]) -> None:
     """Search every axis together and each alone at the same asks; print hypervolume and held-out quality."""
     from ddsm_search.evaluation.heldout import Confirmer
-    from ddsm_search.report.tables import load_run, pick, run_info
+    from ddsm_search.report.tables import load_run, pick, row_subnets, run_info
 
     metric = cfg.search.metric
     plans = {" x ".join(axes): list(axes), **{f"{a} only": [a] for a in axes}}
@@ -111,7 +111,7 @@ def compare_axes(cfg, args, base: dict, root: Path, axes: tuple[str, ...]) -> No
             row[f"pick within {args.at}"] = f"none: {exc}"
             rows.append(row)
             continue
-        held = confirmer.confirm(list(chosen["subnets"]))
+        held = confirmer.confirm(row_subnets(chosen))
         row.update({f"pick within {args.at}": chosen["schedule"], "its flops share": f"{chosen['flops_share']:.0%}",
                     f"search {metric.upper()}": round(float(chosen[metric]), 3),
                     f"held-out {metric.upper()}": round(float(held[metric]), 3),

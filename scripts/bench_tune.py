@@ -63,7 +63,7 @@ def main() -> None:
     if supernet is None:
         (out / "tiny.yaml").write_text(yaml.safe_dump(data))
         supernet = str(out / "net")
-        assert cli(["train", str(out / "tiny.yaml"), "--out", supernet, "--steps", "3", "--quiet"]) == 0
+        assert cli(["train", str(out / "tiny.yaml"), "--out", supernet, "--train-steps", "3", "--quiet"]) == 0
     cfg = config_from_dict(data)
 
     import ray

@@ -66,5 +66,5 @@ def tiny_supernet(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny-supernet")
     config = root / "tiny.yaml"
     config.write_text(yaml.safe_dump(tiny_dict()))
-    assert main(["train", str(config), "--out", str(root / "net"), "--steps", "3", "--quiet", "--device", "cpu"]) == 0
+    assert main(["train", str(config), "--out", str(root / "net"), "--train-steps", "3", "--quiet", "--device", "cpu"]) == 0
     return root / "net"

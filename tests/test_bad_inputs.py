@@ -7,8 +7,10 @@ changed) in that folder apart from the inputs the case wrote itself.
 
 from __future__ import annotations
 
+import errno
 import json
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -78,9 +80,51 @@ def _sample(n, t, *flags):
     return ["sample", str(n), *flags, "--out", str(t / "g.png")]
 
 
-# each case: (id, build(tmp, supernet, run) -> argv, the text the error line must contain); `run()` returns a
-# finished search run, made on first use
+def _full_disk(monkeypatch, tmp: Path) -> None:
+    """Writing any image fails as on a full disk."""
+    from PIL import Image
+
+    def save(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Image.Image, "save", save)
+
+
+def _read_only(monkeypatch, tmp: Path) -> None:
+    """The case's folder refuses new files (as a folder without write permission, which root ignores)."""
+    real = tempfile.mkstemp
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir).resolve() == tmp.resolve():
+            raise PermissionError(errno.EACCES, "Permission denied", str(dir))
+        return real(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+
+
+def _unreadable_weights(monkeypatch, tmp: Path) -> None:
+    """Reading the supernet's weights fails with an I/O error (a bad disk), outside ddsm-search's readers."""
+    from ddsm_search import checkpoint
+
+    def load_file(path, device="cpu"):
+        raise OSError(errno.EIO, "Input/output error", path)
+
+    monkeypatch.setattr(checkpoint, "load_file", load_file)
+
+
+# each case: (id, build(tmp, supernet, run) -> argv, the text the error line must contain[, patch(monkeypatch,
+# tmp) applied before the command runs]); `run()` returns a finished search run, made on first use
 CASES = [
+    ("sample --out under /proc", lambda t, n, r: _sample(n, t, "--width", "1")[:-1] + ["/proc/ddsm-search/g.png"],
+     "cannot write /proc/ddsm-search/g.png: No such file or directory"),
+    ("sample: a full disk", lambda t, n, r: _sample(n, t, "--width", "1", "--n", "4"),
+     "g.png: No space left on device", _full_disk),
+    ("sample: permission denied", lambda t, n, r: _sample(n, t, "--width", "1", "--n", "4"),
+     "g.png: Permission denied", _read_only),
+    ("sample: an I/O error reading the weights", lambda t, n, r: _sample(n, t, "--width", "1"),
+     "supernet.safetensors: Input/output error", _unreadable_weights),
+    ("search --out under /proc", lambda t, n, r: ["search", _config(t, search=SEARCH), "--supernet", str(n),
+                                                  "--out", "/proc/ddsm-search/run"], "/proc/ddsm-search/run"),
     ("group_size 0", lambda t, n, r: ["train", _config(t, model={"group_size": 0}), "--out", str(t / "o")],
      "model.group_size"),
     ("head_dim 0", lambda t, n, r: ["train", _config(t, model={"head_dim": 0}), "--out", str(t / "o")],
@@ -359,13 +403,15 @@ def finished_run(tiny_supernet, tmp_path_factory):
 
 @pytest.mark.parametrize("case", CASES, ids=[c[0] for c in CASES])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tiny_supernet, request, tmp_path, capsys, monkeypatch):
-    name, build, match = case
+    name, build, match, *patch = case
     if name.endswith("without CUDA") and torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
     monkeypatch.setenv("DDSM_SEARCH_CACHE", str(tmp_path.parent / f"{tmp_path.name}-cache"))
     monkeypatch.chdir(tmp_path)
     argv = build(tmp_path, tiny_supernet, lambda: request.getfixturevalue("finished_run"))
     before = _snapshot(tmp_path)
+    for apply in patch:
+        apply(monkeypatch, tmp_path)
     assert main(argv + (["--quiet"] if argv[0] in ("train", "search", "sample", "evaluate") else [])) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("ddsm-search: error:"), err

@@ -115,7 +115,7 @@ def test_bad_sample_inputs(supernet_dir, tmp_path, capsys):
         schedule.write_text(json.dumps({**steps([1.0, 0.5]), "sampler": {"steps": 3}}))
         _fails(capsys, base + ["--schedule", str(schedule)], "2 subnets but its sampler runs 3 steps")
         schedule.write_text(json.dumps(steps([1.0, 0.5])))
-        _fails(capsys, base + ["--schedule", str(schedule), "--steps", "50"], "2 subnets but --steps asks for 50")
+        _fails(capsys, base + ["--schedule", str(schedule), "--sample-steps", "50"], "2 subnets but --sample-steps asks for 50")
         schedule.write_text(json.dumps({**steps([1.0]), "supernet": {"sha256": "0" * 64}}))
         _fails(capsys, base + ["--schedule", str(schedule)], "made for another supernet")
     schedule.write_text(json.dumps({"subnets": [{"width": 1.0}, {"depth": 2}]}))
@@ -123,6 +123,40 @@ def test_bad_sample_inputs(supernet_dir, tmp_path, capsys):
     schedule.write_text("{not json")
     _fails(capsys, base + ["--schedule", str(schedule)], "not valid JSON")
     assert not out.exists(), "nothing may be written when the input is bad"
+
+
+def test_one_spelling_per_meaning_and_the_old_steps_still_work(supernet_dir, tmp_path, capsys):
+    """--train-steps trains, --sample-steps samples; the old --steps works with a one-line note; argparse's
+    errors name the program once; --version."""
+    new, old = tmp_path / "new.npz", tmp_path / "old.npz"
+    base = ["sample", str(supernet_dir), "--width", "1", "--n", "2", "--quiet"]
+    assert main(base + ["--sample-steps", "3", "--out", str(new)]) == 0 and capsys.readouterr().err == ""
+    assert main(base + ["--steps", "3", "--out", str(old)]) == 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["ddsm-search: note: --steps is deprecated here; use --sample-steps"]
+    assert np.array_equal(_images(new)[0], _images(old)[0]) and len(_images(new)[1]) == 3
+    assert main(["train", "digits", "--train-steps", "0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "ddsm-search: error: train: argument --train-steps: must be at least 1, got 0", err
+    assert main(["finetune-exit", str(supernet_dir), "--seed", "1", "--train-steps", "1", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()  # the note, then the error of a U-Net given to finetune-exit
+    assert err[0] == "ddsm-search: note: --seed is deprecated here; use --train-seed" and "DiT" in err[-1]
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.strip() == "ddsm-search 0.1.0"
+
+
+@pytest.mark.parametrize("command", ["sample", "evaluate", "train", "finetune-exit", "finetune", "search", "report",
+                                     "export", "quickstart", "stages", "import-diffusers", "export-onnx"])
+def test_every_command_shares_the_options_it_needs(command):
+    from ddsm_search.cli.main import build_parser
+
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices[command]
+    options = {s for a in sub._actions for s in a.option_strings if a.help != "==SUPPRESS=="}
+    assert {"--device", "--quiet"} <= options, "a network runs and a bar shows in every one of these"
+    assert "--steps" not in options, "training steps are --train-steps, sampling steps --sample-steps"
+    seed = next((a for a in sub._actions if "--seed" in a.option_strings and a.help != "==SUPPRESS=="), None)
+    assert seed is None or seed.help == "seed of the initial noise (default 0)"
 
 
 def test_module_entry_point_and_help():

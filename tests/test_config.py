@@ -19,6 +19,28 @@ def test_shipped_configs_load(name):
     assert max(cfg.model.widths) == 1.0
 
 
+def test_shipped_configs_are_found_by_name_from_any_folder(tmp_path, monkeypatch, capsys):
+    from ddsm_search.cli.main import main
+    from ddsm_search.config import config_path, shipped_configs
+
+    monkeypatch.chdir(tmp_path)  # not a checkout: names and search_spaces/NAME.yaml still resolve
+    shipped = shipped_configs()
+    assert set(shipped) == {p.stem for p in (ROOT / "search_spaces").glob("*.yaml")}
+    for given in ("digits", "digits.yaml", "search_spaces/digits.yaml"):
+        assert config_path(given) == ROOT / "search_spaces" / "digits.yaml"
+    assert load_config("digits-dit") == load_config(ROOT / "search_spaces" / "digits-dit.yaml")
+    (tmp_path / "digits").write_text("name: mine\n")  # a file by that name wins over the shipped config
+    assert config_path("digits") == Path("digits")
+    with pytest.raises(DDSMError, match="config file not found: digitz .*shipped: cifar10, cifar10-dit, digits"):
+        load_config("digitz")
+    assert main(["configs"]) == 0
+    listed = capsys.readouterr().out
+    assert all(f"\n{name} " in "\n" + listed for name in shipped), listed
+    assert main(["configs", "show", "digits-sparse"]) == 0
+    assert capsys.readouterr().out == (ROOT / "search_spaces" / "digits-sparse.yaml").read_text()
+    assert main(["configs", "show", "nope"]) == 2 and "no shipped config named 'nope'" in capsys.readouterr().err
+
+
 def test_cifar10_is_ddsm_setup():
     m = load_config(ROOT / "search_spaces" / "cifar10.yaml").model
     assert (m.base_channels, m.channel_mults, m.num_res_blocks, m.attention_resolutions) == (128, (1, 2, 2, 2), 2, (16,))

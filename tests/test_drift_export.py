@@ -159,7 +159,7 @@ def test_offline_rgb_folder_search_with_drift_and_export(tmp_path, monkeypatch, 
         data={"kind": "folder", "path": str(folder), "image_size": 8, "channels": 3},
         search={**SEARCH, "metric": "drift", "samples": 16, "batch_size": 16, "generations": 1, "population": 4})))
     net, run = tmp_path / "net", tmp_path / "run"
-    assert main(["train", str(config), "--out", str(net), "--steps", "2", "--quiet"]) == 0
+    assert main(["train", str(config), "--out", str(net), "--train-steps", "2", "--quiet"]) == 0
     assert main(["search", str(config), "--supernet", str(net), "--out", str(run), "--quiet"]) == 0
     table = report.load_run(run)
     assert table["fid"].isna().all(), "no Inception weights here: FID is not measured"

@@ -181,7 +181,7 @@ def test_cli_evaluate_bad_inputs(supernet_dir, tmp_path, capsys, monkeypatch):
     _fails(capsys, base + ["--width", "1", "--extractor", "inception"], "Inception weights not found")
     schedule = tmp_path / "s.json"
     schedule.write_text(json.dumps({"widths": [1.0, 0.5]}))
-    _fails(capsys, base + ["--schedule", str(schedule), "--steps", "5"], "2 subnets but --steps asks for 5")
+    _fails(capsys, base + ["--schedule", str(schedule), "--sample-steps", "5"], "2 subnets but --sample-steps asks for 5")
     schedule.write_text(json.dumps({"subnets": [{"width": 1.0}, {"width": 0.5}]}))
-    _fails(capsys, base + ["--schedule", str(schedule), "--steps", "5"], "2 subnets but --steps asks for 5")
+    _fails(capsys, base + ["--schedule", str(schedule), "--sample-steps", "5"], "2 subnets but --sample-steps asks for 5")
     assert not out.exists() and not list(tmp_path.glob(".r.json*")), "nothing may be written when the input is bad"

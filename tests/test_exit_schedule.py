@@ -39,9 +39,9 @@ def dit(tmp_path_factory):
     data = tiny_dict(search=SEARCH)
     data["model"] = TINY_DIT
     (root / "dit.yaml").write_text(yaml.safe_dump(data))
-    assert main(["train", str(root / "dit.yaml"), "--out", str(root / "net"), "--steps", "3", "--quiet",
+    assert main(["train", str(root / "dit.yaml"), "--out", str(root / "net"), "--train-steps", "3", "--quiet",
                  "--device", "cpu"]) == 0
-    assert main(["finetune-exit", str(root / "net"), "--steps", "3", "--batch-size", "8", "--quiet"]) == 0
+    assert main(["finetune-exit", str(root / "net"), "--train-steps", "3", "--batch-size", "8", "--quiet"]) == 0
     return root / "net", root / "dit.yaml"
 
 
@@ -189,16 +189,16 @@ def test_search_export_report_and_sample_run_the_exit_policy(dit, tmp_path, caps
     net, config = dit
     run = tmp_path / "run"
     assert main(["search", str(config), "--supernet", str(net), "--out", str(run), "--quiet"]) == 0
-    from ddsm_search.report.tables import load_run
+    from ddsm_search.report.tables import load_run, row_steps, row_subnets
 
     table = load_run(run)
-    exits = table["steps"].map(lambda steps: any(s.get("exit") is not None for s in steps))
+    exits = table.apply(lambda row: any(s.get("exit") is not None for s in row_steps(row)), axis=1)
     dynamic = table[exits]
     assert len(dynamic) >= 2 and (~exits).any()
     supernet = load_supernet(net)
     for _, row in dynamic.iterrows():
-        static = supernet.schedule_flops(row["subnets"]) / 1e9
-        assert all(s.subnet["depth"] > 2 for s in row["steps"] if s.get("exit") is not None)
+        static = supernet.schedule_flops(row_subnets(row)) / 1e9
+        assert all(s.subnet["depth"] > 2 for s in row_steps(row) if s.get("exit") is not None)
         assert row["gflops"] != pytest.approx(static), "a dynamic schedule's FLOPs are those executed"
         assert row["gflops_sd"] >= 0 and " | exit " in row["schedule"]
     sweep = dynamic[dynamic["uniform"].isin(["exit=0.0", "exit=0.9"])]
@@ -221,7 +221,7 @@ def test_search_export_report_and_sample_run_the_exit_policy(dit, tmp_path, caps
                  str(tmp_path / "x.npz"), "--quiet"]) == 0
     assert " | exit " in capsys.readouterr().out, "the plan's key names its exit policy"
     cheapest = load_run(run).sort_values("gflops").iloc[0]
-    assert any(s.get("exit") is not None for s in cheapest["steps"])
+    assert any(s.get("exit") is not None for s in row_steps(cheapest))
     assert schedule["gflops_per_image"] <= cheapest["gflops"] * 1.5
     share = f"{100 * cheapest['flops_share'] + 1e-6:.6f}%"
     assert main(["report", str(run), "--budget", share]) == 0

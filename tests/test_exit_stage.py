@@ -21,19 +21,19 @@ def dit_supernet(tmp_path_factory):
     data = tiny_dict()
     data["model"] = TINY_DIT
     (root / "dit.yaml").write_text(yaml.safe_dump(data))
-    assert main(["train", str(root / "dit.yaml"), "--out", str(root / "net"), "--steps", "3", "--quiet",
+    assert main(["train", str(root / "dit.yaml"), "--out", str(root / "net"), "--train-steps", "3", "--quiet",
                  "--device", "cpu"]) == 0
     return root / "net"
 
 
 def test_finetune_then_sample_with_dynamic_exit(dit_supernet, tmp_path, capsys):
     meta_before = (dit_supernet / "meta.json").read_bytes()
-    assert main(["finetune-exit", str(dit_supernet), "--steps", "5", "--batch-size", "8", "--quiet",
+    assert main(["finetune-exit", str(dit_supernet), "--train-steps", "5", "--batch-size", "8", "--quiet",
                  "--device", "cpu"]) == 0
     info = json.loads((dit_supernet / "exit_heads.json").read_text())
     assert info["steps"] == 5 and set(info["last_losses"]) == {"final", "certainty", "layerwise", "total"}
     assert (dit_supernet / "meta.json").read_bytes() == meta_before, "the supernet itself is not changed"
-    common = ["sample", str(dit_supernet), "--subnet", "width=0.5", "--n", "6", "--steps", "4", "--quiet",
+    common = ["sample", str(dit_supernet), "--subnet", "width=0.5", "--n", "6", "--sample-steps", "4", "--quiet",
               "--device", "cpu"]
     assert main(common + ["--out", str(tmp_path / "plain.npz")]) == 0
     assert main(common + ["--out", str(tmp_path / "never.npz"), "--exit-threshold", "2"]) == 0
@@ -53,8 +53,8 @@ def test_exit_refusals(dit_supernet, tiny_supernet, tmp_path, capsys):
     cases = [
         (["sample", str(tiny_supernet), "--width", "1.0", "--exit-threshold", "0.9"], "needs a DiT supernet"),
         (["sample", str(dit_supernet), "--width", "1.0", "--exit-threshold", "nan"], "must be a finite number"),
-        (["finetune-exit", str(tiny_supernet), "--steps", "1"], "needs a DiT supernet"),
-        (["finetune-exit", str(dit_supernet), "--steps", "1", "--lr", "-1"], "--lr positive"),
+        (["finetune-exit", str(tiny_supernet), "--train-steps", "1"], "needs a DiT supernet"),
+        (["finetune-exit", str(dit_supernet), "--train-steps", "1", "--lr", "-1"], "--lr positive"),
     ]
     for argv, message in cases:
         assert main(argv + (["--out", str(out), "--quiet"] if argv[0] == "sample" else ["--quiet"])) == 2
@@ -63,7 +63,7 @@ def test_exit_refusals(dit_supernet, tiny_supernet, tmp_path, capsys):
         assert not out.exists()
     heads = dit_supernet / "exit_heads.safetensors"
     if not heads.exists():
-        assert main(["finetune-exit", str(dit_supernet), "--steps", "1", "--quiet"]) == 0
+        assert main(["finetune-exit", str(dit_supernet), "--train-steps", "1", "--quiet"]) == 0
     heads.write_bytes(heads.read_bytes()[:-1] + b"x")
     assert main(["sample", str(dit_supernet), "--width", "1.0", "--exit-threshold", "0.5", "--out", str(out),
                  "--quiet"]) == 2

@@ -42,7 +42,7 @@ def fused_supernet(tmp_path_factory):
     root = tmp_path_factory.mktemp("fused-supernet")
     config = root / "fused.yaml"
     config.write_text(yaml.safe_dump(tiny_dict(**FUSED)))
-    assert main(["train", str(config), "--out", str(root / "net"), "--steps", "3", "--quiet", "--device", "cpu"]) == 0
+    assert main(["train", str(config), "--out", str(root / "net"), "--train-steps", "3", "--quiet", "--device", "cpu"]) == 0
     return root / "net"
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -259,6 +260,9 @@ def test_cleanfid_import_errors(monkeypatch, tmp_path, error, message):
     weights = tmp_path / "inception-2015-12-05.pt"
     weights.write_bytes(b"x")
     monkeypatch.delitem(sys.modules, "cleanfid.inception_torchscript", raising=False)
+    package = types.ModuleType("cleanfid")  # installed or not (it is the inception extra), the package is found
+    package.__path__ = []
+    monkeypatch.setitem(sys.modules, "cleanfid", package)
     monkeypatch.setattr(sys, "meta_path", [_Refuse("cleanfid.inception_torchscript", error), *sys.meta_path])
     with pytest.raises(DDSMError, match=message):
         get_extractor("inception", weights=weights)

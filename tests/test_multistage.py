@@ -165,18 +165,18 @@ def test_search_schedules_carry_the_stage_of_each_step_and_export_and_sample_the
 
 def test_sample_with_a_width_takes_each_steps_stage_from_its_timestep(trained, tmp_path, capsys):
     out = tmp_path / "w.npz"
-    assert main(["sample", str(trained), "--subnet", "width=0.5", "--steps", "5", "--n", "2", "--out", str(out),
+    assert main(["sample", str(trained), "--subnet", "width=0.5", "--sample-steps", "5", "--n", "2", "--out", str(out),
                  "--quiet"]) == 0
     keys = list(np.load(out)["subnets"])
     assert keys == [f"stage={s},width=0.5" for s in (2, 2, 1, 0, 0)]
     assert "of full size" in capsys.readouterr().out
-    assert main(["sample", str(trained), "--width", "0.5", "--steps", "5", "--n", "2", "--out", str(tmp_path / "x.npz"),
+    assert main(["sample", str(trained), "--width", "0.5", "--sample-steps", "5", "--n", "2", "--out", str(tmp_path / "x.npz"),
                  "--quiet"]) == 0
     np.testing.assert_array_equal(np.load(out)["images"], np.load(tmp_path / "x.npz")["images"])
     for subnet, message in (("stage=0,width=0.5", "step 0 (t=99) is in stage 2"),
                             ("width=0.75", "not served by every stage's decoder")):
         capsys.readouterr()
-        assert main(["sample", str(trained), "--subnet", subnet, "--steps", "5", "--out", str(tmp_path / "y.png"),
+        assert main(["sample", str(trained), "--subnet", subnet, "--sample-steps", "5", "--out", str(tmp_path / "y.png"),
                      "--quiet"]) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err

@@ -167,7 +167,7 @@ def dit(tmp_path_factory):
     data = tiny_dict()
     data["model"] = TINY_DIT
     (root / "dit.yaml").write_text(yaml.safe_dump(data))
-    assert main(["train", str(root / "dit.yaml"), "--out", str(root / "net"), "--steps", "3", "--quiet",
+    assert main(["train", str(root / "dit.yaml"), "--out", str(root / "net"), "--train-steps", "3", "--quiet",
                  "--device", "cpu"]) == 0
     supernet = load_supernet(root / "net")
     g = torch.Generator().manual_seed(0)

@@ -79,8 +79,8 @@ def test_pipeline_runs_exit_policy(tmp_path):
     (tmp_path / "dit.yaml").write_text(yaml.safe_dump(data))
     net = tmp_path / "net"
     common = ["--quiet", "--device", "cpu"]
-    assert main(["train", str(tmp_path / "dit.yaml"), "--out", str(net), "--steps", "2", *common]) == 0
-    assert main(["finetune-exit", str(net), "--steps", "2", "--batch-size", "4", *common]) == 0
+    assert main(["train", str(tmp_path / "dit.yaml"), "--out", str(net), "--train-steps", "2", *common]) == 0
+    assert main(["finetune-exit", str(net), "--train-steps", "2", "--batch-size", "4", *common]) == 0
     supernet = load_supernet(net)
     path = tmp_path / "exit.json"
     path.write_text(json.dumps({"subnets": [{"width": 1.0}] * 5, "settings": {"exit": {"threshold": 0.0}}}))

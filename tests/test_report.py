@@ -38,18 +38,73 @@ def run(tiny_supernet, tmp_path_factory):
 def test_dataframe_front_matches_an_independent_check(run):
     table = report.load_run(run)
     assert table["schedule"].is_unique and {"subnets", "uniform", "on_front"} <= set(table.columns)
-    assert (table["subnets"].map(schedule_key) == table["schedule"]).all(), "keys are canonical schedule keys"
-    assert table["subnets"].map(len).eq(6).all()
+    subnets = table.apply(report.row_subnets, axis=1)
+    assert (subnets.map(schedule_key) == table["schedule"]).all(), "keys are canonical schedule keys"
+    assert (table["subnets"] == table["schedule"]).all(), "a static run's steps are its subnets"
+    assert subnets.map(len).eq(6).all()
     points = table[["gflops", "fid"]].to_numpy()
     brute = [not any((q <= p).all() and (q < p).any() for q in points) for p in points]
     assert table["on_front"].tolist() == brute
     front = report.front(table)
     assert front["gflops"].is_monotonic_increasing and len(front) == sum(brute)
     assert set(table["uniform"].dropna()) == {"full", "width=0.75", "width=0.5"}
-    assert (table["uniform"].isna() == (table["subnets"].map(lambda s: len(set(s))) > 1)).all()
+    assert (table["uniform"].isna() == (subnets.map(lambda s: len(set(s))) > 1)).all()
     full = table.loc[table["uniform"] == "full"].iloc[0]
     assert full["schedule"] == "width=1.0*6" and full["flops_share"] == pytest.approx(1.0)
     assert report.hypervolume(table) > 0
+
+
+def test_run_tables_have_plain_columns_and_round_trip_through_parquet(run, tmp_path):
+    import ddsm_search as ds
+
+    table = ds.load_run(run)
+    genes = [c for c in table.columns if c.startswith("gene_")]
+    assert genes == ["gene_0", "gene_1", "gene_2"] and all(table[c].dtype == "int64" for c in genes)
+    assert "genome" not in table.columns and "steps" not in table.columns
+    on_disk = pd.read_csv(run / "evaluations.csv", dtype={"genome": str})
+    assert table[genes].astype(str).agg(" ".join, axis=1).tolist() == on_disk["genome"].tolist()
+    assert table["generation"].min() == 1 and ds.generations(run)["generation"].tolist() == [1, 2], \
+        "generations are numbered from 1, as the progress lines say"
+    table.to_parquet(tmp_path / "run.parquet")
+    back = pd.read_parquet(tmp_path / "run.parquet")
+    pd.testing.assert_frame_equal(back, table)
+    assert back.attrs == table.attrs == {"metric": "fid", "samples": 40, "cost": "dense"}
+    row = table.iloc[0]
+    assert [s.subnet for s in ds.row_steps(row)] == ds.row_subnets(row) and len(ds.row_subnets(row)) == 6
+
+    per_step = ds.steps(table)
+    assert list(per_step.columns) == ["schedule", "step", "width"] and len(per_step) == 6 * len(table)
+    first = per_step[per_step["schedule"] == row["schedule"]]
+    assert first["step"].tolist() == list(range(6))
+    assert first["width"].tolist() == [s.get("width") for s in ds.row_subnets(row)]
+    exits = ds.steps(pd.DataFrame({"schedule": ["width=1.0*2 | exit 0.8 off"]}))
+    assert exits["exit"].iloc[0] == 0.8 and pd.isna(exits["exit"].iloc[1]), "a family's field, per step"
+    per_step.to_parquet(tmp_path / "steps.parquet")
+    pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "steps.parquet"), per_step)
+
+
+def test_a_run_written_before_generations_counted_from_1_reads_and_resumes(run, tmp_path, tiny_supernet):
+    """run.json version 1 (generations from 0 in the files) reads numbered from 1; resumed, it is rewritten
+    as version 2 with the same rows."""
+    import shutil
+
+    old = tmp_path / "old"
+    shutil.copytree(run, old)
+    info = json.loads((old / "run.json").read_text())
+    assert info["version"] == 2
+    (old / "run.json").write_text(json.dumps({**info, "version": 1}))
+    for name in ("evaluations.csv", "generations.csv"):
+        frame = pd.read_csv(old / name, dtype={"schedule": str, "genome": str, "seed_set": str})
+        frame["generation"] -= 1
+        frame.to_csv(old / name, index=False)
+    pd.testing.assert_frame_equal(report.load_run(old), report.load_run(run))
+    pd.testing.assert_frame_equal(report.generations(old), report.generations(run))
+    cfg = config_from_dict(tiny_dict(search=SEARCH))
+    run_search(cfg, tiny_supernet, old, resume=True, progress=False, cache_dir=str(tmp_path / "cache"))
+    assert json.loads((old / "run.json").read_text())["version"] == 2
+    for name in ("evaluations.csv", "generations.csv"):
+        kept, made = (pd.read_csv(r / name) for r in (old, run))
+        assert kept["generation"].tolist() == made["generation"].tolist(), name
 
 
 def test_pick_is_the_lowest_fid_within_budget(run):
@@ -110,10 +165,16 @@ def test_tampered_or_mismatched_schedules_are_refused(run, tmp_path):
 
 
 def test_cli_report_export_and_sample(run, tmp_path, capsys):
-    assert main(["report", str(run)]) == 0
-    for name in ("front.png", "hypervolume.png", "schedule.png", "samples.png"):
+    assert main(["report", str(run), "--heldout", "20"]) == 0
+    for name in ("front.png", "hypervolume.png", "schedule.png", "samples.png", "heldout_front.png"):
         assert (run / "report" / name).stat().st_size > 1000, name
-    assert "on the front" in capsys.readouterr().out
+    said = capsys.readouterr()
+    assert "on the front" in said.out
+    for bar in ("schedule's grid", "full size's grid", "held-out front", "full size"):  # the slow parts show bars
+        assert bar in said.err, bar
+    assert main(["report", str(run), "--quiet"]) == 0
+    said = capsys.readouterr()
+    assert "on the front" in said.out and said.err == "", "--quiet: the front, no bars"
     out = tmp_path / "s.json"
     assert main(["export", str(run), "--budget", "80%", "--out", str(out), "--n", "40", "--quiet"]) == 0
     assert "held-out noise" in capsys.readouterr().out
@@ -209,5 +270,50 @@ def test_uniform_labels_and_a_two_axis_schedule_plot(tmp_path):
     assert np.isnan(report.uniform_label([full, full.replace(depth=2)], full))
     space = SubnetSpace.of({"width": [1.0, 0.5], "depth": [4, 2]})
     schedule = [Subnet.of(width=0.5, depth=2)] * 3 + [full] * 3
-    assert plot_schedule(schedule, tmp_path / "s.png", "two axes", space).stat().st_size > 1000
-    assert plot_schedule([Subnet.of(width=0.5)] * 4, tmp_path / "w.png").stat().st_size > 1000
+    fig = plot_schedule(schedule, tmp_path / "s.png", "two axes", space)
+    assert len(fig.axes) == 2 and (tmp_path / "s.png").stat().st_size > 1000
+    assert len(plot_schedule([Subnet.of(width=0.5)] * 4).axes) == 1, "no path: the Figure alone, nothing written"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.png"]
+
+
+def test_plots_leave_the_matplotlib_backend_alone(run, tmp_path):
+    """Every plot function draws on its own Figure and returns it (writing the PNG only when given a
+    path); the user's backend (svg here) is the same after each, and pyplot holds no new figure."""
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    from ddsm_search.methods.multistage.stages import plot_similarity
+    from ddsm_search.report import plots
+
+    before = matplotlib.get_backend()
+    matplotlib.use("svg")
+    try:
+        table = report.load_run(run)
+        held = pd.DataFrame({"schedule": ["a", "b", "c"], "gflops": [1.0, 2.0, 3.0], "flops_share": [0.3, 0.6, 1.0],
+                             "search_fid": [3.0, 2.0, 1.0], "heldout_fid": [3.2, 1.9, 2.0]})
+        held.attrs.update(metric="fid", samples=40)
+        images = torch.zeros(4, 1, 8, 8)
+        calls = {
+            "front": lambda path: plots.plot_front(table, path, "fid", table.iloc[0]),
+            "heldout_front": lambda path: plots.plot_heldout_front(held, path, 0.5),
+            "schedule": lambda path: plots.plot_schedule([Subnet.of(width=0.5)] * 3, path, "title"),
+            "hypervolume": lambda path: plots.plot_hypervolume(report.generations(run), path),
+            "grids": lambda path: plots.plot_grids(images, images, path),
+            "similarity": lambda path: plot_similarity(np.eye(4), [0, 1, 2, 3], [2], path),
+        }
+        for name, call in calls.items():
+            figure = call(None)
+            assert isinstance(figure, Figure) and matplotlib.get_backend() == "svg", name
+            assert isinstance(call(tmp_path / f"{name}.png"), Figure) and matplotlib.get_backend() == "svg", name
+            assert (tmp_path / f"{name}.png").read_bytes()[:4] == b"\x89PNG", name
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"{n}.png" for n in calls), "no temporary left"
+        import matplotlib.pyplot as plt
+
+        assert plt.get_fignums() == [], "pyplot never saw the figures"
+        # the fronts are staircases: a front's quality holds until the next, costlier schedule improves on it
+        lines = {ln.get_label(): ln for ln in plots.plot_front(table).axes[0].get_lines()}
+        assert lines["Pareto front"].get_drawstyle() == "steps-post"
+        lines = {ln.get_label(): ln for ln in plots.plot_heldout_front(held).axes[0].get_lines()}
+        assert {lines["front, search noise"].get_drawstyle(), lines["held-out front"].get_drawstyle()} == {"steps-post"}
+    finally:
+        matplotlib.use(before)

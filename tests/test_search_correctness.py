@@ -39,7 +39,7 @@ def test_widths_of_any_precision_train_sample_search_and_export(tmp_path, capsys
     config.write_text(yaml.safe_dump(data))
     net, run = tmp_path / "net", tmp_path / "run"
     env = ["--quiet"]
-    assert main(["train", str(config), "--out", str(net), "--steps", "2"] + env) == 0
+    assert main(["train", str(config), "--out", str(net), "--train-steps", "2"] + env) == 0
     assert main(["sample", str(net), "--width", "0.6666666667", "--n", "4", "--out", str(tmp_path / "g.png")] + env) == 0
     assert main(["sample", str(net), "--subnet", "width=0.6666666667", "--n", "4", "--out", str(tmp_path / "g.png")]
                 + env) == 0
@@ -47,7 +47,8 @@ def test_widths_of_any_precision_train_sample_search_and_export(tmp_path, capsys
     assert meta["axes"] == {"width": widths} and set(meta["flops_per_image"]) == {f"width={w!r}" for w in widths}
     assert main(["search", str(config), "--supernet", str(net), "--out", str(run)] + env) == 0
     table = report.load_run(run)
-    assert {s["width"] for ss in table["subnets"] for s in ss} <= set(widths), "keys read back to the exact widths"
+    widths_read = {s["width"] for _, row in table.iterrows() for s in report.row_subnets(row)}
+    assert widths_read <= set(widths), "keys read back to the exact widths"
     assert any("width=0.6666666667" in key or "width=0.3333333333" in key for key in table["schedule"])
     assert main(["export", str(run), "--budget", "100%", "--out", str(tmp_path / "s.json"), "--n", "8"] + env) == 0
     assert main(["sample", str(net), "--schedule", str(tmp_path / "s.json"), "--n", "4",
@@ -68,7 +69,7 @@ def test_nsga2_ends_cleanly_when_the_space_is_exhausted(tiny_supernet, tmp_path,
     if len(files.rows) == space:
         assert "exhausted" in out
     generations = pd.read_csv(tmp_path / "run" / "generations.csv")
-    assert generations["generation"].tolist() == list(range(len(generations)))
+    assert generations["generation"].tolist() == list(range(1, len(generations) + 1)), "numbered from 1"
 
 
 def test_one_step_schedule_keys_stay_text_through_resume_and_report(tiny_supernet, tmp_path):
@@ -80,7 +81,7 @@ def test_one_step_schedule_keys_stay_text_through_resume_and_report(tiny_superne
                          cache_dir=str(tmp_path / "c"))
     assert set(resumed.rows) == keys, "a resumed run reads its keys back as text and repeats nothing"
     table = report.load_run(tmp_path / "run")
-    assert table["schedule"].map(type).eq(str).all() and table["subnets"].map(len).eq(1).all()
+    assert table["schedule"].map(type).eq(str).all() and table.apply(report.row_subnets, axis=1).map(len).eq(1).all()
     assert report.pick(table, "100%")["schedule"] in keys
 
 
@@ -113,7 +114,7 @@ def test_screened_search_resumes_exactly_after_a_kill_among_full_evaluations(tin
     screened = {"screen_samples": 10, "screen_margin": 0.3, "generations": 4, "population": 8}
     cache = tmp_path / "cache"
     straight = _search(tiny_supernet, tmp_path / "straight", cache, **screened).table()
-    later = straight[straight["generation"] > 0]
+    later = straight[straight["generation"] > 1]  # generations are numbered from 1
     assert (later["samples"] == 10).any() and (later["samples"] == 40).sum() >= 3, \
         "later generations must both screen out and fully evaluate candidates for this test to mean anything"
 
@@ -133,8 +134,8 @@ def test_screened_search_resumes_exactly_after_a_kill_among_full_evaluations(tin
         _search(tiny_supernet, tmp_path / "killed", cache, **screened)
     monkeypatch.setattr(pool_module.LocalPool, "run", real_run)
     partial = pd.read_csv(tmp_path / "killed" / "evaluations.csv", dtype={"schedule": str, "genome": str})
-    assert ((partial["generation"] == 1) & (partial["samples"] == 40)).sum() == 1, \
-        "the kill lands inside generation 1's full evaluations"
+    assert ((partial["generation"] == 2) & (partial["samples"] == 40)).sum() == 1, \
+        "the kill lands inside generation 2's full evaluations"
     resumed = run_search(_cfg(**screened), tiny_supernet, tmp_path / "killed", resume=True, progress=False,
                          cache_dir=str(cache)).table()
     both = [t.sort_values("schedule").reset_index(drop=True)[COMPARED] for t in (straight, resumed)]
@@ -189,7 +190,7 @@ def test_search_choices_restrict_the_space_and_run_json_records_them(tiny_supern
     info = json.loads((tmp_path / "run" / "run.json").read_text())
     assert info["axes"] == {"width": [1.0, 0.5]} and info["base"] == "width=1.0" and "widths" not in info
     table = report.load_run(tmp_path / "run")
-    assert len(files.rows) == 4 and {s["width"] for ss in table["subnets"] for s in ss} == {1.0, 0.5}
+    assert len(files.rows) == 4 and {s["width"] for _, r in table.iterrows() for s in report.row_subnets(r)} == {1.0, 0.5}
     with pytest.raises(DDSMError, match=r"search.choices.width: \[0.3\] not among the supernet's width choices"):
         _search(tiny_supernet, tmp_path / "bad", tmp_path / "c", choices={"width": [1.0, 0.3]})
     with pytest.raises(DDSMError, match="search.axes: 'depth' is not an axis of the unet"):

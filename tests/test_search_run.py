@@ -53,7 +53,7 @@ def test_front_is_the_non_dominated_set_and_nothing_is_evaluated_twice(supernet,
     mask = pareto_mask(table[["gflops", "fid"]].to_numpy())
     assert set(front["schedule"]) == set(table.loc[mask, "schedule"])
     generations = pd.read_csv(tmp_path / "run" / "generations.csv")
-    assert list(generations["generation"]) == [0, 1, 2]
+    assert list(generations["generation"]) == [1, 2, 3], "numbered from 1, as the progress lines"
     assert generations["hypervolume"].is_monotonic_increasing
     assert (table["steps_saved"] > 0).any(), "schedules sharing a prefix should reuse latents"
 

@@ -322,7 +322,7 @@ def test_sparse_flops_count_the_nonzero_weights_of_each_subnets_slice(model):
 
 
 def test_a_sparse_supernet_is_searched_on_its_sparse_flops_and_says_so(sparse_net, tmp_path):
-    from ddsm_search.report.tables import load_run
+    from ddsm_search.report.tables import load_run, row_subnets
     from ddsm_search.search.runner import run_search
 
     net = load_supernet(sparse_net)
@@ -338,7 +338,7 @@ def test_a_sparse_supernet_is_searched_on_its_sparse_flops_and_says_so(sparse_ne
     for cost, table in tables.items():
         counted = net.with_cost("sparse" if cost == "auto" else "dense")
         for _, row in table.iterrows():
-            assert row["gflops"] * 1e9 == pytest.approx(counted.schedule_flops(row["subnets"]))
+            assert row["gflops"] * 1e9 == pytest.approx(counted.schedule_flops(row_subnets(row)))
     full = Subnet.of(width=1.0)
     assert net.flops_tables["sparse"][full] < net.flops_tables["dense"][full]
 

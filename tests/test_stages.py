@@ -262,8 +262,10 @@ def test_find_stages_writes_json_and_png(tmp_path):
 
 
 def test_plot_similarity_writes_a_png_atomically(tmp_path):
-    path = plot_similarity(np.random.default_rng(0).random((6, 6)), [0, 20, 40, 60, 80, 99], [2, 4], tmp_path / "s.png")
+    path = tmp_path / "s.png"
+    fig = plot_similarity(np.random.default_rng(0).random((6, 6)), [0, 20, 40, 60, 80, 99], [2, 4], path)
     assert path.read_bytes()[:4] == b"\x89PNG" and [p.name for p in tmp_path.iterdir()] == ["s.png"]
+    assert len(fig.axes) == 2, "the heat map and its colour bar"
 
 
 def _run(argv):
@@ -290,6 +292,12 @@ def test_stages_command_prints_and_writes(config_file, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "2 stage(s) by logsnr cost" in printed and "boundaries at t =" in printed
     assert (out / STAGES_JSON).is_file() and (out / SIMILARITY_PNG).is_file()
+    again = tmp_path / "denoiser"
+    assert _run(["stages", str(config_file), "--k", "2", "--grid", "10", "--samples", "8", "--out", str(again)]) == 0
+    assert "optimal denoiser" in capsys.readouterr().err, "a bar over the grid while the matrix is computed"
+    assert _run(["stages", str(config_file), "--k", "2", "--grid", "10", "--samples", "8", "--out", str(again),
+                 "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize("extra, message", [

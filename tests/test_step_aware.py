@@ -57,7 +57,7 @@ def test_dit_pipeline_width_by_depth(tmp_path):
     config = tmp_path / "dit.yaml"
     config.write_text(yaml.safe_dump(data))
     net, run = tmp_path / "net", tmp_path / "run"
-    assert main(["train", str(config), "--out", str(net), "--steps", "3", "--quiet", "--device", "cpu"]) == 0
+    assert main(["train", str(config), "--out", str(net), "--train-steps", "3", "--quiet", "--device", "cpu"]) == 0
     meta = json.loads((net / "meta.json").read_text())
     assert meta["axes"] == {"width": [1.0, 0.5, 0.25], "depth": [4, 3, 2]}
     assert len(meta["flops_per_image"]) == 9

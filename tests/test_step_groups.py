@@ -289,7 +289,7 @@ def test_tampered_or_inconsistent_weights_are_refused(tuned, tmp_path, capsys):
 def test_finetune_cli_writes_both_or_nothing(tuned, tmp_path, capsys):
     supernet, source, result = tuned
     out = tmp_path / "out" / "ft.json"
-    base = ["finetune", str(source), "--supernet", str(supernet.path), "--steps", "1", "--batch-size", "4",
+    base = ["finetune", str(source), "--supernet", str(supernet.path), "--train-steps", "1", "--batch-size", "4",
             "--quiet", "--device", "cpu"]
     exit_schedule = tmp_path / "exit.json"
     _edit_copy = json.loads(source.read_text())

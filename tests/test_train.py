@@ -180,3 +180,23 @@ def test_resume_refuses_corrupt_weights(tmp_path, tiny_cfg):
     weights.write_bytes(bytes(data))
     with pytest.raises(DDSMError, match="does not match the hash"):
         train(tiny_cfg, out, steps=4, resume=True, progress=False, grids=False)
+
+
+def test_library_ema_and_warmup_are_bit_identical_to_the_hand_written_ones():
+    """The EMA (torch's AveragedModel) and the warm-up (LambdaLR) give, bit for bit, the weights and
+    learning rates of the foreach lerp with the ramped decay and the warm-up formula they replaced."""
+    from ddsm_search.data import load_data
+    from ddsm_search.training import TrainingRun
+
+    cfg = config_from_dict(tiny_dict(train={"steps": 6, "warmup_steps": 4, "ema_decay": 0.3}))
+    run = TrainingRun(cfg, load_data(cfg.data), "cpu")
+    ema = [p.detach().clone() for p in run.model.parameters()]  # the EMA starts at the initial weights
+    for step in range(cfg.train.steps):
+        lr = run.opt.param_groups[0]["lr"]
+        assert lr == cfg.train.lr * min(1.0, (step + 1) / cfg.train.warmup_steps), step
+        run.train_step()
+        with torch.no_grad():  # the hand-written update, on the weights the step left
+            torch._foreach_lerp_(ema, [p.detach() for p in run.model.parameters()],
+                                 1 - min(cfg.train.ema_decay, (1 + step) / (10 + step)))
+        assert all(torch.equal(a, b) for a, b in zip(ema, run.ema.parameters())), step
+    assert not any(p.requires_grad for p in run.ema.parameters())

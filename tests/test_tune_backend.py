@@ -127,6 +127,45 @@ def test_interrupted_tune_search_resumes_with_tuner_restore(tiny_supernet, tmp_p
     assert not leftovers
 
 
+def test_a_relative_supernet_path_works_under_tune(tiny_supernet, tmp_path, ray_local, monkeypatch, capsys):
+    """Tune runs each trial in a directory of its own: the search hands its workers absolute paths."""
+    import shutil
+
+    shutil.copytree(tiny_supernet, tmp_path / "nets" / "tiny")
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(tiny_dict(search={
+        **SEARCH, "steps": 4, "segments": 2, "population": 4, "generations": 1, "samples": 20, "batch_size": 20})))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DDSM_SEARCH_CACHE", "cache")  # a relative cache folder too
+    assert main(["search", "s.yaml", "--supernet", "nets/tiny", "--out", "run", "--executor", "tune", "--workers",
+                 "1", "--quiet"]) == 0, capsys.readouterr().err
+    table = pd.read_csv(tmp_path / "run" / "evaluations.csv")
+    assert len(table) == 4 and table["fid"].notna().all()
+    assert (tmp_path / "cache").is_dir() and not (tmp_path / "run" / "tune" / "cache").exists()
+
+
+def test_a_failed_trial_ends_the_search_with_one_line_naming_what_happened(tmp_path):
+    from types import SimpleNamespace
+
+    from ddsm_search.search.executors.tune import RETRIES, ScheduleSearcher
+
+    loop = SimpleNamespace(q=SimpleNamespace(metric="fid", generations=1), files=SimpleNamespace(dir=tmp_path))
+    results = {"user error": ({"ddsm_error": "supernet directory not found: nets/tiny"}, False),
+               "fault": ({"ddsm_fault": "ValueError: bad shape (traceback in t/fault.txt)"}, False),
+               "death": (None, True)}
+    said = {}
+    for name, (result, error) in results.items():
+        searcher = ScheduleSearcher(loop, algorithm=None, max_concurrent=1)
+        searcher.live["trial"] = "width=1.0*4"
+        searcher.on_trial_complete("trial", result, error=error)
+        said[name] = searcher.error
+        searcher.release()
+    assert said["user error"] == "supernet directory not found: nets/tiny", "the user's error, as it was raised"
+    assert said["fault"].startswith("evaluating schedule 'width=1.0*4' failed on a Tune worker: ValueError: bad "
+                                    "shape (traceback in t/fault.txt)")
+    assert f"failed {RETRIES + 1} times (its worker died each time)" in said["death"]
+    assert all("\n" not in line and "--resume" in line for line in (said["fault"], said["death"]))
+
+
 @pytest.mark.parametrize("args, yaml_search, words", [
     (["--executor", "ray"], {}, "invalid choice: 'ray'"),
     ([], {"executor": "ray"}, "search.executor: expected pool or tune"),

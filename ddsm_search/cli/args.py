@@ -8,17 +8,42 @@ from __future__ import annotations
 
 import argparse
 import math
+import sys
 
 from ..errors import DDSMError
 
 DEVICES = ("auto", "cpu", "cuda")
 
 
+PROG = "ddsm-search"
+
+
 class Parser(argparse.ArgumentParser):
-    """An ArgumentParser whose usage errors are one line and exit status 2."""
+    """An ArgumentParser whose usage errors are one line and exit status 2 (the CLI prints
+    "ddsm-search: error: COMMAND: MESSAGE", the program's name once)."""
 
     def error(self, message: str):  # noqa: D102 - argparse hook
-        raise DDSMError(f"{self.prog}: {message}")
+        command = self.prog.removeprefix(PROG).strip()
+        raise DDSMError(f"{command}: {message}" if command else message)
+
+
+class _Renamed(argparse.Action):
+    """An old spelling of an option: stores into the new one's dest and says so on stderr, in one line."""
+
+    def __init__(self, option_strings, dest, new: str = "", **kwargs):
+        self.new = new
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"{PROG}: note: {option_string} is deprecated here; use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_renamed(p: argparse.ArgumentParser, old: str, new: str, **kwargs) -> None:
+    """Keep the old spelling `old` of option `new` working (hidden from --help), with a deprecation note."""
+    dest = new.lstrip("-").replace("-", "_")
+    p.add_argument(old, action=_Renamed, new=new, dest=dest, help=argparse.SUPPRESS, default=argparse.SUPPRESS,
+                   **kwargs)
 
 
 def positive(text: str) -> int:
@@ -79,9 +104,21 @@ def add_quiet(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress output")
 
 
-def add_seed(p: argparse.ArgumentParser, what: str = "the random draws") -> None:
-    """Add --seed: one integer seed."""
-    p.add_argument("--seed", type=int, default=0, help=f"seed of {what} (default 0)")
+def add_seed(p: argparse.ArgumentParser) -> None:
+    """Add --seed: the seed of the initial noise (what --seed means in every command that has it)."""
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default 0)")
+
+
+def add_train_steps(p: argparse.ArgumentParser, default: int | None, help: str) -> None:
+    """Add --train-steps (training steps; the old spelling --steps still works, with a note)."""
+    p.add_argument("--train-steps", type=positive, default=default, help=help)
+    add_renamed(p, "--steps", "--train-steps", type=positive)
+
+
+def add_sample_steps(p: argparse.ArgumentParser, help: str) -> None:
+    """Add --sample-steps (sampling steps; the old spelling --steps still works, with a note)."""
+    p.add_argument("--sample-steps", type=positive, help=help)
+    add_renamed(p, "--steps", "--sample-steps", type=positive)
 
 
 def device_of(args: argparse.Namespace) -> str:

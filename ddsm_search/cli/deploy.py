@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import argparse
 
-from .args import add_quiet
+from .args import add_device, add_quiet, device_of
 
 
 def cmd_export_onnx(args: argparse.Namespace) -> int:
     """Write one ONNX graph per distinct step network of a schedule, and its manifest."""
     from ..deploy.onnx_export import export_onnx
 
-    out, manifest = export_onnx(args.schedule, args.out, supernet=args.supernet, progress=not args.quiet)
+    out, manifest = export_onnx(args.schedule, args.out, supernet=args.supernet, device=device_of(args),
+                                progress=not args.quiet)
     graphs, sampler = manifest["graphs"], manifest["sampler"]
     worst = max(g["max_error"] for g in graphs.values())
     print(f"wrote {len(graphs)} ONNX graph(s) for {sampler['steps']} {sampler['name']} steps (eta {sampler['eta']:g}) "
@@ -27,5 +28,6 @@ def add_parsers(sub) -> None:
     p.add_argument("schedule", help="schedule JSON (from export); one with an exit policy is refused")
     p.add_argument("--out", required=True, help="a new (or empty) folder for the graphs and manifest.json")
     p.add_argument("--supernet", help="the schedule's supernet directory (default: the schedule's supernet.path)")
+    add_device(p, "cpu")
     add_quiet(p)
     p.set_defaults(func=cmd_export_onnx)

@@ -7,14 +7,14 @@ import argparse
 from pathlib import Path
 
 from ..errors import DDSMError
-from .args import add_device, add_quiet, add_seed, at_least, device_of, finite, positive, widths
+from .args import add_device, add_quiet, add_renamed, add_train_steps, at_least, device_of, finite, positive, widths
 
 
 def cmd_finetune_exit(args: argparse.Namespace) -> int:
     """Train AdaDiff certainty heads on a DiT supernet (its weights frozen) and keep them beside it."""
     from ..methods.early_exit.finetune import finetune_exit
 
-    path = finetune_exit(args.supernet, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+    path = finetune_exit(args.supernet, steps=args.train_steps, batch_size=args.batch_size, lr=args.lr, seed=args.train_seed,
                          device=device_of(args), progress=not args.quiet)
     print(f"exit heads written beside the supernet: {path}")
     return 0
@@ -24,14 +24,20 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     """Fine-tune each group of a schedule on its own timesteps; write the weights and the new schedule."""
     from ..methods.step_groups.finetune import check_finetune_args, finetune_schedule
 
-    check_finetune_args(Path(args.out), args.steps, args.batch_size, args.lr, args.distill, args.snr_groups)
-    result = finetune_schedule(args.schedule, args.supernet, args.out, steps=args.steps, lr=args.lr,
+    check_finetune_args(Path(args.out), args.train_steps, args.batch_size, args.lr, args.distill, args.snr_groups)
+    result = finetune_schedule(args.schedule, args.supernet, args.out, steps=args.train_steps, lr=args.lr,
                                batch_size=args.batch_size, distill=args.distill, snr_groups=args.snr_groups,
-                               seed=args.seed, device=device_of(args), progress=not args.quiet)
+                               seed=args.train_seed, device=device_of(args), progress=not args.quiet)
     spans = ", ".join(f"steps {g.start}-{g.stop - 1} {g.subnet.key} (t {g.timesteps[0]}-{g.timesteps[1]}, "
                       f"loss {result.losses[k]:.4f})" for k, g in enumerate(result.groups))
     print(f"fine-tuned {len(result.groups)} group(s): {spans}; wrote {result.weights} and {result.schedule}")
     return 0
+
+
+def _add_train_seed(p: argparse.ArgumentParser, what: str) -> None:
+    """Add --train-seed (--seed, its old spelling here, means the initial noise's seed everywhere else)."""
+    p.add_argument("--train-seed", type=int, default=0, help=f"seed of {what} (default 0)")
+    add_renamed(p, "--seed", "--train-seed", type=int)
 
 
 def _balance(text: str) -> float | None:
@@ -68,8 +74,9 @@ def cmd_stages(args: argparse.Namespace) -> int:
             raise DDSMError(f"the supernet in {args.supernet} was trained with another noise schedule than "
                             f"{args.config}'s diffusion section")
         model = supernet.model.set_subnet(supernet.model.full)
-    result = find_stages(cfg, args.k, args.cost, model=model, grid=args.grid, samples=args.samples, seed=args.seed,
-                         balance=args.balance, segment_cost=args.segment_cost, metric=args.metric)
+    result = find_stages(cfg, args.k, args.cost, model=model, grid=args.grid, samples=args.samples,
+                         seed=args.pairs_seed, balance=args.balance, segment_cost=args.segment_cost,
+                         metric=args.metric, progress=not args.quiet)
     path, png = write_stages(result, out)
     print(describe(result))
     print(f"wrote {path} and {png}")
@@ -82,7 +89,8 @@ def cmd_import_diffusers(args: argparse.Namespace) -> int:
 
     chosen = {} if args.widths is None else {"widths": args.widths}
     import_diffusers(args.model_dir, args.out, **chosen, config=args.config, name=args.name,
-                     image_size=args.image_size, importance=args.importance, progress=not args.quiet)
+                     image_size=args.image_size, importance=args.importance, device=device_of(args),
+                     progress=not args.quiet)
     return 0
 
 
@@ -91,10 +99,10 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("finetune-exit", help="train AdaDiff certainty heads on a DiT supernet (frozen), for "
                        "sample --exit-threshold")
     p.add_argument("supernet", help="a DiT supernet directory written by 'train'")
-    p.add_argument("--steps", type=positive, default=500)
+    add_train_steps(p, 500, "training steps (default 500)")
     p.add_argument("--batch-size", type=positive, default=64)
     p.add_argument("--lr", type=finite, default=1e-3)
-    add_seed(p, "the heads' initial weights and batches")
+    _add_train_seed(p, "the heads' initial weights and batches")
     add_device(p)
     add_quiet(p)
     p.set_defaults(func=cmd_finetune_exit)
@@ -106,7 +114,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--supernet", required=True, help="the schedule's supernet directory")
     p.add_argument("--out", required=True, help="the new schedule JSON; the weights go beside it as "
                    "<stem>.weights.safetensors")
-    p.add_argument("--steps", type=positive, default=500, help="training steps per group (default 500)")
+    add_train_steps(p, 500, "training steps per group (default 500)")
     p.add_argument("--lr", type=finite, default=1e-4, help="AdamW learning rate (default 1e-4)")
     p.add_argument("--batch-size", type=positive, default=64)
     p.add_argument("--distill", type=finite, default=0.0, metavar="W",
@@ -115,14 +123,15 @@ def add_parsers(sub) -> None:
     p.add_argument("--snr-groups", type=positive, metavar="K",
                    help="also cut the schedule's runs of one subnet where its timesteps cross from one of K SNR "
                    "groups (equal spans of log-SNR) into another (default: the runs alone)")
-    add_seed(p, "each group's batches")
+    _add_train_seed(p, "each group's batches")
     add_device(p)
     add_quiet(p)
     p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("stages", help="timestep stages for a multi-decoder U-Net: contiguous intervals by "
                        "dynamic programming over the optimal denoiser's, log-SNR or gradient dissimilarity")
-    p.add_argument("config", help="experiment YAML whose training data define the optimal denoiser")
+    p.add_argument("config", help="experiment (a shipped config's name or a YAML file) whose training data "
+                   "define the optimal denoiser")
     p.add_argument("--k", type=int, required=True, help="number of stages")
     p.add_argument("--cost", default="denoiser",
                    help="denoiser (default): change of E[x0|x_t] between timesteps; logsnr: |log SNR difference|; "
@@ -131,7 +140,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--out", required=True, help="directory for stages.json and similarity.png")
     p.add_argument("--grid", type=int, help="timesteps in the grid (default 100; 50 for gradient)")
     p.add_argument("--samples", type=int, help="(x0, noise) pairs (default 256), or the gradient's batch (default 64)")
-    add_seed(p, "the (x0, noise) pairs")
+    p.add_argument("--pairs-seed", type=int, default=0, help="seed of the (x0, noise) pairs (default 0)")
+    add_renamed(p, "--seed", "--pairs-seed", type=int)
     p.add_argument("--balance", type=_balance, default=0.5,
                    help="every stage holds between (1 - B) and (1 + B) times the mean share of the grid (default "
                    "0.5, as the paper's code; none: no bound)")
@@ -141,6 +151,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--metric", default="mse",
                    help="denoiser cost: mse (default) or pixels (the paper's share of pixels differing by 2/256)")
     add_device(p, "cpu")
+    add_quiet(p)
     p.set_defaults(func=cmd_stages)
 
     p = sub.add_parser("import-diffusers", help="import a diffusers UNet2DModel (DDPM/ADM family) as a "
@@ -150,12 +161,14 @@ def add_parsers(sub) -> None:
     p.add_argument("--out", required=True, help="supernet directory to write (must not exist, or be empty)")
     p.add_argument("--widths", type=widths,
                    help="the widths the supernet serves, comma-separated (default 1,0.75,0.5,0.25)")
-    p.add_argument("--config", help="experiment YAML whose data, sample and search sections the supernet takes "
+    p.add_argument("--config", help="experiment (a shipped config's name or a YAML file) whose data, sample and "
+                   "search sections the supernet takes "
                    "(default: data guessed from the image shape)")
     p.add_argument("--name", help="experiment name (default: the --out folder's name)")
     p.add_argument("--image-size", type=at_least(1), help="image size, if config.json has no sample_size")
     p.add_argument("--importance", type=at_least(0), default=0, metavar="N",
                    help="order channels by Taylor importance on N training images first, so that each width "
                    "keeps the most important GroupNorm groups and heads (default 0: keep diffusers' order)")
+    add_device(p, "cpu")
     add_quiet(p)
     p.set_defaults(func=cmd_import_diffusers)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from ..errors import DDSMError
 from ..solvers.names import SOLVERS, SPACINGS
-from .args import add_device, add_quiet, add_seed, device_of, eta, finite, positive
+from .args import add_device, add_quiet, add_sample_steps, add_seed, device_of, eta, finite, positive
 
 
 def cache_option(text: str) -> tuple[int, int]:
@@ -44,13 +44,13 @@ def _schedule(args: argparse.Namespace, supernet):
     cfg = supernet.config.sample
     if args.schedule:
         schedule = load_schedule(args.schedule, supernet)
-        if args.steps is not None and args.steps != schedule.steps:
-            raise DDSMError(f"the schedule has {schedule.steps} subnets but --steps asks for {args.steps}")
+        if args.sample_steps is not None and args.sample_steps != schedule.steps:
+            raise DDSMError(f"the schedule has {schedule.steps} subnets but --sample-steps asks for {args.sample_steps}")
         schedule = replace(schedule, solver=_solver(args, schedule.solver))
     else:
         # --width 0.5 is shorthand for --subnet width=0.5 (every other axis at its full value)
         subnet = supernet.model.check_subnet(args.subnet if args.subnet is not None else args.width)
-        schedule = Schedule([subnet] * (args.steps or cfg.steps), solver=_solver(args, Solver.of_sampler(
+        schedule = Schedule([subnet] * (args.sample_steps or cfg.steps), solver=_solver(args, Solver.of_sampler(
             cfg.sampler, cfg.eta)))
     if args.spacing:
         schedule = replace(schedule, timesteps=timesteps_for(supernet.config.diffusion.timesteps, schedule.steps,
@@ -166,7 +166,7 @@ def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--solver", "--sampler", dest="solver", metavar="SOLVER",
                    help=f"how each step updates the latent: {', '.join(SOLVERS)}, with options such as "
                    "dpmsolver++(order=3) or ddim(eta=0.5) (default: the schedule's, else the config's sampler)")
-    p.add_argument("--steps", type=positive, help="sampling steps with --subnet/--width (default: the config's)")
+    add_sample_steps(p, "sampling steps with --subnet/--width (default: the config's)")
     p.add_argument("--spacing", choices=SPACINGS,
                    help="timesteps: uniform (T-1 down to 0), or diffusers' linspace, leading, trailing "
                    "(default: the schedule's, else uniform)")
@@ -193,7 +193,7 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("sample", help="sample images with one subnet or a per-step schedule")
     _add_sampling_args(p)
     p.add_argument("--n", type=positive, default=64, help="number of images (default 64)")
-    add_seed(p, "the initial noise")
+    add_seed(p)
     p.add_argument("--out", required=True, help="output .png (grid) or .npz (uint8 images)")
     p.add_argument("--compare", action="store_true",
                    help="also time full size on the same batch and noise (median of 3 turns each) and print "

@@ -33,7 +33,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     """Print a search run's front and write its plots."""
     from ..report.writer import write_report
 
-    write_report(args.run, budget=args.budget, device=device_of(args), supernet=args.supernet, heldout=args.heldout)
+    write_report(args.run, budget=args.budget, device=device_of(args), supernet=args.supernet, heldout=args.heldout,
+                 bars=not args.quiet)
     return 0
 
 
@@ -69,14 +70,20 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
     config = load_config(args.config) if args.config else None
     out = args.out or (f"results/quickstart-{config.name}" if config is not None else "results/quickstart")
-    quickstart(out, max_loss=args.max_loss, budget=args.budget, device=device_of(args), progress=True, config=config)
+    figures = quickstart(out, max_loss=args.max_loss, budget=args.budget, device=device_of(args),
+                         progress=not args.quiet, config=config)
+    if args.quiet:  # the result alone
+        print(f"wrote {figures['schedule']}: {figures['flops_share']:.0%} of full size's FLOPs, held-out "
+              f"{figures['metric'].upper()} {figures['heldout']:.4g} vs {figures['full_size_heldout']:.4g} at full size, "
+              f"{figures['speedup']:.2f}x faster")
     return 0
 
 
 def add_parsers(sub) -> None:
     """Add `search`, `report`, `export` and `quickstart` to the CLI's sub-parsers."""
     p = sub.add_parser("search", help="evolutionary search for per-step schedules (FLOPs vs quality)")
-    p.add_argument("config", help="experiment YAML whose 'search' section describes the search")
+    p.add_argument("config", help="experiment (a shipped config's name or a YAML file) whose 'search' section "
+                   "describes the search")
     p.add_argument("--supernet", required=True, help="supernet directory written by 'train'")
     p.add_argument("--out", help="run directory (default: results/<experiment name>-search)")
     p.add_argument("--generations", type=positive)
@@ -110,6 +117,7 @@ def add_parsers(sub) -> None:
                    "the search's scores and plot both fronts (kept in RUN/heldout.csv)")
     p.add_argument("--supernet", help="the run's supernet, if it moved since the search (its hash must match)")
     add_device(p, "cpu")
+    add_quiet(p)
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("export", help="write the cheapest schedule that keeps full-size quality (--max-loss), or the "
@@ -131,12 +139,14 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("quickstart", help="train, search, report and export on the embedded digits "
-                       "(or on the experiment given, e.g. search_spaces/digits-dit.yaml)")
-    p.add_argument("config", nargs="?", help="experiment YAML (default: search_spaces/digits.yaml)")
+                       "(or on the experiment given, e.g. digits-dit)")
+    p.add_argument("config", nargs="?", help="experiment: a shipped config's name (ddsm-search configs) or a YAML "
+                   "file (default: digits)")
     p.add_argument("--out", help="default: results/quickstart, or results/quickstart-<name> for a config")
     p.add_argument("--max-loss", type=float, default=0.05,
                    help="export the cheapest schedule within FID +X of full size on 2,000 held-out images at 95%% "
                    "confidence (default 0.05)")
     p.add_argument("--budget", help="also keep the export within this FLOP budget, e.g. 50%%")
     add_device(p, "cpu")
+    add_quiet(p)
     p.set_defaults(func=cmd_quickstart)

@@ -15,6 +15,7 @@ from ..backbones.registry import config_class, list_backbones
 from ..errors import DDSMError
 from ..io import read_text
 from .schema import ExperimentConfig, MultiStageConfig, equal_stage_boundaries
+from .shipped import config_path
 from .validation import validate
 
 
@@ -95,8 +96,9 @@ def config_from_dict(data: dict) -> ExperimentConfig:
 
 
 def load_config(path: str | Path) -> ExperimentConfig:
-    """Return the validated experiment config stored in a YAML file."""
-    path = Path(path)
+    """Return the validated experiment config stored in a YAML file, or shipped under that name
+    (`digits`, `digits-dit`: `ddsm-search configs` lists them)."""
+    path = config_path(path)
     text = read_text(path, "config", "a YAML experiment")
     try:
         data = yaml.safe_load(text)
@@ -105,7 +107,7 @@ def load_config(path: str | Path) -> ExperimentConfig:
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise DDSMError(f"malformed YAML in {path}{where}: {getattr(exc, 'problem', exc)}") from None
     if data is None:
-        raise DDSMError(f"{path} is empty (expected a YAML experiment: see search_spaces/digits.yaml)")
+        raise DDSMError(f"{path} is empty (expected a YAML experiment: see `ddsm-search configs show digits`)")
     try:
         return config_from_dict(data)
     except DDSMError as exc:

@@ -68,7 +68,7 @@ def export_schedule(run: str | Path, budget: float | str | None = None, out: str
     net = supernet_of_run(run, device, supernet)
     n = heldout_samples or max(4 * int(q["samples"]), 1000)
     confirmer = Confirmer(net, q, n=n, confidence=confidence, device=device, cache_dir=cache_dir,
-                          boundaries=segment_starts(info))
+                          boundaries=segment_starts(info), progress=progress)
     full_gflops = float((table["gflops"] / table["flops_share"]).iloc[0])
     limit = None if budget is None else budget_gflops(budget, full_gflops) * (1 + 1e-9)
 
@@ -116,9 +116,9 @@ def export_schedule(run: str | Path, budget: float | str | None = None, out: str
     }
     if chosen["executed"] is not None:
         figures["executed"] = {**chosen["executed"], "samples": n, "seed_set": chosen["seed_set"]}
-    if net.sparse:  # both figures of a sparse supernet's schedule, side by side
-        figures["sparse_flops_per_image"] = net.with_cost("sparse").schedule_flops(list(row["subnets"]))
     plan = confirmer.plan(row["schedule"])
+    if net.sparse:  # both figures of a sparse supernet's schedule, side by side
+        figures["sparse_flops_per_image"] = net.with_cost("sparse").steps_flops(list(plan.steps), plan.timesteps)
     schedule = Schedule.from_steps(list(plan.steps), solver=plan.solver, timesteps=list(plan.timesteps), extra=figures)
     label = (str(budget).replace("%", "pct") if budget is not None else "") + \
         ("" if max_loss is None else f"{'_' if budget is not None else ''}maxloss{max_loss:g}")

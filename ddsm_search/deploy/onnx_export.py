@@ -19,6 +19,7 @@ much network runs (an early exit's policy) is refused: it is not one static grap
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import shutil
@@ -41,7 +42,7 @@ def _check_out(out: Path) -> None:
         raise DDSMError(f"--out {out} exists and is not empty (choose a new folder)")
 
 
-def _load(schedule_path: Path, supernet):
+def _load(schedule_path: Path, supernet, device: str = "cpu"):
     """Return (schedule, supernet) checked against each other; refuse dynamic steps first."""
     from ..checkpoint import Supernet, load_supernet
     from ..schedule import load_schedule
@@ -62,7 +63,7 @@ def _load(schedule_path: Path, supernet):
         if where is None:
             raise DDSMError(f"schedule {schedule_path} names no supernet (supernet.path); give --supernet DIR")
         try:
-            supernet = load_supernet(where, "cpu")
+            supernet = load_supernet(where, device)
         except DDSMError as exc:
             hint = "" if supernet is not None else " (the schedule's supernet.path; give --supernet DIR if it moved)"
             raise DDSMError(f"{exc}{hint}") from None
@@ -88,8 +89,9 @@ def _export_graph(net, path: Path, image_shape, t0: int, opset: int) -> None:
     """Trace `net` at timestep t0 into an ONNX file with a dynamic batch axis."""
     import torch
 
-    x = torch.randn((2, *image_shape), generator=torch.Generator().manual_seed(0))
-    t = torch.full((2,), float(t0))
+    device = next(net.parameters()).device
+    x = torch.randn((2, *image_shape), generator=torch.Generator().manual_seed(0)).to(device)
+    t = torch.full((2,), float(t0), device=device)
     kwargs = dict(input_names=list(INPUTS), output_names=[OUTPUT], opset_version=opset, do_constant_folding=True,
                   dynamic_axes={"x": {0: "batch"}, "t": {0: "batch"}, OUTPUT: {0: "batch"}},
                   training=torch.onnx.TrainingMode.EVAL)
@@ -110,14 +112,28 @@ def _max_error(path: Path, net, image_shape, timesteps) -> float:
     session = ort.InferenceSession(path.read_bytes(), providers=["CPUExecutionProvider"])
     x = torch.randn((3, *image_shape), generator=torch.Generator().manual_seed(1))
     worst = 0.0
+    device = next(net.parameters()).device
     for t in timesteps:
-        with torch.inference_mode():
-            ref = net(x, torch.tensor(t)).float().numpy()
+        with torch.inference_mode(), _full_precision():
+            ref = net(x.to(device), torch.tensor(t, device=device)).float().cpu().numpy()
         out = session.run([OUTPUT], {"x": x.numpy(), "t": np.full(3, t, dtype=np.float32)})[0]
         if out.shape != ref.shape:
             return float("inf")
         worst = max(worst, float(np.abs(out - ref).max()) / max(1.0, float(np.abs(ref).max())))
     return worst
+
+
+@contextlib.contextmanager
+def _full_precision():
+    """Run CUDA matmuls and convolutions in float32, not TF32, while torch's outputs are compared."""
+    import torch
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 def _make_parents(path: Path) -> list[Path]:
@@ -134,11 +150,13 @@ def _fsync(path: Path) -> None:
 
 
 def export_onnx(schedule_path: str | Path, out_dir: str | Path, supernet=None, *, opset: int = OPSET,
-                progress: bool = False) -> tuple[Path, dict]:
+                device: str = "cpu", progress: bool = False) -> tuple[Path, dict]:
     """Return (the folder, its manifest) after writing one ONNX graph per distinct step network of the
     schedule and manifest.json into the new or empty folder `out_dir` (whole, or nothing on failure).
 
-    `supernet`: a loaded Supernet, its folder, or None for the schedule's supernet.path.
+    `supernet`: a loaded Supernet, its folder, or None for the schedule's supernet.path. The torch
+    networks are traced and checked against onnxruntime (on the CPU) on `device`, in full float32
+    precision (no TF32 on CUDA). `progress`: a bar over the graphs.
     """
     import importlib.util
     import json
@@ -147,14 +165,17 @@ def export_onnx(schedule_path: str | Path, out_dir: str | Path, supernet=None, *
     missing = [m for m in ("onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
     if missing:
         raise DDSMError(f"export-onnx needs {' and '.join(missing)} (pip install 'ddsm-search[deploy]')")
+    from tqdm.auto import tqdm
+
     from ..diffusion import NoiseSchedule
     from ..io import sha256_file
-    from ..sampling import Runtime
+    from ..sampling import Runtime, resolve_device
 
     schedule_path, out = Path(schedule_path), Path(out_dir)
     _check_out(out)
-    schedule, supernet = _load(schedule_path, supernet)
-    runtime = Runtime(supernet, device="cpu")
+    device = resolve_device(device)
+    schedule, supernet = _load(schedule_path, supernet, device)
+    runtime = Runtime(supernet, device=device)
     runtime.use(schedule.settings)
     keys, plan = _graph_plan(schedule, runtime)
     diffusion, shape = supernet.config.diffusion, tuple(supernet.image_shape)
@@ -165,9 +186,7 @@ def export_onnx(schedule_path: str | Path, out_dir: str | Path, supernet=None, *
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should read like any other folder
         graphs = {}
-        for n, (key, entry) in enumerate(plan.items()):
-            if progress:
-                print(f"exporting graph {n + 1}/{len(plan)}: {key}", flush=True)
+        for key, entry in tqdm(plan.items(), desc="ONNX graphs", unit="graph", disable=not progress, leave=False):
             net, path = runtime.network(entry["step"]), tmp / entry["file"]
             try:
                 _export_graph(net, path, shape, entry["timesteps"][0], opset)

@@ -72,10 +72,10 @@ def _write(stem: Path, key: dict, images: torch.Tensor) -> None:
 
 
 def full_size_samples(plan, *, n: int, seed_set: str, batch_size: int = 500, cache=None,
-                      cache_dir=None) -> torch.Tensor:
+                      cache_dir=None, progress: bool = False) -> torch.Tensor:
     """Return full size's `n` images on a seed set under `plan`'s solver and timesteps (a CPU
-    float tensor in [-1, 1]), from disk if made before, else sampled now and kept (beside the supernet,
-    or in the cache directory)."""
+    float tensor in [-1, 1]), from disk if made before, else sampled now (with a bar if `progress`) and
+    kept (beside the supernet, or in the cache directory)."""
     from ..backends import backend_of
 
     full = plan.full()  # a multi-stage supernet: each step's stage
@@ -89,7 +89,8 @@ def full_size_samples(plan, *, n: int, seed_set: str, batch_size: int = 500, cac
         images = _read(folder / _stem(key), key)
         if images is not None:
             return images
-    images = generate(full, n=n, seed=seed_for(seed_set), batch_size=batch_size, cache=cache)
+    images = generate(full, n=n, seed=seed_for(seed_set), batch_size=batch_size, cache=cache, progress=progress,
+                      desc="full size")
     for folder in folders:
         try:
             folder.mkdir(parents=True, exist_ok=True)

@@ -34,11 +34,12 @@ class Confirmer:
     """Scores schedules of one search run on held-out noise beside full size, with loss intervals."""
 
     def __init__(self, supernet, search: dict, *, n: int, confidence: float = 0.95, device: str = "cpu",
-                 cache_dir=None, boundaries=(), reference: tuple | None = None):
+                 cache_dir=None, boundaries=(), reference: tuple | None = None, progress: bool = False):
         """`boundaries`: the run's segment starts (or a function of the number of steps), where the latents
         of shared schedule prefixes are kept (a front's schedules share long prefixes: they are sampled
         once). `reference`: (solver, steps) of the full-size run losses are measured against (default:
-        the search's sampler and steps)."""
+        the search's sampler and steps). `progress`: a bar while full size's and each schedule's held-out
+        images are sampled."""
         if not 0 < confidence < 1:
             raise DDSMError(f"--confidence must be between 0 and 1, got {confidence}")
         if n < 2:
@@ -47,7 +48,7 @@ class Confirmer:
         self.metric = search["metric"]
         self.default = Solver.of_sampler(search["sampler"], float(search["eta"]))
         solver, steps = reference or (self.default, int(search["steps"]))
-        self.batch_size, self.cache_dir = int(search["batch_size"]), cache_dir
+        self.batch_size, self.cache_dir, self.progress = int(search["batch_size"]), cache_dir, progress
         self.scorer = make_scorer(supernet, metric=self.metric, drift_space=search.get("drift_space", "auto"),
                                   device=device, cache_dir=cache_dir)
         # the search's backend choice is not part of its settings: "auto" picks the faster here
@@ -56,7 +57,8 @@ class Confirmer:
         self.cache = PrefixCache(boundaries)
         self.reference = self.runtime.plan([supernet.model.full] * steps, solver=Solver.parse(solver))
         self.full = FullReference(full_size_samples(self.reference, n=n, seed_set=HELDOUT_SEEDS,
-                                                    batch_size=self.batch_size, cache=self.cache, cache_dir=cache_dir))
+                                                    batch_size=self.batch_size, cache=self.cache, cache_dir=cache_dir,
+                                                    progress=progress))
         self.full_result = self.result(self.reference)
 
     def plan(self, what, settings: dict | None = None):
@@ -69,7 +71,7 @@ class Confirmer:
     def result(self, plan) -> dict:
         """Return the full held-out evaluation of a plan (features and executed FLOPs included)."""
         return evaluate(plan, self.scorer, n=self.n, seed_set=HELDOUT_SEEDS, batch_size=self.batch_size,
-                        cache=self.cache, full=self.full, keep=True, cache_dir=self.cache_dir)
+                        cache=self.cache, full=self.full, keep=True, cache_dir=self.cache_dir, progress=self.progress)
 
     def loss(self, result: dict) -> dict:
         """Return the loss of an evaluated schedule against full size: value, low, high, method."""

@@ -95,7 +95,9 @@ def _import_cleanfid():
         from cleanfid.resize import build_resizer
     except ImportError as err:
         if (err.name or "").split(".")[0] == "cleanfid":
-            raise DDSMError("the inception extractor needs clean-fid, which is not installed (pip install clean-fid)") from None
+            raise DDSMError("the inception extractor needs clean-fid, which is not installed (pip install "
+                            "'ddsm-search[inception]'; beside a CPU-only torch: pip install --no-deps clean-fid requests)"
+                            ) from None
         raise DDSMError(f"clean-fid cannot be imported: {err} (it needs torchvision built for the installed torch)") from None
     except Exception as err:  # torchvision built for another torch fails with RuntimeError on import
         first = str(err).splitlines()[0] if str(err) else ""

@@ -31,7 +31,7 @@ def heldout_front(run: str | Path, n: int, *, device: str = "cpu", supernet: str
     todo = [row for _, row in rows.iterrows() if row["schedule"] not in known.index]
     if todo:
         confirmer = Confirmer(supernet_of_run(run, device, supernet), info["search"], n=n, device=device,
-                              cache_dir=cache_dir, boundaries=segment_starts(info))
+                              cache_dir=cache_dir, boundaries=segment_starts(info), progress=progress)
         records = [confirmer.score(row["schedule"])
                    for row in tqdm(todo, desc="held-out front", unit="schedule", disable=not progress, leave=False)]
         record_heldout(run, records, "report")

@@ -1,5 +1,9 @@
-"""Report plots as PNG: the front, a schedule's subnet per step (every axis), hypervolume per
-generation, and a schedule's samples beside full size's from the same noise."""
+"""Report plots: the front, a schedule's subnet per step (every axis), hypervolume per generation, and a
+schedule's samples beside full size's from the same noise.
+
+Each function draws on a new `matplotlib.figure.Figure` (no pyplot: the user's backend and pyplot's
+figures are left alone) and returns it; given a path, it also writes the figure there as a PNG,
+atomically. Show one in a notebook by leaving it as a cell's value, or with `fig.savefig`."""
 
 from __future__ import annotations
 
@@ -10,33 +14,32 @@ import numpy as np
 import pandas as pd
 import torch
 
-from ..images import make_grid
-from ..io import write_atomic
+from ..images import make_grid, new_figure, save_figure
+
+PathLike = str | Path | None
 
 
-def _figure():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display on servers and CI
-    import matplotlib.pyplot as plt
-
-    return plt
+def _done(fig, path: PathLike):
+    """Write the figure to `path` if one is given; return the figure."""
+    if path is not None:
+        save_figure(fig, path)
+    return fig
 
 
-def _save(fig, path: str | Path) -> Path:
-    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
-    _figure().close(fig)
-    return Path(path)
+def _staircase(ax, x, y, **style) -> None:
+    """Draw a front (x ascending, y descending) as the staircase it is: from each point the same
+    quality holds until the next, costlier point improves on it."""
+    ax.step(x, y, where="post", **style)
 
 
-def plot_front(table: pd.DataFrame, path: str | Path, metric: str = "fid", chosen: pd.Series | None = None) -> Path:
-    """Write GFLOPs against the metric: all evaluations faint, the front bold, the uniform schedules of
-    each axis marked (one marker per axis, labelled with the value)."""
-    plt = _figure()
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+def plot_front(table: pd.DataFrame, path: PathLike = None, metric: str = "fid", chosen: pd.Series | None = None):
+    """Draw GFLOPs against the metric: all evaluations faint, the front bold as a staircase, the uniform
+    schedules of each axis marked (one marker per axis, labelled with the value); return the Figure."""
+    fig = new_figure(6.4, 4.4)
+    ax = fig.subplots()
     ax.scatter(table["gflops"], table[metric], s=12, color="0.7", label="evaluated schedules")
     front = table[table["on_front"]].sort_values("gflops")
-    ax.plot(front["gflops"], front[metric], "-o", color="C0", lw=2, ms=5, label="Pareto front")
+    _staircase(ax, front["gflops"], front[metric], color="C0", lw=2, marker="o", ms=5, label="Pareto front")
     uniform = table[table["uniform"].notna()].sort_values("gflops")
     markers = {"full": ("o", "k"), "width": ("s", "C3"), "depth": ("^", "C4")}
     for kind, group in uniform.groupby(uniform["uniform"].map(_uniform_kind), sort=False):
@@ -54,29 +57,32 @@ def plot_front(table: pd.DataFrame, path: str | Path, metric: str = "fid", chose
     ax.set_ylabel(metric.upper())
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return _done(fig, path)
 
 
-def plot_heldout_front(table: pd.DataFrame, path: str | Path, rho: float) -> Path:
-    """Write the search's front beside the same schedules re-scored on held-out noise (and the front of
-    those held-out scores): where they part, the search was fooled by its noise."""
+def plot_heldout_front(table: pd.DataFrame, path: PathLike = None, rho: float = float("nan")):
+    """Draw the search's front beside the same schedules re-scored on held-out noise (and the front of
+    those held-out scores, both as staircases): where they part, the search was fooled by its noise;
+    return the Figure."""
     from ..search.pareto import pareto_mask
 
     metric = table.attrs["metric"]
-    plt = _figure()
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    ax.plot(table["gflops"], table[f"search_{metric}"], "-o", color="C0", lw=2, ms=5, label="front, search noise")
+    fig = new_figure(6.4, 4.4)
+    ax = fig.subplots()
+    table = table.sort_values("gflops")
+    _staircase(ax, table["gflops"], table[f"search_{metric}"], color="C0", lw=2, marker="o", ms=5,
+               label="front, search noise")
     ax.plot(table["gflops"], table[f"heldout_{metric}"], "o", color="C1", ms=5,
             label=f"the same schedules, held-out noise (n={table.attrs['samples']})")
     points = table[["gflops", f"heldout_{metric}"]].to_numpy(dtype=float)
     held = table[pareto_mask(points)].sort_values("gflops")
-    ax.plot(held["gflops"], held[f"heldout_{metric}"], "-", color="C1", lw=1.5, label="held-out front")
+    _staircase(ax, held["gflops"], held[f"heldout_{metric}"], color="C1", lw=1.5, label="held-out front")
     ax.set_xlabel("GFLOPs per image (whole sampling run)")
     ax.set_ylabel(metric.upper())
     ax.set_title(f"Spearman rank correlation, search vs held-out: {rho:.2f}", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return _done(fig, path)
 
 
 def _uniform_kind(label: str) -> str:
@@ -87,8 +93,8 @@ def _uniform_kind(label: str) -> str:
     return axes[0] if len(axes) == 1 else "mixed"
 
 
-def plot_schedule(steps: Sequence, path: str | Path, title: str = "", space=None, executed: dict | None = None) -> Path:
-    """Write a schedule's value of every axis at each sampling step (noisiest step on the left), one
+def plot_schedule(steps: Sequence, path: PathLike = None, title: str = "", space=None, executed: dict | None = None):
+    """Draw a schedule's value of every axis at each sampling step (noisiest step on the left), one
     panel per axis, each panel's range that axis's choices (from `space`, a SubnetSpace, if given), then
     one panel per field of its steps' extras (space.steps.Step; an early exit's threshold, say).
 
@@ -101,8 +107,8 @@ def plot_schedule(steps: Sequence, path: str | Path, title: str = "", space=None
     steps = [s if isinstance(s, Step) else Step(s) for s in steps]
     fields = sorted({f for s in steps for f in s.fields})
     axes = [a for a, _ in steps[0].subnet.items] + fields
-    plt = _figure()
-    fig, panels = plt.subplots(len(axes), 1, figsize=(6.4, 1.2 + 1.5 * len(axes)), sharex=True, squeeze=False)
+    fig = new_figure(6.4, 1.2 + 1.5 * len(axes))
+    panels = fig.subplots(len(axes), 1, sharex=True, squeeze=False)
     x = np.arange(len(steps))
     for ax, axis in zip(panels[:, 0], axes):
         if axis in fields:
@@ -127,27 +133,27 @@ def plot_schedule(steps: Sequence, path: str | Path, title: str = "", space=None
         ax.grid(alpha=0.3)
     panels[-1, 0].set_xlabel("sampling step (noisiest first)")
     panels[0, 0].set_title(title, fontsize=9)
-    return _save(fig, path)
+    return _done(fig, path)
 
 
-def plot_hypervolume(generations: pd.DataFrame, path: str | Path) -> Path:
-    """Write the front's hypervolume against generation."""
-    plt = _figure()
-    fig, ax = plt.subplots(figsize=(5.2, 3.2))
-    ax.plot(generations["generation"] + 1, generations["hypervolume"], "-o", color="C0")
+def plot_hypervolume(generations: pd.DataFrame, path: PathLike = None):
+    """Draw the front's hypervolume against generation; return the Figure."""
+    fig = new_figure(5.2, 3.2)
+    ax = fig.subplots()
+    ax.plot(generations["generation"], generations["hypervolume"], "-o", color="C0")  # numbered from 1
     ax.set_xlabel("generation")
     ax.set_ylabel("hypervolume")
     ax.grid(alpha=0.3)
-    return _save(fig, path)
+    return _done(fig, path)
 
 
-def plot_grids(images: torch.Tensor, full: torch.Tensor, path: str | Path, titles=("schedule", "full size")) -> Path:
-    """Write a schedule's sample grid beside full size's grid from the same noise."""
-    plt = _figure()
-    fig, axes = plt.subplots(1, 2, figsize=(8, 4.2))
+def plot_grids(images: torch.Tensor, full: torch.Tensor, path: PathLike = None, titles=("schedule", "full size")):
+    """Draw a schedule's sample grid beside full size's grid from the same noise; return the Figure."""
+    fig = new_figure(8, 4.2)
+    axes = fig.subplots(1, 2)
     for ax, imgs, title in zip(axes, (images, full), titles):
         grid = make_grid(imgs)
         ax.imshow(grid[..., 0] if grid.shape[-1] == 1 else grid, cmap="gray", interpolation="nearest")
         ax.set_title(title, fontsize=9)
         ax.axis("off")
-    return _save(fig, path)
+    return _done(fig, path)

@@ -30,8 +30,11 @@ def cost_note(table: pd.DataFrame) -> str:
 
 def write_report(run: str | Path, *, budget: str | None = "50%", device: str = "cpu", n_grid: int = 64,
                  progress: bool = True, supernet: str | Path | None = None, heldout: int | None = None,
-                 cache_dir=None) -> list[Path]:
+                 cache_dir=None, bars: bool | None = None) -> list[Path]:
     """Print the front and write report/*.png into the run directory; return the files written.
+
+    `progress` prints the front and what was written; `bars` (default: as `progress`) shows progress
+    bars while the grids are sampled and the held-out front is scored.
 
     Everything the report needs is read and checked first (run files, budget, supernet), so a bad
     input writes no plot.
@@ -41,6 +44,7 @@ def write_report(run: str | Path, *, budget: str | None = "50%", device: str = "
     from ..space.steps import ExecutedRecord
 
     run = Path(run)
+    bars = progress if bars is None else bars
     if budget is not None:
         parse_budget(budget)
     info = run_info(run)
@@ -59,7 +63,9 @@ def write_report(run: str | Path, *, budget: str | None = "50%", device: str = "
     if heldout is not None and heldout < 2:
         raise DDSMError(f"--heldout must be at least 2 images, got {heldout}")
     net = supernet_of_run(run, device, supernet) if chosen is not None or heldout else None
-    paths = [plot_front(table, out / "front.png", metric, chosen), plot_hypervolume(history, out / "hypervolume.png")]
+    paths = [out / "front.png", out / "hypervolume.png"]
+    plot_front(table, paths[0], metric, chosen)
+    plot_hypervolume(history, paths[1])
     if progress:
         print(f"{len(table)} schedules evaluated, {int(table['on_front'].sum())} on the front ({cost_note(table)}):")
         print(format_front(table))
@@ -67,20 +73,22 @@ def write_report(run: str | Path, *, budget: str | None = "50%", device: str = "
         plan = Runtime(net, device=device).plan_key(chosen["schedule"])
         title = f"best within {budget}: {chosen['gflops']:.3f} GFLOPs ({chosen['flops_share']:.0%}), {metric.upper()} {chosen[metric]:.3f}"
         record = ExecutedRecord()  # what dynamic steps executed, on the same images as the grid
-        images = generate(plan, n=n_grid, seed=0, record=record)
+        images = generate(plan, n=n_grid, seed=0, record=record, progress=bars, desc="schedule's grid")
         executed = executed_summary(plan, record, n_grid) if plan.dynamic else None
         if executed is not None:
             title += f"\nexecuted per step over {n_grid} images (mean, sd)"
-        paths.append(plot_schedule(list(plan.steps), out / "schedule.png", title, net.model.space, executed))
-        full = generate(plan.full(), n=n_grid, seed=0)
-        paths.append(plot_grids(images, full, out / "samples.png",
-                                (f"schedule ({chosen['flops_share']:.0%} of the FLOPs)", "full size, same noise")))
+        paths.append(out / "schedule.png")
+        plot_schedule(list(plan.steps), paths[-1], title, net.model.space, executed)
+        full = generate(plan.full(), n=n_grid, seed=0, progress=bars, desc="full size's grid")
+        paths.append(out / "samples.png")
+        plot_grids(images, full, paths[-1], (f"schedule ({chosen['flops_share']:.0%} of the FLOPs)", "full size, same noise"))
     if heldout:
         from .heldout import heldout_front
 
-        checked, rho = heldout_front(run, heldout, device=device, supernet=supernet, progress=progress,
+        checked, rho = heldout_front(run, heldout, device=device, supernet=supernet, progress=bars,
                                      cache_dir=cache_dir)
-        paths.append(plot_heldout_front(checked, out / "heldout_front.png", rho))
+        paths.append(out / "heldout_front.png")
+        plot_heldout_front(checked, paths[-1], rho)
         if progress:
             print(f"the front on held-out noise ({heldout} images; kept in {run / 'heldout.csv'}):")
             print(checked.drop(columns="schedule").to_string(index=False, float_format=lambda v: f"{v:.4g}"))

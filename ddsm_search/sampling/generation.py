@@ -78,10 +78,10 @@ def _nbytes(kept: dict) -> int:
 
 def generate(plan, *, n: int, seed: int, batch_size: int = 500, progress: bool = False,
              cache: PrefixCache | None = None, record: ExecutedRecord | None = None,
-             generator: torch.Generator | None = None) -> torch.Tensor:
+             generator: torch.Generator | None = None, desc: str = "sampling") -> torch.Tensor:
     """Return `n` images in [-1, 1] (CPU tensor) sampled with `plan` from the seed's noise.
 
-    `record` receives what dynamic steps executed per image. A CPU `generator` given replaces the
+    `progress` shows a bar over the steps, labelled `desc`. `record` receives what dynamic steps executed per image. A CPU `generator` given replaces the
     seed's (the noise is drawn from it as it stands, then the sampler's step noise).
     """
     if n < 1:
@@ -109,7 +109,7 @@ def generate(plan, *, n: int, seed: int, batch_size: int = 500, progress: bool =
                 record.restore(done)
         cache.steps_saved += start
         cache.steps_run += len(steps) - start
-    bar = tqdm(total=len(steps), initial=start, desc="sampling", unit="step", disable=not progress, leave=False)
+    bar = tqdm(total=len(steps), initial=start, desc=desc, unit="step", disable=not progress, leave=False)
     denoisers = plan.runtime.denoisers
 
     def after_step(i: int, latent: torch.Tensor) -> None:

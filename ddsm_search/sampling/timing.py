@@ -6,6 +6,7 @@ import statistics
 import time
 
 import torch
+from tqdm.auto import tqdm
 
 from ..errors import DDSMError
 from ..space.steps import ExecutedRecord
@@ -39,14 +40,18 @@ def time_against_full(plan, *, n: int, seed: int, batch_size: int = 500, progres
     backends = runtime.backends()
     paths = {s.key: backends[s.key] for s in dict.fromkeys(plan.steps + full.steps)}
     images, seconds = None, {"schedule": [], "full": []}
+    # a bar over the timed runs, updated between them: nothing of it inside a timing
+    bar = tqdm(total=2 * repeats, desc="timing against full size", unit="run", disable=not progress, leave=False)
     for i in range(repeats):
         for name, p in (("schedule", plan), ("full", full)):
             mine = record if name == "schedule" and i == 0 else None
             started = time.perf_counter()
-            out = generate(p, n=n, seed=seed, batch_size=batch_size, progress=progress and i == 0, record=mine)
+            out = generate(p, n=n, seed=seed, batch_size=batch_size, record=mine)
             if device == "cuda":
                 torch.cuda.synchronize()
             seconds[name].append(time.perf_counter() - started)
+            bar.update(1)
             if name == "schedule" and images is None:
                 images = out
+    bar.close()
     return images, statistics.median(seconds["schedule"]), statistics.median(seconds["full"]), paths

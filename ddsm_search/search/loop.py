@@ -1,7 +1,8 @@
 """The public generation API both executors drive: ask a generation, hand out what is new (screening
 first, if asked, then full evaluations), record each result as it lands, tell the algorithm, write the
 front and its hypervolume. The actor pool (executors/pool.py) and Ray Tune (executors/tune.py) run the
-same `Loop`, so both write the same rows, fronts and hypervolumes."""
+same `Loop`, so both write the same rows, fronts and hypervolumes. Generations are numbered from 1, in
+the progress lines and in the run's files alike."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ class Generation:
         self.screens: dict[str, dict] = {}
         self.phase = "new"  # new -> screen (if screening) -> full -> done
         q = loop.q
-        self.bar = tqdm(total=len(todo), desc=f"generation {gen + 1}/{q.generations}", unit="eval",
+        self.bar = tqdm(total=len(todo), desc=f"generation {gen}/{q.generations}", unit="eval",
                         disable=not (loop.progress and loop.bars), leave=False)
 
     def next_batch(self) -> tuple[list, int] | None:
@@ -100,8 +101,8 @@ class Loop:
         return True
 
     def start(self, gen: int, algorithm) -> Generation | None:
-        """Ask generation `gen`; return it with its feasible schedules that the table does not answer,
-        or None if the algorithm has nothing new to ask (the space is exhausted)."""
+        """Ask generation `gen` (the first is 1); return it with its feasible schedules that the table does
+        not answer, or None if the algorithm has nothing new to ask (the space is exhausted)."""
         started = time.perf_counter()
         genomes = algorithm.ask()
         if not genomes:
@@ -114,9 +115,9 @@ class Loop:
         return Generation(self, gen, algorithm, genomes, todo, started)
 
     def exhausted(self, gen: int) -> None:
-        """Say that the search ended early: the algorithm had nothing new after generation `gen`."""
+        """Say that the search ended early: the algorithm had nothing new for generation `gen`."""
         if self.progress:
-            print(f"the search space is exhausted after generation {gen}: the algorithm has no new "
+            print(f"the search space is exhausted after generation {gen - 1}: the algorithm has no new "
                   "schedule to propose", flush=True)
 
     def finish(self, generation: Generation) -> None:
@@ -147,6 +148,6 @@ class Loop:
                    "seconds": round(time.perf_counter() - generation.started, 2)}
         self.files.record_generation(summary, front)
         if self.progress:
-            print(f"generation {gen + 1}/{q.generations}: {len(todo)} new evaluations ({len(table)} in all), "
+            print(f"generation {gen}/{q.generations}: {len(todo)} new evaluations ({len(table)} in all), "
                   f"best {q.metric.upper()} {summary[f'best_{q.metric}']:.4g}, front {len(front)}, "
                   f"hypervolume {hv:.4g}, {summary['seconds']:.1f} s", flush=True)

@@ -2,6 +2,13 @@
 
 Every file is rewritten atomically after each change, so a run killed at any moment (kill -9) leaves
 whole files, and `--resume` finds every finished evaluation on disk.
+
+run.json's `version` says how the files count generations and write keys: version 2 numbers
+generations from 1, as the progress lines do, and a key names its solver and timesteps in a head
+(none for DDIM on the uniform grid); version 1 (runs written before) numbered them from 0 in
+evaluations.csv, generations.csv and front.csv, and its keys ran the search's sampler on the uniform
+grid. Readers add 1 to a version-1 run's numbers (`generation_offset`) and that sampler's head to its
+keys (`legacy_head`), and a resumed version-1 run is rewritten as version 2.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from ..solvers.base import Solver, head_of
 from ..space.steps import canonical_plan_key
 
 EVALUATIONS, GENERATIONS, FRONT, RUN = "evaluations.csv", "generations.csv", "front.csv", "run.json"
-RUN_VERSION = 2  # 2: keys name their solver and timesteps (a head) unless DDIM on the uniform grid
+RUN_VERSION = 2  # 2: generations numbered from 1, keys naming their solver and timesteps (version 1: neither)
 COLUMNS = ["schedule", "genome", "gflops", "gflops_sd", "flops_share", "fid", "kid", "drift", "samples", "seed_set", "generation",
            "worker", "seconds", "steps_run", "steps_saved", "screen_score"]
 
@@ -57,6 +64,28 @@ def read_evaluations(path: Path, head: str | None = None) -> pd.DataFrame:
     return frame
 
 
+def generation_offset(info: dict) -> int:
+    """Return what to add to the generation numbers in a run's files to number them from 1: 1 for a
+    run.json of version 1 (from before generations counted from 1), else 0."""
+    return 1 if int(info.get("version", 1)) < 2 else 0
+
+
+def read_generations(run: Path, info: dict) -> pd.DataFrame:
+    """Return a run's generations.csv, generations numbered from 1, or raise DDSMError."""
+    path = run / GENERATIONS
+    if not path.is_file():
+        raise DDSMError(f"{run} has no finished generation yet (no {GENERATIONS}); resume the search with "
+                        "'ddsm-search search ... --resume'")
+    try:
+        frame = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise DDSMError(f"{path} is not a readable table: {str(exc).splitlines()[0]}") from None
+    if "generation" not in frame.columns:
+        raise DDSMError(f"{path} lacks columns ['generation']")
+    frame["generation"] += generation_offset(info)
+    return frame
+
+
 def _write_csv(path: Path, frame: pd.DataFrame) -> None:
     write_atomic(path, lambda tmp: frame.to_csv(tmp, index=False))
 
@@ -67,9 +96,14 @@ class RunFiles:
     def __init__(self, out_dir: str | Path):
         self.dir = Path(out_dir)
         self.rows: dict[str, dict] = {}
+        self.renumbered = False  # rows of a version-1 run, renumbered from 1: written again with run.json
         if (self.dir / EVALUATIONS).is_file():
-            head = legacy_head(read_run_json(self.dir / RUN)) if (self.dir / RUN).is_file() else None
-            frame = read_evaluations(self.dir / EVALUATIONS, head)
+            info = self.read_run() if self.has_run() else None
+            frame = read_evaluations(self.dir / EVALUATIONS, legacy_head(info))
+            if info is not None:
+                offset = generation_offset(info)
+                frame["generation"] += offset
+                self.renumbered = offset != 0
             self.rows = {r["schedule"]: r for r in frame[COLUMNS].to_dict("records")}
         self.generations: list[dict] = []
 
@@ -82,7 +116,11 @@ class RunFiles:
         return read_run_json(self.dir / RUN)
 
     def write_run(self, info: dict) -> None:
-        """Write run.json, the description a resumed run must match."""
+        """Write run.json, the description a resumed run must match (and the rows of a version-1 run,
+        renumbered, first)."""
+        if self.renumbered:
+            _write_csv(self.dir / EVALUATIONS, self.table())
+            self.renumbered = False
         write_json_atomic(self.dir / RUN, info)
 
     def add(self, row: dict) -> None:

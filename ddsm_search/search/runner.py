@@ -4,7 +4,7 @@ One generation loop (search/loop.py) serves both executors: the actor pool (`sea
 default) and Ray Tune (`tune`, executors/tune.py), which drives the same `Generation` batches from a Tune
 Searcher, so both write the same rows, fronts and hypervolumes.
 
-Resuming replays the seeded algorithm from generation 0: every schedule already in the run's table
+Resuming replays the seeded algorithm from generation 1: every schedule already in the run's table
 is answered from disk, so an interrupted search (kill -9 included) continues with no finished
 evaluation lost or repeated, and reaches the same front it would have reached uninterrupted.
 """
@@ -20,6 +20,7 @@ from typing import Sequence
 from ..checkpoint import load_supernet
 from ..config import ExperimentConfig, SearchConfig, budget_gflops, validate_search
 from ..errors import DDSMError
+from ..io import cache_dir as default_cache_dir
 from ..space.plugins import families, family_of_field
 from ..solvers.base import timesteps_for
 from ..space.subnet import schedule_key
@@ -123,7 +124,9 @@ def run_search(cfg: ExperimentConfig, supernet_dir: str | Path, out_dir: str | P
 
     seeds = [g for f in families() for g in f.seed_genomes(space, supernet.config.diffusion, q)]
     algorithm = make_algorithm(q.algorithm, space, q.population, q.seed, feasible, seeds)
-    evaluator_args = {"supernet_dir": str(supernet.path), "search": asdict(q), "device": device, "cache_dir": cache_dir}
+    # absolute paths: Ray's workers, and Tune's trials (each in a directory of its own), run elsewhere
+    evaluator_args = {"supernet_dir": str(supernet.path.resolve()), "search": asdict(q), "device": device,
+                      "cache_dir": str(Path(cache_dir).resolve() if cache_dir is not None else default_cache_dir().resolve())}
     from .worker import Evaluator, prepare_reference
 
     # once, before the workers start, so they all read the same cache and run each subnet on the same backend

@@ -9,7 +9,6 @@ so images do not depend on the batch size or the device.
 
 from __future__ import annotations
 
-import sys
 from typing import Sequence
 
 import numpy as np
@@ -19,19 +18,16 @@ from ..errors import DDSMError
 
 
 def diffusers_schedulers():
-    """Return diffusers' scheduler module, or raise DDSMError saying how to install diffusers."""
-    if "torchvision" not in sys.modules:  # beside the CPU torch PyPI's torchvision does not load: leave it out
-        try:
-            import diffusers.utils.import_utils as import_utils
-
-            import_utils._torchvision_available = False
-        except ImportError:
-            pass
+    """Return diffusers' scheduler module, or raise DDSMError saying in one line why it does not import."""
     try:
         import diffusers.schedulers as schedulers
-    except ImportError:
-        raise DDSMError("this solver runs diffusers' scheduler: pip install diffusers (or 'ddsm-search[diffusers]')") \
-            from None
+    except ImportError as exc:
+        if (getattr(exc, "name", None) or "").split(".")[0] == "diffusers":
+            raise DDSMError("this solver runs diffusers' scheduler: pip install 'ddsm-search[diffusers]'") from None
+        raise DDSMError(f"diffusers cannot be imported: {str(exc).splitlines()[0]}") from None
+    except RuntimeError as exc:  # diffusers wraps a dependency that fails to load (a torchvision for another torch)
+        raise DDSMError(f"diffusers cannot be imported: {str(exc).strip().splitlines()[-1]} (a torchvision built for "
+                        "another torch? pip uninstall torchvision, or install the one made for this torch)") from None
     return schedulers
 
 

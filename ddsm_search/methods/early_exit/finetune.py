@@ -42,7 +42,7 @@ def finetune_exit(supernet_dir: str | Path, *, steps: int = 500, batch_size: int
     from .heads import CertaintyHeads, adadiff_loss
 
     if steps < 1 or batch_size < 1 or not lr > 0:
-        raise DDSMError("finetune-exit: --steps and --batch-size must be at least 1 and --lr positive")
+        raise DDSMError("finetune-exit: --train-steps and --batch-size must be at least 1 and --lr positive")
     supernet = load_supernet(supernet_dir, device)
     _require_dit(supernet)
     model, cfg = supernet.model, supernet.config

@@ -36,7 +36,8 @@ from ...config import ExperimentConfig, load_config
 from ...data import ImageData, data_key, load_data
 from ...diffusion import NoiseSchedule, log_snr
 from ...errors import DDSMError
-from ...io import write_atomic, write_json_atomic
+from ...images import new_figure, save_figure
+from ...io import write_json_atomic
 
 COSTS = ("denoiser", "logsnr", "gradient")
 SEGMENT_COSTS = ("center", "pairwise")
@@ -111,8 +112,14 @@ def _pick(data: ImageData | torch.Tensor, samples: int, g: torch.Generator) -> t
     return images[idx]
 
 
+def _bar(timesteps: Sequence[int], what: str, progress: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(timesteps, desc=what, unit="timestep", disable=not progress, leave=False)
+
+
 def denoiser_cost(data: ImageData | torch.Tensor, timesteps: Sequence[int], alphas_cumprod, *, samples: int = 256,
-                  seed: int = 0, metric: str = "mse") -> np.ndarray:
+                  seed: int = 0, metric: str = "mse", progress: bool = False) -> np.ndarray:
     """Return the optimal denoiser's dissimilarity between grid timesteps on shared (x0, noise) pairs."""
     if metric not in DENOISER_METRICS:
         raise DDSMError(f"unknown denoiser metric {metric!r} (choose from {', '.join(DENOISER_METRICS)})")
@@ -121,7 +128,7 @@ def denoiser_cost(data: ImageData | torch.Tensor, timesteps: Sequence[int], alph
     noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
     abar = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
     outs = []
-    for t in timesteps:
+    for t in _bar(timesteps, "optimal denoiser", progress):
         a = abar[t]
         outs.append(optimal_denoiser(a.sqrt() * x0 + (1 - a).sqrt() * noise, t, data, abar).float().flatten())
     n = len(outs)
@@ -135,7 +142,7 @@ def denoiser_cost(data: ImageData | torch.Tensor, timesteps: Sequence[int], alph
 
 
 def gradient_cost(model: torch.nn.Module, data: ImageData | torch.Tensor, timesteps: Sequence[int], alphas_cumprod,
-                  *, samples: int = 64, seed: int = 0, batch_size: int = 256) -> np.ndarray:
+                  *, samples: int = 64, seed: int = 0, batch_size: int = 256, progress: bool = False) -> np.ndarray:
     """Return 1 - cosine similarity of the eps-MSE loss gradients at each pair of grid timesteps."""
     params = list(model.parameters())
     if not params:
@@ -151,7 +158,7 @@ def gradient_cost(model: torch.nn.Module, data: ImageData | torch.Tensor, timest
     try:
         for p in params:
             p.requires_grad_(True)
-        for row, t in enumerate(timesteps):
+        for row, t in enumerate(_bar(timesteps, "loss gradients", progress)):
             a = float(abar[t])
             total = [torch.zeros_like(p) for p in params]
             for c in range(0, len(x0), batch_size):  # the mean loss over the batch, in chunks
@@ -264,22 +271,17 @@ def interval_cluster(cost, k: int, balance: float | None = 0.5, segment_cost: st
             "cost": float(best[k, n])}
 
 
-def _figure():
-    import matplotlib
+def plot_similarity(matrix, timesteps: Sequence[int], boundaries: Sequence[int], path: str | Path | None = None,
+                    title: str = "dissimilarity between timesteps"):
+    """Draw the matrix as a heat map (timesteps on both axes) with the stage boundaries, on a matplotlib
+    Figure made without pyplot (the user's backend is left alone); write it to `path` as a PNG if given;
+    return the Figure."""
+    from matplotlib.patches import Rectangle
 
-    matplotlib.use("Agg")  # files only: no display on servers and CI
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_similarity(matrix, timesteps: Sequence[int], boundaries: Sequence[int], path: str | Path,
-                    title: str = "dissimilarity between timesteps") -> Path:
-    """Write the matrix as a PNG heat map (timesteps on both axes) with the stage boundaries drawn; return the path."""
-    plt = _figure()
     matrix = np.asarray(matrix, dtype=float)
     n = len(matrix)
-    fig, ax = plt.subplots(figsize=(5.6, 4.8))
+    fig = new_figure(5.6, 4.8)
+    ax = fig.subplots()
     im = ax.imshow(matrix, origin="lower", cmap="viridis", interpolation="nearest")
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     edges = [-0.5] + [b - 0.5 for b in boundaries] + [n - 0.5]
@@ -287,18 +289,16 @@ def plot_similarity(matrix, timesteps: Sequence[int], boundaries: Sequence[int],
         ax.axhline(b - 0.5, color="w", lw=0.8, alpha=0.7)
         ax.axvline(b - 0.5, color="w", lw=0.8, alpha=0.7)
     for a, b in zip(edges[:-1], edges[1:]):  # each stage's own block
-        ax.add_patch(plt.Rectangle((a, a), b - a, b - a, fill=False, edgecolor="r", lw=1.5, zorder=3))
+        ax.add_patch(Rectangle((a, a), b - a, b - a, fill=False, edgecolor="r", lw=1.5, zorder=3))
     ticks = sorted(set(np.linspace(0, n - 1, min(n, 6)).round().astype(int).tolist()))
     ax.set_xticks(ticks, [str(timesteps[i]) for i in ticks])
     ax.set_yticks(ticks, [str(timesteps[i]) for i in ticks])
     ax.set_xlabel("timestep t")
     ax.set_ylabel("timestep t")
     ax.set_title(title, fontsize=9)
-    try:
-        write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
-    finally:
-        plt.close(fig)
-    return Path(path)
+    if path is not None:
+        save_figure(fig, path)
+    return fig
 
 
 def check_stage_args(num_timesteps: int, k, cost: str, has_model: bool, grid: int | None, samples: int | None,
@@ -325,8 +325,9 @@ def check_stage_args(num_timesteps: int, k, cost: str, has_model: bool, grid: in
 
 def find_stages(cfg: ExperimentConfig | str | Path, k: int, cost: str = "denoiser", model: torch.nn.Module | None = None,
                 grid: int | None = None, samples: int | None = None, seed: int = 0, balance: float | None = 0.5,
-                segment_cost: str = "center", metric: str = "mse") -> dict:
-    """Return k timestep stages of the experiment's training data: boundaries, the matrix and metadata."""
+                segment_cost: str = "center", metric: str = "mse", progress: bool = False) -> dict:
+    """Return k timestep stages of the experiment's training data: boundaries, the matrix and metadata
+    (`progress`: a bar over the grid's timesteps while the matrix is computed)."""
     cfg = cfg if isinstance(cfg, ExperimentConfig) else load_config(cfg)
     T = cfg.diffusion.timesteps
     grid, samples = check_stage_args(T, k, cost, model is not None, grid, samples, balance, segment_cost, metric)
@@ -339,9 +340,9 @@ def find_stages(cfg: ExperimentConfig | str | Path, k: int, cost: str = "denoise
     else:
         data = load_data(d)
         if cost == "denoiser":
-            matrix = denoiser_cost(data, timesteps, abar, samples=samples, seed=seed, metric=metric)
+            matrix = denoiser_cost(data, timesteps, abar, samples=samples, seed=seed, metric=metric, progress=progress)
         else:
-            matrix = gradient_cost(model, data, timesteps, abar, samples=samples, seed=seed)
+            matrix = gradient_cost(model, data, timesteps, abar, samples=samples, seed=seed, progress=progress)
     split = interval_cluster(matrix, k, balance=balance, segment_cost=segment_cost, timesteps=timesteps)
     starts = [0] + split["boundary_timesteps"]
     stops = [t - 1 for t in split["boundary_timesteps"]] + [T - 1]
@@ -364,7 +365,8 @@ def write_stages(result: dict, out_dir: str | Path) -> tuple[Path, Path]:
     if out.exists() and not out.is_dir():
         raise DDSMError(f"--out {out} is a file, not a directory")
     title = f"{result['cost']} dissimilarity, {result['k']} stages ({result['experiment']})"
-    png = plot_similarity(result["matrix"], result["grid"], result["boundaries"], out / SIMILARITY_PNG, title=title)
+    png = out / SIMILARITY_PNG
+    plot_similarity(result["matrix"], result["grid"], result["boundaries"], png, title=title)
     return write_json_atomic(out / STAGES_JSON, result), png
 
 

@@ -22,21 +22,16 @@ ATTENTION_BLOCKS = ("AttnDownBlock2D", "AttnUpBlock2D")
 
 
 def unet2d_class():
-    """Return diffusers' UNet2DModel class, or raise DDSMError if diffusers is not installed.
-
-    diffusers imports torchvision wherever it is installed, through model files that UNet2DModel does
-    not use; beside this project's torch, torchvision does not import (see README). Unless torchvision
-    is already loaded, diffusers is told it is absent, which UNet2DModel never needs."""
-    import sys
-
+    """Return diffusers' UNet2DModel class, or raise DDSMError saying why diffusers does not import."""
     try:
-        import diffusers.utils.import_utils as import_utils
-    except ImportError:
-        raise DDSMError("import-diffusers needs the diffusers package (pip install diffusers)") from None
-    if "torchvision" not in sys.modules:
-        import_utils._torchvision_available = False
-    from diffusers import UNet2DModel
-
+        from diffusers import UNet2DModel
+    except ImportError as exc:
+        if (getattr(exc, "name", None) or "").split(".")[0] == "diffusers":
+            raise DDSMError("import-diffusers needs the diffusers package (pip install 'ddsm-search[diffusers]')") from None
+        raise DDSMError(f"diffusers cannot be imported: {str(exc).splitlines()[0]}") from None
+    except RuntimeError as exc:  # diffusers wraps a dependency that fails to load (a torchvision for another torch)
+        raise DDSMError(f"diffusers cannot be imported: {str(exc).strip().splitlines()[-1]} (a torchvision built for "
+                        "another torch? pip uninstall torchvision, or install the one made for this torch)") from None
     return UNet2DModel
 
 

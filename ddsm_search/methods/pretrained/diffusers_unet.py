@@ -188,11 +188,12 @@ def differences(theirs: nn.Module, ours: nn.Module, image_shape, timesteps, seed
                 ) -> dict[int, float]:
     """Return, per timestep, the largest difference of the supernet's output (at its current width) from
     the diffusers model's on the same noise, relative to the largest output."""
-    x = torch.randn((batch, *image_shape), generator=torch.Generator().manual_seed(seed))
+    device = next(ours.parameters()).device
+    x = torch.randn((batch, *image_shape), generator=torch.Generator().manual_seed(seed)).to(device)
     out = {}
     with torch.no_grad():
         for t in timesteps:
-            tt = torch.full((batch,), int(t), dtype=torch.long)
+            tt = torch.full((batch,), int(t), dtype=torch.long, device=device)
             ref = theirs(x, tt).sample
             out[int(t)] = float((ours(x, tt) - ref).abs().max() / ref.abs().max().clamp_min(1.0))
     return out
@@ -266,11 +267,14 @@ def _write(out: Path, cfg: ExperimentConfig, model, flops, record: dict) -> Path
 
 def import_diffusers(model_dir: str | Path, out_dir: str | Path, *, widths=DEFAULT_WIDTHS,
                      config: ExperimentConfig | str | Path | None = None, name: str | None = None,
-                     image_size: int | None = None, importance: int = 0, progress: bool = False) -> Path:
+                     image_size: int | None = None, importance: int = 0, device: str = "cpu",
+                     progress: bool = False) -> Path:
     """Import the UNet2DModel in `model_dir` as a supernet serving `widths` into `out_dir` (new or empty);
     with `importance` > 0, order its channels by Taylor importance on that many training images first.
     The experiment's other sections come from `config` (a YAML path or config), the noise process from
-    the pipeline's scheduler where there is one. Return the supernet directory."""
+    the pipeline's scheduler where there is one. Both networks run on `device` (the importance's
+    gradients, the check that the import equals the model); the supernet is written from the CPU.
+    Return the supernet directory."""
     from ...backbones.cost import flops_table
     from ...backbones.registry import build_supernet
 
@@ -286,6 +290,7 @@ def import_diffusers(model_dir: str | Path, out_dir: str | Path, *, widths=DEFAU
         torch.manual_seed(0)
         ours = build_supernet(cfg.model, shape).eval()
     copy_weights(theirs, ours)
+    theirs, ours = theirs.to(device), ours.to(device)
     steps = sorted({0, cfg.diffusion.timesteps // 2, cfg.diffusion.timesteps - 1})
     record = {"source": str(Path(model_dir).resolve()), "diffusers_config": read_json(unet_dir / "config.json"),
               "scheduler": str(scheduler) if scheduler else None}
@@ -295,7 +300,7 @@ def import_diffusers(model_dir: str | Path, out_dir: str | Path, *, widths=DEFAU
 
         data = load_data(cfg.data)
         record["importance"] = reorder_by_importance(ours, data, cfg.diffusion, images=importance,
-                                                     seed=cfg.train.seed)
+                                                     seed=cfg.train.seed, progress=progress)
         if progress:
             print(f"ordered channels by Taylor importance on {importance} images: "
                   f"{record['importance']['sets_permuted']} channel sets reordered")
@@ -306,7 +311,7 @@ def import_diffusers(model_dir: str | Path, out_dir: str | Path, *, widths=DEFAU
                         f"width; nothing written")
     record["max_relative_difference"] = {str(t): v for t, v in diff.items()}
     flops = flops_table(cfg.model, shape)
-    path = _write(out, cfg, ours, flops, record)
+    path = _write(out, cfg, ours.cpu(), flops, record)
     if progress:
         print(f"imported {unet_dir} -> {path}: widths {', '.join(map(str, cfg.model.axes()['width']))}, "
               f"{flops[ours.full] / 1e9:.4f} GFLOPs per image at full size, largest difference from diffusers "

@@ -179,21 +179,30 @@ def channel_sets(net) -> list[ChannelSet]:
 
 
 def accumulate_gradients(net, x0: torch.Tensor, diffusion: DiffusionConfig, timesteps, batch_size: int,
-                         seed: int) -> None:
+                         seed: int, progress: bool = False) -> None:
     """Leave in every parameter's .grad the full-size diffusion loss's gradient summed over batches of
-    `x0` at each of `timesteps` (one timestep for a whole batch, as Diff-Pruning does)."""
+    `x0` at each of `timesteps` (one timestep for a whole batch, as Diff-Pruning does), on the device
+    of the network (the noise drawn on the CPU, so the same on any device)."""
+    from tqdm.auto import tqdm
+
     from ...diffusion import NoiseSchedule
 
     schedule = NoiseSchedule(diffusion)
     generator = torch.Generator().manual_seed(seed)
+    device = next(net.parameters()).device
     net.zero_grad(set_to_none=True)
+    starts = range(0, len(x0), batch_size)
+    bar = tqdm(total=len(starts) * len(timesteps), desc="importance", unit="pass", disable=not progress, leave=False)
     with torch.enable_grad():
-        for start in range(0, len(x0), batch_size):
+        for start in starts:
             batch = x0[start:start + batch_size]
             noise = torch.randn(batch.shape, generator=generator)
+            batch, noise = batch.to(device), noise.to(device)
             for t in timesteps:
-                tt = torch.full((len(batch),), int(t), dtype=torch.long)
+                tt = torch.full((len(batch),), int(t), dtype=torch.long, device=device)
                 F.mse_loss(net(schedule.q_sample(batch, tt, noise), tt), noise).backward()
+                bar.update(1)
+    bar.close()
 
 
 def _tap_rows(tap: Tap, tensor: torch.Tensor) -> torch.Tensor:
@@ -238,7 +247,7 @@ def block_order(scores: torch.Tensor, starts: list[int], unit: int) -> torch.Ten
 
 
 def reorder_by_importance(net, data, diffusion: DiffusionConfig, *, images: int = 64, timesteps: int = 8,
-                          batch_size: int = 32, seed: int = 0) -> dict:
+                          batch_size: int = 32, seed: int = 0, progress: bool = False) -> dict:
     """Permute the supernet's channels (in place) into decreasing Taylor importance on `images` training
     images (an ImageData, or float images in [-1, 1]) at `timesteps` timesteps spread over the schedule;
     return what was done, as JSON-able data. The full-size function is unchanged."""
@@ -254,7 +263,7 @@ def reorder_by_importance(net, data, diffusion: DiffusionConfig, *, images: int 
     subnet, training = net.subnet, net.training
     net.set_subnet(net.full).eval()
     try:
-        accumulate_gradients(net, x0, diffusion, steps, batch_size, seed)
+        accumulate_gradients(net, x0, diffusion, steps, batch_size, seed, progress)
         permuted, kept = [], []
         for channels in sets:
             starts, unit = channels.blocks()

@@ -33,7 +33,7 @@ Where this departs from the papers, and why:
 - Masks are drawn from a generator of their own (seeded from train.seed), checkpointed like training's,
   so a sparse run sees the same batches, timesteps and noise as the dense run of the same seed.
 - T_end is `stop_at` of train.steps: a run resumed after an interruption continues bit-exactly, but a
-  run resumed with a larger --steps target follows the schedule of the new target from there on.
+  run resumed with a larger --train-steps target follows the schedule of the new target from there on.
 
 Library: torch.ao.pruning was read and not used. Its BaseSparsifier attaches a FakeSparsity
 parametrization, so every layer's parameter becomes `parametrizations.weight.original` (our

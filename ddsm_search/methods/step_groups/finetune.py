@@ -98,7 +98,7 @@ def check_finetune_args(out: Path, steps: int, batch_size: int, lr: float, disti
     if out.is_dir():
         raise DDSMError(f"--out {out} is a directory")
     if steps < 1 or batch_size < 1:
-        raise DDSMError("finetune: --steps and --batch-size must be at least 1")
+        raise DDSMError("finetune: --train-steps and --batch-size must be at least 1")
     if not (math.isfinite(lr) and lr > 0):
         raise DDSMError(f"finetune: --lr must be a finite number > 0, got {lr}")
     if not (math.isfinite(distill) and 0 <= distill <= 1):

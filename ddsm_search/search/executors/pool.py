@@ -338,7 +338,7 @@ class PoolExecutor:
 
     def run(self) -> None:
         """Run every generation (or until the space is exhausted)."""
-        for gen in range(self.loop.q.generations):
+        for gen in range(1, self.loop.q.generations + 1):  # numbered from 1, as in the run's files
             generation = self.loop.start(gen, self.algorithm)
             if generation is None:
                 self.loop.exhausted(gen)

@@ -11,7 +11,7 @@ Each trial evaluates one schedule on a reused Tune actor that keeps its Evaluato
 reference, prefix cache) between trials. Tune's experiment lies in RUN/tune, with Tune's loggers
 (CSV, JSON and TensorBoard by default; MLflow and W&B callbacks on request). `--resume` uses
 Tuner.restore on it; as with the pool, the run table is the record of what is done: the restored
-searcher replays the seeded algorithm from generation 0 against it, and trials that were running when
+searcher replays the seeded algorithm from generation 1 against it, and trials that were running when
 the search stopped are not resumed but handed out again (Tune marks them terminated).
 """
 
@@ -64,11 +64,8 @@ def _trial_dirname(trial) -> str:
 _EVALUATORS: dict = {}  # per Tune actor process: the Evaluator (and space) of the run it serves, kept between trials
 
 
-def evaluate_trial(config: dict, evaluator_args: dict, threads: int | None) -> None:
-    """Tune's trainable: evaluate one schedule (config: schedule, genome, samples) and report its result."""
-    import ray
-    from ray import tune
-
+def _evaluator(evaluator_args: dict, threads: int | None):
+    """Return this actor's (Evaluator, SearchSpace) of the run, made on its first trial."""
     from ..genome import SearchSpace
     from ..worker import Evaluator
 
@@ -77,9 +74,39 @@ def evaluate_trial(config: dict, evaluator_args: dict, threads: int | None) -> N
         _EVALUATORS.clear()
         evaluator = Evaluator(**evaluator_args, threads=threads)
         _EVALUATORS[token] = evaluator, SearchSpace.for_supernet(evaluator.supernet, evaluator.search)
-    evaluator, space = _EVALUATORS[token]
-    metric = evaluator.search.metric
+    return _EVALUATORS[token]
+
+
+def _fault(exc: BaseException) -> str:
+    """Return what went wrong in one line, and keep the traceback in the trial's directory."""
+    import traceback
+
+    from ray import tune
+
+    what = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
     try:
+        path = os.path.join(tune.get_context().get_trial_dir(), "fault.txt")
+        with open(path, "w") as fh:
+            fh.write("".join(traceback.format_exception(exc)))
+        return f"{what} (traceback in {path})"
+    except Exception:  # noqa: BLE001 - the message matters more than where its traceback is kept
+        return what
+
+
+def evaluate_trial(config: dict, evaluator_args: dict, threads: int | None) -> None:
+    """Tune's trainable: evaluate one schedule (config: schedule, genome, samples) and report its result.
+
+    An exception is reported, not raised: a user error (DDSMError) as its one line (`ddsm_error`), any
+    other as its type and first line (`ddsm_fault`), so that the search stops with that line rather
+    than Tune retrying a trial that fails the same way every time and printing Ray's tracebacks. Only
+    a worker that dies (its process lost) fails the trial, which Tune then restarts.
+    """
+    import ray
+    from ray import tune
+
+    metric = evaluator_args["search"]["metric"]
+    try:
+        evaluator, space = _evaluator(evaluator_args, threads)
         candidate = space.candidate(tuple(config["genome"]))
         if candidate.key != config["schedule"]:
             raise DDSMError(f"trial config: genome {config['genome']} is not schedule {config['schedule']}")
@@ -87,7 +114,21 @@ def evaluate_trial(config: dict, evaluator_args: dict, threads: int | None) -> N
     except DDSMError as exc:  # a user error: the same on every worker, so the search stops with its one line
         tune.report({"ddsm_error": str(exc), metric: math.nan})
         return
+    except Exception as exc:  # noqa: BLE001 - a fault: named in one line, its traceback kept in the trial dir
+        tune.report({"ddsm_fault": _fault(exc), metric: math.nan})
+        return
     tune.report({**result, "worker": ray.get_runtime_context().get_actor_id()})
+
+
+def _failure(key: str, result: dict | None) -> str:
+    """Return the one line that ends a search whose trial of schedule `key` failed (`result`: what it
+    reported, None if it never reported: its worker died each time Tune ran it)."""
+    if result and "ddsm_error" in result:  # the user's error, as the worker raised it
+        return result["ddsm_error"]
+    saved = "the evaluations finished so far are saved: --resume continues"
+    if result and "ddsm_fault" in result:
+        return f"evaluating schedule '{key}' failed on a Tune worker: {result['ddsm_fault']}; {saved}"
+    return f"the Tune trial evaluating schedule '{key}' failed {RETRIES + 1} times (its worker died each time); {saved}"
 
 
 _LIVE: dict[str, "ScheduleSearcher"] = {}  # run directory -> the searcher of the search running it in this process
@@ -115,7 +156,7 @@ class ScheduleSearcher(Searcher):
         super().__init__(metric=loop.q.metric, mode="min")
         self.loop, self.algorithm, self.max_concurrent = loop, algorithm, max_concurrent
         self.token = str(loop.files.dir.resolve())
-        self.gen, self.generation = 0, None
+        self.gen, self.generation = 1, None  # generations are numbered from 1, as in the run's files
         self.queue: deque = deque()  # (key, plan) of the current batch not yet handed out
         self.waiting: set[str] = set()  # keys of the current batch whose result is not in yet
         self.samples = 0
@@ -155,7 +196,7 @@ class ScheduleSearcher(Searcher):
             if self.generation is not None:
                 self.loop.finish(self.generation)
                 self.generation, self.gen = None, self.gen + 1
-            if self.gen >= self.loop.q.generations:
+            if self.gen > self.loop.q.generations:
                 self.done = True
                 return
             self.generation = self.loop.start(self.gen, self.algorithm)
@@ -180,11 +221,9 @@ class ScheduleSearcher(Searcher):
         key = self.live.pop(trial_id, None)
         if key is None:  # a trial of an earlier session (restored): its schedule is handed out again
             return
-        if error or not result or "ddsm_error" in result:
+        if error or not result or "ddsm_error" in result or "ddsm_fault" in result:
             if self.error is None:
-                self.error = (result["ddsm_error"] if result and "ddsm_error" in result else
-                              f"the Tune trial evaluating schedule '{key}' failed {RETRIES + 1} times (its worker "
-                              f"died each time); the evaluations finished so far are saved: --resume continues")
+                self.error = _failure(key, result if not error else None)
             return
         worker = self.workers.setdefault(result.get("worker"), len(self.workers))
         self.generation.add(key, {k: result[k] for k in RESULT_KEYS if k in result}, worker)
@@ -198,7 +237,7 @@ class ScheduleSearcher(Searcher):
             pickle.dump({"run": self.token, "generation": self.gen, "done": self.done}, f)
 
     def restore(self, checkpoint_path: str) -> None:
-        """Nothing to load: the run table is the state, replayed from generation 0."""
+        """Nothing to load: the run table is the state, replayed from generation 1."""
 
 
 class TuneExecutor:
