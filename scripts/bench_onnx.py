@@ -10,7 +10,11 @@ images of every path are compared with torch's (max |difference|).
     python scripts/bench_onnx.py --supernet /tmp/onnx_digits          # a width ramp, smallest first
 
 Without --schedule the schedule is a ramp over the width choices, the smallest on the noisiest
-quarter of the steps and full width on the last (`--steps`, default the config's sample.steps).
+quarter of the steps and full width on the last (`--steps`, default the config's sample.steps), under
+`--solver` (default the config's sampler) on `--spacing`'s timesteps; every solver runs in ONNX (DDIM
+and DDPM written out, the others as the manifest's linear form).
+
+    python scripts/bench_onnx.py --supernet /tmp/onnx_digits --solver unipc --spacing trailing --steps 10
 """
 
 from __future__ import annotations
@@ -38,7 +42,8 @@ from ddsm_search.sampling import (
     generate,  # noqa: E402
 )
 from ddsm_search.schedule import Schedule, load_schedule, save_schedule  # noqa: E402
-from ddsm_search.solvers.base import Solver  # noqa: E402
+from ddsm_search.solvers.base import Solver, timesteps_for  # noqa: E402
+from ddsm_search.solvers.names import SPACINGS  # noqa: E402
 from ddsm_search.space.subnet import schedule_key  # noqa: E402
 
 
@@ -54,6 +59,9 @@ def main() -> None:
     parser.add_argument("--supernet", required=True)
     parser.add_argument("--schedule", help="schedule JSON (default: a width ramp, see above)")
     parser.add_argument("--steps", type=int, help="steps of the default ramp (default: the config's sample.steps)")
+    parser.add_argument("--solver", help="solver of the default ramp, e.g. ddim, dpmsolver++(order=3), unipc, euler "
+                        "(default: the config's sample.sampler)")
+    parser.add_argument("--spacing", default="uniform", choices=SPACINGS, help="timesteps of the default ramp")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
@@ -78,8 +86,11 @@ def bench(args: argparse.Namespace, supernet, work: Path, ort_version: str) -> N
         schedule = load_schedule(args.schedule, supernet)
         schedule_path = Path(args.schedule)
     else:
-        schedule = Schedule(subnets=ramp(supernet, args.steps or supernet.config.sample.steps),
-                            solver=Solver.of_sampler(supernet.config.sample.sampler, supernet.config.sample.eta))
+        steps = args.steps or supernet.config.sample.steps
+        solver = Solver.parse(args.solver) if args.solver else \
+            Solver.of_sampler(supernet.config.sample.sampler, supernet.config.sample.eta)
+        schedule = Schedule(subnets=ramp(supernet, steps), solver=solver,
+                            timesteps=timesteps_for(supernet.config.diffusion.timesteps, steps, args.spacing))
         schedule_path = save_schedule(work / "schedule.json", schedule, supernet)
     subnets = [model.check_subnet(s) for s in schedule.subnets]
     full = Schedule(subnets=[model.full] * len(subnets), solver=schedule.solver, timesteps=schedule.timesteps)
@@ -88,6 +99,7 @@ def bench(args: argparse.Namespace, supernet, work: Path, ort_version: str) -> N
     n, steps = args.batch, len(subnets)
     g = torch.Generator().manual_seed(args.seed)  # the draws `generate` makes from this seed, in its order
     noise = torch.randn((n, *supernet.image_shape), generator=g)
+    # one noise per step but the last, as `generate` draws them (SDE-DPM-Solver++'s last, unused, aside)
     step_noise = np.stack([torch.randn(noise.shape, generator=g).numpy() for _ in range(steps - 1)]) \
         if schedule.solver.stochastic else None
     runners, reference, chosen = {}, {}, {}

@@ -1,6 +1,8 @@
 """ONNX export of a schedule (deploy/onnx_export.py) and the numpy + onnxruntime sampler
 (deploy/onnx_sampler.py): graphs equal their torch subnets, whole schedules equal `generate` on the
-same noise (DDIM eta 0 and 0.7, DDPM, group weights), tampering and bad inputs are refused."""
+same noise under every solver (DDIM eta 0 and 0.5, DDPM, DPM-Solver++ 2M/3M and SDE, UniPC 2 and 3,
+Euler; group weights), a solver's linear form equals its torch run, version-1 manifests load, tampering
+and bad inputs are refused."""
 
 from __future__ import annotations
 
@@ -23,8 +25,8 @@ from ddsm_search.checkpoint import load_supernet  # noqa: E402
 from ddsm_search.cli.main import main  # noqa: E402
 from ddsm_search.deploy import onnx_export  # noqa: E402
 from ddsm_search.deploy.onnx_export import export_onnx  # noqa: E402
-from ddsm_search.deploy.onnx_sampler import OnnxSampler  # noqa: E402
-from ddsm_search.diffusion import sampling_timesteps  # noqa: E402
+from ddsm_search.deploy.onnx_sampler import OnnxSampler, linear_latent, manifest_digest  # noqa: E402
+from ddsm_search.diffusion import NoiseSchedule, sampling_timesteps  # noqa: E402
 from ddsm_search.errors import DDSMError  # noqa: E402
 from ddsm_search.methods.step_groups.weights import GroupWeights, WeightGroup  # noqa: E402
 from ddsm_search.sampling import (
@@ -32,12 +34,14 @@ from ddsm_search.sampling import (
     generate,  # noqa: E402
 )
 from ddsm_search.schedule import Schedule, save_schedule  # noqa: E402
-from ddsm_search.solvers.base import Solver
+from ddsm_search.solvers.base import Solver, timesteps_for  # noqa: E402
+from ddsm_search.solvers.linear import linear_form  # noqa: E402
 from tests.conftest import tiny_dict  # noqa: E402
 from tests.test_exit_stage import TINY_DIT  # noqa: E402
 
 REL = 1e-4  # graph against its torch subnet: max |diff| <= REL * max |torch|
 IMAGES = 2e-4  # a whole schedule's images in [-1, 1] (errors of the steps add up)
+SOLVER_IMAGES = 1e-5  # max |ONNX - generate| of a whole schedule under each solver, absolute (issue 26)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
@@ -90,10 +94,11 @@ def test_unet_export_graphs_equal_subnets_and_manifest(unet):
     manifest = json.loads((folder / "manifest.json").read_text())
     assert sorted(p.name for p in folder.iterdir()) == sorted(["manifest.json", "width-1.0.onnx", "width-0.5.onnx",
                                                                "width-0.75.onnx"]), "one graph per distinct subnet"
-    assert manifest["format"] == "ddsm-search/onnx" and manifest["version"] == 1
+    assert manifest["format"] == "ddsm-search/onnx" and manifest["version"] == 2
     assert manifest["steps"] == [s.key for s in subnets]
-    assert manifest["sampler"] == {"name": "ddim", "eta": 0.0, "steps": 5,
-                                   "timesteps": sampling_timesteps(supernet.config.diffusion.timesteps, 5)}
+    assert manifest["solver"] == {"name": "ddim", "eta": 0.0, "key": "ddim", "steps": 5,
+                                  "timesteps": sampling_timesteps(supernet.config.diffusion.timesteps, 5)}
+    assert "linear" not in manifest and "sampler" not in manifest, "DDIM runs the sampler's own update"
     assert manifest["supernet"]["sha256"] == supernet.sha256
     abar = torch.cumprod(1 - torch.linspace(1e-4, 0.02, 100, dtype=torch.float64), 0)
     assert np.allclose(manifest["noise_schedule"]["alphas_cumprod"], abar.numpy(), rtol=1e-12)
@@ -116,22 +121,107 @@ def test_unet_schedule_images_equal_generate(unet):
     assert np.array_equal(seeded.sample(3, seed=5), seeded.sample(3, seed=5)), "a seed gives the same images"
 
 
-def test_stochastic_samplers_equal_generate_on_the_same_step_noise(tiny_supernet, tmp_path):
+# (solver, spacing): every solver, two of them on diffusers' trailing grid (explicit timesteps, not T-1 .. 0)
+SOLVERS = [("ddim", "uniform"), ("ddim(eta=0.5)", "uniform"), ("ddpm", "uniform"), ("dpmsolver++", "uniform"),
+           ("dpmsolver++(order=3)", "uniform"), ("sde-dpmsolver++", "uniform"), ("unipc", "uniform"),
+           ("unipc(order=3)", "trailing"), ("euler", "uniform"), ("euler", "trailing")]
+WIDTHS = (1.0, 0.5, 0.5, 0.75, 1.0, 0.5, 0.75)  # a mixed schedule: three widths, 7 steps (3rd order runs twice)
+
+
+@pytest.fixture(scope="module")
+def exports(tiny_supernet, tmp_path_factory):
+    """Export the mixed schedule under a solver once per module: exports(text, spacing) -> (schedule, folder)."""
+    root = tmp_path_factory.mktemp("onnx-solvers")
     supernet = load_supernet(tiny_supernet)
-    subnets = [supernet.model.check_subnet(0.5)] * 5
-    path = save_schedule(tmp_path / "ddpm.json", Schedule(subnets=subnets, solver=Solver("ddpm")), supernet)
-    sampler = OnnxSampler(export_onnx(path, tmp_path / "onnx")[0], sessions=2)
-    n = 5
-    noise, step_noise = _draws(11, n, supernet.image_shape, len(subnets))
-    for name, eta in (("ddpm", 0.0), ("ddim", 0.7)):
-        sampler.sampler, sampler.eta = name, eta  # the same graphs, the other stochastic step
-        ref = generate(Runtime(supernet).plan(subnets, solver=Solver.of_sampler(name, eta)), n=n, seed=11).numpy()
-        _close(sampler.sample(n, noise=noise, step_noise=step_noise), ref, IMAGES)
-        _close(sampler.sample(n, noise=noise, step_noise=lambda i: step_noise[i]), ref, IMAGES)
-    with pytest.raises(DDSMError, match="step_noise holds 2 steps' noise"):
-        sampler.sample(n, noise=noise, step_noise=step_noise[:2])
+    done = {}
+
+    def export(text: str, spacing: str = "uniform"):
+        if (text, spacing) not in done:
+            subnets = [supernet.model.check_subnet(w) for w in WIDTHS]
+            timesteps = timesteps_for(supernet.config.diffusion.timesteps, len(subnets), spacing)
+            schedule = Schedule(subnets=subnets, solver=Solver.parse(text), timesteps=timesteps)
+            name = f"{text}-{spacing}".replace("(", "-").replace(")", "").replace("=", "")
+            path = save_schedule(root / f"{name}.json", schedule, supernet)
+            done[text, spacing] = schedule, export_onnx(path, root / name, supernet=supernet)[0]
+        return done[text, spacing]
+
+    return supernet, export
+
+
+@pytest.mark.parametrize("text,spacing", SOLVERS)
+def test_every_solver_equals_generate_on_the_same_noise(exports, text, spacing):
+    supernet, export = exports
+    schedule, folder = export(text, spacing)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    solver = Solver.parse(text)
+    assert manifest["solver"] == {**solver.to_json(), "key": solver.key, "steps": len(WIDTHS),
+                                  "timesteps": schedule.timesteps}
+    assert ("linear" in manifest) == (solver.name not in ("ddim", "ddpm"))
+    n = 5  # two sessions take 2 and 3 images
+    noise, step_noise = _draws(11, n, supernet.image_shape, len(WIDTHS))
+    ref = generate(Runtime(supernet).plan_schedule(schedule), n=n, seed=11).numpy()
+    sampler = OnnxSampler(folder, sessions=2)
+    assert sampler.stochastic == solver.stochastic
+    assert sampler.noise_steps == (list(range(len(WIDTHS) - 1)) if solver.stochastic else [])
+    for kwargs in ({}, {"batch_size": 2}):
+        got = sampler.sample(n, noise=noise, step_noise=step_noise if solver.stochastic else None, **kwargs)
+        assert got.shape == ref.shape and got.dtype == np.float32
+        err = float(np.abs(got - ref).max())
+        print(f"{text} {spacing}: max |onnx - torch| = {err:.2e}")
+        assert err <= SOLVER_IMAGES, (text, spacing, err)
+    if solver.stochastic:
+        other = generate(Runtime(supernet).plan_schedule(schedule), n=n, seed=12).numpy()
+        assert np.abs(other - ref).max() > 1e-2, "the step noise changes the images: it is tested"
+        got = sampler.sample(n, noise=noise, step_noise=lambda i: step_noise[i])
+        assert float(np.abs(got - ref).max()) <= SOLVER_IMAGES
+        with pytest.raises(DDSMError, match=r"step_noise holds 2 steps' noise, but step 2 needs one \(6 steps draw"):
+            sampler.sample(n, noise=noise, step_noise=step_noise[:2])
     with pytest.raises(DDSMError, match=r"noise has shape \(2, 1, 8, 8\), expected \(5, 1, 8, 8\)"):
         sampler.sample(n, noise=noise[:2])
+
+
+@pytest.mark.parametrize("T,spacing", [(100, "uniform"), (1000, "uniform"), (1000, "trailing"), (1000, "leading")])
+def test_linear_form_reproduces_the_torch_run_on_random_inputs(T, spacing):
+    """The coefficients read off one-hot runs, evaluated by the sampler's numpy code, against the solver's
+    own torch run (float32, as `generate` runs it) on random latents, model outputs and step noise."""
+    from ddsm_search.config import config_from_dict
+
+    schedule = NoiseSchedule(config_from_dict(tiny_dict(diffusion={"timesteps": T})).diffusion)
+    timesteps = timesteps_for(T, 9, spacing)
+    for text in ("dpmsolver++", "dpmsolver++(order=3)", "sde-dpmsolver++", "unipc", "unipc(order=3)", "euler"):
+        solver = Solver.parse(text)
+        form = linear_form(solver, schedule, timesteps)
+        g = torch.Generator().manual_seed(5)
+        run = solver.run(schedule, timesteps)
+        x = torch.randn((4, 3, 4, 4), generator=g) * run.init_noise_sigma
+        assert form.init_noise_sigma == run.init_noise_sigma
+        arrays, worst = [x.numpy()], 0.0
+        for i in range(len(timesteps)):
+            seen = run.model_input(x, i).numpy()
+            assert np.allclose(form.model_input_scale[i] * x.numpy(), seen, rtol=1e-6, atol=0), (text, i)
+            eps = torch.randn(x.shape, generator=g)
+            z = torch.randn(x.shape, generator=g) if solver.stochastic else None
+            x = run.advance(i, eps, x, z)  # what `step` does with the noise it draws
+            # the arrays in the order of the form: x_T, eps_0 .. eps_i, then the noises that reach a latent
+            arrays.insert(i + 1, eps.numpy())
+            if i in form.noise_steps:
+                arrays.append(z.numpy())
+            latent = linear_latent(form.latent[i] + form.noise[i], arrays)
+            worst = max(worst, float(np.abs(latent - x.numpy()).max()) / max(1.0, float(x.abs().max())))
+        assert float(x.abs().max()) > 0.5, "the run moved somewhere"
+        print(f"{text} T={T} {spacing}: {worst:.2e}")
+        assert worst <= 2e-6, (text, T, spacing, worst)
+        row = list(form.latent[-1] + form.noise[-1])
+        k = int(np.argmax(np.abs(row)))
+        row[k] *= 1 + 1e-4  # one coefficient off by 1e-4 relative: the comparison above would see it
+        assert float(np.abs(linear_latent(row, arrays) - latent).max()) / max(1.0, float(x.abs().max())) > 1e-5
+        assert form.noise_steps == (tuple(range(len(timesteps) - 1)) if solver.stochastic else ())
+
+
+def test_linear_form_refuses_ddim(tiny_cfg):
+    for text in ("ddim", "ddim(eta=0.5)", "ddpm"):
+        with pytest.raises(DDSMError, match=r"clips its predicted x0 to \[-1, 1\]: it is not linear"):
+            linear_form(Solver.parse(text), NoiseSchedule(tiny_cfg.diffusion), [99, 50, 0])
 
 
 def test_group_weights_export_each_groups_network(tiny_supernet, tmp_path):
@@ -193,18 +283,28 @@ def test_dit_width_and_depth_schedule_round_trip(dit):
     _close(OnnxSampler(folder, sessions=2).sample(n, noise=noise), ref, IMAGES)
 
 
-def test_sampler_imports_no_torch(unet):
-    folder = unet[3]
+def test_sampler_imports_no_torch(unet, exports):
+    folders = [unet[3], exports[1]("sde-dpmsolver++")[1]]  # DDIM's update, and a linear form with step noise
     code = ("import sys; from ddsm_search.deploy.onnx_sampler import OnnxSampler; "
-            f"x = OnnxSampler({str(folder)!r}).sample(2, seed=0); "
+            f"x = OnnxSampler({str(folders[0])!r}).sample(2, seed=0); "
             "assert x.shape == (2, 1, 8, 8) and abs(x).max() <= 1; "
+            f"y = OnnxSampler({str(folders[1])!r}).sample(2, seed=0); "
+            "assert y.shape == (2, 1, 8, 8) and abs(y).max() > 0.1; "
             "assert 'torch' not in sys.modules, 'torch was imported'; print('ok')")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1],
                           timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr
 
 
-def test_tampered_graph_or_manifest_is_refused(unet, tmp_path):
+def _rewrite(folder: Path, edit) -> None:
+    """Edit a folder's manifest with `edit(manifest)` and write it with its digest recomputed."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    edit(manifest)
+    manifest["manifest_sha256"] = manifest_digest(manifest)
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_tampered_graph_or_manifest_is_refused(unet, exports, tmp_path):
     folder = shutil.copytree(unet[3], tmp_path / "copy")
     graph = folder / "width-0.5.onnx"
     blob = bytearray(graph.read_bytes())
@@ -218,12 +318,63 @@ def test_tampered_graph_or_manifest_is_refused(unet, tmp_path):
     shutil.rmtree(folder)
     folder = shutil.copytree(unet[3], tmp_path / "copy")
     manifest = json.loads((folder / "manifest.json").read_text())
-    manifest["sampler"]["eta"] = 1.0
+    manifest["solver"]["eta"] = 1.0
     (folder / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DDSMError, match="changed after export"):
         OnnxSampler(folder)
     with pytest.raises(DDSMError, match="not an ONNX export"):
         OnnxSampler(tmp_path)
+    # a linear solver's coefficients are under the digest too
+    linear = shutil.copytree(exports[1]("unipc")[1], tmp_path / "unipc")
+    manifest = json.loads((linear / "manifest.json").read_text())
+    manifest["linear"]["latent"][3][1] *= 1.001
+    (linear / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(DDSMError, match="manifest.json was changed after export"):
+        OnnxSampler(linear)
+
+
+def test_malformed_linear_forms_are_refused_in_one_line(exports, tmp_path):
+    source = exports[1]("sde-dpmsolver++")[1]
+    cases = [
+        (lambda m: m.pop("linear"), "linear must be an object"),
+        (lambda m: m["linear"]["latent"][3].pop(), r"linear.latent must hold 7 rows, row i of i \+ 2 finite numbers"),
+        (lambda m: m["linear"]["model_input_scale"].pop(), "linear.model_input_scale must be 7 finite numbers"),
+        (lambda m: m["linear"].update(init_noise_sigma=0), "linear.init_noise_sigma must be a finite number > 0"),
+        (lambda m: m["linear"].update(noise_steps=[1, 0]), "linear.noise_steps must be rising step numbers in 0 .. 6"),
+        (lambda m: m["linear"]["noise"][4].append(0.5), "linear.noise must hold 7 rows"),
+        (lambda m: m["solver"].update(name=7), "solver.name must be a solver name"),
+    ]
+    for n, (edit, message) in enumerate(cases):
+        folder = shutil.copytree(source, tmp_path / f"case{n}")
+        _rewrite(folder, edit)
+        with pytest.raises(DDSMError, match=message) as caught:
+            OnnxSampler(folder)
+        assert len(str(caught.value).splitlines()) == 1
+
+
+def _as_version_1(manifest: dict) -> None:
+    """Rewrite a version-2 DDIM/DDPM manifest as export-onnx wrote it before solvers: `sampler`, version 1."""
+    solver = manifest.pop("solver")
+    manifest.update(version=1, sampler={"name": solver["name"], "eta": solver.get("eta", 0.0),
+                                        "steps": solver["steps"], "timesteps": solver["timesteps"]})
+
+
+def test_version_1_manifests_load_and_sample_as_before(unet, exports, tmp_path):
+    supernet = exports[0]
+    for name, folder in (("ddim", unet[3]), ("ddpm", exports[1]("ddpm")[1])):
+        old = shutil.copytree(folder, tmp_path / name)
+        _rewrite(old, _as_version_1)
+        manifest = json.loads((old / "manifest.json").read_text())
+        assert manifest["version"] == 1 and "solver" not in manifest and manifest["sampler"]["name"] == name
+        noise, step_noise = _draws(4, 3, supernet.image_shape, len(manifest["steps"]))
+        got = OnnxSampler(old).sample(3, noise=noise, step_noise=step_noise)
+        assert np.array_equal(got, OnnxSampler(folder).sample(3, noise=noise, step_noise=step_noise))
+    _rewrite(old, lambda m: m["sampler"].update(name="unipc"))
+    with pytest.raises(DDSMError, match="sampler.name must be one of ddim, ddpm"):
+        OnnxSampler(old)
+    _rewrite(old, lambda m: m.update(version=3))
+    with pytest.raises(DDSMError, match="has format version 3; this sampler reads 1, 2"):
+        OnnxSampler(old)
 
 
 def _cli(argv: list[str]) -> int:
@@ -236,13 +387,21 @@ def _cli(argv: list[str]) -> int:
 def test_cli_writes_and_refuses_in_one_line_writing_nothing(unet, tmp_path, capsys, monkeypatch):
     supernet, subnets, path, _ = unet
     assert _cli(["export-onnx", str(path), "--out", str(tmp_path / "ok"), "--quiet"]) == 0
-    assert "wrote 3 ONNX graph(s) for 5 ddim steps" in capsys.readouterr().out
+    assert "wrote 3 ONNX graph(s) for 5 ddim steps and" in capsys.readouterr().out
+    unipc = save_schedule(tmp_path / "unipc.json", Schedule(subnets=subnets, solver=Solver("unipc", order=3)),
+                          supernet)
+    assert _cli(["export-onnx", str(unipc), "--out", str(tmp_path / "ok-unipc"), "--quiet"]) == 0
+    assert "wrote 3 ONNX graph(s) for 5 unipc(order=3) steps, its update as a linear form matching torch's within" \
+        in capsys.readouterr().out
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "keep.txt").write_text("mine")
     (tmp_path / "a-file").write_text("x")
     exit_schedule = tmp_path / "exit.json"
     exit_schedule.write_text(json.dumps({"subnets": [{"width": 1.0}] * 5, "settings": {"exit": {"threshold": 0.8}},
                                          "supernet": {"path": str(supernet.path)}}))
+    cached_schedule = tmp_path / "cached.json"
+    cached_schedule.write_text(json.dumps({"subnets": [{"width": 1.0}] * 5, "supernet": {"path": str(supernet.path)},
+                                           "settings": {"cache": {"steps": ["keep1", "reuse1"] * 2 + ["keep1"]}}}))
     orphan = tmp_path / "orphan.json"
     orphan.write_text(json.dumps({"subnets": [{"width": 1.0}] * 5}))
     cases = [
@@ -250,13 +409,18 @@ def test_cli_writes_and_refuses_in_one_line_writing_nothing(unet, tmp_path, caps
         ([str(path), "--out", str(tmp_path / "full")], "exists and is not empty"),
         ([str(path), "--out", str(tmp_path / "a-file")], "is a file, not a folder"),
         ([str(exit_schedule), "--out", str(tmp_path / "o2")], "whose exit (settings.exit) decides per image how much network runs"),
+        ([str(cached_schedule), "--out", str(tmp_path / "o7")],
+         "whose cache (settings.cache) keeps or reuses what earlier steps computed"),
         ([str(orphan), "--out", str(tmp_path / "o3")], "names no supernet"),
         ([str(orphan), "--out", str(tmp_path / "o4"), "--supernet", str(tmp_path / "nope")],
          "supernet directory not found"),
         ([str(path), "--out", str(tmp_path / "new" / "deeper" / "o5")], "differs from its torch network"),
+        ([str(unipc), "--out", str(tmp_path / "o6")], "the linear form of solver unipc(order=3) differs from its torch "
+         "run by inf"),
     ]
     before = sorted(p.name for p in tmp_path.iterdir())
-    monkeypatch.setattr(onnx_export, "_max_error", lambda *a: float("inf"))  # the last case: a graph that is wrong
+    monkeypatch.setattr(onnx_export, "_max_error", lambda *a: float("inf"))  # the last cases: a graph that is wrong,
+    monkeypatch.setattr(onnx_export, "_linear_error", lambda *a: float("inf"))  # and a solver's linear form
     for argv, message in cases:
         assert _cli(["export-onnx", *argv, "--quiet"]) == 2
         err = capsys.readouterr().err.strip()

@@ -13,10 +13,11 @@ def cmd_export_onnx(args: argparse.Namespace) -> int:
 
     out, manifest = export_onnx(args.schedule, args.out, supernet=args.supernet, device=device_of(args),
                                 progress=not args.quiet)
-    graphs, sampler = manifest["graphs"], manifest["sampler"]
+    graphs, solver, linear = manifest["graphs"], manifest["solver"], manifest.get("linear")
     worst = max(g["max_error"] for g in graphs.values())
-    print(f"wrote {len(graphs)} ONNX graph(s) for {sampler['steps']} {sampler['name']} steps (eta {sampler['eta']:g}) "
-          f"and {out / 'manifest.json'}; onnxruntime matches torch within {worst:.1e} (relative); sample with "
+    form = "" if linear is None else f", its update as a linear form matching torch's within {linear['max_error']:.1e}"
+    print(f"wrote {len(graphs)} ONNX graph(s) for {solver['steps']} {solver['key']} steps{form} and "
+          f"{out / 'manifest.json'}; onnxruntime matches torch within {worst:.1e} (relative); sample with "
           "ddsm_search.deploy.onnx_sampler.OnnxSampler (numpy + onnxruntime)")
     return 0
 

@@ -12,6 +12,12 @@ must equal the torch network's, run as the sampler runs it (one scalar timestep 
 TOLERANCE. Tracing records one path through the network, so a network whose control flow depended
 on its inputs would be caught here rather than exported wrong.
 
+The solver goes into the manifest: DDIM and DDPM by name (the sampler writes their update out), every
+other solver also as its linear form over the schedule's timesteps (solvers/linear.py: each latent a
+fixed combination of the initial latent, the model outputs and the step noises). The form is checked
+too: the sampler's numpy evaluation of it must follow the solver's own torch run on random inputs
+within LINEAR_TOLERANCE at every step.
+
 The output folder is new or empty and written whole or not at all: everything goes into a temporary
 folder beside it that is renamed into place at the end. A schedule whose steps decide per image how
 much network runs (an early exit's policy) is refused: it is not one static graph per step.
@@ -28,10 +34,11 @@ import warnings
 from pathlib import Path
 
 from ..errors import DDSMError
-from .onnx_sampler import FORMAT, INPUTS, MANIFEST, OUTPUT, VERSION, manifest_digest
+from .onnx_sampler import CLIPPED, FORMAT, INPUTS, MANIFEST, OUTPUT, VERSION, linear_latent, manifest_digest
 
 OPSET = 17
 TOLERANCE = 1e-4  # max |onnxruntime - torch| <= TOLERANCE * max(1, max |torch|), at every served timestep
+LINEAR_TOLERANCE = 1e-5  # max |linear form in numpy - the solver's torch run| <= LINEAR_TOLERANCE * max(1, max |torch|)
 
 
 def _check_out(out: Path) -> None:
@@ -43,21 +50,20 @@ def _check_out(out: Path) -> None:
 
 
 def _load(schedule_path: Path, supernet, device: str = "cpu"):
-    """Return (schedule, supernet) checked against each other; refuse dynamic steps first."""
+    """Return (schedule, supernet) checked against each other; refuse dynamic and stateful steps first."""
     from ..checkpoint import Supernet, load_supernet
     from ..schedule import load_schedule
     from ..space.plugins import family_of_field
 
     schedule = load_schedule(schedule_path)
-    if schedule.solver.name not in ("ddim", "ddpm"):
-        raise DDSMError(f"schedule {schedule_path} runs solver {schedule.solver}: export-onnx writes the DDIM and DDPM "
-                        "updates only")
-    dynamic = sorted({f for s in schedule.step_keys() for f in s.fields if family_of_field(f).dynamic})
-    if dynamic:
-        family = family_of_field(dynamic[0])
-        raise DDSMError(f"schedule {schedule_path} has steps whose {family.field} (settings.{family.setting}) decides "
-                        "per image how much network runs: it cannot be exported as one static ONNX graph per step; "
-                        "export a schedule without it")
+    fields = sorted({f for s in schedule.step_keys() for f in s.fields})
+    for family in (family_of_field(f) for f in fields):
+        if family.dynamic or family.stateful:
+            what = ("decides per image how much network runs" if family.dynamic else
+                    "keeps or reuses what earlier steps computed")
+            raise DDSMError(f"schedule {schedule_path} has steps whose {family.field} (settings.{family.setting}) "
+                            f"{what}: it cannot be exported as one static ONNX graph per step; export a schedule "
+                            "without it")
     if not isinstance(supernet, Supernet):
         where = supernet if supernet is not None else schedule.supernet_path
         if where is None:
@@ -134,6 +140,50 @@ def _full_precision():
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+def _linear_section(solver, noise_schedule, timesteps: list[int], image_shape) -> dict | None:
+    """Return the manifest's `linear` section: the solver's linear form, checked (None for DDIM and DDPM)."""
+    if solver.name in CLIPPED:
+        return None
+    from ..solvers.linear import linear_form
+
+    form = linear_form(solver, noise_schedule, timesteps)
+    section = {"init_noise_sigma": form.init_noise_sigma, "model_input_scale": list(form.model_input_scale),
+               "latent": [list(row) for row in form.latent], "noise_steps": list(form.noise_steps),
+               "noise": [list(row) for row in form.noise]}
+    error = _linear_error(section, solver, noise_schedule, timesteps, image_shape)
+    if not error <= LINEAR_TOLERANCE:
+        raise DDSMError(f"the linear form of solver {solver} differs from its torch run by {error:.3g} (relative; "
+                        f"tolerance {LINEAR_TOLERANCE:g}); not exported")
+    return {**section, "max_error": error}
+
+
+def _linear_error(section: dict, solver, noise_schedule, timesteps: list[int], image_shape) -> float:
+    """Return max |sampler's evaluation of the linear form - the solver's torch run| / max(1, max |torch|)
+    over every step's latent and model input, on 3 random latents with random model outputs and step
+    noise (the form is linear in them whatever they are)."""
+    import numpy as np
+    import torch
+
+    g = torch.Generator().manual_seed(2)
+    run = solver.run(noise_schedule, timesteps)
+    x = torch.randn((3, *image_shape), generator=g) * run.init_noise_sigma
+    start, eps_of, noise_of, worst = x.numpy(), [], [], 0.0
+    latent = start
+    for i in range(len(timesteps)):
+        seen = run.model_input(x, i).numpy()
+        eps = torch.randn(x.shape, generator=g)
+        z = torch.randn(x.shape, generator=g) if solver.stochastic else None
+        x = run.advance(i, eps, x, z)
+        eps_of.append(eps.numpy())
+        if i in section["noise_steps"]:
+            noise_of.append(z.numpy())
+        scaled = section["model_input_scale"][i] * latent  # what the sampler's graph sees at step i
+        latent = linear_latent(section["latent"][i] + section["noise"][i], [start, *eps_of, *noise_of])
+        for got, ref in ((scaled, seen), (latent, x.numpy())):
+            if got.shape != ref.shape:
+                return float("inf")
+            worst = max(worst, float(np.abs(got - ref).max()) / max(1.0, float(np.abs(ref).max())))
+    return worst
 
 
 def _make_parents(path: Path) -> list[Path]:
@@ -179,6 +229,8 @@ def export_onnx(schedule_path: str | Path, out_dir: str | Path, supernet=None, *
     runtime.use(schedule.settings)
     keys, plan = _graph_plan(schedule, runtime)
     diffusion, shape = supernet.config.diffusion, tuple(supernet.image_shape)
+    timesteps, noise_schedule = schedule.grid(diffusion.timesteps), NoiseSchedule(diffusion)
+    linear = _linear_section(schedule.solver, noise_schedule, timesteps, shape)
     created = _make_parents(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
@@ -211,10 +263,11 @@ def export_onnx(schedule_path: str | Path, out_dir: str | Path, supernet=None, *
             "io": {"inputs": {"x": {"dtype": "float32", "shape": ["batch", *shape]},
                               "t": {"dtype": "float32", "shape": ["batch"]}},
                    "outputs": {OUTPUT: {"dtype": "float32", "shape": ["batch", *shape]}}, "opset": opset},
-            "sampler": {"name": schedule.solver.name, "eta": schedule.solver.eta, "steps": schedule.steps,
-                        "timesteps": schedule.grid(diffusion.timesteps)},
+            "solver": {**schedule.solver.to_json(), "key": schedule.solver.key, "steps": schedule.steps,
+                       "timesteps": timesteps},
+            **({"linear": linear} if linear is not None else {}),
             "noise_schedule": {"timesteps": diffusion.timesteps, "beta_schedule": diffusion.beta_schedule,
-                               "alphas_cumprod": [float(a) for a in NoiseSchedule(diffusion).alphas_cumprod]},
+                               "alphas_cumprod": [float(a) for a in noise_schedule.alphas_cumprod]},
             "graphs": graphs,
             "steps": keys,
             "flops_per_image": supernet.schedule_flops(schedule.subnets),

@@ -1,18 +1,28 @@
 """Sample a schedule exported by `ddsm-search export-onnx` with numpy and onnxruntime only (no torch).
 
 The folder holds `manifest.json` and one ONNX graph per distinct step network. Every graph has
-  inputs   x    float32 (batch, C, H, W)   the latent x_t
+  inputs   x    float32 (batch, C, H, W)   the latent as the network sees it
            t    float32 (batch,)           the timestep of each image (whole numbers 0 .. T-1)
   output   eps  float32 (batch, C, H, W)   the predicted noise
-with `batch` a dynamic axis. The steps are those of ddsm_search/diffusion.py (`_step`, `sample_loop`):
-x0 clipped to [-1, 1], eps recomputed from the clipped x0, the last step returning x0; DDIM (eta 0 or
-above) and ancestral DDPM over the respaced chain.
+with `batch` a dynamic axis. The update from one step to the next is the schedule's solver's:
+- DDIM (eta 0 or above) and ancestral DDPM over the respaced chain, written out here as
+  ddsm_search/solvers/ddim.py writes them: x0 clipped to [-1, 1], eps recomputed from the clipped x0, the
+  last step returning x0 (the images are in [-1, 1]);
+- every other solver (DPM-Solver++ 2M/3M and SDE, UniPC, Euler) as the fixed linear combinations the
+  manifest holds (`linear`, read off diffusers' scheduler at export, ddsm_search/solvers/linear.py): the
+  latent after step i is c_i * x_T + sum_j c_ij * eps_j (+ sum_k d_ik * z_k, step noises) over the
+  initial latent and the model outputs so far, evaluated in float64; the network sees s_i * x_i, and x_T
+  is init_noise_sigma times the initial noise. The images are the solver's last latent, unclipped, as
+  `generate` returns them.
 
 Noise: `sample(n, seed=S)` draws from numpy's default_rng(S): the initial noise (n, C, H, W) first,
-then, for a stochastic sampler (DDPM, or DDIM with eta > 0), one (n, C, H, W) array per step but the
-last. These are not torch's numbers: to reproduce `ddsm_search.sampling.generate` exactly, pass its
-draws as `noise` and `step_noise` (the initial noise, then one array per step but the last, in the
-order it draws them from its CPU generator).
+then, for a stochastic solver (DDPM, DDIM with eta > 0, SDE-DPM-Solver++), one (n, C, H, W) array per
+step that draws noise (every step but the last). These are not torch's numbers: to reproduce
+`ddsm_search.sampling.generate` exactly, pass its draws as `noise` and `step_noise` (the initial noise,
+then one array per step but the last, in the order it draws them from its CPU generator).
+
+Manifest versions: 2 names the solver (`solver`, and `linear` for the linear ones); version 1 (DDIM and
+DDPM only, under `sampler`) still loads and samples as before.
 
 This file imports nothing of ddsm_search but its error type (and works copied on its own beside the
 graphs), so a deployment needs only numpy and onnxruntime.
@@ -36,9 +46,10 @@ except ImportError:  # this file copied on its own, outside the package
         """A problem with the exported folder or the inputs: the message names it."""
 
 FORMAT = "ddsm-search/onnx"
-VERSION = 1
+VERSION = 2
+VERSIONS = (1, 2)  # version 1: DDIM and DDPM only, the solver under "sampler"
 MANIFEST = "manifest.json"
-SAMPLERS = ("ddim", "ddpm")
+CLIPPED = ("ddim", "ddpm")  # the solvers this file writes out; the others run as the manifest's linear form
 INPUTS, OUTPUT = ("x", "t"), "eps"
 
 StepNoise = Union[np.ndarray, Sequence[np.ndarray], Callable[[int], np.ndarray], None]
@@ -58,6 +69,12 @@ def _number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def solver_section(manifest: dict) -> dict:
+    """Return a checked manifest's solver: `name`, `timesteps`, `eta` (DDIM) and the other options
+    (version 1 wrote it as `sampler`)."""
+    return manifest["sampler"] if manifest["version"] == 1 else manifest["solver"]
+
+
 def read_manifest(folder: str | Path) -> dict:
     """Return the checked manifest of an exported folder, or raise DDSMError naming what is wrong."""
     folder = Path(folder)
@@ -72,8 +89,10 @@ def read_manifest(folder: str | Path) -> dict:
         raise DDSMError(f"{path} is not valid JSON ({getattr(exc, 'msg', exc)})") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise DDSMError(f"{path} is not a {FORMAT} manifest")
-    if manifest.get("version") != VERSION:
-        raise DDSMError(f"{path} has format version {manifest.get('version')!r}; this sampler reads {VERSION}")
+    version = manifest.get("version")
+    if version not in VERSIONS or isinstance(version, bool):
+        raise DDSMError(f"{path} has format version {version!r}; this sampler reads "
+                        f"{', '.join(map(str, VERSIONS))}")
     if manifest.get("manifest_sha256") != manifest_digest(manifest):
         raise DDSMError(f"{path} was changed after export (its manifest_sha256 does not match its content)")
 
@@ -83,15 +102,17 @@ def read_manifest(folder: str | Path) -> dict:
     shape = manifest.get("image_shape")
     if not isinstance(shape, list) or len(shape) != 3 or not all(_whole(v) and v > 0 for v in shape):
         raise fail(f"image_shape must be three positive whole numbers, got {shape!r}")
-    sampler, noise = manifest.get("sampler"), manifest.get("noise_schedule")
-    if not isinstance(sampler, dict) or sampler.get("name") not in SAMPLERS:
-        raise fail(f"sampler.name must be one of {', '.join(SAMPLERS)}")
-    if not _number(sampler.get("eta")) or sampler["eta"] < 0:
-        raise fail(f"sampler.eta must be a finite number >= 0, got {sampler.get('eta')!r}")
+    where = "sampler" if version == 1 else "solver"
+    solver, noise = manifest.get(where), manifest.get("noise_schedule")
+    if not isinstance(solver, dict) or not isinstance(solver.get("name"), str) \
+            or (version == 1 and solver["name"] not in CLIPPED):
+        raise fail(f"{where}.name must be {'one of ' + ', '.join(CLIPPED) if version == 1 else 'a solver name'}")
+    if (solver["name"] == "ddim" or version == 1) and (not _number(solver.get("eta")) or solver["eta"] < 0):
+        raise fail(f"{where}.eta must be a finite number >= 0, got {solver.get('eta')!r}")
     abar = noise.get("alphas_cumprod") if isinstance(noise, dict) else None
     if not isinstance(abar, list) or not abar or not all(_number(a) and 0 < a <= 1 for a in abar):
         raise fail("noise_schedule.alphas_cumprod must be a list of numbers in (0, 1]")
-    graphs, steps, timesteps = manifest.get("graphs"), manifest.get("steps"), sampler.get("timesteps")
+    graphs, steps, timesteps = manifest.get("graphs"), manifest.get("steps"), solver.get("timesteps")
     if not isinstance(graphs, dict) or not graphs:
         raise fail("graphs must be a non-empty object")
     for key, graph in graphs.items():
@@ -105,14 +126,41 @@ def read_manifest(folder: str | Path) -> dict:
         raise fail("steps must be a non-empty list of keys of graphs (one per sampling step)")
     if (not isinstance(timesteps, list) or len(timesteps) != len(steps)
             or not all(_whole(t) and 0 <= t < len(abar) for t in timesteps)):
-        raise fail(f"sampler.timesteps must be one timestep in 0 .. {len(abar) - 1} per step ({len(steps)})")
+        raise fail(f"{where}.timesteps must be one timestep in 0 .. {len(abar) - 1} per step ({len(steps)})")
+    if version > 1 and solver["name"] not in CLIPPED:
+        _check_linear(manifest.get("linear"), len(steps), fail)
     return manifest
+
+
+def _numbers(value, length: int) -> bool:
+    return isinstance(value, list) and len(value) == length and all(_number(v) for v in value)
+
+
+def _check_linear(linear, steps: int, fail: Callable[[str], DDSMError]) -> None:
+    """Raise fail(...) unless `linear` is a linear form of `steps` steps (see the module's docstring)."""
+    if not isinstance(linear, dict):
+        raise fail("linear must be an object (the solver's coefficients): export again")
+    sigma = linear.get("init_noise_sigma")
+    if not _number(sigma) or sigma <= 0:
+        raise fail(f"linear.init_noise_sigma must be a finite number > 0, got {sigma!r}")
+    if not _numbers(linear.get("model_input_scale"), steps):
+        raise fail(f"linear.model_input_scale must be {steps} finite numbers (one per step)")
+    latent, noise_steps, noise = linear.get("latent"), linear.get("noise_steps"), linear.get("noise")
+    if (not isinstance(latent, list) or len(latent) != steps
+            or not all(_numbers(r, i + 2) for i, r in enumerate(latent))):
+        raise fail(f"linear.latent must hold {steps} rows, row i of i + 2 finite numbers (x_T, eps_0 .. eps_i)")
+    if (not isinstance(noise_steps, list) or not all(_whole(k) and 0 <= k < steps for k in noise_steps)
+            or any(a >= b for a, b in zip(noise_steps, noise_steps[1:]))):
+        raise fail(f"linear.noise_steps must be rising step numbers in 0 .. {steps - 1}")
+    if (not isinstance(noise, list) or len(noise) != steps
+            or not all(_numbers(r, sum(k <= i for k in noise_steps)) for i, r in enumerate(noise))):
+        raise fail(f"linear.noise must hold {steps} rows, row i one finite number per noise step up to step i")
 
 
 def ddim_ddpm_step(x: np.ndarray, eps: np.ndarray, a_t: float, a_prev: float, sampler: str, eta: float,
                    z: np.ndarray | None) -> np.ndarray:
     """Return x at the previous timestep from x_t and the predicted noise (x0 clipped to [-1, 1]), as
-    ddsm_search.diffusion._step computes it (float32 arrays, float64 coefficients)."""
+    ddsm_search.solvers.ddim.ddim_step computes it (float32 arrays, float64 coefficients)."""
     x0 = (x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)
     np.clip(x0, -1, 1, out=x0)
     if a_prev >= 1.0:
@@ -127,6 +175,18 @@ def ddim_ddpm_step(x: np.ndarray, eps: np.ndarray, a_t: float, a_prev: float, sa
     return x_prev + sigma * z if sigma > 0 else x_prev
 
 
+def linear_latent(coefficients: Sequence[float], arrays: Sequence[np.ndarray]) -> np.ndarray:
+    """Return sum_k coefficients[k] * arrays[k] (float32 arrays), summed in float64, as float32: one
+    latent of a linear solver (the module's docstring)."""
+    total = np.zeros(arrays[0].shape, dtype=np.float64)
+    term = np.empty_like(total)
+    for c, a in zip(coefficients, arrays, strict=True):
+        if c != 0:
+            np.multiply(a, c, out=term, dtype=np.float64)  # in float64: a Python float times float32 is float32
+            total += term
+    return total.astype(np.float32)
+
+
 def _bounds(n: int, parts: int) -> list[slice]:
     """Return up to `parts` contiguous, non-empty slices of n images, as equal as can be."""
     edges = [round(k * n / parts) for k in range(parts + 1)]
@@ -134,7 +194,8 @@ def _bounds(n: int, parts: int) -> list[slice]:
 
 
 class OnnxSampler:
-    """An exported schedule loaded into onnxruntime: `sample(n, ...)` returns images in [-1, 1].
+    """An exported schedule loaded into onnxruntime: `sample(n, ...)` returns its images (in [-1, 1]
+    under DDIM and DDPM).
 
     `sessions` > 1 splits every batch into that many contiguous parts, each run by its own
     onnxruntime session in its own thread (with one intra-op thread each unless `threads` says
@@ -154,12 +215,14 @@ class OnnxSampler:
             raise DDSMError(f"threads must be a whole number >= 1, got {threads!r}")
         self.folder = Path(manifest_dir)
         self.manifest = read_manifest(self.folder)
-        sampler = self.manifest["sampler"]
-        self.sampler, self.eta = sampler["name"], float(sampler["eta"])
-        self.timesteps = list(sampler["timesteps"])
+        solver = solver_section(self.manifest)
+        self.sampler, self.eta = solver["name"], float(solver.get("eta", 0.0))
+        self.timesteps = list(solver["timesteps"])
         self.image_shape = tuple(self.manifest["image_shape"])
         self.steps = list(self.manifest["steps"])
         self.sessions = sessions
+        # the linear form of a solver other than DDIM and DDPM, None for those two
+        self.linear = self.manifest.get("linear") if self.sampler not in CLIPPED else None
         abar = [float(a) for a in self.manifest["noise_schedule"]["alphas_cumprod"]]
         # (graph key, t, a_t, a_prev) per step: a_prev of the last step is 1 (it returns x0)
         self.plan = [(key, t, abar[t], abar[self.timesteps[i + 1]] if i + 1 < len(self.timesteps) else 1.0)
@@ -197,20 +260,29 @@ class OnnxSampler:
         return blob
 
     @property
+    def noise_steps(self) -> list[int]:
+        """Return the steps that draw noise: every step but the last for DDPM and DDIM with eta > 0, the
+        steps whose noise reaches the images for a linear solver, none for a deterministic solver."""
+        if self.linear is not None:
+            return list(self.linear["noise_steps"])
+        return list(range(len(self.plan) - 1)) if self.sampler == "ddpm" or self.eta > 0 else []
+
+    @property
     def stochastic(self) -> bool:
-        """Return True if a step draws noise (DDPM, or DDIM with eta > 0)."""
-        return self.sampler == "ddpm" or self.eta > 0
+        """Return True if some step draws noise (DDPM, DDIM with eta > 0, SDE-DPM-Solver++)."""
+        return bool(self.noise_steps)
 
     def sample(self, n: int, seed: int | None = None, noise: np.ndarray | None = None,
                step_noise: StepNoise = None, batch_size: int | None = None,
                callback: Callable[[int, np.ndarray], None] | None = None) -> np.ndarray:
-        """Return n images (float32, (n, C, H, W)) in [-1, 1] sampled along the exported schedule.
+        """Return n images (float32, (n, C, H, W)) sampled along the exported schedule.
 
-        `noise`: the initial noise (n, C, H, W), else drawn from default_rng(seed). `step_noise`: for a
-        stochastic sampler, the noise of step i as `step_noise[i]` (an array (steps - 1, n, C, H, W))
-        or `step_noise(i)`, else drawn from the same generator after the initial noise. `batch_size`
-        bounds the images per graph call (default: each session's whole share). `callback(i, x)` sees
-        the latent after step i.
+        `noise`: the initial noise (n, C, H, W), else drawn from default_rng(seed); a linear solver's
+        initial latent is it times init_noise_sigma. `step_noise`: for a stochastic solver, the noise of
+        step i as `step_noise[i]` (an array (steps - 1, n, C, H, W)) or `step_noise(i)`, for each step
+        that draws noise (`noise_steps`, every step but the last), else drawn from the same generator
+        after the initial noise. `batch_size` bounds the images per graph call (default: each session's
+        whole share). `callback(i, x)` sees the latent after step i.
         """
         if not _whole(n) or n < 1:
             raise DDSMError(f"the number of images must be at least 1, got {n!r}")
@@ -219,17 +291,32 @@ class OnnxSampler:
         shape = (n, *self.image_shape)
         rng = np.random.default_rng(seed)
         x = rng.standard_normal(shape, dtype=np.float32) if noise is None else self._checked(noise, shape, "noise")
+        linear, noise_steps = self.linear, set(self.noise_steps)
+        if linear is not None:
+            x = (x * linear["init_noise_sigma"]).astype(np.float32)  # torch: noise * run.init_noise_sigma
+        start, eps_of, noise_of = x, [], []  # x_T, and every step's eps and noise so far (a linear solver)
         parts = _bounds(n, self.sessions)
         pool = ThreadPoolExecutor(len(parts)) if len(parts) > 1 else None
         try:
             for i, (key, t, a_t, a_prev) in enumerate(self.plan):
-                z = self._noise_of_step(i, step_noise, rng, shape) if self.stochastic and a_prev < 1.0 else None
+                z = self._noise_of_step(i, step_noise, rng, shape) if i in noise_steps else None
                 out = np.empty_like(x)
+                if linear is None:
+                    def advance(k: int, part: slice) -> None:
+                        eps = self._eps(self.runners[key][k], x[part], t, batch_size)
+                        out[part] = ddim_ddpm_step(x[part], eps, a_t, a_prev, self.sampler, self.eta,
+                                                   None if z is None else z[part])
+                else:
+                    scale, eps = linear["model_input_scale"][i], np.empty_like(x)
+                    seen = x if scale == 1 else np.multiply(x, scale, dtype=np.float64).astype(np.float32)
+                    eps_of.append(eps)
+                    if z is not None:
+                        noise_of.append(z)
+                    terms = linear["latent"][i] + linear["noise"][i]
 
-                def advance(k: int, part: slice) -> None:
-                    eps = self._eps(self.runners[key][k], x[part], t, batch_size)
-                    out[part] = ddim_ddpm_step(x[part], eps, a_t, a_prev, self.sampler, self.eta,
-                                               None if z is None else z[part])
+                    def advance(k: int, part: slice) -> None:
+                        eps[part] = self._eps(self.runners[key][k], seen[part], t, batch_size)
+                        out[part] = linear_latent(terms, [a[part] for a in [start, *eps_of, *noise_of]])
 
                 if pool is None:
                     advance(0, parts[0])
@@ -259,7 +346,8 @@ class OnnxSampler:
             return self._checked(step_noise(i), shape, f"step_noise({i})")
         if i >= len(step_noise):
             raise DDSMError(f"step_noise holds {len(step_noise)} steps' noise, but step {i} needs one "
-                            f"(one per step but the last: {len(self.plan) - 1})")
+                            f"({len(self.noise_steps)} steps draw noise, the last of them step "
+                            f"{self.noise_steps[-1]})")
         return self._checked(step_noise[i], shape, f"step_noise[{i}]")
 
     @staticmethod

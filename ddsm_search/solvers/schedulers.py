@@ -82,9 +82,15 @@ class SchedulerRun:
 
     def step(self, i: int, eps: torch.Tensor, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """Return the latent after step i from the predicted noise."""
-        kwargs = {}
+        noise = None
         if self.stochastic:
             if generator is None:
                 raise ValueError("a stochastic solver needs a generator")
-            kwargs["variance_noise"] = torch.randn(x.shape, generator=generator).to(x.device)
+            noise = torch.randn(x.shape, generator=generator).to(x.device)
+        return self.advance(i, eps, x, noise)
+
+    def advance(self, i: int, eps: torch.Tensor, x: torch.Tensor, noise: torch.Tensor | None) -> torch.Tensor:
+        """Return the latent after step i from the predicted noise and, for a stochastic solver, its step
+        noise (`step` draws it; solvers/linear.py hands in its own)."""
+        kwargs = {"variance_noise": noise} if self.stochastic else {}
         return self.scheduler.step(eps, self.scheduler.timesteps[i], x, return_dict=False, **kwargs)[0]

@@ -38,6 +38,7 @@ class MethodFamily:
     field: str | None = None  # the name of its per-step value in a Step (and in plan keys)
     addons: tuple[str, ...] = ()  # files it may keep beside a supernet
     dynamic: bool = False  # its field decides per image, while sampling, how much network a step runs
+    stateful: bool = False  # its field makes a step keep, or reuse, what an earlier step computed
 
     # -- schedule settings -------------------------------------------------------------------------
     def read_setting(self, value, steps: int, where: str):

@@ -91,6 +91,7 @@ class Caching(MethodFamily):
     summary = "DeepCache / block caching: cached steps run the network's outer part and reuse a full step's features"
     setting = "cache"
     field = "cache"
+    stateful = True
 
     def read_setting(self, value, steps: int, path):
         where = f"schedule {path}: settings.cache"
