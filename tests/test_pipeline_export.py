@@ -12,7 +12,7 @@ import yaml
 
 from ddsm_search.checkpoint import load_supernet
 from ddsm_search.cli.main import main
-from ddsm_search.deploy.diffusers_pipeline import DIFFUSERS, DDSMPipeline
+from ddsm_search.deploy.diffusers_pipeline import DIFFUSERS, DDSMPipeline, diffusers_failure
 from ddsm_search.errors import DDSMError
 from ddsm_search.methods.step_groups.finetune import finetune_schedule
 from ddsm_search.sampling import Runtime, generate
@@ -91,3 +91,16 @@ def test_pipeline_runs_exit_policy(tmp_path):
     assert torch.equal(images, expected)
     static = _expected(supernet, schedule, settings=False, n=3, seed=5)
     assert not torch.equal(images, static), "threshold 0: every image leaves at the smallest depth"
+
+
+def test_why_diffusers_does_not_import_is_one_line():
+    """The reason the plain pipeline stands in for diffusers' is one line: not installed, or the cause
+    diffusers wraps (a torchvision for another torch, as on a CPU-only torch)."""
+    missing = ModuleNotFoundError("No module named 'diffusers'", name="diffusers")
+    assert diffusers_failure(missing) == "diffusers is not installed (pip install 'ddsm-search[diffusers]')"
+    wrapped = RuntimeError("Failed to import diffusers.pipelines.pipeline_utils because of the following error (look "
+                           "up to see its traceback):\nFailed to import ...autoencoder_kl because of the following "
+                           "error (look up to see its traceback):\noperator torchvision::nms does not exist")
+    why = diffusers_failure(wrapped)
+    assert why.startswith("diffusers does not import: operator torchvision::nms does not exist (a torchvision built")
+    assert "\n" not in why

@@ -3,18 +3,18 @@
     pipe = DDSMPipeline.from_schedule("results/digits-search/schedule_50%.json")   # supernet: as recorded
     images = pipe(batch_size=16, seed=0).images                                     # NHWC floats in [0, 1]
 
-It is a `diffusers.DiffusionPipeline` where diffusers imports (told that torchvision is absent unless
-it is already loaded, as `import-diffusers` does: beside this torch it does not import), and a plain
-object with the same call otherwise. Either way `__call__` is `sampling.generate` on the schedule, so
-its images equal generate's for the same seed or generator (tested). The number of inference steps is
-the schedule's: a schedule is one subnet per step, so another count is refused. Nothing is loaded
-through diffusers' `from_pretrained` and `save_pretrained` is not offered: the deployable form stays
-the schedule file and the supernet directory, both hash-checked.
+It is a `diffusers.DiffusionPipeline` where diffusers imports (imported plainly: no private flag of
+diffusers is set), and a plain object with the same call otherwise, `DIFFUSERS_ERROR` saying in one
+line why (diffusers not installed, or what stopped it importing). Either way `__call__` is
+`sampling.generate` on the schedule, so its images equal generate's for the same seed or generator
+(tested). The number of inference steps is the schedule's: a schedule is one subnet per step, so
+another count is refused. Nothing is loaded through diffusers' `from_pretrained` and `save_pretrained`
+is not offered: the deployable form stays the schedule file and the supernet directory, both
+hash-checked.
 """
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,20 +24,28 @@ import torch
 from ..errors import DDSMError
 
 
+def diffusers_failure(exc: Exception) -> str:
+    """Return one line saying why diffusers did not import."""
+    if isinstance(exc, ImportError) and (exc.name or "").split(".")[0] == "diffusers":
+        return "diffusers is not installed (pip install 'ddsm-search[diffusers]')"
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    # diffusers wraps a dependency that fails to load in a RuntimeError whose last line is the cause
+    cause = (lines[-1] if isinstance(exc, RuntimeError) else lines[0]) if lines else type(exc).__name__
+    hint = (" (a torchvision built for another torch? pip uninstall torchvision, or install the one made for this "
+            "torch)") if "torchvision" in str(exc) else ""
+    return f"diffusers does not import: {cause}{hint}"
+
+
 def _diffusers_base():
-    """Return (DiffusionPipeline, ImagePipelineOutput) from diffusers, or (None, None) if it does not import."""
+    """Return (DiffusionPipeline, ImagePipelineOutput, None) from diffusers, or (None, None, why not)."""
     try:
-        import diffusers.utils.import_utils as import_utils
-
-        if "torchvision" not in sys.modules:
-            import_utils._torchvision_available = False
         from diffusers import DiffusionPipeline, ImagePipelineOutput
-    except Exception:  # noqa: BLE001 - any failure to import diffusers means: the thin pipeline
-        return None, None
-    return DiffusionPipeline, ImagePipelineOutput
+    except Exception as exc:  # noqa: BLE001 - whatever stops diffusers importing means: the thin pipeline
+        return None, None, diffusers_failure(exc)
+    return DiffusionPipeline, ImagePipelineOutput, None
 
 
-_Base, _Output = _diffusers_base()
+_Base, _Output, DIFFUSERS_ERROR = _diffusers_base()
 DIFFUSERS = _Base is not None
 
 if _Output is None:
