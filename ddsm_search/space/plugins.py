@@ -4,7 +4,8 @@ A method family (a folder under `ddsm_search/methods/`) exposes one `MethodFamil
 `__init__`, implementing only the points it needs; every default here does nothing. The points:
 
 - schedule settings: the key a family owns in a schedule file's `settings` (read, write, check
-  against the supernet), and the per-step values it gives the schedule's steps (its step `field`);
+  against the supernet, copy the files it names beside another schedule), and the per-step values it
+  gives the schedule's steps (its step `field`);
 - step runtime: the static network a step runs (`network`, e.g. a group's fine-tuned copy) and what
   wraps it (`wrap`, e.g. a per-image early exit with its heads), made once per `sampling.Runtime`;
 - supernet add-on files: files kept beside a supernet (masks, heads) read when it loads, or listed;
@@ -51,6 +52,11 @@ class MethodFamily:
 
     def check_setting(self, setting, schedule, supernet, where: str) -> None:
         """Raise DDSMError unless the setting fits the schedule (and `supernet`, if not None)."""
+
+    def copy_files(self, setting, folder):
+        """Return the setting naming copies, in `folder`, of the files it names beside its schedule (a saved
+        pipeline's schedule is written there); by default it names none: the setting itself."""
+        return setting
 
     def step_values(self, setting, steps: int) -> list | None:
         """Return this family's value for each step (None where a step has none), or None for none at all."""

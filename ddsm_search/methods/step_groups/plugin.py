@@ -34,6 +34,11 @@ class StepGroups(MethodFamily):
         except DDSMError as exc:
             raise DDSMError(f"{where}: {exc}") from None
 
+    def copy_files(self, weights, folder):
+        from .weights import copy_weights
+
+        return copy_weights(weights, folder)
+
     def step_values(self, weights, steps: int):
         if weights.steps != steps:
             raise DDSMError(f"the weight groups cover {weights.steps} steps but the schedule has {steps}")

@@ -23,7 +23,8 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-from dataclasses import dataclass, field
+import shutil
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -153,6 +154,23 @@ class GroupWeights:
             raise DDSMError(f"{self.path}: the weights of group {ref.group} do not fit subnet {subnet.key} "
                             "of this supernet") from None
         return net.to(device).eval()
+
+
+def copy_weights(weights: GroupWeights, folder: Path) -> GroupWeights:
+    """Return the group weights as a copy of their file in `folder` (same name) names them, after checking
+    the copy's SHA-256 (a saved pipeline's schedule names the copy)."""
+    from ...io import sha256_file, write_atomic
+
+    target = Path(folder) / weights.path.name
+    if target.resolve() != weights.path.resolve():
+        try:
+            write_atomic(target, lambda tmp: shutil.copyfile(weights.path, tmp))
+        except OSError as exc:
+            raise DDSMError(f"group weights {weights.path}: cannot be copied to {target} "
+                            f"({exc.strerror or exc})") from None
+    if sha256_file(target) != weights.sha256:
+        raise DDSMError(f"{weights.path} does not match its sha256 in the schedule (changed since it was loaded)")
+    return replace(weights, path=target.resolve())
 
 
 def _whole(value) -> bool:
