@@ -26,17 +26,18 @@ HELDOUT = 2000
 
 def quickstart(out: str | Path = "results/quickstart", *, max_loss: float | None = MAX_LOSS, budget: str | None = None,
                device: str = "cpu", progress: bool = True, config: ExperimentConfig | None = None,
-               n_speed: int = 1000, heldout: int = HELDOUT) -> dict:
-    """Run train -> search -> report -> export -> sample on digits (or `config`) into `out`; return the figures.
+               heldout: int = HELDOUT) -> dict:
+    """Run train -> search -> report -> export on digits (or `config`) into `out`; return the figures.
 
     The export is the cheapest schedule of the front whose held-out FID is within `max_loss` of full
-    size's on the same noise at 95% confidence (within `budget` too, if given).
+    size's on the same noise at 95% confidence (within `budget` too, if given), timed against the
+    default full size and the cheapest baseline as good (deploy.speed).
     """
     from .deploy.export import export_schedule
+    from .deploy.speed import describe
     from .report.writer import write_report
-    from .sampling import time_against_full
-    from .schedule import load_schedule
     from .search.runner import run_search
+    from .solvers.base import Solver
     from .training import train
 
     if budget is not None:
@@ -55,41 +56,31 @@ def quickstart(out: str | Path = "results/quickstart", *, max_loss: float | None
             print(f"[quickstart {time.perf_counter() - started:5.0f} s] {text}", flush=True)
 
     if (net / META).is_file() and read_meta(net)["step"] >= cfg.train.steps:
-        say(f"1/5 supernet already trained in {net}")
+        say(f"1/4 supernet already trained in {net}")
     else:
-        say(f"1/5 training the {cfg.name} supernet ({cfg.model.kind})")
+        say(f"1/4 training the {cfg.name} supernet ({cfg.model.kind})")
         train(cfg, net, device=device, resume=(net / META).is_file(), progress=progress)
-    say(f"2/5 searching per-step schedules over {', '.join(cfg.search.axes or cfg.model.axes())}")
+    say(f"2/4 searching per-step schedules over {', '.join(cfg.search.axes or cfg.model.axes())}")
     run_search(cfg, net, run, resume=(run / "run.json").is_file(), progress=progress, device=device)
-    say("3/5 writing the report")
+    say("3/4 writing the report")
     write_report(run, budget=budget or "50%", device=device, progress=progress)
     goal = " and ".join(([f"within {cfg.search.metric.upper()} +{max_loss:g} of full size"] if max_loss is not None else [])
                         + ([f"within {budget} of its FLOPs"] if budget is not None else []))
-    say(f"4/5 exporting the cheapest schedule {goal}, confirmed on {heldout} held-out images")
+    say(f"4/4 exporting the cheapest schedule {goal}, confirmed on {heldout} held-out images, and timing it "
+        "against full size and the baselines")
     path, exported = export_schedule(run, budget, out / "schedule.json", max_loss=max_loss, device=device,
                                      heldout_samples=heldout, progress=progress)
-    say("5/5 sampling with the exported schedule against full size, same batch and noise")
-    from .checkpoint import load_supernet
-    from .sampling import Runtime
-
-    supernet = load_supernet(net, device)
-    schedule = load_schedule(path, supernet)
-    # each subnet on the faster backend here, so full size runs its fastest path too
-    plan = Runtime(supernet, device=device, backend="auto", batch_size=min(n_speed, 500)).plan_schedule(schedule)
-    _, seconds, full_seconds, paths = time_against_full(plan, n=n_speed, seed=0, progress=progress)
-    quality = exported["quality"]
+    quality, speed = exported["quality"], exported["speed"]
     m = quality["metric"]  # the run's metric, fid unless the config chose another
+    solver, steps = Solver(**exported["solver"]).key, len(exported["steps"])
     figures = {"schedule": str(path), "flops_share": exported["flops_share"], "metric": m,
                "heldout": quality["heldout"][m], "full_size_heldout": quality["full_size_heldout"][m],
-               "loss": quality["loss"],
-               "seconds": seconds, "full_size_seconds": full_seconds, "speedup": full_seconds / seconds,
-               "paths": paths,
-               "total_seconds": time.perf_counter() - started}
+               "loss": quality["loss"], "solver": solver, "steps": steps, "speed": speed,
+               "speedup": speed["against_default"], "total_seconds": time.perf_counter() - started}
     loss = quality["loss"]
-    say(f"done: {path} uses {figures['flops_share']:.0%} of full size's FLOPs; held-out {m.upper()} "
-        f"{figures['heldout']:.4g} vs full size {figures['full_size_heldout']:.4g} (loss {loss['value']:+.3g}, "
-        f"{loss['confidence']:.0%} interval [{loss['low']:+.3g}, {loss['high']:+.3g}], n={loss['samples']}); "
-        f"{n_speed} images in "
-        f"{seconds:.1f} s vs {full_seconds:.1f} s at full size ({figures['speedup']:.2f}x faster; each subnet on its "
-        f"faster path here: {', '.join(f'{s} {p}' for s, p in figures['paths'].items())})")
+    say(f"done: {path} runs {solver} over {steps} steps at {figures['flops_share']:.0%} of full size's FLOPs; "
+        f"held-out {m.upper()} {figures['heldout']:.4g} vs full size {figures['full_size_heldout']:.4g} (loss "
+        f"{loss['value']:+.3g}, {loss['confidence']:.0%} interval [{loss['low']:+.3g}, {loss['high']:+.3g}], "
+        f"n={loss['samples']}); {describe(speed)}; each subnet on its faster path here: "
+        f"{', '.join(f'{s} {p}' for s, p in speed['paths'].items())}")
     return figures

@@ -275,24 +275,28 @@ def test_swapped_scheduler_runs_its_solver(tiny_supernet, tmp_path):
     pipe = DDSMPipeline.from_schedule(path)
     config = pipe.scheduler.config
     pipe.scheduler = UniPCMultistepScheduler.from_config(config)
-    assert pipe.solver == Solver("unipc")
+    # the DDIM config has thresholding off: the multistep solvers' clip is off too
+    assert pipe.solver == Solver("unipc", clip=False)
     runtime = Runtime(supernet)
-    unipc = runtime.plan(schedule.step_keys(), solver=Solver("unipc"), timesteps=schedule.grid(100))
+    unipc = runtime.plan(schedule.step_keys(), solver=Solver("unipc", clip=False), timesteps=schedule.grid(100))
     expected = (generate(unipc, n=3, seed=4) / 2 + 0.5).clamp(0, 1)
     assert torch.equal(_images(pipe), expected)
     assert not torch.equal(expected, _expected(supernet, schedule, n=3, seed=4))
     pipe.save_pretrained(tmp_path / "saved")
     recorded = json.loads((tmp_path / "saved" / "unet" / "schedule.json").read_text())
-    assert recorded["solver"] == {"name": "unipc", "order": 2} and recorded["timesteps"] == schedule.grid(100)
+    assert recorded["solver"] == {"name": "unipc", "order": 2, "clip": False}
+    assert recorded["timesteps"] == schedule.grid(100)
     loaded = DDSMPipeline.from_pretrained(tmp_path / "saved")
     assert type(loaded.scheduler) is UniPCMultistepScheduler and torch.equal(_images(loaded), expected)
     # each scheduler as the solver it maps to
     for scheduler, solver in (
-            (UniPCMultistepScheduler.from_config(config, solver_order=3), Solver("unipc", order=3)),
-            (DPMSolverMultistepScheduler.from_config(config), Solver("dpmsolver++")),
-            (DPMSolverMultistepScheduler.from_config(config, solver_order=3), Solver("dpmsolver++", order=3)),
+            (UniPCMultistepScheduler.from_config(config, solver_order=3), Solver("unipc", order=3, clip=False)),
+            (UniPCMultistepScheduler.from_config(config, thresholding=True), Solver("unipc")),
+            (DPMSolverMultistepScheduler.from_config(config), Solver("dpmsolver++", clip=False)),
+            (DPMSolverMultistepScheduler.from_config(config, solver_order=3, thresholding=True),
+             Solver("dpmsolver++", order=3)),
             (DPMSolverMultistepScheduler.from_config(config, algorithm_type="sde-dpmsolver++"),
-             Solver("sde-dpmsolver++")),
+             Solver("sde-dpmsolver++", clip=False)),
             (EulerDiscreteScheduler.from_config(config), Solver("euler")),
             (DDPMScheduler.from_config(config), Solver("ddpm")),
             (DDIMScheduler.from_config(config), Solver("ddim", eta=0.5))):  # DDIM's eta: the schedule's

@@ -194,14 +194,20 @@ def test_cli_report_export_and_sample(run, tmp_path, capsys):
 
 def test_quickstart_runs_the_whole_pipeline(tmp_path):
     cfg = config_from_dict(tiny_dict(train={"steps": 3}, search=SEARCH))
-    figures = quickstart(tmp_path / "qs", config=cfg, progress=False, budget="80%", n_speed=20, heldout=40)
+    figures = quickstart(tmp_path / "qs", config=cfg, progress=False, budget="80%", heldout=40)
     assert (tmp_path / "qs" / "schedule.json").is_file()
-    assert (tmp_path / "qs" / "search" / "report" / "front.png").is_file()
+    report = tmp_path / "qs" / "search" / "report"
+    for name in ("front.png", "front_vs_baselines.png", "front_vs_baselines_seconds.png", "baselines.csv",
+                 "front_vs_baselines.csv"):
+        assert (report / name).is_file(), name
     assert figures["flops_share"] <= 0.8 + 1e-9 and figures["speedup"] > 0
     assert figures["loss"]["high"] <= 0.05 and figures["loss"]["samples"] == 40
-    assert figures["full_size_seconds"] > 0 and np.isfinite(figures["full_size_heldout"])
-    assert "width=1.0" in figures["paths"] and set(figures["paths"]) <= {"width=1.0", "width=0.75", "width=0.5"}
-    assert set(figures["paths"].values()) <= {"fused", "torch"}
+    assert figures["solver"] == "ddim" and figures["steps"] == 6
+    speed = figures["speed"]
+    assert speed["seconds"]["default"] > 0 and np.isfinite(figures["full_size_heldout"])
+    assert speed["against_default"] == pytest.approx(speed["seconds"]["default"] / speed["seconds"]["export"])
+    assert "width=1.0" in speed["paths"] and set(speed["paths"]) <= {"width=1.0", "width=0.75", "width=0.5"}
+    assert set(speed["paths"].values()) <= {"fused", "torch"}
     pd.read_csv(tmp_path / "qs" / "search" / "evaluations.csv")
 
 

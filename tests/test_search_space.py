@@ -284,3 +284,13 @@ def test_joint_genome_errors():
     with pytest.raises(DDSMError, match="steps must be between 1 and 100"):
         SearchSpace.of(SubnetSpace.of({"width": [1.0]}), steps=10, segments=1, step_choices=(10, 200),
                        num_timesteps=100)
+
+
+def test_the_first_generation_holds_every_baseline_whatever_the_population():
+    pop = initial_population(JOINT, 4, np.random.default_rng(0), lambda g: True)
+    assert set(JOINT.baselines()) <= set(pop) and len(JOINT.baselines()) == 9 and len(pop) == len(set(pop)) >= 9
+    algo = make_algorithm("nsga2", JOINT, 4, 0, lambda g: True)
+    first = algo.ask()
+    assert set(JOINT.baselines()) <= set(first)
+    algo.tell(first, [(float(sum(g)), float(g[0])) for g in first])
+    assert len(algo.ask()) <= 4  # later generations: the population

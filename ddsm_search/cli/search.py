@@ -34,13 +34,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     from ..report.writer import write_report
 
     write_report(args.run, budget=args.budget, device=device_of(args), supernet=args.supernet, heldout=args.heldout,
-                 bars=not args.quiet)
+                 bars=not args.quiet, baselines=args.baselines, timing=args.timing)
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     """Export the best schedule within a FLOP budget, re-checked on the held-out seeds."""
     from ..deploy.export import export_schedule
+    from ..deploy.speed import describe
+    from ..solvers.base import Solver
 
     if args.out and Path(args.out).suffix.lower() != ".json":
         raise DDSMError(f"--out must end in .json, got {Path(args.out).name}")
@@ -48,7 +50,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise DDSMError("export needs --budget, --max-loss or both")
     path, data = export_schedule(args.run, args.budget, args.out, max_loss=args.max_loss, confidence=args.confidence,
                                  heldout_samples=args.n, candidates=args.candidates, device=device_of(args),
-                                 progress=not args.quiet, supernet=args.supernet)
+                                 progress=not args.quiet, supernet=args.supernet, reference=args.reference)
     q = data["quality"]
     m, loss = q["metric"], q["loss"]
 
@@ -60,6 +62,8 @@ def cmd_export(args: argparse.Namespace) -> int:
           f"{fmt(q['full_size_heldout'][m])}, n={q['heldout']['samples']}); loss against full size "
           f"{loss['value']:.4g}, {loss['confidence']:.0%} interval [{loss['low']:.4g}, {loss['high']:.4g}]; "
           f"{len(q['confirmed'])} candidate(s) confirmed")
+    solver = data["solver"]
+    print(f"it runs {Solver(**solver).key} over {len(data['steps'])} steps: {describe(data['speed'])}")
     return 0
 
 
@@ -112,6 +116,10 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("report", help="print a search run's front and write its plots")
     p.add_argument("run", help="search run directory")
     p.add_argument("--budget", default="50%", help="also show the best schedule within this budget (default 50%%)")
+    p.add_argument("--no-baselines", dest="baselines", action="store_false",
+                   help="leave out the baselines (full size per solver and number of steps, uniform caching)")
+    p.add_argument("--no-timing", dest="timing", action="store_false",
+                   help="compare with the baselines on FLOPs only, without timing the front and them here")
     p.add_argument("--heldout", type=positive, metavar="N",
                    help="also re-score the front on N held-out images, print the Spearman rank correlation with "
                    "the search's scores and plot both fronts (kept in RUN/heldout.csv)")
@@ -128,6 +136,9 @@ def add_parsers(sub) -> None:
                    help="largest loss against full size on held-out noise, in the run's metric (FID +X, or drift "
                    "X), at --confidence: exports the cheapest front schedule that meets it")
     p.add_argument("--confidence", type=float, default=0.95, help="confidence of the loss interval (default 0.95)")
+    p.add_argument("--reference", metavar="SOLVER:STEPS",
+                   help="the full-size run --max-loss is measured against, e.g. unipc:20 or ddim:50 (default: the "
+                   "search's sampler over its steps)")
     p.add_argument("--candidates", type=positive,
                    help="schedules to confirm (default: with --max-loss the whole front, cheapest first; "
                    "with --budget alone its 3 best)")

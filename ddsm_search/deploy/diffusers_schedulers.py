@@ -8,7 +8,8 @@ DDPM's fixed_small variance), the others as `solvers.schedulers.build_scheduler`
 run steps with. `solver_for(scheduler, noise_schedule)` maps a scheduler back: DDIMScheduler -> ddim,
 DDPMScheduler -> ddpm, DPMSolverMultistepScheduler(algorithm_type=dpmsolver++ | sde-dpmsolver++,
 solver_order=k) -> dpmsolver++(order=k) | sde-dpmsolver++(order=k), UniPCMultistepScheduler(solver_order=k)
--> unipc(order=k), EulerDiscreteScheduler -> euler. Its config must equal that of the solver's own
+-> unipc(order=k), EulerDiscreteScheduler -> euler; thresholding (at sample_max_value 1) is the multistep
+solvers' clip. Its config must equal that of the solver's own
 scheduler in every option that changes a step: another class, or an option a solver does not take
 (UniPC's solver_type='bh1', DDIM without clipping, Karras sigmas, v-prediction), is refused in one
 line naming it. What a pipeline runs is the solver: on the schedule's own timesteps, with the
@@ -62,7 +63,8 @@ def solver_for(scheduler, noise_schedule, eta: float = 0.0) -> Solver:
         if kind not in ("dpmsolver++", "sde-dpmsolver++"):
             raise DDSMError(f"{name}(algorithm_type={kind!r}) is not supported (dpmsolver++ or sde-dpmsolver++)")
     if kind in ("dpmsolver++", "sde-dpmsolver++", "unipc"):
-        options["order"] = config.get("solver_order")
+        # thresholding (with sample_max_value 1: x0 clipped to [-1, 1]) is the solver's clip
+        options["order"], options["clip"] = config.get("solver_order"), bool(config.get("thresholding"))
     elif kind == "ddim":
         options["eta"] = eta
     try:

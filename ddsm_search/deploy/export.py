@@ -9,7 +9,9 @@ from ..config import budget_gflops
 from ..errors import DDSMError
 from ..report.tables import load_run, pick
 from ..schedule import Schedule, save_schedule
+from ..search.baselines import parse_reference
 from ..search.results import run_info, segment_starts, supernet_of_run
+from .speed import speed_figures
 
 
 def _number(value) -> float | None:
@@ -40,7 +42,7 @@ def _candidates(table, metric: str, budget, max_loss, count: int | None):
 def export_schedule(run: str | Path, budget: float | str | None = None, out: str | Path | None = None, *,
                     max_loss: float | None = None, confidence: float = 0.95, heldout_samples: int | None = None,
                     candidates: int | None = None, device: str = "cpu", progress: bool = False,
-                    supernet: str | Path | None = None, cache_dir=None) -> tuple[Path, dict]:
+                    supernet: str | Path | None = None, cache_dir=None, reference: str | None = None) -> tuple[Path, dict]:
     """Confirm candidates on held-out noise beside full size and write the chosen schedule's JSON
     (default RUN/schedule_<budget or maxloss>.json); return (path, its contents).
 
@@ -48,7 +50,11 @@ def export_schedule(run: str | Path, budget: float | str | None = None, out: str
     metric) is within `max_loss` at `confidence`, the front tried cheapest first. With a `budget` alone:
     of its `candidates` (default 3) best schedules within the budget by the search's score, the best on
     held-out noise, so that the winner of a few noisy images is not exported blindly. Both together:
-    the cheapest within the budget that meets the loss.
+    the cheapest within the budget that meets the loss. `reference`: 'SOLVER:STEPS', the full-size run
+    the loss is measured against (default: the search's sampler over its steps).
+
+    The file also records the export's measured speed (deploy.speed): against the default full size
+    and against the cheapest baseline (search.baselines) that is as good on the same held-out noise.
     """
     from ..evaluation.heldout import LOSS_METRICS, Confirmer, confirm_many, record_heldout
 
@@ -67,8 +73,9 @@ def export_schedule(run: str | Path, budget: float | str | None = None, out: str
     rows = _candidates(table, metric, budget, max_loss, candidates)  # raises before any work if nothing fits
     net = supernet_of_run(run, device, supernet)
     n = heldout_samples or max(4 * int(q["samples"]), 1000)
+    ref = parse_reference(reference, int(q["steps"])) if reference is not None else None
     confirmer = Confirmer(net, q, n=n, confidence=confidence, device=device, cache_dir=cache_dir,
-                          boundaries=segment_starts(info), progress=progress)
+                          boundaries=segment_starts(info), progress=progress, reference=ref)
     full_gflops = float((table["gflops"] / table["flops_share"]).iloc[0])
     limit = None if budget is None else budget_gflops(budget, full_gflops) * (1 + 1e-9)
 
@@ -112,10 +119,13 @@ def export_schedule(run: str | Path, budget: float | str | None = None, out: str
                            "loss": r["loss"]["value"], "loss_low": r["loss"]["low"], "loss_high": r["loss"]["high"]}
                           for r in records],
         },
+        "reference": {"solver": confirmer.reference.solver.key, "steps": len(confirmer.reference),
+                      "timesteps": list(confirmer.reference.timesteps)},
         "search_run": str(Path(run)),
     }
     if chosen["executed"] is not None:
         figures["executed"] = {**chosen["executed"], "samples": n, "seed_set": chosen["seed_set"]}
+    figures["speed"] = speed_figures(confirmer, chosen, q, max_loss, device=device, progress=progress)
     plan = confirmer.plan(row["schedule"])
     if net.sparse:  # both figures of a sparse supernet's schedule, side by side
         figures["sparse_flops_per_image"] = net.with_cost("sparse").steps_flops(list(plan.steps), plan.timesteps)

@@ -1,5 +1,5 @@
-"""Report plots: the front, a schedule's subnet per step (every axis), hypervolume per generation, and a
-schedule's samples beside full size's from the same noise.
+"""Report plots: the front (and beside its baselines), a schedule's subnet per step (every axis),
+hypervolume per generation, and a schedule's samples beside full size's from the same noise.
 
 Each function draws on a new `matplotlib.figure.Figure` (no pyplot: the user's backend and pyplot's
 figures are left alone) and returns it; given a path, it also writes the figure there as a PNG,
@@ -57,6 +57,32 @@ def plot_front(table: pd.DataFrame, path: PathLike = None, metric: str = "fid", 
     ax.set_ylabel(metric.upper())
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    return _done(fig, path)
+
+
+def plot_baselines(front: pd.DataFrame, baselines: pd.DataFrame, path: PathLike = None, metric: str = "fid",
+                   x: str = "gflops"):
+    """Draw the searched front beside the baselines on `x` (gflops, or seconds_per_image): each solver's
+    full size over its numbers of steps as a staircase, the other baselines (uniform feature caching)
+    as markers; return the Figure."""
+    fig = new_figure(6.4, 4.4)
+    ax = fig.subplots()
+    front = front.sort_values(x)
+    _staircase(ax, front[x], front[metric], color="C0", lw=2.5, marker="o", ms=5, label="searched front")
+    plain = baselines[baselines["kind"] == "full size"]
+    for k, (solver, group) in enumerate(plain.groupby("solver", sort=False)):
+        group = group.sort_values(x)
+        ax.plot(group[x], group[metric], "--", marker="s", ms=4, color=f"C{k + 1}", lw=1,
+                label=f"full size, {solver}, {int(group['sampling_steps'].min())}-{int(group['sampling_steps'].max())} steps")
+    other = baselines[~baselines.index.isin(plain.index)]
+    if len(other):
+        ax.scatter(other[x], other[metric], marker="x", color="0.3", s=30,
+                   label="full size, " + ", ".join(sorted(set(other["kind"]))))
+    ax.set_xlabel("GFLOPs per image (whole sampling run)" if x == "gflops" else "seconds per image (this machine)")
+    ax.set_ylabel(metric.upper())
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7)
     return _done(fig, path)
 
 

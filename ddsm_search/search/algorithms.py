@@ -50,9 +50,10 @@ class Algorithm(Protocol):
 
 def initial_population(space: SearchSpace, size: int, rng: np.random.Generator,
                        feasible: Callable[[Genome], bool], seeds: Sequence[Genome] = ()) -> list[Genome]:
-    """Return the uniform schedules and `seeds` that fit the budget, then distinct random feasible
-    genomes up to `size`."""
-    pop = [g for g in space.first(seeds) if feasible(g)][:size]
+    """Return every genome of the first generation that fits the budget (the baselines, the uniform
+    schedules and `seeds`: space.first), then distinct random feasible genomes up to `size`. The first
+    generation may be larger than `size`: the baselines are all evaluated, whatever the population."""
+    pop = [g for g in space.first(seeds) if feasible(g)]
     seen = set(pop)
     for _ in range(1000 * size):
         if len(pop) >= size:
@@ -120,7 +121,7 @@ class NSGA2Search:
         low, high = gene_bounds(space.gene_choices)
         problem = Problem(n_var=space.n_genes, n_obj=2, n_ieq_constr=1, xl=low, xu=high, vtype=int)
         self.algorithm = NSGA2(
-            pop_size=len(start),
+            pop_size=population,  # the first generation evaluates all of `start`, the next `population` each
             sampling=np.array(start, dtype=float),
             crossover=SBX(prob=0.9, eta=15, vtype=float, repair=_gene_repair(space.gene_choices)),
             mutation=PM(eta=20, vtype=float, repair=_gene_repair(space.gene_choices)),

@@ -30,17 +30,30 @@ from .names import SOLVERS, SPACINGS
 _TEXT = re.compile(r"^([a-z+-]+)(?:\((.*)\))?$")
 
 
+# what each solver does with the predicted x0 where it has no `clip` option: DDIM and DDPM always clip it
+FIXED_CLIP = {"ddim": True, "ddpm": True, "euler": False}
+
+
 @dataclass(frozen=True, order=True)
 class Solver:
-    """A sampler's update rule and its options: `eta` (ddim) and `order` (multistep solvers)."""
+    """A sampler's update rule and its options: `eta` (ddim), `order` (multistep solvers) and `clip` (the
+    multistep solvers: x0 clipped to [-1, 1] before each update, the default, as DDIM does)."""
 
     name: str = "ddim"
     eta: float = 0.0
     order: int = 2
+    clip: bool | None = None  # None: the solver's default
 
     def __post_init__(self):
         if self.name not in SOLVERS:
             raise DDSMError(f"unknown solver {self.name!r} (choose from {', '.join(SOLVERS)})")
+        options = SOLVERS[self.name][1]
+        if self.clip is not None and not isinstance(self.clip, bool):
+            raise DDSMError(f"solver {self.name}: clip must be true or false, got {self.clip!r}")
+        default = options.get("clip", FIXED_CLIP.get(self.name))
+        if self.clip is not None and "clip" not in options and self.clip != default:
+            raise DDSMError(f"solver {self.name} takes no clip ({'it always clips x0' if default else 'no clipping'})")
+        object.__setattr__(self, "clip", default if self.clip is None else self.clip)
         if isinstance(self.eta, bool) or not isinstance(self.eta, (int, float)) or not math.isfinite(self.eta) \
                 or self.eta < 0:
             raise DDSMError(f"solver eta must be a finite number >= 0, got {self.eta!r}")
@@ -60,12 +73,18 @@ class Solver:
             return text
         match = _TEXT.match(str(text).strip())
         if not match:
-            raise DDSMError(f"{text!r} is not a solver (e.g. ddim, ddim(eta=0.5), dpmsolver++(order=3), unipc)")
+            raise DDSMError(f"{text!r} is not a solver (e.g. ddim, ddim(eta=0.5), dpmsolver++(order=3), unipc(clip=false))")
         options = {}
         for part in filter(None, (match.group(2) or "").split(",")):
             key, sep, value = part.strip().partition("=")
             if not sep or key not in {f.name for f in fields(cls)} - {"name"}:
-                raise DDSMError(f"{text!r}: unknown solver option {key!r} (eta, order)")
+                raise DDSMError(f"{text!r}: unknown solver option {key!r} (eta, order, clip)")
+            if key == "clip":
+                flag = value.strip().lower()
+                if flag not in ("true", "false", "1", "0"):
+                    raise DDSMError(f"{text!r}: clip={value!r} is not true or false")
+                options[key] = flag in ("true", "1")
+                continue
             try:
                 options[key] = int(value) if key == "order" else float(value)
             except ValueError:

@@ -36,10 +36,15 @@ def build_scheduler(solver, noise_schedule):
     schedulers = diffusers_schedulers()
     common = dict(num_train_timesteps=noise_schedule.timesteps, trained_betas=noise_schedule.betas.numpy(),
                   prediction_type="epsilon")
+    # clip: diffusers' dynamic thresholding with sample_max_value 1 clips the predicted x0 to [-1, 1]
+    # (its per-image scale s, the 99.5th percentile of |x0|, is clamped to [1, sample_max_value] = 1), as
+    # DDIM does here; DPM-Solver++ recommends thresholding for pixel-space models
+    clip = dict(thresholding=bool(solver.clip), dynamic_thresholding_ratio=0.995, sample_max_value=1.0)
     if solver.name in ("dpmsolver++", "sde-dpmsolver++"):
-        return schedulers.DPMSolverMultistepScheduler(**common, algorithm_type=solver.name, solver_order=solver.order)
+        return schedulers.DPMSolverMultistepScheduler(**common, **clip, algorithm_type=solver.name,
+                                                      solver_order=solver.order)
     if solver.name == "unipc":
-        return schedulers.UniPCMultistepScheduler(**common, solver_order=solver.order, solver_type="bh2")
+        return schedulers.UniPCMultistepScheduler(**common, **clip, solver_order=solver.order, solver_type="bh2")
     if solver.name == "euler":
         return schedulers.EulerDiscreteScheduler(**common)
     raise DDSMError(f"solver {solver.name} is not one of diffusers' schedulers")

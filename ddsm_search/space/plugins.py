@@ -10,7 +10,8 @@ A method family (a folder under `ddsm_search/methods/`) exposes one `MethodFamil
   wraps it (`wrap`, e.g. a per-image early exit with its heads), made once per `sampling.Runtime`;
 - supernet add-on files: files kept beside a supernet (masks, heads) read when it loads, or listed;
 - training: a hook into every training step (sparse masks);
-- search genes and seeds: genes per segment for its field, and genomes for the first generation;
+- search genes, seeds and baselines: genes per segment for its field, genomes for the first
+  generation, and the family's own uniform schedules that every report compares a search with;
 - cost: what a step with the family's value costs when it is not its subnet's (a cached step), and
   the cheapest subnet a dynamic step may run, for budgets known before sampling (what it executed is
   measured while sampling: `space.steps.ExecutedRecord`).
@@ -104,6 +105,11 @@ class MethodFamily:
         """Return the FLOPs per image of a step running `subnet` with this family's `value`, where the
         value changes what a step runs (None: the subnet's, from the supernet's table)."""
         return None
+
+    def baselines(self, model, search, steps: int) -> list:
+        """Return what a user of this family has without any search, at full size over `steps` steps:
+        (label, the family's value at each step) pairs (feature caching: each uniform interval)."""
+        return []
 
     def seed_genomes(self, space, diffusion, search) -> list:
         """Return genomes for the first generation of a search of `space` (search.genome.SearchSpace)."""

@@ -168,6 +168,16 @@ class Caching(MethodFamily):
             supernet.measured[key] = sparse if masks is not None else dense
         return supernet.measured[key]
 
+    def baselines(self, model, search, steps: int):
+        """Uniform caching at full size: each of search.cache_intervals (default 2, 3 and 5, DeepCache's
+        uniform 1:N) at each branch of search.cache_branches the backbone has."""
+        most = model.cache_branches_at(model.full)
+        if most == 0:
+            return []
+        intervals = search.cache_intervals or (2, 3, 5)
+        return [(f"cache {i}:{b}", pattern(i, b, steps)) for i in intervals for b in search.cache_branches
+                if b <= most and i <= steps]
+
     def genes(self, model, search):
         if not search.cache_intervals:
             return None
