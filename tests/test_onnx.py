@@ -2,7 +2,7 @@
 (deploy/onnx_sampler.py): graphs equal their torch subnets, whole schedules equal `generate` on the
 same noise under every solver (DDIM eta 0 and 0.5, DDPM, DPM-Solver++ 2M/3M and SDE, UniPC 2 and 3,
 clipped or not, Euler; group weights) with clipping seen to happen, a solver's linear form equals its
-torch run, version-1 manifests load and sample, tampering and bad inputs are refused."""
+torch run, version-1 and version-2 manifests load and sample, tampering and bad inputs are refused."""
 
 from __future__ import annotations
 
@@ -304,6 +304,25 @@ def test_linear_form_of_ddim_is_refused(tiny_cfg):
             linear_form(Solver.parse(text), NoiseSchedule(tiny_cfg.diffusion), [99, 50, 0])
 
 
+def test_linear_form_of_clip_false_is_the_version_2_form():
+    """Without clipping the new form composes to the version-2 form over eps that the code before it
+    derived (tests/data/onnx_v2_linear.json, written at 29b4896) within float64 rounding."""
+    data = json.loads((Path(__file__).parent / "data" / "onnx_v2_linear.json").read_text())
+    schedule, timesteps = _noise_schedule(data["num_timesteps"]), data["timesteps"]
+    for name, old in data["sections"].items():
+        form = linear_form(Solver(name, clip=False), schedule, timesteps)
+        steps = len(timesteps)
+        # every latent and x0 over (x_T, eps_0 .. eps_{S-1}): x_0 = x_T, x0_i = a_i x_i + b_i eps_i
+        latents, x0s = [np.eye(1 + steps)[0]], []
+        for i in range(steps):
+            a, b = form.x0[i]
+            x0s.append(a * latents[i] + b * np.eye(1 + steps)[1 + i])
+            latents.append(form.latent[i][0] * latents[0] + sum(d * x0s[j] for j, d in enumerate(form.latent[i][1:])))
+        for i in range(steps):
+            np.testing.assert_allclose(latents[i + 1][:i + 2], old["linear"]["latent"][i], rtol=1e-12, atol=1e-14)
+        assert list(form.model_input_scale) == old["linear"]["model_input_scale"]
+
+
 def test_group_weights_export_each_groups_network(tiny_supernet, tmp_path):
     supernet = load_supernet(tiny_supernet)
     model = supernet.model
@@ -463,6 +482,39 @@ def test_version_1_manifests_load_and_sample_as_before(unet, exports, tmp_path):
     _rewrite(old, lambda m: m.update(version=4))
     with pytest.raises(DDSMError, match="has format version 4; this sampler reads 1, 2, 3"):
         OnnxSampler(old)
+
+
+def test_version_2_manifests_load_and_sample_as_before(exports, tmp_path):
+    """A version-2 manifest (its linear form over eps, unclipped: tests/data/onnx_v2_linear.json holds the
+    sections the code at 29b4896 wrote for these timesteps) samples what the unclipped solver's `generate`
+    gives, and what its version-3 export gives."""
+    supernet, export = exports
+    data = json.loads((Path(__file__).parent / "data" / "onnx_v2_linear.json").read_text())
+    for name, old in data["sections"].items():
+        schedule, folder = export(f"{name}(clip=False)")
+        assert schedule.timesteps == data["timesteps"] and supernet.config.diffusion.timesteps == data["num_timesteps"]
+        copy = shutil.copytree(folder, tmp_path / name)
+
+        def as_version_2(manifest: dict) -> None:
+            solver = manifest["solver"]
+            manifest.update(version=2, linear=old["linear"],
+                            solver={**old["solver"], "steps": solver["steps"], "timesteps": solver["timesteps"]})
+
+        _rewrite(copy, as_version_2)
+        manifest = json.loads((copy / "manifest.json").read_text())
+        assert manifest["version"] == 2 and "x0" not in manifest["linear"] and "clip" not in manifest["solver"]
+        n = 4
+        noise, _ = _draws(6, n, supernet.image_shape, len(WIDTHS))
+        ref = generate(Runtime(supernet).plan_schedule(schedule), n=n, seed=6).numpy()
+        got = OnnxSampler(copy, sessions=2).sample(n, noise=noise)
+        err = float(np.abs(got - ref).max())
+        print(f"version 2 {name}: max |onnx - torch| = {err:.2e}")
+        assert err <= SOLVER_IMAGES and float(np.abs(ref).max()) > 1, "unclipped, as version 2 ran it"
+        assert float(np.abs(got - OnnxSampler(folder).sample(n, noise=noise)).max()) <= SOLVER_IMAGES
+        _rewrite(copy, lambda m: m["linear"]["latent"][2].append(0.1))
+        with pytest.raises(DDSMError, match=r"linear.latent must hold 7 rows, row i of i \+ 2 finite numbers "
+                                            r"\(x_T, eps_0 .. eps_i\)"):
+            OnnxSampler(copy)
 
 
 def test_clipping_changes_the_images(exports):
