@@ -1,8 +1,8 @@
 """ONNX export of a schedule (deploy/onnx_export.py) and the numpy + onnxruntime sampler
 (deploy/onnx_sampler.py): graphs equal their torch subnets, whole schedules equal `generate` on the
 same noise under every solver (DDIM eta 0 and 0.5, DDPM, DPM-Solver++ 2M/3M and SDE, UniPC 2 and 3,
-Euler; group weights), a solver's linear form equals its torch run, version-1 manifests load, tampering
-and bad inputs are refused."""
+clipped or not, Euler; group weights) with clipping seen to happen, a solver's linear form equals its
+torch run, version-1 and version-2 manifests load and sample, tampering and bad inputs are refused."""
 
 from __future__ import annotations
 
@@ -23,9 +23,9 @@ pytest.importorskip("onnx")
 
 from ddsm_search.checkpoint import load_supernet  # noqa: E402
 from ddsm_search.cli.main import main  # noqa: E402
-from ddsm_search.deploy import onnx_export  # noqa: E402
+from ddsm_search.deploy import onnx_export, onnx_sampler  # noqa: E402
 from ddsm_search.deploy.onnx_export import export_onnx  # noqa: E402
-from ddsm_search.deploy.onnx_sampler import OnnxSampler, linear_latent, manifest_digest  # noqa: E402
+from ddsm_search.deploy.onnx_sampler import OnnxSampler, linear_latent, manifest_digest, predicted_x0  # noqa: E402
 from ddsm_search.diffusion import NoiseSchedule, sampling_timesteps  # noqa: E402
 from ddsm_search.errors import DDSMError  # noqa: E402
 from ddsm_search.methods.step_groups.weights import GroupWeights, WeightGroup  # noqa: E402
@@ -94,7 +94,7 @@ def test_unet_export_graphs_equal_subnets_and_manifest(unet):
     manifest = json.loads((folder / "manifest.json").read_text())
     assert sorted(p.name for p in folder.iterdir()) == sorted(["manifest.json", "width-1.0.onnx", "width-0.5.onnx",
                                                                "width-0.75.onnx"]), "one graph per distinct subnet"
-    assert manifest["format"] == "ddsm-search/onnx" and manifest["version"] == 2
+    assert manifest["format"] == "ddsm-search/onnx" and manifest["version"] == 3
     assert manifest["steps"] == [s.key for s in subnets]
     assert manifest["solver"] == {"name": "ddim", "eta": 0.0, "key": "ddim", "steps": 5,
                                   "timesteps": sampling_timesteps(supernet.config.diffusion.timesteps, 5)}
@@ -121,10 +121,12 @@ def test_unet_schedule_images_equal_generate(unet):
     assert np.array_equal(seeded.sample(3, seed=5), seeded.sample(3, seed=5)), "a seed gives the same images"
 
 
-# (solver, spacing): every solver, two of them on diffusers' trailing grid (explicit timesteps, not T-1 .. 0)
+# (solver, spacing): every solver, clipped (the default) and not, two of them on diffusers' trailing grid
+# (explicit timesteps, not T-1 .. 0)
 SOLVERS = [("ddim", "uniform"), ("ddim(eta=0.5)", "uniform"), ("ddpm", "uniform"), ("dpmsolver++", "uniform"),
            ("dpmsolver++(order=3)", "uniform"), ("sde-dpmsolver++", "uniform"), ("unipc", "uniform"),
-           ("unipc(order=3)", "trailing"), ("euler", "uniform"), ("euler", "trailing")]
+           ("unipc(order=3)", "trailing"), ("euler", "uniform"), ("euler", "trailing"),
+           ("dpmsolver++(clip=False)", "uniform"), ("unipc(clip=False)", "uniform")]
 WIDTHS = (1.0, 0.5, 0.5, 0.75, 1.0, 0.5, 0.75)  # a mixed schedule: three widths, 7 steps (3rd order runs twice)
 
 
@@ -148,27 +150,51 @@ def exports(tiny_supernet, tmp_path_factory):
     return supernet, export
 
 
+def _x0_spy(monkeypatch) -> list[tuple[float, bool]]:
+    """Record (max |x0| before clipping, clip) of every call of the ONNX sampler's x0 prediction."""
+    seen, real = [], onnx_sampler.predicted_x0
+
+    def spy(coefficients, clip, x, eps):
+        a, b = coefficients
+        seen.append((float(np.abs(a * x.astype(np.float64) + b * eps.astype(np.float64)).max()), clip))
+        return real(coefficients, clip, x, eps)
+
+    monkeypatch.setattr(onnx_sampler, "predicted_x0", spy)
+    return seen
+
+
 @pytest.mark.parametrize("text,spacing", SOLVERS)
-def test_every_solver_equals_generate_on_the_same_noise(exports, text, spacing):
+def test_every_solver_equals_generate_on_the_same_noise(exports, text, spacing, monkeypatch):
     supernet, export = exports
     schedule, folder = export(text, spacing)
     manifest = json.loads((folder / "manifest.json").read_text())
     solver = Solver.parse(text)
     assert manifest["solver"] == {**solver.to_json(), "key": solver.key, "steps": len(WIDTHS),
                                   "timesteps": schedule.timesteps}
-    assert ("linear" in manifest) == (solver.name not in ("ddim", "ddpm"))
+    linear = solver.name not in ("ddim", "ddpm")
+    assert ("linear" in manifest) == linear
+    if linear:
+        assert manifest["linear"]["clip"] == solver.clip and len(manifest["linear"]["x0"]) == len(WIDTHS)
+        assert 0.4 < manifest["linear"]["check_x0_beyond_1"] < 0.8, "the export's check clipped some x0, not all"
     n = 5  # two sessions take 2 and 3 images
     noise, step_noise = _draws(11, n, supernet.image_shape, len(WIDTHS))
     ref = generate(Runtime(supernet).plan_schedule(schedule), n=n, seed=11).numpy()
     sampler = OnnxSampler(folder, sessions=2)
     assert sampler.stochastic == solver.stochastic
     assert sampler.noise_steps == (list(range(len(WIDTHS) - 1)) if solver.stochastic else [])
+    x0 = _x0_spy(monkeypatch)
     for kwargs in ({}, {"batch_size": 2}):
         got = sampler.sample(n, noise=noise, step_noise=step_noise if solver.stochastic else None, **kwargs)
         assert got.shape == ref.shape and got.dtype == np.float32
         err = float(np.abs(got - ref).max())
         print(f"{text} {spacing}: max |onnx - torch| = {err:.2e}")
         assert err <= SOLVER_IMAGES, (text, spacing, err)
+    assert len(x0) == (2 * 2 * len(WIDTHS) if linear else 0), "one x0 per step and session"
+    assert all(clip == solver.clip for _, clip in x0)
+    if solver.clip:  # the clipped path runs: some x0 lay beyond [-1, 1] before it was clipped
+        assert got.min() >= -1 and got.max() <= 1
+        if linear:
+            assert max(m for m, _ in x0) > 1.5, x0
     if solver.stochastic:
         other = generate(Runtime(supernet).plan_schedule(schedule), n=n, seed=12).numpy()
         assert np.abs(other - ref).max() > 1e-2, "the step noise changes the images: it is tested"
@@ -180,48 +206,121 @@ def test_every_solver_equals_generate_on_the_same_noise(exports, text, spacing):
         sampler.sample(n, noise=noise[:2])
 
 
+LINEAR = ("dpmsolver++", "dpmsolver++(order=3)", "sde-dpmsolver++", "unipc", "unipc(order=3)", "euler",
+          "dpmsolver++(clip=False)", "unipc(clip=False)", "sde-dpmsolver++(clip=False)")
+
+
+def _noise_schedule(T: int) -> NoiseSchedule:
+    from ddsm_search.config import config_from_dict
+
+    return NoiseSchedule(config_from_dict(tiny_dict(diffusion={"timesteps": T})).diffusion)
+
+
+def _evaluate(form, clip: bool, start: np.ndarray, eps_of: list, noise_of: list) -> tuple[list, list]:
+    """Return (the latents after each step, the x0 before any clipping of each step) of a form evaluated
+    by the sampler's numpy code on its own latents, as it samples, with `clip` in place of its own."""
+    latent, latents, x0_of, unclipped = start, [], [], []
+    for i, eps in enumerate(eps_of):
+        unclipped.append(predicted_x0(form.x0[i], False, latent, eps))
+        x0_of.append(predicted_x0(form.x0[i], clip, latent, eps))
+        noises = [z for k, z in zip(form.noise_steps, noise_of) if k <= i]
+        latent = linear_latent(form.latent[i] + form.noise[i], [start, *x0_of, *noises])
+        latents.append(latent)
+    return latents, unclipped
+
+
 @pytest.mark.parametrize("T,spacing", [(100, "uniform"), (1000, "uniform"), (1000, "trailing"), (1000, "leading")])
 def test_linear_form_reproduces_the_torch_run_on_random_inputs(T, spacing):
     """The coefficients read off one-hot runs, evaluated by the sampler's numpy code, against the solver's
-    own torch run (float32, as `generate` runs it) on random latents, model outputs and step noise."""
-    from ddsm_search.config import config_from_dict
-
-    schedule = NoiseSchedule(config_from_dict(tiny_dict(diffusion={"timesteps": T})).diffusion)
+    own torch run (float32, as `generate` runs it, clipping as it clips) on random latents, model outputs
+    and step noise; the same form with its clip flipped, or one coefficient off by 1e-4, is seen."""
+    schedule = _noise_schedule(T)
     timesteps = timesteps_for(T, 9, spacing)
-    for text in ("dpmsolver++", "dpmsolver++(order=3)", "sde-dpmsolver++", "unipc", "unipc(order=3)", "euler"):
+    for text in LINEAR:
         solver = Solver.parse(text)
         form = linear_form(solver, schedule, timesteps)
+        assert form.clip == solver.clip and len(form.x0) == len(timesteps)
         g = torch.Generator().manual_seed(5)
         run = solver.run(schedule, timesteps)
         x = torch.randn((4, 3, 4, 4), generator=g) * run.init_noise_sigma
         assert form.init_noise_sigma == run.init_noise_sigma
-        arrays, worst = [x.numpy()], 0.0
+        start, eps_of, noise_of, ref = x.numpy(), [], [], []
         for i in range(len(timesteps)):
             seen = run.model_input(x, i).numpy()
             assert np.allclose(form.model_input_scale[i] * x.numpy(), seen, rtol=1e-6, atol=0), (text, i)
             eps = torch.randn(x.shape, generator=g)
             z = torch.randn(x.shape, generator=g) if solver.stochastic else None
             x = run.advance(i, eps, x, z)  # what `step` does with the noise it draws
-            # the arrays in the order of the form: x_T, eps_0 .. eps_i, then the noises that reach a latent
-            arrays.insert(i + 1, eps.numpy())
+            eps_of.append(eps.numpy())
             if i in form.noise_steps:
-                arrays.append(z.numpy())
-            latent = linear_latent(form.latent[i] + form.noise[i], arrays)
-            worst = max(worst, float(np.abs(latent - x.numpy()).max()) / max(1.0, float(x.abs().max())))
+                noise_of.append(z.numpy())
+            ref.append(x.numpy())
+
+        def error(latents) -> float:
+            return max(float(np.abs(a - b).max()) / max(1.0, float(np.abs(b).max())) for a, b in zip(latents, ref))
+
+        latents, unclipped = _evaluate(form, form.clip, start, eps_of, noise_of)
+        worst, flipped = error(latents), error(_evaluate(form, not form.clip, start, eps_of, noise_of)[0])
+        beyond = [float(np.mean(np.abs(v) > 1)) for v in unclipped]
+        print(f"{text} T={T} {spacing}: {worst:.2e} (clip flipped: {flipped:.2g}); x0 beyond [-1, 1]: "
+              f"{min(beyond):.2f} .. {max(beyond):.2f} of each step's")
         assert float(x.abs().max()) > 0.5, "the run moved somewhere"
-        print(f"{text} T={T} {spacing}: {worst:.2e}")
         assert worst <= 2e-6, (text, T, spacing, worst)
+        assert flipped > 1e-2, "the clip (or its absence) matters on these inputs"
+        if form.clip:  # clipping happens at every step, and not to every x0
+            assert min(beyond) > 0.2 and min(beyond) < 0.8, beyond
+            assert float(x.abs().max()) <= 1, "a clipping solver's last latent is its clipped x0"
         row = list(form.latent[-1] + form.noise[-1])
         k = int(np.argmax(np.abs(row)))
         row[k] *= 1 + 1e-4  # one coefficient off by 1e-4 relative: the comparison above would see it
-        assert float(np.abs(linear_latent(row, arrays) - latent).max()) / max(1.0, float(x.abs().max())) > 1e-5
+        arrays = [start, *(predicted_x0(form.x0[i], form.clip, latents[i - 1] if i else start, eps_of[i])
+                           for i in range(len(timesteps))), *noise_of]
+        assert error(latents[:-1] + [linear_latent(row, arrays)]) > 1e-5
         assert form.noise_steps == (tuple(range(len(timesteps) - 1)) if solver.stochastic else ())
 
 
-def test_linear_form_refuses_ddim(tiny_cfg):
+def test_export_check_exercises_clipping_and_sees_a_wrong_form():
+    """export-onnx's check of a form (onnx_export._linear_error) clips about 60% of the x0 at every step,
+    and sees a form whose clip, x0 map or latent row is wrong."""
+    schedule, shape = _noise_schedule(1000), (3, 8, 8)
+    timesteps = timesteps_for(1000, 20, "uniform")
+    for text in ("dpmsolver++", "unipc(order=3)", "sde-dpmsolver++", "euler", "unipc(clip=False)"):
+        solver = Solver.parse(text)
+        section = onnx_export._linear_section(solver, schedule, timesteps, shape)
+        assert section["max_error"] <= 2e-6 and 0.5 < section["check_x0_beyond_1"] < 0.7, (text, section)
+        body = {k: v for k, v in section.items() if k not in ("max_error", "check_x0_beyond_1")}
+        wrong = [json.loads(json.dumps(body)) for _ in range(3)]
+        wrong[0]["clip"] = not wrong[0]["clip"]
+        wrong[1]["x0"][10][0] *= 1 + 1e-4  # a_10 of x0_10 = a_10 x_10 + b_10 eps_10
+        wrong[2]["latent"][12][-1] += 1e-4  # d_12,12: x0_12 (at most 1 when clipped) in the latent after step 12
+        for n, form in enumerate(wrong):
+            error, _ = onnx_export._linear_error(form, solver, schedule, timesteps, shape)
+            assert error > 1e-5, (text, n, error)
+
+
+def test_linear_form_of_ddim_is_refused(tiny_cfg):
     for text in ("ddim", "ddim(eta=0.5)", "ddpm"):
-        with pytest.raises(DDSMError, match=r"clips its predicted x0 to \[-1, 1\]: it is not linear"):
+        with pytest.raises(DDSMError, match="is written out by the ONNX sampler itself .*: it has no linear form"):
             linear_form(Solver.parse(text), NoiseSchedule(tiny_cfg.diffusion), [99, 50, 0])
+
+
+def test_linear_form_of_clip_false_is_the_version_2_form():
+    """Without clipping the new form composes to the version-2 form over eps that the code before it
+    derived (tests/data/onnx_v2_linear.json, written at 29b4896) within float64 rounding."""
+    data = json.loads((Path(__file__).parent / "data" / "onnx_v2_linear.json").read_text())
+    schedule, timesteps = _noise_schedule(data["num_timesteps"]), data["timesteps"]
+    for name, old in data["sections"].items():
+        form = linear_form(Solver(name, clip=False), schedule, timesteps)
+        steps = len(timesteps)
+        # every latent and x0 over (x_T, eps_0 .. eps_{S-1}): x_0 = x_T, x0_i = a_i x_i + b_i eps_i
+        latents, x0s = [np.eye(1 + steps)[0]], []
+        for i in range(steps):
+            a, b = form.x0[i]
+            x0s.append(a * latents[i] + b * np.eye(1 + steps)[1 + i])
+            latents.append(form.latent[i][0] * latents[0] + sum(d * x0s[j] for j, d in enumerate(form.latent[i][1:])))
+        for i in range(steps):
+            np.testing.assert_allclose(latents[i + 1][:i + 2], old["linear"]["latent"][i], rtol=1e-12, atol=1e-14)
+        assert list(form.model_input_scale) == old["linear"]["model_input_scale"]
 
 
 def test_group_weights_export_each_groups_network(tiny_supernet, tmp_path):
@@ -327,10 +426,13 @@ def test_tampered_graph_or_manifest_is_refused(unet, exports, tmp_path):
     # a linear solver's coefficients are under the digest too
     linear = shutil.copytree(exports[1]("unipc")[1], tmp_path / "unipc")
     manifest = json.loads((linear / "manifest.json").read_text())
-    manifest["linear"]["latent"][3][1] *= 1.001
-    (linear / "manifest.json").write_text(json.dumps(manifest))
-    with pytest.raises(DDSMError, match="manifest.json was changed after export"):
-        OnnxSampler(linear)
+    for edit in (lambda m: m["latent"][3].__setitem__(1, m["latent"][3][1] * 1.001),
+                 lambda m: m["x0"][2].__setitem__(0, m["x0"][2][0] * 1.001), lambda m: m.update(clip=False)):
+        manifest = json.loads((linear / "manifest.json").read_text())
+        edit(manifest["linear"])
+        (linear / "manifest.json").write_text(json.dumps(manifest))
+        with pytest.raises(DDSMError, match="manifest.json was changed after export"):
+            OnnxSampler(linear)
 
 
 def test_malformed_linear_forms_are_refused_in_one_line(exports, tmp_path):
@@ -342,6 +444,11 @@ def test_malformed_linear_forms_are_refused_in_one_line(exports, tmp_path):
         (lambda m: m["linear"].update(init_noise_sigma=0), "linear.init_noise_sigma must be a finite number > 0"),
         (lambda m: m["linear"].update(noise_steps=[1, 0]), "linear.noise_steps must be rising step numbers in 0 .. 6"),
         (lambda m: m["linear"]["noise"][4].append(0.5), "linear.noise must hold 7 rows"),
+        (lambda m: m["linear"].pop("x0"), r"linear.x0 must hold 7 rows of two finite numbers \(a_i, b_i"),
+        (lambda m: m["linear"]["x0"][6].append(1.0), "linear.x0 must hold 7 rows of two finite numbers"),
+        (lambda m: m["linear"]["x0"][0].__setitem__(1, float("nan")), "linear.x0 must hold 7 rows"),
+        (lambda m: m["linear"].update(clip="yes"), "linear.clip must be true or false, the solver's clip"),
+        (lambda m: m["linear"].update(clip=False), r"linear.clip must be true or false, the solver's clip \(True\)"),
         (lambda m: m["solver"].update(name=7), "solver.name must be a solver name"),
     ]
     for n, (edit, message) in enumerate(cases):
@@ -372,9 +479,52 @@ def test_version_1_manifests_load_and_sample_as_before(unet, exports, tmp_path):
     _rewrite(old, lambda m: m["sampler"].update(name="unipc"))
     with pytest.raises(DDSMError, match="sampler.name must be one of ddim, ddpm"):
         OnnxSampler(old)
-    _rewrite(old, lambda m: m.update(version=3))
-    with pytest.raises(DDSMError, match="has format version 3; this sampler reads 1, 2"):
+    _rewrite(old, lambda m: m.update(version=4))
+    with pytest.raises(DDSMError, match="has format version 4; this sampler reads 1, 2, 3"):
         OnnxSampler(old)
+
+
+def test_version_2_manifests_load_and_sample_as_before(exports, tmp_path):
+    """A version-2 manifest (its linear form over eps, unclipped: tests/data/onnx_v2_linear.json holds the
+    sections the code at 29b4896 wrote for these timesteps) samples what the unclipped solver's `generate`
+    gives, and what its version-3 export gives."""
+    supernet, export = exports
+    data = json.loads((Path(__file__).parent / "data" / "onnx_v2_linear.json").read_text())
+    for name, old in data["sections"].items():
+        schedule, folder = export(f"{name}(clip=False)")
+        assert schedule.timesteps == data["timesteps"] and supernet.config.diffusion.timesteps == data["num_timesteps"]
+        copy = shutil.copytree(folder, tmp_path / name)
+
+        def as_version_2(manifest: dict) -> None:
+            solver = manifest["solver"]
+            manifest.update(version=2, linear=old["linear"],
+                            solver={**old["solver"], "steps": solver["steps"], "timesteps": solver["timesteps"]})
+
+        _rewrite(copy, as_version_2)
+        manifest = json.loads((copy / "manifest.json").read_text())
+        assert manifest["version"] == 2 and "x0" not in manifest["linear"] and "clip" not in manifest["solver"]
+        n = 4
+        noise, _ = _draws(6, n, supernet.image_shape, len(WIDTHS))
+        ref = generate(Runtime(supernet).plan_schedule(schedule), n=n, seed=6).numpy()
+        got = OnnxSampler(copy, sessions=2).sample(n, noise=noise)
+        err = float(np.abs(got - ref).max())
+        print(f"version 2 {name}: max |onnx - torch| = {err:.2e}")
+        assert err <= SOLVER_IMAGES and float(np.abs(ref).max()) > 1, "unclipped, as version 2 ran it"
+        assert float(np.abs(got - OnnxSampler(folder).sample(n, noise=noise)).max()) <= SOLVER_IMAGES
+        _rewrite(copy, lambda m: m["linear"]["latent"][2].append(0.1))
+        with pytest.raises(DDSMError, match=r"linear.latent must hold 7 rows, row i of i \+ 2 finite numbers "
+                                            r"\(x_T, eps_0 .. eps_i\)"):
+            OnnxSampler(copy)
+
+
+def test_clipping_changes_the_images(exports):
+    """The clipped and unclipped solvers' images differ on this network: the clip is not idle."""
+    supernet, export = exports
+    for name in ("dpmsolver++", "unipc"):
+        runs = [generate(Runtime(supernet).plan_schedule(export(text)[0]), n=4, seed=3).numpy()
+                for text in (name, f"{name}(clip=False)")]
+        assert np.abs(runs[0]).max() <= 1 < np.abs(runs[1]).max()
+        assert np.abs(runs[0] - runs[1]).max() > 0.1
 
 
 def _cli(argv: list[str]) -> int:
@@ -420,7 +570,7 @@ def test_cli_writes_and_refuses_in_one_line_writing_nothing(unet, tmp_path, caps
     ]
     before = sorted(p.name for p in tmp_path.iterdir())
     monkeypatch.setattr(onnx_export, "_max_error", lambda *a: float("inf"))  # the last cases: a graph that is wrong,
-    monkeypatch.setattr(onnx_export, "_linear_error", lambda *a: float("inf"))  # and a solver's linear form
+    monkeypatch.setattr(onnx_export, "_linear_error", lambda *a: (float("inf"), 0.6))  # and a solver's linear form
     for argv, message in cases:
         assert _cli(["export-onnx", *argv, "--quiet"]) == 2
         err = capsys.readouterr().err.strip()

@@ -13,10 +13,14 @@ TOLERANCE. Tracing records one path through the network, so a network whose cont
 on its inputs would be caught here rather than exported wrong.
 
 The solver goes into the manifest: DDIM and DDPM by name (the sampler writes their update out), every
-other solver also as its linear form over the schedule's timesteps (solvers/linear.py: each latent a
-fixed combination of the initial latent, the model outputs and the step noises). The form is checked
-too: the sampler's numpy evaluation of it must follow the solver's own torch run on random inputs
-within LINEAR_TOLERANCE at every step.
+other solver also as its linear form over the schedule's timesteps (solvers/linear.py: each step's
+predicted x0 an affine map of its latent and model output, clipped to [-1, 1] if the solver clips, and
+each latent a fixed combination of the initial latent, the x0 predictions so far and the step noises).
+The form is checked too: at every step, from the torch run's latents so far, the sampler's numpy
+evaluation of it must give the solver's own torch latent and model input within LINEAR_TOLERANCE, on
+random latents and step noise with model outputs drawn so that the predicted x0 are twice standard
+normal (about 60% of them beyond [-1, 1], so a clipping solver clips at every step, and the rest test
+the x0 map). A form that differs is refused in one line.
 
 The output folder is new or empty and written whole or not at all: everything goes into a temporary
 folder beside it that is renamed into place at the end. A schedule whose steps decide per image how
@@ -34,7 +38,17 @@ import warnings
 from pathlib import Path
 
 from ..errors import DDSMError
-from .onnx_sampler import CLIPPED, FORMAT, INPUTS, MANIFEST, OUTPUT, VERSION, linear_latent, manifest_digest
+from .onnx_sampler import (
+    CLIPPED,
+    FORMAT,
+    INPUTS,
+    MANIFEST,
+    OUTPUT,
+    VERSION,
+    linear_latent,
+    manifest_digest,
+    predicted_x0,
+)
 
 OPSET = 17
 TOLERANCE = 1e-4  # max |onnxruntime - torch| <= TOLERANCE * max(1, max |torch|), at every served timestep
@@ -148,42 +162,55 @@ def _linear_section(solver, noise_schedule, timesteps: list[int], image_shape) -
 
     form = linear_form(solver, noise_schedule, timesteps)
     section = {"init_noise_sigma": form.init_noise_sigma, "model_input_scale": list(form.model_input_scale),
+               "x0": [list(ab) for ab in form.x0], "clip": form.clip,
                "latent": [list(row) for row in form.latent], "noise_steps": list(form.noise_steps),
                "noise": [list(row) for row in form.noise]}
-    error = _linear_error(section, solver, noise_schedule, timesteps, image_shape)
+    error, beyond = _linear_error(section, solver, noise_schedule, timesteps, image_shape)
     if not error <= LINEAR_TOLERANCE:
         raise DDSMError(f"the linear form of solver {solver} differs from its torch run by {error:.3g} (relative; "
                         f"tolerance {LINEAR_TOLERANCE:g}); not exported")
-    return {**section, "max_error": error}
+    return {**section, "max_error": error, "check_x0_beyond_1": beyond}
 
 
-def _linear_error(section: dict, solver, noise_schedule, timesteps: list[int], image_shape) -> float:
-    """Return max |sampler's evaluation of the linear form - the solver's torch run| / max(1, max |torch|)
-    over every step's latent and model input, on 3 random latents with random model outputs and step
-    noise (the form is linear in them whatever they are)."""
+def _linear_error(section: dict, solver, noise_schedule, timesteps: list[int], image_shape) -> tuple[float, float]:
+    """Return (max |sampler's evaluation of the linear form - the solver's torch run| / max(1, max |torch|)
+    over every step's latent and model input, the fraction of predicted x0 beyond [-1, 1]) on 3 random
+    latents with random model outputs and step noise.
+
+    Each step is evaluated from the torch run's own latents so far (a free run would also carry the
+    form's rounding through the next steps' x0, which a model output held fixed amplifies by 1 / alpha).
+    The model outputs are drawn so that the form's x0 of each step is twice standard normal: a clipping
+    solver clips about 60% of them at every step, and the rest test the x0 map (unit-normal outputs
+    would leave almost no x0 within [-1, 1] in the noisiest steps).
+    """
     import numpy as np
     import torch
 
     g = torch.Generator().manual_seed(2)
     run = solver.run(noise_schedule, timesteps)
     x = torch.randn((3, *image_shape), generator=g) * run.init_noise_sigma
-    start, eps_of, noise_of, worst = x.numpy(), [], [], 0.0
-    latent = start
+    start, x0_of, noise_of = x.numpy(), [], []
+    worst, beyond, count = 0.0, 0, 0
     for i in range(len(timesteps)):
+        latent = x.numpy()
         seen = run.model_input(x, i).numpy()
-        eps = torch.randn(x.shape, generator=g)
+        a, b = section["x0"][i]
+        target = 2 * torch.randn(x.shape, generator=g, dtype=torch.float64)
+        eps = ((target - a * x.double()) / (b or 1.0)).float()
         z = torch.randn(x.shape, generator=g) if solver.stochastic else None
         x = run.advance(i, eps, x, z)
-        eps_of.append(eps.numpy())
+        beyond += int(np.count_nonzero(np.abs(predicted_x0((a, b), False, latent, eps.numpy())) > 1))
+        count += latent.size
+        x0_of.append(predicted_x0((a, b), section["clip"], latent, eps.numpy()))
         if i in section["noise_steps"]:
             noise_of.append(z.numpy())
         scaled = section["model_input_scale"][i] * latent  # what the sampler's graph sees at step i
-        latent = linear_latent(section["latent"][i] + section["noise"][i], [start, *eps_of, *noise_of])
-        for got, ref in ((scaled, seen), (latent, x.numpy())):
-            if got.shape != ref.shape:
-                return float("inf")
-            worst = max(worst, float(np.abs(got - ref).max()) / max(1.0, float(np.abs(ref).max())))
-    return worst
+        got = linear_latent(section["latent"][i] + section["noise"][i], [start, *x0_of, *noise_of])
+        for mine, ref in ((scaled, seen), (got, x.numpy())):
+            if mine.shape != ref.shape:
+                return float("inf"), beyond / count
+            worst = max(worst, float(np.abs(mine - ref).max()) / max(1.0, float(np.abs(ref).max())))
+    return worst, beyond / count
 
 
 def _make_parents(path: Path) -> list[Path]:

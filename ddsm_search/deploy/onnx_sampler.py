@@ -8,12 +8,14 @@ with `batch` a dynamic axis. The update from one step to the next is the schedul
 - DDIM (eta 0 or above) and ancestral DDPM over the respaced chain, written out here as
   ddsm_search/solvers/ddim.py writes them: x0 clipped to [-1, 1], eps recomputed from the clipped x0, the
   last step returning x0 (the images are in [-1, 1]);
-- every other solver (DPM-Solver++ 2M/3M and SDE, UniPC, Euler) as the fixed linear combinations the
-  manifest holds (`linear`, read off diffusers' scheduler at export, ddsm_search/solvers/linear.py): the
-  latent after step i is c_i * x_T + sum_j c_ij * eps_j (+ sum_k d_ik * z_k, step noises) over the
-  initial latent and the model outputs so far, evaluated in float64; the network sees s_i * x_i, and x_T
-  is init_noise_sigma times the initial noise. The images are the solver's last latent, unclipped, as
-  `generate` returns them.
+- every other solver (DPM-Solver++ 2M/3M and SDE, UniPC, Euler) as the fixed linear maps around its
+  predicted x0 that the manifest holds (`linear`, read off diffusers' scheduler at export,
+  ddsm_search/solvers/linear.py): step i predicts x0_i = a_i * x_i + b_i * eps_i, clipped to [-1, 1] if
+  `linear.clip` (the solver's clip, diffusers' thresholding at 1), and the latent after step i is
+  c_i * x_T + sum_j d_ij * x0_j (+ sum_k e_ik * z_k, step noises) over the initial latent and the x0
+  predictions so far, each evaluated in float64; the network sees s_i * x_i, and x_T is
+  init_noise_sigma times the initial noise. The images are the solver's last latent, as `generate`
+  returns them (in [-1, 1] when the solver clips: its last step returns its clipped x0).
 
 Noise: `sample(n, seed=S)` draws from numpy's default_rng(S): the initial noise (n, C, H, W) first,
 then, for a stochastic solver (DDPM, DDIM with eta > 0, SDE-DPM-Solver++), one (n, C, H, W) array per
@@ -21,8 +23,10 @@ step that draws noise (every step but the last). These are not torch's numbers: 
 `ddsm_search.sampling.generate` exactly, pass its draws as `noise` and `step_noise` (the initial noise,
 then one array per step but the last, in the order it draws them from its CPU generator).
 
-Manifest versions: 2 names the solver (`solver`, and `linear` for the linear ones); version 1 (DDIM and
-DDPM only, under `sampler`) still loads and samples as before.
+Manifest versions: 3 names the solver (`solver`, and `linear` for the others, around x0 as above);
+version 2 wrote `linear` for unclipped solvers only, its latent rows over x_T and the model outputs
+eps_j themselves (no `x0`, no `clip`: read here as a_j = 0, b_j = 1, no clip); version 1 (DDIM and DDPM
+only, under `sampler`). Versions 1 and 2 still load and sample as before.
 
 This file imports nothing of ddsm_search but its error type (and works copied on its own beside the
 graphs), so a deployment needs only numpy and onnxruntime.
@@ -46,8 +50,9 @@ except ImportError:  # this file copied on its own, outside the package
         """A problem with the exported folder or the inputs: the message names it."""
 
 FORMAT = "ddsm-search/onnx"
-VERSION = 2
-VERSIONS = (1, 2)  # version 1: DDIM and DDPM only, the solver under "sampler"
+VERSION = 3
+# version 1: DDIM and DDPM only, the solver under "sampler"; 2: `linear` over eps (unclipped solvers only)
+VERSIONS = (1, 2, 3)
 MANIFEST = "manifest.json"
 CLIPPED = ("ddim", "ddpm")  # the solvers this file writes out; the others run as the manifest's linear form
 INPUTS, OUTPUT = ("x", "t"), "eps"
@@ -128,16 +133,28 @@ def read_manifest(folder: str | Path) -> dict:
             or not all(_whole(t) and 0 <= t < len(abar) for t in timesteps)):
         raise fail(f"{where}.timesteps must be one timestep in 0 .. {len(abar) - 1} per step ({len(steps)})")
     if version > 1 and solver["name"] not in CLIPPED:
-        _check_linear(manifest.get("linear"), len(steps), fail)
+        _check_linear(manifest.get("linear"), len(steps), fail, version, solver)
     return manifest
+
+
+def linear_section(manifest: dict) -> dict | None:
+    """Return a checked manifest's linear form as version 3 writes it (a version-2 form read as x0_j =
+    eps_j, unclipped), or None for DDIM and DDPM."""
+    if solver_section(manifest)["name"] in CLIPPED:
+        return None
+    linear = manifest["linear"]
+    if manifest["version"] == 2:  # its rows are over eps_j: take x0_j = 0 * x_j + 1 * eps_j, unclipped
+        return {**linear, "x0": [[0.0, 1.0]] * len(linear["latent"]), "clip": False}
+    return linear
 
 
 def _numbers(value, length: int) -> bool:
     return isinstance(value, list) and len(value) == length and all(_number(v) for v in value)
 
 
-def _check_linear(linear, steps: int, fail: Callable[[str], DDSMError]) -> None:
-    """Raise fail(...) unless `linear` is a linear form of `steps` steps (see the module's docstring)."""
+def _check_linear(linear, steps: int, fail: Callable[[str], DDSMError], version: int, solver: dict) -> None:
+    """Raise fail(...) unless `linear` is a linear form of `steps` steps as `version` writes it (see the
+    module's docstring)."""
     if not isinstance(linear, dict):
         raise fail("linear must be an object (the solver's coefficients): export again")
     sigma = linear.get("init_noise_sigma")
@@ -148,13 +165,22 @@ def _check_linear(linear, steps: int, fail: Callable[[str], DDSMError]) -> None:
     latent, noise_steps, noise = linear.get("latent"), linear.get("noise_steps"), linear.get("noise")
     if (not isinstance(latent, list) or len(latent) != steps
             or not all(_numbers(r, i + 2) for i, r in enumerate(latent))):
-        raise fail(f"linear.latent must hold {steps} rows, row i of i + 2 finite numbers (x_T, eps_0 .. eps_i)")
+        over = "eps_0 .. eps_i" if version == 2 else "x0_0 .. x0_i"
+        raise fail(f"linear.latent must hold {steps} rows, row i of i + 2 finite numbers (x_T, {over})")
     if (not isinstance(noise_steps, list) or not all(_whole(k) and 0 <= k < steps for k in noise_steps)
             or any(a >= b for a, b in zip(noise_steps, noise_steps[1:]))):
         raise fail(f"linear.noise_steps must be rising step numbers in 0 .. {steps - 1}")
     if (not isinstance(noise, list) or len(noise) != steps
             or not all(_numbers(r, sum(k <= i for k in noise_steps)) for i, r in enumerate(noise))):
         raise fail(f"linear.noise must hold {steps} rows, row i one finite number per noise step up to step i")
+    if version == 2:
+        return
+    x0 = linear.get("x0")
+    if not isinstance(x0, list) or len(x0) != steps or not all(_numbers(r, 2) for r in x0):
+        raise fail(f"linear.x0 must hold {steps} rows of two finite numbers (a_i, b_i: x0_i = a_i x_i + b_i eps_i)")
+    if not isinstance(linear.get("clip"), bool) or linear["clip"] != solver.get("clip", linear["clip"]):
+        raise fail(f"linear.clip must be true or false, the solver's clip ({solver.get('clip')!r}), "
+                   f"got {linear.get('clip')!r}")
 
 
 def ddim_ddpm_step(x: np.ndarray, eps: np.ndarray, a_t: float, a_prev: float, sampler: str, eta: float,
@@ -173,6 +199,19 @@ def ddim_ddpm_step(x: np.ndarray, eps: np.ndarray, a_t: float, a_prev: float, sa
     sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
     x_prev = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - sigma**2, 0.0)) * eps
     return x_prev + sigma * z if sigma > 0 else x_prev
+
+
+def predicted_x0(coefficients: Sequence[float], clip: bool, x: np.ndarray, eps: np.ndarray) -> np.ndarray:
+    """Return a linear solver's x0 at one step, a * x + b * eps for coefficients (a, b) from its latent x
+    and model output eps (float32 arrays), clipped to [-1, 1] if `clip`: computed in float64, as float32."""
+    a, b = coefficients
+    if a == 0 and b == 1 and not clip:  # a version-2 form: over the model outputs themselves
+        return eps
+    x0 = np.multiply(x, a, dtype=np.float64)
+    x0 += np.multiply(eps, b, dtype=np.float64)
+    if clip:
+        np.clip(x0, -1, 1, out=x0)
+    return x0.astype(np.float32)
 
 
 def linear_latent(coefficients: Sequence[float], arrays: Sequence[np.ndarray]) -> np.ndarray:
@@ -195,7 +234,7 @@ def _bounds(n: int, parts: int) -> list[slice]:
 
 class OnnxSampler:
     """An exported schedule loaded into onnxruntime: `sample(n, ...)` returns its images (in [-1, 1]
-    under DDIM and DDPM).
+    under DDIM, DDPM and the solvers that clip x0).
 
     `sessions` > 1 splits every batch into that many contiguous parts, each run by its own
     onnxruntime session in its own thread (with one intra-op thread each unless `threads` says
@@ -221,8 +260,8 @@ class OnnxSampler:
         self.image_shape = tuple(self.manifest["image_shape"])
         self.steps = list(self.manifest["steps"])
         self.sessions = sessions
-        # the linear form of a solver other than DDIM and DDPM, None for those two
-        self.linear = self.manifest.get("linear") if self.sampler not in CLIPPED else None
+        # the linear form of a solver other than DDIM and DDPM (as version 3 writes it), None for those two
+        self.linear = linear_section(self.manifest)
         abar = [float(a) for a in self.manifest["noise_schedule"]["alphas_cumprod"]]
         # (graph key, t, a_t, a_prev) per step: a_prev of the last step is 1 (it returns x0)
         self.plan = [(key, t, abar[t], abar[self.timesteps[i + 1]] if i + 1 < len(self.timesteps) else 1.0)
@@ -294,7 +333,7 @@ class OnnxSampler:
         linear, noise_steps = self.linear, set(self.noise_steps)
         if linear is not None:
             x = (x * linear["init_noise_sigma"]).astype(np.float32)  # torch: noise * run.init_noise_sigma
-        start, eps_of, noise_of = x, [], []  # x_T, and every step's eps and noise so far (a linear solver)
+        start, x0_of, noise_of = x, [], []  # x_T, and every step's x0 and noise so far (a linear solver)
         parts = _bounds(n, self.sessions)
         pool = ThreadPoolExecutor(len(parts)) if len(parts) > 1 else None
         try:
@@ -307,16 +346,17 @@ class OnnxSampler:
                         out[part] = ddim_ddpm_step(x[part], eps, a_t, a_prev, self.sampler, self.eta,
                                                    None if z is None else z[part])
                 else:
-                    scale, eps = linear["model_input_scale"][i], np.empty_like(x)
+                    scale, x0 = linear["model_input_scale"][i], np.empty_like(x)
                     seen = x if scale == 1 else np.multiply(x, scale, dtype=np.float64).astype(np.float32)
-                    eps_of.append(eps)
+                    x0_of.append(x0)
                     if z is not None:
                         noise_of.append(z)
-                    terms = linear["latent"][i] + linear["noise"][i]
+                    to_x0, terms = linear["x0"][i], linear["latent"][i] + linear["noise"][i]
 
                     def advance(k: int, part: slice) -> None:
-                        eps[part] = self._eps(self.runners[key][k], seen[part], t, batch_size)
-                        out[part] = linear_latent(terms, [a[part] for a in [start, *eps_of, *noise_of]])
+                        eps = self._eps(self.runners[key][k], seen[part], t, batch_size)
+                        x0[part] = predicted_x0(to_x0, linear["clip"], x[part], eps)
+                        out[part] = linear_latent(terms, [a[part] for a in [start, *x0_of, *noise_of]])
 
                 if pool is None:
                     advance(0, parts[0])
