@@ -176,7 +176,7 @@ def _read_sampler(data: dict, version: int, steps: int, path: Path) -> tuple[Sol
         try:
             solver = Solver(**{"name": "ddim", **spec})
         except TypeError:
-            raise _fail(path, f"solver: unknown options in {spec!r} (eta, order)") from None
+            raise _fail(path, f"solver: unknown options in {spec!r} (eta, order, clip)") from None
         except DDSMError as exc:
             raise _fail(path, f"solver: {exc}") from None
     else:

@@ -264,6 +264,9 @@ CASES = [
                                                     "--out", str(t / "o")], "train.sparsity.densty"),
     ("search.solvers unknown", lambda t, n, r: ["search", _config(t, search={**SEARCH, "solvers": ["ddim", "heun"]}),
                                                 "--supernet", str(n), "--out", str(t / "run")], "search.solvers"),
+    ("search.solvers the same twice", lambda t, n, r: [
+        "search", _config(t, search={**SEARCH, "solvers": ["ddim", "ddim(eta=0)"]}), "--supernet", str(n), "--out",
+        str(t / "run")], "are the same solver (ddim)"),
     ("search.step_choices past the process", lambda t, n, r: [
         "search", _config(t, search={**SEARCH, "step_choices": [4, 500]}), "--supernet", str(n), "--out",
         str(t / "run")], "search.step_choices"),

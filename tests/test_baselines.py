@@ -84,7 +84,8 @@ def test_compare_finds_the_best_cheaper_and_the_cheapest_as_good():
 def test_report_and_export_state_the_baselines_and_the_speed(run, tmp_path, capsys):
     assert main(["report", str(run), "--quiet"]) == 0
     out = capsys.readouterr().out
-    assert "the front against 6 baselines" in out and "cheapest as good" in out
+    assert "the front against 6 baselines" in out
+    assert "cheapest as good" in out or "no baseline is as good" in out
     table = pd.read_csv(run / "report" / "front_vs_baselines.csv")
     assert len(table) == int(load_run(run)["on_front"].sum())
     path = tmp_path / "s.json"

@@ -174,7 +174,7 @@ def test_solver_text_round_trips_and_bad_ones_are_refused():
     for text, message in [("heun", "unknown solver 'heun'"), ("ddim(eta=-1)", "eta must be"),
                           ("unipc(eta=0.1)", "takes no eta"), ("ddim(order=3)", "takes no order"),
                           ("dpmsolver++(order=4)", "order must be 1, 2 or 3"),
-                          ("sde-dpmsolver++(order=3)", "order must be 1, 2,"), ("ddim(eta)", "unknown solver option"),
+                          ("sde-dpmsolver++(order=3)", "order must be 1 or 2,"), ("ddim(eta)", "unknown solver option"),
                           ("ddim eta=1", "is not a solver"), ("ddim(clip=false)", "ddim takes no clip"),
                           ("euler(clip=true)", "euler takes no clip"), ("unipc(clip=maybe)", "not true or false")]:
         with pytest.raises(DDSMError, match=re_escape(message)):

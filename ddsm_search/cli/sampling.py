@@ -30,7 +30,7 @@ def _solver(args: argparse.Namespace, default):
 
     solver = Solver.parse(args.solver) if args.solver else default
     if args.eta is not None:
-        solver = Solver(solver.name, eta=args.eta, order=solver.order)
+        solver = replace(solver, eta=args.eta)  # re-checked: only ddim takes an eta
     return solver
 
 

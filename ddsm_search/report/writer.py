@@ -37,12 +37,14 @@ def _against_baselines(run: Path, info: dict, table: pd.DataFrame, net, out: Pat
     from ..search.baselines import measure, time_schedules
 
     metric = info["search"]["metric"]
-    base = measure(net.path, info["search"], device=device, cache_dir=cache_dir, known=table, timing=timing,
+    base = measure(net.path, info["search"], device=device, cache_dir=cache_dir, known=table, timing=False,
                    progress=bars)
     points = front(table)
-    if timing:
-        seconds = time_schedules(net, dict(zip(points["schedule"], points["schedule"])), device=device, progress=bars)
+    if timing:  # the front and the baselines side by side, in turns, now: one occasion for every ratio
+        keys = list(dict.fromkeys([*points["schedule"], *base["schedule"]]))
+        seconds = time_schedules(net, dict(zip(keys, keys)), device=device, progress=bars)
         points["seconds_per_image"] = points["schedule"].map(seconds)
+        base["seconds_per_image"] = base["schedule"].map(seconds)
     compared = compare(points, base, metric)
     files = [out / "baselines.csv", out / "front_vs_baselines.csv", out / "front_vs_baselines.png"]
     for frame, path in ((base, files[0]), (compared, files[1])):

@@ -119,6 +119,10 @@ class SearchSpace:
             solvers = tuple(Solver.parse(s) for s in q.solvers) or (Solver.of_sampler(q.sampler, q.eta),)
         except DDSMError as exc:
             raise DDSMError(f"search.solvers: {exc}") from None
+        if len(set(solvers)) != len(solvers):
+            same = next(s for s in solvers if solvers.count(s) > 1)
+            raise DDSMError(f"search.solvers: {[s for s, p in zip(q.solvers, solvers) if p == same]} are the same "
+                            f"solver ({same.key})")
         step_choices = tuple(q.step_choices) or (q.steps,)
         spacings = tuple(q.spacings) or ("uniform",)
         grid_values = []

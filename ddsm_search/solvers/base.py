@@ -62,7 +62,7 @@ class Solver:
         if self.order != 2 and "order" not in SOLVERS[self.name][1]:
             raise DDSMError(f"solver {self.name} takes no order")
         if self.order not in (1, 2, 3) or (self.name == "sde-dpmsolver++" and self.order == 3):
-            raise DDSMError(f"solver {self.name}: order must be 1, 2{'' if self.name == 'sde-dpmsolver++' else ' or 3'},"
+            raise DDSMError(f"solver {self.name}: order must be {'1 or 2' if self.name == 'sde-dpmsolver++' else '1, 2 or 3'},"
                             f" got {self.order!r}")
         object.__setattr__(self, "eta", float(self.eta))
 

@@ -7,11 +7,11 @@ importing torch."""
 SOLVERS: dict[str, tuple[str, dict]] = {
     "ddim": ("DDIM, x0 clipped to [-1, 1]; eta > 0 adds noise", {"eta": 0.0}),
     "ddpm": ("ancestral DDPM over the respaced chain, x0 clipped", {}),
-    "dpmsolver++": ("diffusers' DPM-Solver++ multistep (order 2: 2M, 3: 3M), x0 clipped unless clip=False",
+    "dpmsolver++": ("diffusers' DPM-Solver++ multistep (order 1, 2: 2M, 3: 3M), x0 clipped unless clip=False",
                     {"order": 2, "clip": True}),
-    "sde-dpmsolver++": ("diffusers' SDE-DPM-Solver++ 2M (stochastic), x0 clipped unless clip=False",
+    "sde-dpmsolver++": ("diffusers' SDE-DPM-Solver++ (order 1 or 2; stochastic), x0 clipped unless clip=False",
                         {"order": 2, "clip": True}),
-    "unipc": ("diffusers' UniPC multistep, bh2 (order 2 or 3), x0 clipped unless clip=False",
+    "unipc": ("diffusers' UniPC multistep, bh2 (order 1, 2 or 3), x0 clipped unless clip=False",
               {"order": 2, "clip": True}),
     "euler": ("diffusers' Euler (discrete), no clipping", {}),
 }
