@@ -19,8 +19,8 @@ import yaml
 
 from ddsm_search.checkpoint import in_memory, load_supernet
 from ddsm_search.cli.main import main
-from ddsm_search.deploy.diffusers_pipeline import (DIFFUSERS, DIFFUSERS_ERROR, DDSMDenoiser, DDSMPipeline,
-                                                 diffusers_failure)
+from ddsm_search.deploy.diffusers_denoiser import DIFFUSERS, DIFFUSERS_ERROR, DDSMDenoiser, diffusers_failure
+from ddsm_search.deploy.diffusers_pipeline import DDSMPipeline
 from ddsm_search.errors import DDSMError
 from ddsm_search.methods.step_groups.finetune import finetune_schedule
 from ddsm_search.sampling import Runtime, generate
@@ -163,7 +163,7 @@ def test_save_pretrained_round_trip(tiny_supernet, tmp_path):
                      "unet/supernet/meta.json", "unet/supernet/supernet.safetensors"], files  # no train state
     index = json.loads((folder / "model_index.json").read_text())
     assert index["_class_name"] == ["pipeline", "DDSMPipeline"] and index["scheduler"] == ["diffusers", "DDIMScheduler"]
-    assert index["unet"] == ["ddsm_search.deploy.diffusers_pipeline", "DDSMDenoiser"]
+    assert index["unet"] == ["ddsm_search.deploy.diffusers_denoiser", "DDSMDenoiser"]
     recorded = json.loads((folder / "unet" / "schedule.json").read_text())
     assert recorded["supernet"] == {"path": "supernet", "sha256": supernet.sha256}
     assert recorded["solver"] == {"name": "ddim", "eta": 0.5}
@@ -172,6 +172,13 @@ def test_save_pretrained_round_trip(tiny_supernet, tmp_path):
     assert loaded.solver == pipe.solver and type(loaded.scheduler) is type(pipe.scheduler)
     loaded.save_pretrained(folder)  # again, onto itself: the same folder
     assert torch.equal(_images(DDSMPipeline.from_pretrained(folder)), expected)
+    # a folder saved before the denoiser had its own module names the pipeline's module: it still loads
+    index["unet"] = ["ddsm_search.deploy.diffusers_pipeline", "DDSMDenoiser"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    assert torch.equal(_images(DDSMPipeline.from_pretrained(folder)), expected)
+    index["unet"] = ["ddsm_search.deploy.export", "DDSMDenoiser"]
+    (folder / "model_index.json").write_text(json.dumps(index))
+    _one_line(lambda: DDSMPipeline.from_pretrained(folder), "is not a DDSMDenoiser")
 
 
 def test_round_trip_with_group_weights(tuned, tiny_supernet, tmp_path):

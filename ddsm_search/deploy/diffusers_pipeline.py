@@ -39,9 +39,7 @@ The pipeline samples in float32 only: `to(torch.float16)` and `torch_dtype=torch
 
 from __future__ import annotations
 
-import dataclasses
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -49,26 +47,12 @@ import numpy as np
 import torch
 
 from ..errors import DDSMError
+from .diffusers_denoiser import DIFFUSERS, DIFFUSERS_ERROR, DDSMDenoiser, float32_only, no_options, parse_to
 
-
-def diffusers_failure(exc: Exception) -> str:
-    """Return one line saying why diffusers did not import."""
-    if isinstance(exc, ImportError) and (exc.name or "").split(".")[0] == "diffusers":
-        return "diffusers is not installed (pip install 'ddsm-search[diffusers]')"
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    # diffusers wraps a dependency that fails to load in a RuntimeError whose last line is the cause
-    cause = (lines[-1] if isinstance(exc, RuntimeError) else lines[0]) if lines else type(exc).__name__
-    hint = (" (a torchvision built for another torch? pip uninstall torchvision, or install the one made for this "
-            "torch)") if "torchvision" in str(exc) else ""
-    return f"diffusers does not import: {cause}{hint}"
-
-
-try:
-    from diffusers import ConfigMixin, DiffusionPipeline, ImagePipelineOutput, ModelMixin
-    DIFFUSERS_ERROR: str | None = None
-except Exception as _exc:  # noqa: BLE001 - whatever stops diffusers importing means: the plain pipeline
-    DIFFUSERS_ERROR = diffusers_failure(_exc)
-    ConfigMixin = DiffusionPipeline = ModelMixin = None
+if DIFFUSERS:
+    from diffusers import DiffusionPipeline, ImagePipelineOutput
+else:
+    DiffusionPipeline = None
 
     @dataclass
     class ImagePipelineOutput:
@@ -76,10 +60,8 @@ except Exception as _exc:  # noqa: BLE001 - whatever stops diffusers importing m
 
         images: object
 
-DIFFUSERS = DIFFUSERS_ERROR is None
 
 OUTPUT_TYPES = ("np", "pt", "pil")
-SCHEDULE, SUPERNET = "schedule.json", "supernet"  # in the unet folder: the schedule, the supernet's folder
 INDEX = "model_index.json"
 PIPELINE_FILE = "pipeline"  # pipeline.py: what diffusers' loader imports the pipeline class from
 PIPELINE_CODE = '''"""DDSMPipeline, for diffusers' loader: DiffusionPipeline.from_pretrained(this folder,
@@ -103,229 +85,6 @@ class PlainPipeline:
         raise DiffusersMissing(f"DDSMPipeline has no {name!r} here: it is a plain object, not a diffusers "
                                f"DiffusionPipeline, because {DIFFUSERS_ERROR}")
 
-
-class Config(dict):
-    """A component's config where diffusers does not import: a dict read as attributes too."""
-
-    def __getattr__(self, name: str):
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-
-@dataclass
-class DenoiserOutput:
-    """What `DDSMDenoiser` returns: the predicted noise as `sample`, as diffusers' models name it."""
-
-    sample: torch.Tensor
-
-
-def float32_only(dtype, where: str) -> None:
-    """Raise DDSMError unless `dtype` is None or float32 (the only precision the pipeline samples in)."""
-    if dtype is not None and dtype != torch.float32:
-        raise DDSMError(f"{where}: DDSMPipeline samples in float32 only (its images are checked bit for bit "
-                        f"against float32 sampling), not {dtype}")
-
-
-def parse_to(args: tuple, kwargs: dict, where: str) -> tuple[torch.device | None, torch.dtype | None]:
-    """Return (device, dtype) of `to(...)`'s arguments (a device, a dtype, or a tensor giving both),
-    the device checked to exist here and the dtype float32 (else DDSMError in one line)."""
-    device, dtype = kwargs.pop("device", None), kwargs.pop("dtype", None)
-    kwargs.pop("silence_dtype_warnings", None)
-    kwargs.pop("non_blocking", None)
-    if kwargs:
-        raise DDSMError(f"{where}: unknown options {', '.join(sorted(kwargs))}")
-    for arg in args:
-        if isinstance(arg, torch.dtype):
-            dtype = arg
-        elif isinstance(arg, torch.Tensor):
-            device, dtype = arg.device, arg.dtype
-        elif isinstance(arg, (str, torch.device)):
-            device = arg
-        elif arg is not None:
-            raise DDSMError(f"{where}: expected a device or a dtype, got {arg!r}")
-    float32_only(dtype, where)
-    if device is not None:
-        try:
-            device = torch.device(device)
-        except (RuntimeError, TypeError):
-            raise DDSMError(f"{where}: {device!r} is not a device") from None
-        if device.type not in ("cpu", "cuda"):
-            raise DDSMError(f"{where}: DDSMPipeline runs on cpu or cuda, not {device.type}")
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise DDSMError(f"{where}: no CUDA device is available")
-    return device, dtype
-
-
-def _no_options(where: str, given: dict, allowed: dict) -> None:
-    """Raise DDSMError if an option of diffusers' loaders is given that this loader does not honour
-    (`allowed`: option -> the values it may take)."""
-    for key, value in given.items():
-        if key not in allowed:
-            raise DDSMError(f"{where}: unknown option {key}")
-        if value not in allowed[key]:
-            raise DDSMError(f"{where}: {key}={value!r} is not supported (a ddsm-search folder loads as it was saved)")
-
-
-class DDSMDenoiser(*((ModelMixin, ConfigMixin) if DIFFUSERS else (torch.nn.Module,))):
-    """The pipeline's `unet`: a schedule and its supernet (on `device`, default: where its weights are).
-    Its parameters are the supernet's; calling it on a latent at one of the schedule's timesteps runs
-    what that step runs (`Runtime`: made once per device and backend)."""
-
-    config_name = "config.json"
-
-    def __init__(self, supernet, schedule, *, device=None, backend: str = "torch"):
-        from ..schedule import check_against
-
-        super().__init__()
-        check_against(schedule, supernet)
-        self.supernet, self.schedule, self.backend = supernet, schedule, backend
-        self.model = supernet.model  # the supernet's network: this module's parameters
-        channels, height, width = supernet.image_shape
-        config = dict(kind=supernet.config.model.kind, sample_size=height if height == width else [height, width],
-                      in_channels=channels, out_channels=channels,
-                      num_train_timesteps=supernet.config.diffusion.timesteps,
-                      timesteps=schedule.grid(supernet.config.diffusion.timesteps), supernet_sha256=supernet.sha256)
-        if DIFFUSERS:
-            self.register_to_config(**config)
-        else:
-            self._config = Config(config)
-        self._device = torch.device(device if device is not None else next(self.model.parameters()).device)
-        self._runtime = None
-
-    if not DIFFUSERS:
-        @property
-        def config(self) -> Config:
-            """Return what the denoiser is: kind, sample size, channels, timesteps, the supernet's hash."""
-            return self._config
-
-    @property
-    def device(self) -> torch.device:
-        """Return the device its steps run on."""
-        return self._device
-
-    @property
-    def noise_schedule(self):
-        """Return the supernet's forward process (its betas)."""
-        from ..diffusion import NoiseSchedule
-
-        return NoiseSchedule(self.supernet.config.diffusion)
-
-    @property
-    def runtime(self):
-        """Return the sampling.Runtime that makes (once) what each step runs, on this device and backend."""
-        from ..sampling import Runtime
-
-        if self._runtime is None:
-            self._runtime = Runtime(self.supernet, device=self._device.type, backend=self.backend)
-        return self._runtime
-
-    def plan(self, solver=None):
-        """Return the schedule's plan (sampling.Plan) under `solver` (default: the schedule's)."""
-        schedule = self.schedule if solver is None else dataclasses.replace(self.schedule, solver=solver)
-        return self.runtime.plan_schedule(schedule)  # checked (a multi-stage U-Net: each step's stage)
-
-    def forward(self, sample: torch.Tensor, timestep, return_dict: bool = True):
-        """Return the noise predicted for `sample` at `timestep` (one of the schedule's) by what the
-        schedule's step at that timestep runs: DenoiserOutput(sample=eps), or (eps,)."""
-        plan = self.plan()
-        values = torch.as_tensor(timestep).flatten().unique()
-        if len(values) != 1:
-            raise DDSMError(f"DDSMDenoiser runs one timestep per call (each step may run another network), got "
-                            f"{values.tolist()}")
-        t = int(values[0])
-        if t not in plan.timesteps:
-            raise DDSMError(f"timestep {t} is not one of the schedule's ({', '.join(map(str, plan.timesteps))})")
-        step = plan.steps[plan.timesteps.index(t)]
-        net = plan.denoiser(step)
-        if getattr(net, "stateful", False):
-            raise DDSMError(f"the schedule's step at timestep {t} ({step.key}) keeps or reuses features of other "
-                            "steps: it runs only inside the pipeline's own call")
-        eps = net(sample.to(self._device), torch.tensor(t, device=self._device))
-        drain = getattr(net, "drain", None)
-        if drain is not None:  # a dynamic step keeps what each image executed until sampling reads it
-            drain()
-        return DenoiserOutput(sample=eps) if return_dict else (eps,)
-
-    def to(self, *args, **kwargs) -> "DDSMDenoiser":
-        """Move the supernet (and what its steps run, made again) to a device; return self. Any dtype but
-        float32 is refused."""
-        device, _ = parse_to(args, dict(kwargs), "DDSMDenoiser.to")
-        if device is not None and device != self._device:
-            self.model.to(device)
-            self._device, self._runtime = device, None
-        return self
-
-    def save_pretrained(self, save_directory, *, solver=None, safe_serialization: bool = True, variant=None,
-                        **kwargs) -> Path:
-        """Write the schedule (under `solver` if given), the files its settings name and the supernet's
-        files into `save_directory`, each checked against its hash; return the folder."""
-        from ..checkpoint import META, WEIGHTS
-        from ..io import sha256_file, write_atomic, write_json_atomic
-        from ..schedule import check_against, load_schedule
-        from ..space.plugins import families, family_of_setting
-
-        _no_options("DDSMDenoiser.save_pretrained", {"safe_serialization": safe_serialization, "variant": variant,
-                                                     **kwargs},
-                    {"safe_serialization": (True,), "variant": (None,), "push_to_hub": (False,),
-                     "is_main_process": (True,)})
-        supernet = self.supernet
-        source = Path(supernet.path)
-        if not supernet.sha256 or not (source / META).is_file():
-            raise DDSMError("this pipeline's supernet is not on disk (made in Python): write it with "
-                            "checkpoint.save_supernet first")
-        if sha256_file(source / WEIGHTS) != supernet.sha256:
-            raise DDSMError(f"{source / WEIGHTS} changed since the pipeline loaded it (its SHA-256 is not the "
-                            "loaded supernet's): load the pipeline again")
-        out = Path(save_directory)
-        target = out / SUPERNET
-        names = [META, WEIGHTS] + [a for f in families() for a in f.addons if (source / a).is_file()]
-        for name in names:
-            try:
-                write_atomic(target / name, lambda tmp, name=name: shutil.copyfile(source / name, tmp))
-            except OSError as exc:
-                raise DDSMError(f"{source / name} cannot be copied to {target} ({exc.strerror or exc})") from None
-        schedule = self.schedule
-        if solver is not None and solver != schedule.solver:  # its figures were measured with another solver
-            schedule = dataclasses.replace(schedule, solver=solver, extra={})
-        settings = {key: family_of_setting(key).copy_files(setting, out) for key, setting in schedule.settings.items()}
-        schedule = dataclasses.replace(schedule, settings=settings)
-        copied = dataclasses.replace(supernet, path=target.resolve())
-        check_against(schedule, copied)
-        data = schedule.to_dict(copied, out)
-        data["supernet"]["path"] = SUPERNET  # relative to the schedule's folder: the saved folder moves whole
-        write_json_atomic(out / SCHEDULE, data)
-        load_schedule(out / SCHEDULE, copied)  # what was written reads back against the copy
-        return out
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, *, device="cpu", backend: str = "torch",
-                        **kwargs) -> "DDSMDenoiser":
-        """Return the denoiser saved in a folder (schedule.json and its supernet), every file hash-checked.
-        diffusers' loader passes its loading options: those that would change what loads are refused."""
-        from ..checkpoint import load_supernet
-        from ..sampling import resolve_device
-        from ..schedule import load_schedule
-
-        for key in ("torch_dtype", "dtype"):
-            float32_only(kwargs.pop(key, None), f"loading {pretrained_model_name_or_path}")
-        _no_options(f"loading {pretrained_model_name_or_path}", kwargs,
-                    {"device_map": (None,), "max_memory": (None,), "offload_folder": (None,), "variant": (None,),
-                     "quantization_config": (None,), "use_flashpack": (False,), "use_safetensors": (None, True),
-                     "low_cpu_mem_usage": (True, False), "offload_state_dict": (None, True, False),
-                     "disable_mmap": (True, False)})
-        folder = Path(pretrained_model_name_or_path)
-        path = folder / SCHEDULE
-        if not path.is_file():
-            raise DDSMError(f"{folder} holds no schedule ({SCHEDULE}): not a denoiser saved by "
-                            "DDSMPipeline.save_pretrained")
-        recorded = load_schedule(path).supernet_path
-        if not recorded:
-            raise DDSMError(f"schedule {path} names no supernet")
-        supernet = load_supernet(folder / recorded, "cpu")  # a relative path: beside the schedule
-        denoiser = cls(supernet, load_schedule(path, supernet), backend=backend)
-        return denoiser.to(resolve_device(device) if device == "auto" else device)
 
 
 class DDSMPipeline(DiffusionPipeline if DIFFUSERS else PlainPipeline):
@@ -450,7 +209,7 @@ class DDSMPipeline(DiffusionPipeline if DIFFUSERS else PlainPipeline):
         float32_only(dtype, where)
         kwargs.pop("custom_pipeline", None)  # diffusers' way to name this class: it is this class
         kwargs.pop("trust_remote_code", None)
-        _no_options(where, kwargs, {"local_files_only": (True, False, None)})
+        no_options(where, kwargs, {"local_files_only": (True, False, None)})
         folder = Path(pretrained_model_name_or_path)
         if not (folder / INDEX).is_file():
             raise DDSMError(f"{folder} is not a saved DDSMPipeline (no {INDEX}; write one with "
@@ -462,7 +221,8 @@ class DDSMPipeline(DiffusionPipeline if DIFFUSERS else PlainPipeline):
             raise DDSMError(f"{folder / INDEX} is not a DDSMPipeline's (its class: {index.get('_class_name')!r})")
         entry = index.get("unet")
         if unet is None:
-            if entry != [DDSMDenoiser.__module__, DDSMDenoiser.__name__]:
+            # folders saved before the denoiser had a module of its own name this one (which imports it)
+            if entry not in ([DDSMDenoiser.__module__, DDSMDenoiser.__name__], [__name__, DDSMDenoiser.__name__]):
                 raise DDSMError(f"{folder / INDEX}: unet {entry!r} is not a DDSMDenoiser")
             unet = DDSMDenoiser.from_pretrained(folder / "unet", device=device, backend=backend)
         if scheduler is None:
@@ -475,7 +235,7 @@ class DDSMPipeline(DiffusionPipeline if DIFFUSERS else PlainPipeline):
         diffusers') loads with nothing outside it; return the folder. model_index.json is written last."""
         from ..io import write_json_atomic, write_text_atomic
 
-        _no_options("DDSMPipeline.save_pretrained", {"safe_serialization": safe_serialization, "variant": variant,
+        no_options("DDSMPipeline.save_pretrained", {"safe_serialization": safe_serialization, "variant": variant,
                                                      "push_to_hub": push_to_hub, **kwargs},
                     {"safe_serialization": (True,), "variant": (None,), "push_to_hub": (False,)})
         out = Path(save_directory)
