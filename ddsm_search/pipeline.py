@@ -60,7 +60,7 @@ def quickstart(out: str | Path = "results/quickstart", *, max_loss: float | None
     else:
         say(f"1/4 training the {cfg.name} supernet ({cfg.model.kind})")
         train(cfg, net, device=device, resume=(net / META).is_file(), progress=progress)
-    say(f"2/4 searching per-step schedules over {', '.join(cfg.search.axes or cfg.model.axes())}")
+    say(f"2/4 searching per-step schedules over {searched(cfg.search, cfg.model)}")
     run_search(cfg, net, run, resume=(run / "run.json").is_file(), progress=progress, device=device)
     say("3/4 writing the report")
     write_report(run, budget=budget or "50%", device=device, progress=progress)
@@ -84,3 +84,19 @@ def quickstart(out: str | Path = "results/quickstart", *, max_loss: float | None
         f"n={loss['samples']}); {describe(speed)}; each subnet on its faster path here: "
         f"{', '.join(f'{s} {p}' for s, p in speed['paths'].items())}")
     return figures
+
+
+def searched(search, model) -> str:
+    """Return what the search chooses, in words: e.g. "solver (ddim, unipc), steps (4-20), spacing
+    (trailing, uniform), width, caching (every 2, 3)"."""
+    parts = []
+    if len(search.solvers) > 1:
+        parts.append(f"solver ({', '.join(search.solvers)})")
+    if len(search.step_choices) > 1:
+        parts.append(f"steps ({min(search.step_choices)}-{max(search.step_choices)})")
+    if len(search.spacings) > 1:
+        parts.append(f"spacing ({', '.join(search.spacings)})")
+    parts += list(search.axes or model.axes())
+    if search.cache_intervals:
+        parts.append(f"caching (every {', '.join(map(str, search.cache_intervals))})")
+    return ", ".join(parts)

@@ -211,6 +211,18 @@ def test_quickstart_runs_the_whole_pipeline(tmp_path):
     pd.read_csv(tmp_path / "qs" / "search" / "evaluations.csv")
 
 
+def test_quickstart_names_the_searched_space():
+    """The quickstart's search line names what is searched: solver, steps, spacing, axes, caching."""
+    from ddsm_search.config import load_config
+    from ddsm_search.pipeline import searched
+
+    cfg = load_config("digits-dit")
+    assert searched(cfg.search, cfg.model) == ("solver (ddim, dpmsolver++, unipc), steps (4-20), spacing (uniform, "
+                                               "trailing), width, depth, caching (every 2, 3)")
+    cfg = config_from_dict(tiny_dict(search=SEARCH))
+    assert searched(cfg.search, cfg.model) == ", ".join(cfg.search.axes or cfg.model.axes()), "a fixed sampler"
+
+
 def test_quickstart_refuses_a_bad_budget_before_any_work(tmp_path, capsys):
     assert main(["quickstart", "--out", str(tmp_path / "qs"), "--budget", "half"]) == 2
     assert "--budget" in capsys.readouterr().err and not (tmp_path / "qs").exists()
