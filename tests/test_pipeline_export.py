@@ -19,7 +19,7 @@ import yaml
 
 from ddsm_search.checkpoint import in_memory, load_supernet
 from ddsm_search.cli.main import main
-from ddsm_search.deploy.diffusers_denoiser import DIFFUSERS, DIFFUSERS_ERROR, DDSMDenoiser, diffusers_failure
+from ddsm_search.deploy.diffusers_denoiser import DIFFUSERS, DIFFUSERS_ERROR, DDSMDenoiser
 from ddsm_search.deploy.diffusers_pipeline import DDSMPipeline
 from ddsm_search.errors import DDSMError
 from ddsm_search.methods.step_groups.finetune import finetune_schedule
@@ -27,6 +27,7 @@ from ddsm_search.sampling import Runtime, generate
 from ddsm_search.schedule import Schedule, load_schedule, save_schedule
 from ddsm_search.space.subnet import Subnet
 from ddsm_search.solvers.base import Solver
+from ddsm_search.solvers.schedulers import diffusers_failure
 from tests.conftest import tiny_dict
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread

@@ -23,18 +23,7 @@ from pathlib import Path
 import torch
 
 from ..errors import DDSMError
-
-
-def diffusers_failure(exc: Exception) -> str:
-    """Return one line saying why diffusers did not import."""
-    if isinstance(exc, ImportError) and (exc.name or "").split(".")[0] == "diffusers":
-        return "diffusers is not installed (pip install 'ddsm-search[diffusers]')"
-    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
-    # diffusers wraps a dependency that fails to load in a RuntimeError whose last line is the cause
-    cause = (lines[-1] if isinstance(exc, RuntimeError) else lines[0]) if lines else type(exc).__name__
-    hint = (" (a torchvision built for another torch? pip uninstall torchvision, or install the one made for this "
-            "torch)") if "torchvision" in str(exc) else ""
-    return f"diffusers does not import: {cause}{hint}"
+from ..solvers.schedulers import diffusers_failure
 
 
 try:

@@ -17,17 +17,24 @@ import torch
 from ..errors import DDSMError
 
 
+def diffusers_failure(exc: Exception) -> str:
+    """Return one line saying why diffusers did not import."""
+    if isinstance(exc, ImportError) and (exc.name or "").split(".")[0] == "diffusers":
+        return "diffusers is not installed (pip install 'ddsm-search[diffusers]')"
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    # diffusers wraps a dependency that fails to load in a RuntimeError whose last line is the cause
+    cause = (lines[-1] if isinstance(exc, RuntimeError) else lines[0]) if lines else type(exc).__name__
+    hint = (" (a torchvision built for another torch? pip uninstall torchvision, or install the one made for this "
+            "torch)") if "torchvision" in str(exc) else ""
+    return f"diffusers does not import: {cause}{hint}"
+
+
 def diffusers_schedulers():
     """Return diffusers' scheduler module, or raise DDSMError saying in one line why it does not import."""
     try:
         import diffusers.schedulers as schedulers
-    except ImportError as exc:
-        if (getattr(exc, "name", None) or "").split(".")[0] == "diffusers":
-            raise DDSMError("this solver runs diffusers' scheduler: pip install 'ddsm-search[diffusers]'") from None
-        raise DDSMError(f"diffusers cannot be imported: {str(exc).splitlines()[0]}") from None
-    except RuntimeError as exc:  # diffusers wraps a dependency that fails to load (a torchvision for another torch)
-        raise DDSMError(f"diffusers cannot be imported: {str(exc).strip().splitlines()[-1]} (a torchvision built for "
-                        "another torch? pip uninstall torchvision, or install the one made for this torch)") from None
+    except (ImportError, RuntimeError) as exc:
+        raise DDSMError(f"this solver runs diffusers' scheduler, but {diffusers_failure(exc)}") from None
     return schedulers
 
 

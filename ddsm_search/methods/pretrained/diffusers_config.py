@@ -23,15 +23,12 @@ ATTENTION_BLOCKS = ("AttnDownBlock2D", "AttnUpBlock2D")
 
 def unet2d_class():
     """Return diffusers' UNet2DModel class, or raise DDSMError saying why diffusers does not import."""
+    from ...solvers.schedulers import diffusers_failure
+
     try:
         from diffusers import UNet2DModel
-    except ImportError as exc:
-        if (getattr(exc, "name", None) or "").split(".")[0] == "diffusers":
-            raise DDSMError("import-diffusers needs the diffusers package (pip install 'ddsm-search[diffusers]')") from None
-        raise DDSMError(f"diffusers cannot be imported: {str(exc).splitlines()[0]}") from None
-    except RuntimeError as exc:  # diffusers wraps a dependency that fails to load (a torchvision for another torch)
-        raise DDSMError(f"diffusers cannot be imported: {str(exc).strip().splitlines()[-1]} (a torchvision built for "
-                        "another torch? pip uninstall torchvision, or install the one made for this torch)") from None
+    except (ImportError, RuntimeError) as exc:
+        raise DDSMError(f"import-diffusers needs diffusers, but {diffusers_failure(exc)}") from None
     return UNet2DModel
 
 
