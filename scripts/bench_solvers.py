@@ -3,10 +3,10 @@
 On the same held-out noise (n images of the seed set "heldout"), FID against the FLOPs share (of full
 size under DDIM over 20 steps) and against wall-clock seconds per image (all points timed side by
 side: one batch, median of 3 turns, each subnet on its faster backend here) for:
-- full size under DDIM, DPM-Solver++ and UniPC at each number of steps (`--steps`, the config's first
-  spacing for the multistep solvers, this project's uniform grid for DDIM as the default reference);
+- full size under DDIM, DPM-Solver++ and UniPC at each number of steps (`--steps`) on each spacing of
+  the config and this project's uniform grid (that of the default reference, 20-step DDIM);
 - full size with uniform feature caching (every 2, 3 and 5 steps at the config's first cache branch)
-  under DDIM at 20 steps;
+  under DDIM at 20 steps on the uniform grid;
 - the front of today's width-only search (20 DDIM steps; the config's axes) and the front of the
   joint search (the config's search: solver x steps x spacing x subnets x caching), both run here with
   the same number of evaluations (population x generations) and re-scored on the held-out noise.
@@ -51,19 +51,19 @@ from ddsm_search.solvers.base import Solver, head_of, spacing_of, timesteps_for
 from ddsm_search.space.steps import Step, plan_key
 
 
-def baseline_keys(supernet, solvers, steps, spacing: str, intervals, branch: int) -> list[tuple[str, str, str]]:
-    """Return (group, label, plan key) of the full-size baselines: each solver at each step count, and
-    uniform caching under DDIM at 20 steps."""
+def baseline_keys(supernet, solvers, steps, spacings, intervals, branch: int) -> list[tuple[str, str, str]]:
+    """Return (group, label, plan key) of the full-size baselines: each solver at each step count on each
+    spacing (a user picks the better one), and uniform caching under DDIM at 20 steps on the uniform grid."""
     T, full = supernet.config.diffusion.timesteps, supernet.model.full
     out = []
     for name in solvers:
         solver = Solver.parse(name)
-        grid = "uniform" if solver.name == "ddim" else spacing
-        for n in steps:
-            ts = timesteps_for(T, n, grid)
-            subnets = supernet.step_subnets([full] * n, ts)
-            out.append((f"full size, {solver.key}", f"{solver.key} {n}",
-                        plan_key([Step(s) for s in subnets], head_of(solver, ts, grid))))
+        for grid in spacings:
+            for n in steps:
+                ts = timesteps_for(T, n, grid)
+                subnets = supernet.step_subnets([full] * n, ts)
+                out.append((f"full size, {solver.key} {grid}", f"{solver.key} {grid} {n}",
+                            plan_key([Step(s) for s in subnets], head_of(solver, ts, grid))))
     if supernet.model.cache_branches_at(full) >= branch:
         from ddsm_search.methods.caching.steps import pattern  # a benchmark may name a method
 
@@ -71,7 +71,7 @@ def baseline_keys(supernet, solvers, steps, spacing: str, intervals, branch: int
         subnets = supernet.step_subnets([full] * 20, ts)
         for interval in intervals:
             steps_ = [Step.of(s, cache=v) for s, v in zip(subnets, pattern(interval, branch, 20))]
-            out.append(("full size, ddim, cached", f"ddim 20 cache {interval}:{branch}", plan_key(steps_)))
+            out.append(("full size, ddim, cached", f"ddim uniform 20 cache {interval}:{branch}", plan_key(steps_)))
     return out
 
 
@@ -108,7 +108,7 @@ def main() -> None:
     q = cfg.search
     work = Path(args.work)
     out = Path(args.out or f"results/reference/bench_solvers_{cfg.name}")
-    spacing = (q.spacings or ("uniform",))[0]
+    spacings = tuple(dict.fromkeys(("uniform", *q.spacings)))  # uniform: the reference's grid, and this project's
     branch = (q.cache_branches or (1,))[0]
     reference_search = {"metric": "fid", "batch_size": 500, "sampler": "ddim", "eta": 0.0, "steps": 20,
                         "backend": "auto"}
@@ -131,7 +131,7 @@ def main() -> None:
 
     # every point on the same held-out noise, scored against 20-step DDIM full size
     confirmer = Confirmer(supernet, reference_search, n=args.n, boundaries=lambda n: set())
-    points = [(g, label, key) for g, label, key in baseline_keys(supernet, args.solvers, args.steps, spacing,
+    points = [(g, label, key) for g, label, key in baseline_keys(supernet, args.solvers, args.steps, spacings,
                                                                    args.intervals, branch)]
     for name, table in runs.items():
         points += [(name, f"{name} {i}", key) for i, key in enumerate(front(table)["schedule"])]
@@ -174,9 +174,9 @@ def main() -> None:
         against_reference = speed["against_default"]
         if reference != "ddim:20":  # the export against the full-size run it was held to, side by side
             T = supernet.config.diffusion.timesteps
-            grid = timesteps_for(T, 20, spacing)
+            grid = timesteps_for(T, 20, "uniform")  # --reference runs on the uniform grid
             ref_key = plan_key([Step(s) for s in supernet.step_subnets([supernet.model.full] * 20, grid)],
-                               head_of(Solver("unipc"), grid, spacing))
+                               head_of(Solver("unipc"), grid, "uniform"))
             schedule = load_schedule(path, supernet)
             mine = plan_key(schedule.step_keys(), head_of(schedule.solver, schedule.timesteps,
                                                           spacing_of(schedule.timesteps, T)))

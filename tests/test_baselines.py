@@ -43,6 +43,22 @@ def test_baselines_are_full_size_per_solver_and_steps_and_uniform_caching(tiny_s
     assert chosen[-1][2].key == "[unipc uniform] width=1.0*6 | cache keep1 reuse1 keep1 reuse1 keep1 reuse1"
 
 
+def test_baselines_run_on_every_spacing(tiny_supernet):
+    """With several spacings, full size runs on each (a user picks the better one per step count), labelled
+    with its spacing; the uniform caching runs on the first."""
+    supernet = load_supernet(tiny_supernet)
+    chosen = baselines.candidates(supernet, SearchConfig(**{**SEARCH, "spacings": ["trailing", "uniform"]}))
+    labels = [label for label, _, _ in chosen]
+    assert labels == ["ddim trailing 3", "ddim trailing 6", "ddim uniform 3", "ddim uniform 6", "unipc trailing 3",
+                      "unipc trailing 6", "unipc uniform 3", "unipc uniform 6", "ddim trailing 6 cache 2:1",
+                      "unipc trailing 6 cache 2:1"]
+    keys = [c.key for _, _, c in chosen]
+    assert all(k.startswith("[ddim trailing] ") for k in keys[:2]) and all(k.startswith("[unipc trailing] ")
+                                                                           for k in keys[4:6]), keys
+    assert keys[2:4] == ["width=1.0*3", "width=1.0*6"], "DDIM on the uniform grid: the key without a head"
+    assert len({c.key for _, _, c in chosen}) == len(chosen)
+
+
 def test_measured_once_reusing_the_run_and_kept_beside_the_supernet(run, tiny_supernet, monkeypatch):
     info = json.loads((run / "run.json").read_text())
     table = load_run(run)

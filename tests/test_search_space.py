@@ -268,10 +268,11 @@ def test_segments_cover_every_step_count():
 
 def test_first_generation_holds_full_size_under_every_solver_at_every_step_count():
     first = [JOINT.candidate(g) for g in JOINT.first()]
-    baselines = {(c.solver.key, len(c.steps)) for c in first[:9]}
-    assert baselines == {(s, n) for s in ("ddim", "unipc", "dpmsolver++") for n in (4, 6, 10)}
-    assert all(s.subnet == Subnet.of(width=1.0) for c in first[:9] for s in c.steps)
-    assert all(c.spacing == "uniform" for c in first[:9])
+    baselines = {(c.solver.key, len(c.steps), c.spacing) for c in first[:18]}
+    assert baselines == {(s, n, g) for s in ("ddim", "unipc", "dpmsolver++") for n in (4, 6, 10)
+                         for g in ("uniform", "trailing")}
+    assert all(s.subnet == Subnet.of(width=1.0) for c in first[:18] for s in c.steps)
+    assert [len(c.steps) for c in first[:18]] == sorted(len(c.steps) for c in first[:18]), "fewest steps first"
     assert len(set(JOINT.first())) == len(JOINT.first())
     assert SPACE.baselines() == []  # one solver, one step count: no baselines beyond full size
 
@@ -288,7 +289,7 @@ def test_joint_genome_errors():
 
 def test_the_first_generation_holds_every_baseline_whatever_the_population():
     pop = initial_population(JOINT, 4, np.random.default_rng(0), lambda g: True)
-    assert set(JOINT.baselines()) <= set(pop) and len(JOINT.baselines()) == 9 and len(pop) == len(set(pop)) >= 9
+    assert set(JOINT.baselines()) <= set(pop) and len(JOINT.baselines()) == 18 and len(pop) == len(set(pop)) >= 18
     algo = make_algorithm("nsga2", JOINT, 4, 0, lambda g: True)
     first = algo.ask()
     assert set(JOINT.baselines()) <= set(first)

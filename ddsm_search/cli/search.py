@@ -137,8 +137,8 @@ def add_parsers(sub) -> None:
                    "X), at --confidence: exports the cheapest front schedule that meets it")
     p.add_argument("--confidence", type=float, default=0.95, help="confidence of the loss interval (default 0.95)")
     p.add_argument("--reference", metavar="SOLVER:STEPS",
-                   help="the full-size run --max-loss is measured against, e.g. unipc:20 or ddim:50 (default: the "
-                   "search's sampler over its steps)")
+                   help="the full-size run --max-loss is measured against, on the uniform grid, e.g. unipc:20 or "
+                   "ddim:50 (default: the search's sampler over its steps)")
     p.add_argument("--candidates", type=positive,
                    help="schedules to confirm (default: with --max-loss the whole front, cheapest first; "
                    "with --budget alone its 3 best)")

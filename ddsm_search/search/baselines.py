@@ -1,7 +1,7 @@
 """Baselines: what a user has without any search, scored and timed like a search's schedules.
 
-A run's baselines are full size under each of its solvers at each of its numbers of steps (on its
-first spacing), and the uniform schedules that method families offer at full size (feature caching:
+A run's baselines are full size under each of its solvers at each of its numbers of steps on each of
+its spacings, and the uniform schedules that method families offer at full size (feature caching:
 every interval of search.cache_intervals, default 2, 3 and 5, at each of search.cache_branches) under
 each solver at the most steps. `measure` scores them as the search scores its candidates (its
 Evaluator: the search seed set, its sample count and metric), reusing the run's own rows where it
@@ -38,26 +38,32 @@ COLUMNS = ["schedule", "samples", "seed_set", "metric", "drift_space", *QUALITY,
 
 def candidates(supernet, q: SearchConfig) -> list[tuple[str, str, Candidate]]:
     """Return (label, kind, Candidate) of the baselines of search settings `q` on a loaded supernet: kind
-    "full size", or the family's label ("cache 2:1")."""
+    "full size", or the family's label ("cache 2:1"). Full size runs every solver at every number of
+    steps on every spacing (the label names the spacing where there are several: "unipc trailing 8");
+    a family's uniform schedules run each solver at the most steps on the first spacing."""
     space = SearchSpace.for_supernet(supernet, q)
-    full, T, spacing = supernet.model.full, space.num_timesteps, space.spacings[0]
+    full, T = supernet.model.full, space.num_timesteps
 
-    def steps_of(n: int) -> tuple[list, list[int]]:
+    def steps_of(n: int, spacing: str) -> tuple[list, list[int]]:
         timesteps = timesteps_for(T, n, spacing)
         return supernet.step_subnets([full] * n, timesteps), timesteps
 
+    def name(solver, n: int, spacing: str) -> str:
+        return f"{solver.key} {spacing} {n}" if len(space.spacings) > 1 else f"{solver.key} {n}"
+
     out = []
     for solver in space.solvers:
-        for n in space.step_choices:
-            subnets, timesteps = steps_of(n)
-            out.append((f"{solver.key} {n}", "full size", Candidate(tuple(Step(s) for s in subnets), solver,
-                                                                    tuple(timesteps), spacing)))
-    n = max(space.step_choices)
-    subnets, timesteps = steps_of(n)
+        for spacing in space.spacings:
+            for n in space.step_choices:
+                subnets, timesteps = steps_of(n, spacing)
+                out.append((name(solver, n, spacing), "full size",
+                            Candidate(tuple(Step(s) for s in subnets), solver, tuple(timesteps), spacing)))
+    n, spacing = max(space.step_choices), space.spacings[0]
+    subnets, timesteps = steps_of(n, spacing)
     for family in families():
         for label, values in family.baselines(supernet.model, q, n):
             steps = tuple(Step.of(s, **{family.field: v}) for s, v in zip(subnets, values))
-            out += [(f"{solver.key} {n} {label}", label, Candidate(steps, solver, tuple(timesteps), spacing))
+            out += [(f"{name(solver, n, spacing)} {label}", label, Candidate(steps, solver, tuple(timesteps), spacing))
                     for solver in space.solvers]
     return out
 

@@ -300,18 +300,19 @@ class SearchSpace:
 
     def first(self, seeds: Sequence[Genome] = ()) -> list[Genome]:
         """Return the genomes every first generation starts with: full size under every solver at every
-        step count, the uniform schedules, then `seeds` (e.g. Step-Adaptive Training's prior), each once."""
+        step count on every spacing, the uniform schedules, then `seeds` (e.g. Step-Adaptive Training's
+        prior), each once."""
         return list(dict.fromkeys([*self.baselines(), *self.uniform(), *(tuple(int(g) for g in s) for s in seeds)]))
 
     def baselines(self) -> list[Genome]:
-        """Return the genomes of full size under every solver at every number of steps (the first spacing),
+        """Return the genomes of full size under every solver at every number of steps on every spacing,
         fewest steps first: the fronts a user has without any search."""
         out = []
         for n in self.step_choices:
             for solver in self.solvers:
-                out.append(self.encode([self.base] * n, solver, self.spacings[0]) if self.step_axis is None
-                           else self.encode(self._at_steps([self.base] * n, n, self.spacings[0]), solver,
-                                            self.spacings[0]))
+                for spacing in self.spacings:
+                    steps = [self.base] * n if self.step_axis is None else self._at_steps([self.base] * n, n, spacing)
+                    out.append(self.encode(steps, solver, spacing))
         return out if len(out) > 1 else []
 
     def uniform(self) -> list[Genome]:
