@@ -43,7 +43,7 @@ from ddsm_search.deploy.export import export_schedule
 from ddsm_search.evaluation.heldout import Confirmer
 from ddsm_search.images import new_figure, save_figure
 from ddsm_search.report.tables import front, load_run
-from ddsm_search.search.baselines import time_schedules
+from ddsm_search.search.baselines import candidates, time_schedules
 from ddsm_search.search.pareto import pareto_mask
 from ddsm_search.search.runner import run_search
 from ddsm_search.schedule import load_schedule
@@ -51,27 +51,17 @@ from ddsm_search.solvers.base import Solver, head_of, spacing_of, timesteps_for
 from ddsm_search.space.steps import Step, plan_key
 
 
-def baseline_keys(supernet, solvers, steps, spacings, intervals, branch: int) -> list[tuple[str, str, str]]:
-    """Return (group, label, plan key) of the full-size baselines: each solver at each step count on each
-    spacing (a user picks the better one), and uniform caching under DDIM at 20 steps on the uniform grid."""
-    T, full = supernet.config.diffusion.timesteps, supernet.model.full
+def baseline_keys(supernet, search) -> list[tuple[str, str, str]]:
+    """Return (group, label, plan key) of the baselines report and export measure for `search`
+    (search.baselines.candidates: full size under each solver at each step count on each spacing, and
+    each method family's uniform schedules at full size), the families' ones under DDIM only."""
     out = []
-    for name in solvers:
-        solver = Solver.parse(name)
-        for grid in spacings:
-            for n in steps:
-                ts = timesteps_for(T, n, grid)
-                subnets = supernet.step_subnets([full] * n, ts)
-                out.append((f"full size, {solver.key} {grid}", f"{solver.key} {grid} {n}",
-                            plan_key([Step(s) for s in subnets], head_of(solver, ts, grid))))
-    if supernet.model.cache_branches_at(full) >= branch:
-        from ddsm_search.methods.caching.steps import pattern  # a benchmark may name a method
-
-        ts = timesteps_for(T, 20, "uniform")
-        subnets = supernet.step_subnets([full] * 20, ts)
-        for interval in intervals:
-            steps_ = [Step.of(s, cache=v) for s, v in zip(subnets, pattern(interval, branch, 20))]
-            out.append(("full size, ddim, cached", f"ddim uniform 20 cache {interval}:{branch}", plan_key(steps_)))
+    for label, kind, c in candidates(supernet, search):
+        if kind == "full size":
+            out.append((f"full size, {c.solver.key} {c.spacing}", label, c.key))
+        elif c.solver.name == "ddim":
+            out.append(("full size, ddim, cached" if kind.startswith("cache") else f"full size, ddim, {kind}", label,
+                        c.key))
     return out
 
 
@@ -109,7 +99,11 @@ def main() -> None:
     work = Path(args.work)
     out = Path(args.out or f"results/reference/bench_solvers_{cfg.name}")
     spacings = tuple(dict.fromkeys(("uniform", *q.spacings)))  # uniform: the reference's grid, and this project's
-    branch = (q.cache_branches or (1,))[0]
+    # the baselines: as report and export measure them, over this benchmark's solvers, steps and intervals
+    # at the config's first cache branch
+    baseline_search = dataclasses.replace(q, solvers=tuple(args.solvers), step_choices=tuple(args.steps),
+                                          spacings=spacings, cache_intervals=tuple(args.intervals),
+                                          cache_branches=(q.cache_branches or (1,))[:1])
     reference_search = {"metric": "fid", "batch_size": 500, "sampler": "ddim", "eta": 0.0, "steps": 20,
                         "backend": "auto"}
     print(f"{datetime.date.today()} | {platform.machine()} {cpu_name()} | torch {torch.__version__}, 1 thread | "
@@ -131,8 +125,7 @@ def main() -> None:
 
     # every point on the same held-out noise, scored against 20-step DDIM full size
     confirmer = Confirmer(supernet, reference_search, n=args.n, boundaries=lambda n: set())
-    points = [(g, label, key) for g, label, key in baseline_keys(supernet, args.solvers, args.steps, spacings,
-                                                                   args.intervals, branch)]
+    points = baseline_keys(supernet, baseline_search)
     for name, table in runs.items():
         points += [(name, f"{name} {i}", key) for i, key in enumerate(front(table)["schedule"])]
     rows = []
