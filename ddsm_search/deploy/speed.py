@@ -10,7 +10,6 @@ from ..backends.choice import cpu_name
 from ..config import SearchConfig
 from ..sampling import Runtime, time_plans
 from ..search.baselines import TIME_BATCH, candidates
-from ..solvers.base import Solver
 
 
 def cheapest_as_good(confirmer, chosen: dict, search: dict, max_loss: float | None, *, progress: bool = False):
@@ -40,7 +39,7 @@ def speed_figures(confirmer, chosen: dict, search: dict, max_loss: float | None,
     net = confirmer.supernet
     label, record = cheapest_as_good(confirmer, chosen, search, max_loss, progress=progress)
     runtime = Runtime(net, device=device, backend="auto", batch_size=TIME_BATCH)
-    default = Solver.of_sampler(search["sampler"], float(search["eta"]))
+    default = confirmer.default  # the search's sampler, as the confirmer reads it
     steps = int(search["steps"])
     plans = {"export": runtime.plan_key(chosen["schedule"]),
              "default": runtime.plan([net.model.full] * steps, solver=default)}
