@@ -311,8 +311,7 @@ class SearchSpace:
         for n in self.step_choices:
             for solver in self.solvers:
                 for spacing in self.spacings:
-                    steps = [self.base] * n if self.step_axis is None else self._at_steps([self.base] * n, n, spacing)
-                    out.append(self.encode(steps, solver, spacing))
+                    out.append(self.encode(self._at_steps([self.base] * n, n, spacing), solver, spacing))
         return out if len(out) > 1 else []
 
     def uniform(self) -> list[Genome]:
