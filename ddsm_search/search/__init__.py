@@ -1,1 +1,2 @@
-"""Search for per-step width schedules: genome, ask/tell algorithms, evaluator, Ray runner."""
+"""Search for per-step schedules (solver, steps, timesteps, a subnet and method genes per segment): genome,
+ask/tell algorithms, evaluator, Ray runner, Pareto front, baselines."""
